@@ -1,0 +1,3 @@
+from mergekit_pcb.cli import main
+
+main()

@@ -1,0 +1,263 @@
+"""Planning a merge: every check that needs no tensor data, done before any work starts.
+
+The plan opens each checkpoint's headers, decides for every output tensor which rule
+serves it (a `tensors:` rule, a built-in rule for buffers, or the recipe's method), checks
+names, shapes and dtypes across inputs, evaluates parameters, and fixes the output layout.
+`pcbmerge validate` stops here; `pcbmerge run` executes the plan.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mergekit_pcb.errors import CheckpointError, RecipeError
+from mergekit_pcb.io.artifacts import tokenizer_dir
+from mergekit_pcb.io.reader import Checkpoint, open_checkpoint
+from mergekit_pcb.methods import REGISTRY, MergeMethod, get_method
+from mergekit_pcb.recipe.params import (
+    check_parameter_keys,
+    depth_position,
+    layer_index,
+    resolve_params,
+)
+from mergekit_pcb.recipe.schema import MergeRecipe, ParameterValue
+
+DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32, "fp32": torch.float32,
+    "float16": torch.float16, "fp16": torch.float16,
+    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+    "float64": torch.float64,
+}
+RUNNING_STATS = ("running_mean", "running_var")
+
+
+@dataclass
+class Route:
+    """How a group of output tensors is produced; `label` is what the model card shows."""
+
+    label: str
+    kind: str  # "merge" | "take" | "average" | "copy"
+    method: MergeMethod | None = None
+    recipe_params: Mapping[str, ParameterValue] = field(default_factory=dict)
+    model_params: list[Mapping[str, ParameterValue]] = field(default_factory=list)
+    inputs: list[str] = field(default_factory=list)  # model keys combined (merge/average)
+    source: str | None = None  # model key (take/copy)
+    tensor_names: list[str] = field(default_factory=list)
+
+
+@dataclass
+class TensorTask:
+    name: str
+    shape: tuple[int, ...]
+    out_dtype: torch.dtype
+    route: Route
+    global_params: dict[str, Any] = field(default_factory=dict)
+    model_params: list[dict[str, Any]] = field(default_factory=list)
+
+    def reads(self, base_key: str | None) -> list[str]:
+        """Model keys whose copy of this tensor must be read, in order."""
+        if self.route.kind in ("take", "copy"):
+            assert self.route.source is not None
+            return [self.route.source]
+        needs_base = (self.route.kind == "merge" and self.route.method is not None
+                      and self.route.method.requires_base)
+        keys = ([base_key] if needs_base and base_key else []) + self.route.inputs
+        return list(dict.fromkeys(keys))
+
+
+@dataclass
+class MergePlan:
+    recipe: MergeRecipe
+    recipe_text: str
+    method: MergeMethod
+    checkpoints: dict[str, Checkpoint]
+    base_key: str | None
+    tasks: list[TensorTask]
+    routes: list[Route]
+    compute_dtype: torch.dtype
+    seed: int
+
+    @property
+    def read_bytes(self) -> int:
+        total = 0
+        for task in self.tasks:
+            for key in task.reads(self.base_key):
+                total += self.checkpoints[key].info(task.name).nbytes
+        return total
+
+    @property
+    def write_bytes(self) -> int:
+        return sum(_numel(t.shape) * t.out_dtype.itemsize for t in self.tasks)
+
+    @property
+    def config_source(self) -> Checkpoint:
+        key = self.base_key or self.recipe.models[0].model
+        return self.checkpoints[key]
+
+    def close(self) -> None:
+        for c in self.checkpoints.values():
+            c.close()
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
+def build_plan(recipe: MergeRecipe, recipe_text: str, *, seed: int | None = None,
+               allow_pickle: bool = False, base_dir: Path | None = None) -> MergePlan:
+    method = get_method(recipe.merge_method)
+    _check_recipe_shape(recipe, method)
+    check_parameter_keys(type(method), recipe.parameters,
+                         [m.parameters for m in recipe.models])
+    for i, rule in enumerate(recipe.tensors):
+        if rule.method is not None:
+            sub = type(get_method(rule.method, where=f"tensors[{i}].method"))
+            check_parameter_keys(sub, rule.parameters, [], prefix=f"tensors[{i}].")
+    checkpoints: dict[str, Checkpoint] = {}
+    try:
+        for ref in recipe.model_refs():
+            checkpoints[ref] = open_checkpoint(ref, allow_pickle=allow_pickle,
+                                               base_dir=base_dir)
+        plan = _plan_tensors(recipe, recipe_text, method, checkpoints, seed)
+        tokenizer_dir(plan)  # a bad tokenizer_source fails now, not after the merge
+    except BaseException:
+        for c in checkpoints.values():
+            c.close()
+        raise
+    return plan
+
+
+def _check_recipe_shape(recipe: MergeRecipe, method: MergeMethod) -> None:
+    if not recipe.models:
+        raise RecipeError("models: a merge needs at least one model")
+    if method.requires_base:
+        if recipe.base_model is None:
+            raise RecipeError(f"base_model: required by {method.name}")
+        if not [m for m in recipe.models if m.model != recipe.base_model]:
+            raise RecipeError(f"models: {method.name} needs at least one model besides the base")
+    for i, rule in enumerate(recipe.tensors):
+        if rule.take == "base" and recipe.base_model is None:
+            raise RecipeError(f"tensors[{i}].take: 'base' but the recipe has no base_model")
+
+
+def _plan_tensors(recipe: MergeRecipe, recipe_text: str, method: MergeMethod,
+                  checkpoints: dict[str, Checkpoint], seed: int | None) -> MergePlan:
+    base_key = recipe.base_model
+    reference = checkpoints[base_key or recipe.models[0].model]
+    compute_dtype = DTYPES[recipe.dtype] if recipe.dtype else torch.float32
+    out_dtype_override = DTYPES.get(recipe.out_dtype or recipe.dtype or "")
+
+    main_route = _merge_route(method, recipe.parameters, recipe, label=f"{method.name}")
+    rule_routes = [_rule_route(i, rule, recipe) for i, rule in enumerate(recipe.tensors)]
+    average_inputs = main_route.inputs
+    average_route = Route("mean over the fine-tuned models (normalization running statistics)",
+                          "average", inputs=average_inputs)
+    copy_source = base_key or recipe.models[0].model
+    copy_route = Route(f"copied from {copy_source} (integer or boolean buffers)", "copy",
+                       source=copy_source)
+
+    names = reference.names()
+    # Tensors only some inputs have are errors, unless a `take` rule serves them.
+    extras: list[str] = []
+    for _key, ckpt in checkpoints.items():
+        for name in ckpt.names():
+            if name not in reference and name not in extras:
+                extras.append(name)
+    num_layers = 1 + max((layer_index(n) or 0) for n in [*names, *extras]) if names else 1
+
+    tasks: list[TensorTask] = []
+    for name in [*names, *extras]:
+        route = next((r for r, rule in zip(rule_routes, recipe.tensors, strict=True)
+                      if rule.filter in name), None)
+        if route is None and name in extras:
+            owner = next(k for k, c in checkpoints.items() if name in c)
+            raise CheckpointError(
+                f"tensor '{name}' is in model {owner} but not in "
+                f"{'base ' if base_key else ''}{reference.ref}; add a tensors rule to take it"
+            )
+        if route is None:
+            info = reference.info(name)
+            if not info.dtype.is_floating_point:
+                route = copy_route
+            elif name.endswith(RUNNING_STATS):
+                route = average_route
+            else:
+                route = main_route
+        tasks.append(_task(name, route, checkpoints, base_key, num_layers, out_dtype_override))
+
+    routes = [r for r in [*rule_routes, copy_route, average_route, main_route] if r.tensor_names]
+    return MergePlan(recipe, recipe_text, method, checkpoints, base_key, tasks, routes,
+                     compute_dtype, seed if seed is not None else (recipe.seed or 0))
+
+
+def _merge_route(method: MergeMethod, params: Mapping[str, ParameterValue],
+                 recipe: MergeRecipe, label: str) -> Route:
+    entries = recipe.models
+    if method.requires_base:
+        entries = [m for m in entries if m.model != recipe.base_model]
+    per_model = {p.name for p in method.params if p.per_model}
+    return Route(
+        label, "merge", method=method, recipe_params=params,
+        model_params=[{k: v for k, v in m.parameters.items() if k in per_model}
+                      for m in entries],
+        inputs=[m.model for m in entries],
+    )
+
+
+def _rule_route(i: int, rule: Any, recipe: MergeRecipe) -> Route:
+    if rule.take is not None:
+        source = recipe.base_model if rule.take == "base" else rule.take
+        return Route(f"tensors[{i}] (filter '{rule.filter}'): taken from {source}", "take",
+                     source=source)
+    method = get_method(rule.method, where=f"tensors[{i}].method")
+    return _merge_route(method, rule.parameters, recipe,
+                        label=f"tensors[{i}] (filter '{rule.filter}'): {method.name}")
+
+
+def _task(name: str, route: Route, checkpoints: dict[str, Checkpoint], base_key: str | None,
+          num_layers: int, out_dtype_override: torch.dtype | None) -> TensorTask:
+    route.tensor_names.append(name)
+    if route.kind in ("take", "copy"):
+        assert route.source is not None
+        info = checkpoints[route.source].info(name)
+        return TensorTask(name, info.shape, info.dtype, route)
+    task = TensorTask(name, (), torch.float32, route)
+    keys = task.reads(base_key)
+    infos = [(k, checkpoints[k].info(name)) for k in keys]
+    first_key, first = infos[0]
+    for key, info in infos[1:]:
+        if info.shape != first.shape:
+            raise CheckpointError(
+                f"shape mismatch for tensor '{name}': {first_key} has {list(first.shape)}, "
+                f"{key} has {list(info.shape)}"
+            )
+        if info.dtype.is_floating_point != first.dtype.is_floating_point:
+            raise CheckpointError(
+                f"dtype mismatch for tensor '{name}': {first_key} has {first.dtype}, "
+                f"{key} has {info.dtype}"
+            )
+    if not first.dtype.is_floating_point:
+        raise CheckpointError(
+            f"tensor '{name}' is {first.dtype}: integer tensors cannot be merged; "
+            "add a tensors rule with 'take'"
+        )
+    task.shape = first.shape
+    task.out_dtype = out_dtype_override or first.dtype
+    if route.kind == "merge":
+        assert route.method is not None
+        t = depth_position(name, num_layers)
+        task.global_params, task.model_params = resolve_params(
+            type(route.method), route.recipe_params, route.model_params, name, t, where=""
+        )
+    return task
+
+
+__all__ = ["DTYPES", "REGISTRY", "MergePlan", "Route", "TensorTask", "build_plan"]

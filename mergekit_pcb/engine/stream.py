@@ -1,0 +1,122 @@
+"""Executing a plan: one output tensor at a time, straight into its shard.
+
+For each output tensor the engine reads that tensor from each input it needs, checks it is
+finite, hands it to the method on the compute device, and writes the result. Peak memory
+is one tensor's inputs plus the method's scratch, whatever the model size.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    DownloadColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+
+from mergekit_pcb.engine.plan import MergePlan, TensorTask
+from mergekit_pcb.engine.rng import tensor_generator
+from mergekit_pcb.errors import CheckpointError
+from mergekit_pcb.io.artifacts import write_artifacts
+from mergekit_pcb.io.writer import (
+    OutputTensor,
+    ShardedSafetensorsWriter,
+    atomic_output_dir,
+    plan_shards,
+)
+from mergekit_pcb.methods import TensorInputs
+
+
+@dataclass
+class MergeResult:
+    output: Path
+    tensors: int
+    shards: int
+    read_bytes: int
+    written_bytes: int
+    seconds: float
+
+
+def compute_tensor(plan: MergePlan, task: TensorTask, device: torch.device) -> torch.Tensor:
+    """The output tensor for `task`, in its output dtype, on the CPU."""
+    route = task.route
+    keys = task.reads(plan.base_key)
+    raw = {k: plan.checkpoints[k].read(task.name) for k in keys}
+    if route.kind in ("take", "copy"):
+        return raw[keys[0]]
+    for key, tensor in raw.items():
+        if not bool(torch.isfinite(tensor).all()):
+            raise CheckpointError(f"tensor '{task.name}' of model {key} contains NaN or Inf")
+    values = {k: v.to(device=device, dtype=plan.compute_dtype) for k, v in raw.items()}
+    del raw
+    inputs = [values[k] for k in route.inputs]
+    if route.kind == "average":
+        out = torch.stack(inputs).mean(dim=0)
+    else:
+        assert route.method is not None
+        generators = None
+        if route.method.uses_rng:
+            generators = [tensor_generator(plan.seed, task.name, k) for k in route.inputs]
+        out = route.method.merge(TensorInputs(
+            name=task.name,
+            base=values.get(plan.base_key) if plan.base_key else None,
+            models=inputs,
+            model_params=task.model_params,
+            params=task.global_params,
+            generators=generators,
+        ))
+    return out.to(device="cpu", dtype=task.out_dtype)
+
+
+def run_plan(plan: MergePlan, output: Path, *, force: bool = False, shard_size: int = 5 * 10**9,
+             device: str = "cpu", quiet: bool = False, console: Console | None = None
+             ) -> MergeResult:
+    start = time.perf_counter()
+    dev = torch.device(device)
+    outputs = [OutputTensor(t.name, t.out_dtype, t.shape) for t in plan.tasks]
+    shards = plan_shards(outputs, shard_size)
+    read_total = plan.read_bytes
+    with atomic_output_dir(output, force=force) as tmp, _progress(quiet, console) as progress:
+        bar = progress.add_task("merging", total=read_total, tensors=f"0/{len(plan.tasks)}")
+        writer = ShardedSafetensorsWriter(tmp, shards, metadata={"merged_by": "mergekit-pcb"})
+        try:
+            for i, task in enumerate(plan.tasks):
+                writer.write(task.name, compute_tensor(plan, task, dev))
+                read = sum(plan.checkpoints[k].info(task.name).nbytes
+                           for k in task.reads(plan.base_key))
+                progress.update(bar, advance=read, tensors=f"{i + 1}/{len(plan.tasks)}")
+            writer.close()
+        except BaseException:
+            writer.abort()
+            raise
+        write_artifacts(plan, tmp)
+    return MergeResult(output.resolve(), len(plan.tasks), len(shards), read_total,
+                       plan.write_bytes, time.perf_counter() - start)
+
+
+@contextmanager
+def _progress(quiet: bool, console: Console | None) -> Iterator[Progress]:
+    progress = Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        TextColumn("{task.fields[tensors]} tensors"),
+        DownloadColumn(),
+        TimeElapsedColumn(),
+        TextColumn("ETA"),
+        TimeRemainingColumn(),
+        console=console or Console(stderr=True),
+        disable=quiet,
+        transient=False,
+    )
+    with progress:
+        yield progress

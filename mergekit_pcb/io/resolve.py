@@ -1,0 +1,72 @@
+"""Model references -> local paths: a directory, a .safetensors file, or a Hugging Face hub id.
+
+Relative paths resolve against the working directory, as in mergekit, so that mergekit
+recipes run unchanged. Hub ids (`org/name` or `org/name@revision`) resolve through
+huggingface_hub's cache; with `HF_HUB_OFFLINE=1` only the local cache is consulted.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+from mergekit_pcb.errors import CheckpointError
+
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+(@[\w./-]+)?$")
+
+# What a merge needs from a hub repo: weights, configs and tokenizer files; never pickles
+# unless asked for.
+HUB_PATTERNS = ["*.safetensors", "*.json", "*.model", "*.txt", "*.tiktoken", "*.jinja"]
+HUB_PICKLE_PATTERNS = ["*.bin", "*.pt", "*.pth"]
+
+
+def hub_offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in {"1", "true", "yes", "on"}
+
+
+def resolve_model_path(ref: str, *, base_dir: Path | None = None,
+                       allow_pickle: bool = False) -> Path:
+    """Return the local path holding model `ref`; raise CheckpointError if there is none."""
+    candidate = Path(ref).expanduser()
+    if not candidate.is_absolute() and base_dir is not None:
+        candidate = base_dir / candidate
+    if candidate.exists():
+        return candidate
+    if HUB_ID.match(ref) and not ref.startswith((".", "/", "~")):
+        return _resolve_hub(ref, allow_pickle=allow_pickle)
+    raise CheckpointError(f"model not found: {ref} (no such file or directory)")
+
+
+def _resolve_hub(ref: str, *, allow_pickle: bool) -> Path:
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import (
+        EntryNotFoundError,
+        HfHubHTTPError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
+
+    repo_id, _, revision = ref.partition("@")
+    offline = hub_offline()
+    patterns = HUB_PATTERNS + (HUB_PICKLE_PATTERNS if allow_pickle else [])
+    try:
+        path = snapshot_download(
+            repo_id,
+            revision=revision or None,
+            allow_patterns=patterns,
+            cache_dir=os.environ.get("HF_HUB_CACHE") or None,
+            local_files_only=offline,
+        )
+    except LocalEntryNotFoundError as e:
+        why = "HF_HUB_OFFLINE is set" if offline else "the hub could not be reached"
+        raise CheckpointError(
+            f"model not found: {ref} is not a local path and is not in the Hugging Face cache "
+            f"({why})"
+        ) from e
+    except (RepositoryNotFoundError, RevisionNotFoundError, EntryNotFoundError) as e:
+        raise CheckpointError(f"model not found on the Hugging Face hub: {ref}") from e
+    except (HfHubHTTPError, OSError) as e:
+        raise CheckpointError(f"cannot fetch model {ref} from the Hugging Face hub: {e}") from e
+    return Path(path)

@@ -1,0 +1,76 @@
+"""The merge-method interface: declared parameters plus a pure function of tensors.
+
+A method never reads files or knows about shards: the streaming engine hands it one
+tensor's inputs (already on the compute device, in the compute dtype) and writes what it
+returns. A new method is one module defining a `MergeMethod` subclass and one entry in
+`mergekit_pcb.methods.REGISTRY`.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+
+ParamValue = float | int | bool | str
+
+
+@dataclass(frozen=True)
+class ParamSpec:
+    """One parameter a method accepts.
+
+    `per_model` parameters live under `models[].parameters` (a value under the top-level
+    `parameters` is their default for every model, as in mergekit); the others only under
+    the top-level `parameters`.
+    """
+
+    name: str
+    default: ParamValue | None
+    doc: str
+    per_model: bool = False
+    kind: type = float
+    choices: tuple[str, ...] | None = None
+    required: bool = False
+
+
+@dataclass(frozen=True)
+class TensorInputs:
+    """What a method sees for one output tensor.
+
+    `models` are the tensors the method combines (for task-vector methods the fine-tuned
+    models, without the base); `model_params[i]` holds the per-model parameters of
+    `models[i]` evaluated for this tensor; `generators[i]` is seeded from (seed, tensor
+    name, model) so results do not depend on the order tensors are processed in.
+    """
+
+    name: str
+    base: torch.Tensor | None
+    models: Sequence[torch.Tensor]
+    model_params: Sequence[Mapping[str, Any]]
+    params: Mapping[str, Any]
+    generators: Sequence[torch.Generator] | None = None
+
+
+class MergeMethod(ABC):
+    name: ClassVar[str]
+    summary: ClassVar[str]
+    params: ClassVar[tuple[ParamSpec, ...]] = ()
+    # Task-vector methods need the base and exclude it from `models`; `linear` does not.
+    requires_base: ClassVar[bool] = True
+    uses_rng: ClassVar[bool] = False
+
+    @abstractmethod
+    def merge(self, inputs: TensorInputs) -> torch.Tensor:
+        """Return the merged tensor (any float dtype; the engine casts it for output)."""
+
+    @classmethod
+    def param_spec(cls, name: str) -> ParamSpec | None:
+        return next((p for p in cls.params if p.name == name), None)
+
+
+WEIGHT = ParamSpec("weight", 1.0, "scale of this model's contribution", per_model=True)
+DENSITY = ParamSpec("density", 1.0, "fraction of task-vector entries kept", per_model=True)
+LAMBDA = ParamSpec("lambda", 1.0, "scale of the merged task vector")

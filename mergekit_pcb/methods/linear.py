@@ -1,0 +1,38 @@
+"""`linear`: Σ wᵢθᵢ / Σ wᵢ (`normalize: false` drops the division)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from mergekit_pcb.methods.base import WEIGHT, MergeMethod, ParamSpec, TensorInputs
+
+
+def linear_merge(tensors: Sequence[torch.Tensor], weights: Sequence[float],
+                 normalize: bool = True) -> torch.Tensor:
+    stacked = torch.stack(list(tensors), dim=0)
+    w = torch.tensor(list(weights), dtype=stacked.dtype, device=stacked.device)
+    w = w.reshape((-1,) + (1,) * (stacked.dim() - 1))
+    out = (stacked * w).sum(dim=0)
+    if normalize:
+        out = out / w.sum(dim=0)
+    return out
+
+
+class Linear(MergeMethod):
+    name = "linear"
+    summary = "weighted average of the models' parameters"
+    requires_base = False
+    params = (
+        WEIGHT,
+        ParamSpec("normalize", True, "divide by the sum of the weights", kind=bool),
+    )
+
+    def merge(self, inputs: TensorInputs) -> torch.Tensor:
+        weights = [p["weight"] for p in inputs.model_params]
+        if inputs.params["normalize"] and abs(sum(weights)) < 1e-12:
+            from mergekit_pcb.errors import RecipeError
+
+            raise RecipeError(f"linear: the weights for tensor '{inputs.name}' sum to zero")
+        return linear_merge(inputs.models, weights, inputs.params["normalize"])

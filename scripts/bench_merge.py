@@ -1,0 +1,558 @@
+"""Benchmark ``pcbmerge`` against mergekit on synthetic Llama checkpoints.
+
+Run with the system python from the repository root::
+
+    python scripts/bench_merge.py                       # ~30M params, linear,ties,task_arithmetic
+    python scripts/bench_merge.py --params 120M --repeats 3 --json bench.json
+    python scripts/bench_merge.py --methods ties --no-mergekit   # ours only
+    python scripts/bench_merge.py --no-ours                      # mergekit only
+
+What it does:
+
+1. Builds a base and three fine-tuned ``LlamaForCausalLM`` checkpoints (random fp32
+   weights; fine-tuned = base + seeded random deltas that share a common direction
+   but disagree in sign often enough for TIES sign election to matter) and saves
+   them sharded with ``save_pretrained(safe_serialization=True)``.
+2. For every method writes ONE mergekit-style YAML recipe and runs it through
+   ``pcbmerge run RECIPE -o OUT --force --quiet`` and through
+   ``mergekit-yaml RECIPE OUT`` (from a dedicated venv, created on demand at
+   ``.bench/mergekit-venv``), each as a child process.  Wall time and the child's
+   peak RSS (``os.wait4`` rusage) are recorded; with ``--repeats N`` the best wall
+   time and the lowest peak RSS are kept.
+3. Compares the two outputs tensor by tensor and prints a markdown table (and
+   optionally a JSON dump with ``--json``).
+
+New rows are added by registering a recipe builder in ``RECIPES``; a recipe
+that mergekit cannot run (e.g. ``pcb``) sets ``peer=False``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_VENV = REPO_ROOT / ".bench" / "mergekit-venv"
+MERGEKIT_VERSION = "0.1.5"
+TORCH_PIN = "torch==2.13.0"
+TINY = 1e-30
+N_FINETUNED = 3
+
+
+# --------------------------------------------------------------------------- models
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelShape:
+    """Llama dimensions for the synthetic checkpoints."""
+
+    hidden: int
+    layers: int
+    intermediate: int
+    vocab: int
+    heads: int
+
+    def param_count(self) -> int:
+        """Parameters of an untied LlamaForCausalLM with these dimensions (MHA)."""
+        attn = 4 * self.hidden * self.hidden
+        mlp = 3 * self.hidden * self.intermediate
+        norms = 2 * self.hidden
+        embeddings = 2 * self.vocab * self.hidden
+        return self.layers * (attn + mlp + norms) + embeddings + self.hidden
+
+
+PRESETS: dict[str, ModelShape] = {
+    "30M": ModelShape(hidden=512, layers=7, intermediate=1376, vocab=8192, heads=8),
+    "120M": ModelShape(hidden=768, layers=13, intermediate=2048, vocab=16384, heads=12),
+    "500M": ModelShape(hidden=1280, layers=21, intermediate=3456, vocab=32000, heads=20),
+}
+
+
+def build_checkpoints(
+    shape: ModelShape, root: Path, shard_size: str, seed: int, delta_scale: float
+) -> tuple[Path, list[Path]]:
+    """Save ``base`` and ``ft0..ft2`` under ``root``; return their directories."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+
+    config = LlamaConfig(
+        hidden_size=shape.hidden,
+        intermediate_size=shape.intermediate,
+        num_hidden_layers=shape.layers,
+        num_attention_heads=shape.heads,
+        num_key_value_heads=shape.heads,
+        vocab_size=shape.vocab,
+        max_position_embeddings=512,
+        tie_word_embeddings=False,
+    )
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(config).float()
+    base_dir = root / "base"
+    model.save_pretrained(base_dir, safe_serialization=True, max_shard_size=shard_size)
+    base_state = {name: p.detach().clone() for name, p in model.named_parameters()}
+    common = _random_like(base_state, seed + 1)
+
+    ft_dirs = []
+    for index in range(N_FINETUNED):
+        noise = _random_like(base_state, seed + 100 + index)
+        with torch.no_grad():
+            for name, param in model.named_parameters():
+                # Shared direction + larger independent noise: signs agree on average but
+                # disagree for a sizeable fraction of elements.
+                delta = 0.6 * common[name] + noise[name]
+                param.copy_(base_state[name] + delta_scale * delta)
+        ft_dir = root / f"ft{index}"
+        model.save_pretrained(ft_dir, safe_serialization=True, max_shard_size=shard_size)
+        ft_dirs.append(ft_dir)
+        del noise
+    return base_dir, ft_dirs
+
+
+def _random_like(state: dict[str, torch.Tensor], seed: int) -> dict[str, torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    return {
+        name: torch.randn(t.shape, generator=generator, dtype=torch.float32)
+        for name, t in state.items()
+    }
+
+
+# --------------------------------------------------------------------------- recipes
+
+
+@dataclasses.dataclass(frozen=True)
+class Recipe:
+    """One benchmark row: a YAML recipe and whether mergekit can run it."""
+
+    method: str
+    body: dict[str, Any]
+    peer: bool = True
+
+
+RecipeBuilder = Callable[[Path, list[Path]], Recipe]
+
+WEIGHTS = (0.5, 0.3, 0.7)
+DENSITIES = (0.5, 0.7, 0.3)
+
+
+def _models(ft_dirs: list[Path], with_density: bool) -> list[dict[str, Any]]:
+    entries = []
+    for path, weight, density in zip(ft_dirs, WEIGHTS, DENSITIES, strict=True):
+        params: dict[str, Any] = {"weight": weight}
+        if with_density:
+            params["density"] = density
+        entries.append({"model": str(path), "parameters": params})
+    return entries
+
+
+def linear_recipe(base: Path, ft_dirs: list[Path]) -> Recipe:
+    # No base_model: mergekit's linear would add the base as an extra input that
+    # then lacks a weight (RuntimeError "Missing required parameter weight").
+    body = {
+        "merge_method": "linear",
+        "models": _models(ft_dirs, with_density=False),
+        "parameters": {"normalize": True},
+        "dtype": "float32",
+    }
+    return Recipe("linear", body)
+
+
+def ties_recipe(base: Path, ft_dirs: list[Path]) -> Recipe:
+    body = {
+        "merge_method": "ties",
+        "base_model": str(base),
+        "models": _models(ft_dirs, with_density=True),
+        "parameters": {"normalize": True},
+        "dtype": "float32",
+    }
+    return Recipe("ties", body)
+
+
+def task_arithmetic_recipe(base: Path, ft_dirs: list[Path]) -> Recipe:
+    body = {
+        "merge_method": "task_arithmetic",
+        "base_model": str(base),
+        "models": _models(ft_dirs, with_density=False),
+        "parameters": {"normalize": False},
+        "dtype": "float32",
+    }
+    return Recipe("task_arithmetic", body)
+
+
+RECIPES: dict[str, RecipeBuilder] = {
+    "linear": linear_recipe,
+    "ties": ties_recipe,
+    "task_arithmetic": task_arithmetic_recipe,
+}
+
+
+def write_recipe(recipe: Recipe, directory: Path) -> Path:
+    path = directory / f"{recipe.method}.yml"
+    path.write_text(yaml.safe_dump(recipe.body, sort_keys=False), encoding="utf-8")
+    return path
+
+
+# --------------------------------------------------------------------------- tools
+
+
+def ensure_mergekit_venv(venv: Path) -> Path:
+    """Return ``mergekit-yaml`` from ``venv``, creating the venv when it is missing."""
+    exe = venv / "bin" / "mergekit-yaml"
+    if exe.exists():
+        return exe
+    print(f"creating mergekit venv at {venv} (torch first, then mergekit)...", flush=True)
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+    pip = str(venv / "bin" / "pip")
+    subprocess.run([pip, "install", "-q", TORCH_PIN], check=True)
+    subprocess.run([pip, "install", "-q", f"mergekit=={MERGEKIT_VERSION}"], check=True)
+    return exe
+
+
+def ours_command(recipe: Path, out: Path) -> list[str]:
+    exe = Path(sys.executable).parent / "pcbmerge"
+    prefix = [str(exe)] if exe.exists() else [sys.executable, "-m", "mergekit_pcb"]
+    return [*prefix, "run", str(recipe), "-o", str(out), "--force", "--quiet"]
+
+
+def mergekit_command(exe: Path, recipe: Path, out: Path, shard_size: str) -> list[str]:
+    return [
+        str(exe),
+        str(recipe),
+        str(out),
+        "--no-copy-tokenizer",
+        "--out-shard-size",
+        shard_size,
+        "--quiet",
+    ]
+
+
+@dataclasses.dataclass
+class RunResult:
+    wall_s: float
+    peak_rss_mb: float
+
+
+def run_measured(cmd: list[str], log: Path, timeout: float) -> RunResult:
+    """Run ``cmd`` as a child; return wall time and the child's peak RSS."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    # Lets the `python -m mergekit_pcb` fallback work from any directory.
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
+    with log.open("wb") as sink:
+        start = time.perf_counter()
+        proc = subprocess.Popen(cmd, stdout=sink, stderr=subprocess.STDOUT, env=env)
+        status, rusage = _wait4(proc, timeout)
+        wall = time.perf_counter() - start
+    code = os.waitstatus_to_exitcode(status)
+    if code != 0:
+        tail = log.read_text(errors="replace")[-3000:]
+        raise RuntimeError(f"command failed ({code}): {' '.join(cmd)}\n{tail}")
+    # Linux reports ru_maxrss in KiB.
+    return RunResult(wall_s=wall, peak_rss_mb=rusage.ru_maxrss / 1024)
+
+
+def _wait4(proc: subprocess.Popen[bytes], timeout: float) -> tuple[int, Any]:
+    deadline = time.monotonic() + timeout
+    while True:
+        pid, status, rusage = os.wait4(proc.pid, os.WNOHANG)
+        if pid == proc.pid:
+            proc.returncode = os.waitstatus_to_exitcode(status)
+            return status, rusage
+        if time.monotonic() > deadline:
+            proc.kill()
+            proc.wait()
+            raise TimeoutError(f"timed out after {timeout}s: {proc.args}")
+        time.sleep(0.01)
+
+
+def best_of(cmd: list[str], out: Path, log: Path, repeats: int, timeout: float) -> RunResult:
+    """Best wall time and lowest peak RSS over ``repeats`` fresh runs."""
+    results = []
+    for _ in range(repeats):
+        shutil.rmtree(out, ignore_errors=True)
+        results.append(run_measured(cmd, log, timeout))
+    return RunResult(
+        wall_s=min(r.wall_s for r in results),
+        peak_rss_mb=min(r.peak_rss_mb for r in results),
+    )
+
+
+# --------------------------------------------------------------------------- compare
+
+
+@dataclasses.dataclass
+class Comparison:
+    max_rel_diff: float
+    worst_tensor: str | None
+    tensors: int
+    identical: int
+    missing: list[str]
+    extra: list[str]
+    dtype_mismatch: list[str]
+
+
+def tensor_files(directory: Path) -> dict[str, Path]:
+    """Map tensor name -> shard file for every ``*.safetensors`` in ``directory``."""
+    from safetensors import safe_open
+
+    where: dict[str, Path] = {}
+    for shard in sorted(directory.glob("*.safetensors")):
+        with safe_open(str(shard), framework="pt") as handle:
+            where.update(dict.fromkeys(handle.keys(), shard))
+    return where
+
+
+def iter_pairs(
+    ours: dict[str, Path], peer: dict[str, Path]
+) -> Iterator[tuple[str, torch.Tensor, torch.Tensor]]:
+    from safetensors import safe_open
+
+    for name in sorted(ours.keys() & peer.keys()):
+        with safe_open(str(ours[name]), framework="pt") as a_file:
+            a = a_file.get_tensor(name)
+        with safe_open(str(peer[name]), framework="pt") as b_file:
+            b = b_file.get_tensor(name)
+        yield name, a, b
+
+
+def relative_diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    """max|a - b| / max(max|b|, TINY), computed in float64."""
+    a64, b64 = a.to(torch.float64), b.to(torch.float64)
+    if a64.shape != b64.shape:
+        return math.inf
+    if a64.numel() == 0:
+        return 0.0
+    return (a64 - b64).abs().max().item() / max(b64.abs().max().item(), TINY)
+
+
+def compare_outputs(ours_dir: Path, peer_dir: Path) -> Comparison:
+    ours, peer = tensor_files(ours_dir), tensor_files(peer_dir)
+    worst, worst_name, identical, mismatched = 0.0, None, 0, []
+    for name, a, b in iter_pairs(ours, peer):
+        if a.dtype != b.dtype:
+            mismatched.append(f"{name}: {a.dtype} vs {b.dtype}")
+        if a.dtype == b.dtype and torch.equal(a, b):
+            identical += 1
+            continue
+        diff = relative_diff(a, b)
+        if diff > worst or worst_name is None:
+            worst, worst_name = diff, name
+    return Comparison(
+        max_rel_diff=worst,
+        worst_tensor=worst_name,
+        tensors=len(ours.keys() & peer.keys()),
+        identical=identical,
+        missing=sorted(peer.keys() - ours.keys()),
+        extra=sorted(ours.keys() - peer.keys()),
+        dtype_mismatch=mismatched,
+    )
+
+
+# --------------------------------------------------------------------------- report
+
+
+@dataclasses.dataclass
+class Row:
+    method: str
+    ours: RunResult | None = None
+    mergekit: RunResult | None = None
+    comparison: Comparison | None = None
+
+    def speedup(self) -> float | None:
+        if self.ours and self.mergekit:
+            return self.mergekit.wall_s / self.ours.wall_s
+        return None
+
+    def rss_ratio(self) -> float | None:
+        if self.ours and self.mergekit:
+            return self.ours.peak_rss_mb / self.mergekit.peak_rss_mb
+        return None
+
+
+def _fmt(value: float | None, spec: str) -> str:
+    return "n/a" if value is None else format(value, spec)
+
+
+def render_table(rows: list[Row]) -> str:
+    header = (
+        "| method | ours wall s | mergekit wall s | speed-up (mk/ours) | ours peak RSS MB "
+        "| mergekit peak RSS MB | RSS ratio (ours/mk) "
+        "| max rel diff: max over tensors of max abs(ours-mk) / max abs(mk) | identical tensors |"
+    )
+    lines = [header, "|" + "---|" * 9]
+    for row in rows:
+        cmp = row.comparison
+        lines.append(
+            "| "
+            + " | ".join(
+                [
+                    row.method,
+                    _fmt(row.ours.wall_s if row.ours else None, ".2f"),
+                    _fmt(row.mergekit.wall_s if row.mergekit else None, ".2f"),
+                    _fmt(row.speedup(), ".2f") + ("x" if row.speedup() else ""),
+                    _fmt(row.ours.peak_rss_mb if row.ours else None, ".0f"),
+                    _fmt(row.mergekit.peak_rss_mb if row.mergekit else None, ".0f"),
+                    _fmt(row.rss_ratio(), ".2f"),
+                    _fmt(cmp.max_rel_diff if cmp else None, ".3g"),
+                    f"{cmp.identical}/{cmp.tensors}" if cmp else "n/a",
+                ]
+            )
+            + " |"
+        )
+    return "\n".join(lines)
+
+
+def report_details(rows: list[Row]) -> str:
+    notes = []
+    for row in rows:
+        cmp = row.comparison
+        if cmp is None:
+            continue
+        if cmp.worst_tensor and cmp.max_rel_diff > 0:
+            notes.append(f"{row.method}: worst tensor {cmp.worst_tensor} ({cmp.max_rel_diff:.3g})")
+        for label, items in (
+            ("missing from ours", cmp.missing),
+            ("extra in ours", cmp.extra),
+            ("dtype mismatch", cmp.dtype_mismatch),
+        ):
+            if items:
+                notes.append(f"{row.method}: {label}: {', '.join(items[:8])}")
+    return "\n".join(notes)
+
+
+def dump_json(path: Path, rows: list[Row], meta: dict[str, Any]) -> None:
+    payload = {
+        "meta": meta,
+        "rows": [
+            {
+                **dataclasses.asdict(row),
+                "speedup": row.speedup(),
+                "rss_ratio": row.rss_ratio(),
+            }
+            for row in rows
+        ],
+    }
+    path.write_text(json.dumps(payload, indent=2), encoding="utf-8")
+
+
+# --------------------------------------------------------------------------- main
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--params", choices=sorted(PRESETS), default="30M")
+    parser.add_argument("--hidden", type=int, help="override the preset's hidden size")
+    parser.add_argument("--layers", type=int, help="override the preset's layer count")
+    parser.add_argument("--intermediate", type=int, help="override the MLP width")
+    parser.add_argument("--vocab", type=int, help="override the vocabulary size")
+    parser.add_argument("--heads", type=int, help="override the attention head count")
+    parser.add_argument("--methods", default="linear,ties,task_arithmetic")
+    parser.add_argument("--repeats", type=int, default=1)
+    parser.add_argument("--workdir", type=Path, help="default: a fresh temp dir")
+    parser.add_argument("--keep", action="store_true", help="keep the work dir")
+    parser.add_argument("--shard-size", default="50MB", help="input shard size")
+    parser.add_argument("--out-shard-size", default="5B", help="mergekit --out-shard-size")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--delta-scale", type=float, default=0.005)
+    parser.add_argument("--timeout", type=float, default=3600.0, help="seconds per run")
+    parser.add_argument("--mergekit-venv", type=Path, default=DEFAULT_VENV)
+    parser.add_argument("--no-mergekit", action="store_true", help="skip the mergekit runs")
+    parser.add_argument("--no-ours", action="store_true", help="skip the pcbmerge runs")
+    parser.add_argument("--json", type=Path, help="write the figures to this JSON file")
+    args = parser.parse_args(argv)
+    unknown = [m for m in _split(args.methods) if m not in RECIPES]
+    if unknown:
+        parser.error(f"unknown method(s) {unknown}; known: {sorted(RECIPES)}")
+    return args
+
+
+def _split(methods: str) -> list[str]:
+    return [m.strip() for m in methods.split(",") if m.strip()]
+
+
+def resolve_shape(args: argparse.Namespace) -> ModelShape:
+    preset = PRESETS[args.params]
+    overrides = {
+        field: getattr(args, field)
+        for field in ("hidden", "layers", "intermediate", "vocab", "heads")
+        if getattr(args, field) is not None
+    }
+    return dataclasses.replace(preset, **overrides)
+
+
+def bench_method(
+    recipe: Recipe, workdir: Path, args: argparse.Namespace, mergekit: Path | None
+) -> Row:
+    recipe_path = write_recipe(recipe, workdir)
+    row = Row(recipe.method)
+    ours_out = workdir / f"out-ours-{recipe.method}"
+    peer_out = workdir / f"out-mergekit-{recipe.method}"
+    if not args.no_ours:
+        cmd = ours_command(recipe_path, ours_out)
+        log = workdir / f"ours-{recipe.method}.log"
+        row.ours = best_of(cmd, ours_out, log, args.repeats, args.timeout)
+    if mergekit is not None and recipe.peer:
+        cmd = mergekit_command(mergekit, recipe_path, peer_out, args.out_shard_size)
+        log = workdir / f"mergekit-{recipe.method}.log"
+        row.mergekit = best_of(cmd, peer_out, log, args.repeats, args.timeout)
+    if row.ours and row.mergekit:
+        row.comparison = compare_outputs(ours_out, peer_out)
+    return row
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    shape = resolve_shape(args)
+    workdir = args.workdir or Path(tempfile.mkdtemp(prefix="bench-merge-"))
+    workdir.mkdir(parents=True, exist_ok=True)
+    mergekit = None if args.no_mergekit else ensure_mergekit_venv(args.mergekit_venv)
+    print(f"workdir {workdir}; {shape} = {shape.param_count() / 1e6:.1f}M params", flush=True)
+    try:
+        start = time.perf_counter()
+        base, ft_dirs = build_checkpoints(
+            shape, workdir / "models", args.shard_size, args.seed, args.delta_scale
+        )
+        print(f"checkpoints built in {time.perf_counter() - start:.1f}s", flush=True)
+        rows = []
+        for method in _split(args.methods):
+            recipe = RECIPES[method](base, ft_dirs)
+            print(f"running {method}...", flush=True)
+            rows.append(bench_method(recipe, workdir, args, mergekit))
+        print()
+        print(render_table(rows))
+        details = report_details(rows)
+        if details:
+            print("\n" + details)
+        if args.json:
+            meta = {
+                "shape": dataclasses.asdict(shape),
+                "params": shape.param_count(),
+                "repeats": args.repeats,
+                "torch": torch.__version__,
+                "cpus": os.cpu_count(),
+            }
+            dump_json(args.json, rows, meta)
+    finally:
+        if args.keep or args.workdir:
+            print(f"\nkept {workdir}")
+        else:
+            shutil.rmtree(workdir, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

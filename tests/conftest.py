@@ -1,0 +1,92 @@
+"""Fixtures: tiny Hugging Face checkpoints with random weights, built on the fly."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+ARCHS = ("llama", "bert", "gpt2")
+
+
+def tiny_model(arch: str, seed: int) -> torch.nn.Module:
+    import transformers as tf
+
+    torch.manual_seed(seed)
+    if arch == "llama":
+        cfg = tf.LlamaConfig(vocab_size=96, hidden_size=32, intermediate_size=64,
+                             num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                             max_position_embeddings=64)
+        return tf.LlamaForCausalLM(cfg)
+    if arch == "bert":
+        cfg = tf.BertConfig(vocab_size=96, hidden_size=32, intermediate_size=64,
+                            num_hidden_layers=2, num_attention_heads=4,
+                            max_position_embeddings=64, num_labels=3)
+        return tf.BertForSequenceClassification(cfg)
+    if arch == "gpt2":
+        cfg = tf.GPT2Config(vocab_size=96, n_embd=32, n_layer=2, n_head=4, n_positions=64)
+        return tf.GPT2LMHeadModel(cfg)
+    raise ValueError(arch)
+
+
+def finetune_like(model: torch.nn.Module, seed: int, scale: float = 0.02) -> torch.nn.Module:
+    """A 'fine-tuned' copy: base plus a seeded random task vector on every float parameter."""
+    import copy
+
+    tuned = copy.deepcopy(model)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in tuned.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * scale)
+    return tuned
+
+
+def save_hf(model: torch.nn.Module, path: Path, shard_size: str = "20KB") -> Path:
+    model.save_pretrained(path, safe_serialization=True, max_shard_size=shard_size)
+    return path
+
+
+def write_tokenizer_files(path: Path) -> None:
+    """A minimal word-level tokenizer, enough for AutoTokenizer and for the copy check."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    vocab = {"[UNK]": 0, "[PAD]": 1, **{f"w{i}": i + 2 for i in range(20)}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.save(str(path / "tokenizer.json"))
+    (path / "tokenizer_config.json").write_text(
+        '{"tokenizer_class": "PreTrainedTokenizerFast", "unk_token": "[UNK]", '
+        '"pad_token": "[PAD]"}'
+    )
+
+
+@pytest.fixture
+def hf_models(tmp_path: Path) -> Callable[[str, int], tuple[Path, list[Path]]]:
+    """Build a sharded base and `n` fine-tuned copies of a tiny `arch` model."""
+
+    def build(arch: str, n: int = 2) -> tuple[Path, list[Path]]:
+        base = tiny_model(arch, seed=0)
+        base_dir = save_hf(base, tmp_path / f"{arch}-base")
+        write_tokenizer_files(base_dir)
+        tuned_dirs = [save_hf(finetune_like(base, seed=10 + i), tmp_path / f"{arch}-ft{i}")
+                      for i in range(n)]
+        return base_dir, tuned_dirs
+
+    return build
+
+
+def write_recipe(path: Path, recipe: dict) -> Path:
+    path.write_text(yaml.safe_dump(recipe, sort_keys=False))
+    return path
+
+
+def run_cli(*args: str | Path, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "mergekit_pcb", *map(str, args)],
+        capture_output=True, text=True, cwd=cwd, timeout=300,
+    )
