@@ -11,13 +11,16 @@ from mergekit_pcb.methods.base import WEIGHT, MergeMethod, ParamSpec, TensorInpu
 
 def linear_merge(tensors: Sequence[torch.Tensor], weights: Sequence[float],
                  normalize: bool = True) -> torch.Tensor:
-    stacked = torch.stack(list(tensors), dim=0)
-    w = torch.tensor(list(weights), dtype=stacked.dtype, device=stacked.device)
+    # Half-precision inputs accumulate in float32 (as mergekit does), float64 stays float64.
+    dtype = tensors[0].dtype
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    stacked = torch.stack([t.to(acc) for t in tensors], dim=0)
+    w = torch.tensor(list(weights), dtype=acc, device=stacked.device)
     w = w.reshape((-1,) + (1,) * (stacked.dim() - 1))
     out = (stacked * w).sum(dim=0)
     if normalize:
         out = out / w.sum(dim=0)
-    return out
+    return out.to(dtype)
 
 
 class Linear(MergeMethod):

@@ -29,10 +29,15 @@ def topk_mask(scores: torch.Tensor, k: int) -> torch.Tensor:
 
 
 def magnitude_trim(delta: torch.Tensor, density: float) -> torch.Tensor:
-    """Keep the ⌊density·numel⌋ entries of largest magnitude (TIES trim), zero the rest."""
+    """Keep the ⌊density·numel⌋ entries of largest magnitude (TIES trim), zero the rest.
+
+    As in mergekit: at least one entry survives unless density ≤ 0.
+    """
     if density >= 1.0:
         return delta
-    k = int(density * delta.numel())
+    if density <= 0.0 or delta.numel() == 0:
+        return torch.zeros_like(delta)
+    k = max(1, int(density * delta.numel()))
     mask = topk_mask(delta.abs().float(), k)
     return delta * mask.to(delta.dtype)
 

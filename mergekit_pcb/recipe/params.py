@@ -24,18 +24,15 @@ def layer_index(tensor_name: str) -> int | None:
 
 
 def depth_position(tensor_name: str, num_layers: int) -> float:
-    """Where a tensor sits in the model, 0 (input side) to 1 (output side).
+    """Where a tensor sits for gradient parameters: layer i of n at i/(n−1).
 
-    Layer i of n sits at i/(n−1). Tensors outside the layers: embeddings at 0, everything
-    else (final norm, output head) at 1.
+    Tensors outside the layers (embeddings, final norm, output head) sit at 0, as in
+    mergekit, so that its recipes give the same values here.
     """
     idx = layer_index(tensor_name)
-    if idx is not None:
-        return idx / (num_layers - 1) if num_layers > 1 else 0.0
-    lowered = tensor_name.lower()
-    if any(k in lowered for k in ("embed", "wte", "wpe", "word_embeddings")):
+    if idx is None or num_layers <= 1:
         return 0.0
-    return 1.0
+    return idx / (num_layers - 1)
 
 
 def evaluate(setting: ParameterValue, tensor_name: str, t: float) -> ParamValue | None:
