@@ -144,7 +144,8 @@ def _print_plan(plan: Any, json_out: bool, dry_run: bool) -> None:
         "base_model": plan.base_key,
         "models": [m.model for m in plan.recipe.models],
         "tensors": len(plan.tasks),
-        "passes": 1,
+        "passes": plan.passes,
+        "pass_names": [n for r in plan.routes for n in r.stat_passes] + ["merge"],
         "read_bytes": plan.read_bytes,
         "output_bytes": plan.write_bytes,
         "seed": plan.seed,
@@ -155,8 +156,8 @@ def _print_plan(plan: Any, json_out: bool, dry_run: bool) -> None:
         return
     stdout.print(f"[green]recipe OK[/green]: {info['method']} over {len(info['models'])} "
                  f"model(s), {info['tensors']} tensors")
-    stdout.print(f"reads {plan.read_bytes / 1e6:.1f} MB in {info['passes']} pass(es), "
-                 f"writes {plan.write_bytes / 1e6:.1f} MB")
+    stdout.print(f"reads {plan.read_bytes / 1e6:.1f} MB in {info['passes']} pass(es) "
+                 f"({', '.join(info['pass_names'])}), writes {plan.write_bytes / 1e6:.1f} MB")
     table = Table("rule", "tensors")
     for r in info["rules"]:
         table.add_row(r["rule"], str(r["tensors"]))

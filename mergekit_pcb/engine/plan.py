@@ -19,6 +19,7 @@ from mergekit_pcb.errors import CheckpointError, RecipeError
 from mergekit_pcb.io.artifacts import tokenizer_dir
 from mergekit_pcb.io.reader import Checkpoint, open_checkpoint
 from mergekit_pcb.methods import REGISTRY, MergeMethod, get_method
+from mergekit_pcb.methods.base import GlobalStats
 from mergekit_pcb.recipe.params import (
     check_parameter_keys,
     depth_position,
@@ -48,6 +49,11 @@ class Route:
     inputs: list[str] = field(default_factory=list)  # model keys combined (merge/average)
     source: str | None = None  # model key (take/copy)
     tensor_names: list[str] = field(default_factory=list)
+    stats: GlobalStats | None = None  # whole-model statistics, gathered before merging
+
+    @property
+    def stat_passes(self) -> tuple[str, ...]:
+        return self.stats.pass_names if self.stats is not None else ()
 
 
 @dataclass
@@ -82,13 +88,18 @@ class MergePlan:
     compute_dtype: torch.dtype
     seed: int
 
+    def task_read_bytes(self, task: TensorTask) -> int:
+        return sum(self.checkpoints[k].info(task.name).nbytes for k in task.reads(self.base_key))
+
     @property
     def read_bytes(self) -> int:
-        total = 0
-        for task in self.tasks:
-            for key in task.reads(self.base_key):
-                total += self.checkpoints[key].info(task.name).nbytes
-        return total
+        """Bytes read by the whole run, statistics passes included."""
+        return sum(self.task_read_bytes(t) * (1 + len(t.route.stat_passes)) for t in self.tasks)
+
+    @property
+    def passes(self) -> int:
+        """Passes over the inputs: the merge itself plus each statistics pass."""
+        return 1 + sum(len(r.stat_passes) for r in self.routes)
 
     @property
     def write_bytes(self) -> int:
@@ -194,8 +205,29 @@ def _plan_tensors(recipe: MergeRecipe, recipe_text: str, method: MergeMethod,
         tasks.append(_task(name, route, checkpoints, base_key, num_layers, out_dtype_override))
 
     routes = [r for r in [*rule_routes, copy_route, average_route, main_route] if r.tensor_names]
+    for route in routes:
+        _attach_global_stats(route, [t for t in tasks if t.route is route])
     return MergePlan(recipe, recipe_text, method, checkpoints, base_key, tasks, routes,
                      compute_dtype, seed if seed is not None else (recipe.seed or 0))
+
+
+def _attach_global_stats(route: Route, tasks: list[TensorTask]) -> None:
+    """Whole-model statistics for a route whose method has them (e.g. `scope: global`)."""
+    if route.kind != "merge" or route.method is None:
+        return
+    first = tasks[0]
+    total = sum(_numel(t.shape) for t in tasks)
+    route.stats = route.method.global_stats(len(route.inputs), total, first.global_params,
+                                            first.model_params)
+    if route.stats is None:
+        return
+    for task in tasks[1:]:
+        if task.global_params != first.global_params or task.model_params != first.model_params:
+            raise RecipeError(
+                f"{route.label}: statistics over the whole model need the same parameters for "
+                f"every tensor, but '{task.name}' gets {task.model_params or task.global_params}"
+                f" and '{first.name}' gets {first.model_params or first.global_params}"
+            )
 
 
 def _merge_route(method: MergeMethod, params: Mapping[str, ParameterValue],

@@ -47,35 +47,66 @@ class MergeResult:
     seconds: float
 
 
+def _read_inputs(plan: MergePlan, task: TensorTask, device: torch.device
+                 ) -> dict[str, torch.Tensor]:
+    """The task's inputs, checked finite, on `device` in the compute dtype."""
+    values = {}
+    for key in task.reads(plan.base_key):
+        tensor = plan.checkpoints[key].read(task.name)
+        if not bool(torch.isfinite(tensor).all()):
+            raise CheckpointError(f"tensor '{task.name}' of model {key} contains NaN or Inf")
+        values[key] = tensor.to(device=device, dtype=plan.compute_dtype)
+    return values
+
+
+def _method_inputs(plan: MergePlan, task: TensorTask, values: dict[str, torch.Tensor]
+                   ) -> TensorInputs:
+    route = task.route
+    assert route.method is not None
+    generators = None
+    if route.method.uses_rng:
+        generators = [tensor_generator(plan.seed, task.name, k) for k in route.inputs]
+    return TensorInputs(
+        name=task.name,
+        base=values.get(plan.base_key) if plan.base_key else None,
+        models=[values[k] for k in route.inputs],
+        model_params=task.model_params,
+        params=task.global_params,
+        generators=generators,
+        stats=route.stats,
+    )
+
+
 def compute_tensor(plan: MergePlan, task: TensorTask, device: torch.device) -> torch.Tensor:
     """The output tensor for `task`, in its output dtype, on the CPU."""
     route = task.route
-    keys = task.reads(plan.base_key)
-    raw = {k: plan.checkpoints[k].read(task.name) for k in keys}
     if route.kind in ("take", "copy"):
-        return raw[keys[0]]
-    for key, tensor in raw.items():
-        if not bool(torch.isfinite(tensor).all()):
-            raise CheckpointError(f"tensor '{task.name}' of model {key} contains NaN or Inf")
-    values = {k: v.to(device=device, dtype=plan.compute_dtype) for k, v in raw.items()}
-    del raw
-    inputs = [values[k] for k in route.inputs]
+        assert route.source is not None
+        return plan.checkpoints[route.source].read(task.name)
+    values = _read_inputs(plan, task, device)
     if route.kind == "average":
-        out = torch.stack(inputs).mean(dim=0)
+        out = torch.stack([values[k] for k in route.inputs]).mean(dim=0)
     else:
         assert route.method is not None
-        generators = None
-        if route.method.uses_rng:
-            generators = [tensor_generator(plan.seed, task.name, k) for k in route.inputs]
-        out = route.method.merge(TensorInputs(
-            name=task.name,
-            base=values.get(plan.base_key) if plan.base_key else None,
-            models=inputs,
-            model_params=task.model_params,
-            params=task.global_params,
-            generators=generators,
-        ))
+        out = route.method.merge(_method_inputs(plan, task, values))
     return out.to(device="cpu", dtype=task.out_dtype)
+
+
+def gather_statistics(plan: MergePlan, device: torch.device, progress: Progress) -> None:
+    """Run every statistics pass of every route that has them, in order."""
+    for route in plan.routes:
+        if route.stats is None:
+            continue
+        tasks = [t for t in plan.tasks if t.route is route]
+        for p, name in enumerate(route.stats.pass_names):
+            bar = progress.add_task(name, total=sum(plan.task_read_bytes(t) for t in tasks),
+                                    tensors=f"0/{len(tasks)}")
+            for i, task in enumerate(tasks):
+                values = _read_inputs(plan, task, device)
+                route.stats.observe(p, _method_inputs(plan, task, values))
+                progress.update(bar, advance=plan.task_read_bytes(task),
+                                tensors=f"{i + 1}/{len(tasks)}")
+            route.stats.finish(p)
 
 
 def run_plan(plan: MergePlan, output: Path, *, force: bool = False, shard_size: int = 5 * 10**9,
@@ -85,22 +116,22 @@ def run_plan(plan: MergePlan, output: Path, *, force: bool = False, shard_size: 
     dev = torch.device(device)
     outputs = [OutputTensor(t.name, t.out_dtype, t.shape) for t in plan.tasks]
     shards = plan_shards(outputs, shard_size)
-    read_total = plan.read_bytes
     with atomic_output_dir(output, force=force) as tmp, _progress(quiet, console) as progress:
-        bar = progress.add_task("merging", total=read_total, tensors=f"0/{len(plan.tasks)}")
+        gather_statistics(plan, dev, progress)
+        total = sum(plan.task_read_bytes(t) for t in plan.tasks)
+        bar = progress.add_task("merging", total=total, tensors=f"0/{len(plan.tasks)}")
         writer = ShardedSafetensorsWriter(tmp, shards, metadata={"merged_by": "mergekit-pcb"})
         try:
             for i, task in enumerate(plan.tasks):
                 writer.write(task.name, compute_tensor(plan, task, dev))
-                read = sum(plan.checkpoints[k].info(task.name).nbytes
-                           for k in task.reads(plan.base_key))
-                progress.update(bar, advance=read, tensors=f"{i + 1}/{len(plan.tasks)}")
+                progress.update(bar, advance=plan.task_read_bytes(task),
+                                tensors=f"{i + 1}/{len(plan.tasks)}")
             writer.close()
         except BaseException:
             writer.abort()
             raise
         write_artifacts(plan, tmp)
-    return MergeResult(output.resolve(), len(plan.tasks), len(shards), read_total,
+    return MergeResult(output.resolve(), len(plan.tasks), len(shards), plan.read_bytes,
                        plan.write_bytes, time.perf_counter() - start)
 
 

@@ -6,11 +6,12 @@ from mergekit_pcb.errors import RecipeError
 from mergekit_pcb.methods.base import MergeMethod, ParamSpec, TensorInputs
 from mergekit_pcb.methods.dare import DareLinear, DareTies
 from mergekit_pcb.methods.linear import Linear
+from mergekit_pcb.methods.pcb import Pcb
 from mergekit_pcb.methods.task_arithmetic import TaskArithmetic
 from mergekit_pcb.methods.ties import Ties
 
 REGISTRY: dict[str, type[MergeMethod]] = {
-    m.name: m for m in (Linear, TaskArithmetic, Ties, DareLinear, DareTies)
+    m.name: m for m in (Pcb, Linear, TaskArithmetic, Ties, DareLinear, DareTies)
 }
 
 

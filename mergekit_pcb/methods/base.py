@@ -52,6 +52,24 @@ class TensorInputs:
     model_params: Sequence[Mapping[str, Any]]
     params: Mapping[str, Any]
     generators: Sequence[torch.Generator] | None = None
+    stats: GlobalStats | None = None
+
+
+class GlobalStats(ABC):
+    """Whole-model statistics a method gathers in streaming passes before it merges.
+
+    The engine calls `observe(p, inputs)` for every tensor the method serves, then
+    `finish(p)`, for each pass p in order; the finished object reaches `merge` as
+    `inputs.stats`. Memory must not grow with the number of tensors.
+    """
+
+    pass_names: tuple[str, ...] = ()
+
+    @abstractmethod
+    def observe(self, pass_index: int, inputs: TensorInputs) -> None: ...
+
+    @abstractmethod
+    def finish(self, pass_index: int) -> None: ...
 
 
 class MergeMethod(ABC):
@@ -66,6 +84,15 @@ class MergeMethod(ABC):
     def merge(self, inputs: TensorInputs) -> torch.Tensor:
         """Return the merged tensor (any float dtype; the engine casts it for output)."""
 
+    def global_stats(self, num_models: int, total_numel: int, params: Mapping[str, Any],
+                     model_params: Sequence[Mapping[str, Any]]) -> GlobalStats | None:
+        """Statistics over all the tensors this method serves, or None (per-tensor methods).
+
+        `params`/`model_params` are the parameters shared by every tensor served; a method
+        with global statistics requires them not to vary by tensor.
+        """
+        return None
+
     @classmethod
     def param_spec(cls, name: str) -> ParamSpec | None:
         return next((p for p in cls.params if p.name == name), None)
@@ -74,3 +101,4 @@ class MergeMethod(ABC):
 WEIGHT = ParamSpec("weight", 1.0, "scale of this model's contribution", per_model=True)
 DENSITY = ParamSpec("density", 1.0, "fraction of task-vector entries kept", per_model=True)
 LAMBDA = ParamSpec("lambda", 1.0, "scale of the merged task vector")
+SCOPE = ("tensor", "global")

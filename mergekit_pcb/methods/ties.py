@@ -1,24 +1,31 @@
 """`ties`: trim each task vector to its top-density magnitudes, elect signs, disjoint mean.
 
 Bit-compatible with mergekit's `ties`: weights multiply the trimmed task vectors before
-the sign election, and `normalize` divides by the sum of the agreeing weights.
+the sign election, and `normalize` divides by the sum of the agreeing weights. mergekit
+trims per tensor (`scope: tensor`, the default); the TIES paper trims over the whole model
+(`scope: global`), which streams: each task's magnitude threshold is found in two passes.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 
+from mergekit_pcb.errors import RecipeError
 from mergekit_pcb.methods.base import (
     DENSITY,
     LAMBDA,
+    SCOPE,
     WEIGHT,
+    GlobalStats,
     MergeMethod,
     ParamSpec,
     TensorInputs,
 )
 from mergekit_pcb.methods.ops import combine_task_vectors, magnitude_trim
+from mergekit_pcb.methods.selection import StreamingSelect
 
 
 def ties_merge(base: torch.Tensor, tensors: Sequence[torch.Tensor], weights: Sequence[float],
@@ -27,6 +34,61 @@ def ties_merge(base: torch.Tensor, tensors: Sequence[torch.Tensor], weights: Seq
     deltas = [magnitude_trim(t - base, d) for t, d in zip(tensors, densities, strict=True)]
     return combine_task_vectors(base, deltas, weights, lambda_=lambda_, normalize=normalize,
                                 sign_consensus=True)
+
+
+def ties_merge_thresholds(base: torch.Tensor, tensors: Sequence[torch.Tensor],
+                          weights: Sequence[float], thresholds: Sequence[float],
+                          lambda_: float = 1.0, normalize: bool = True) -> torch.Tensor:
+    """TIES with the trim given as magnitude thresholds (|τ| ≥ threshold survives)."""
+    deltas = []
+    for t, thr in zip(tensors, thresholds, strict=True):
+        delta = t - base
+        deltas.append(delta * (delta.abs().float() >= thr).to(delta.dtype))
+    return combine_task_vectors(base, deltas, weights, lambda_=lambda_, normalize=normalize,
+                                sign_consensus=True)
+
+
+def global_keep_count(total: int, density: float) -> int:
+    """How many entries of a task survive a global trim (at least one, as per tensor)."""
+    return max(1, int(density * total))
+
+
+class TiesGlobalStats(GlobalStats):
+    """Each task's magnitude threshold over the whole model: the k-th largest |τᵢ|.
+
+    Entries tied with the threshold all survive, so a task keeps ⌊density·D⌋ entries up to
+    ties at the threshold (none for continuous values).
+    """
+
+    pass_names = ("ties: |τ| histograms", "ties: threshold refinement")
+
+    def __init__(self, total: int, densities: Sequence[float]) -> None:
+        self._selects: list[StreamingSelect | None] = [
+            None if d >= 1 else StreamingSelect([total - global_keep_count(total, d)])
+            for d in densities
+        ]
+        self.thresholds: list[float] = [float("-inf")] * len(densities)
+
+    def observe(self, pass_index: int, inputs: TensorInputs) -> None:
+        assert inputs.base is not None
+        for sel, m in zip(self._selects, inputs.models, strict=True):
+            if sel is None:
+                continue
+            magnitude = (m - inputs.base).abs()
+            if pass_index == 0:
+                sel.observe_high(magnitude)
+            else:
+                sel.observe_low(magnitude)
+
+    def finish(self, pass_index: int) -> None:
+        for i, sel in enumerate(self._selects):
+            if sel is None:
+                continue
+            if pass_index == 0:
+                sel.finish_high()
+            else:
+                sel.finish_low()
+                self.thresholds[i] = sel.values[0]
 
 
 NORMALIZE_TIES = ParamSpec("normalize", True, "divide by the sum of the agreeing weights",
@@ -38,13 +100,29 @@ INT8_MASK = ParamSpec("int8_mask", False, "accepted for mergekit recipes; no eff
 class Ties(MergeMethod):
     name = "ties"
     summary = "TIES: trim, elect sign, disjoint merge"
-    params = (WEIGHT, DENSITY, LAMBDA, NORMALIZE_TIES, INT8_MASK)
+    params = (WEIGHT, DENSITY, LAMBDA, NORMALIZE_TIES, INT8_MASK,
+              ParamSpec("scope", "tensor", "trim per tensor (mergekit) or over the whole "
+                        "model (TIES paper)", kind=str, choices=SCOPE))
+
+    def global_stats(self, num_models: int, total_numel: int, params: Mapping[str, Any],
+                     model_params: Sequence[Mapping[str, Any]]) -> GlobalStats | None:
+        if params["scope"] != "global":
+            return None
+        for i, p in enumerate(model_params):
+            if p["density"] <= 0:
+                raise RecipeError(f"models[{i}].parameters.density: must be > 0 with "
+                                  "scope: global")
+        return TiesGlobalStats(total_numel, [p["density"] for p in model_params])
 
     def merge(self, inputs: TensorInputs) -> torch.Tensor:
         assert inputs.base is not None
-        return ties_merge(
-            inputs.base, inputs.models,
-            [p["weight"] for p in inputs.model_params],
-            [p["density"] for p in inputs.model_params],
-            inputs.params["lambda"], inputs.params["normalize"],
-        )
+        weights = [p["weight"] for p in inputs.model_params]
+        params = inputs.params
+        if params["scope"] == "global":
+            assert isinstance(inputs.stats, TiesGlobalStats)
+            return ties_merge_thresholds(inputs.base, inputs.models, weights,
+                                         inputs.stats.thresholds, params["lambda"],
+                                         params["normalize"])
+        return ties_merge(inputs.base, inputs.models, weights,
+                          [p["density"] for p in inputs.model_params],
+                          params["lambda"], params["normalize"])

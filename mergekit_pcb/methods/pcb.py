@@ -1,0 +1,273 @@
+"""`pcb`: Parameter Competition Balancing (Du et al., NeurIPS 2024), as in methods.md.
+
+Per task row i over the scope (each tensor, or the whole model — the paper's default):
+clip |τᵢ| between two order statistics, intra-balance Iᵢ = exp(n·minmax(Aᵢ)²),
+inter-balance Eᵢ (consensus / normalized / pairwise), score Bᵢ = Iᵢ⊙Eᵢ, drop below the
+order statistic tᵢ of the scores, soft weights Sᵢ, weighted mean of the clipped task vectors.
+
+The math is split into `pcb_scores` and `pcb_combine`, pure functions of tensors plus the
+row statistics. `scope: tensor` finds the statistics with `kthvalue` per tensor;
+`scope: global` finds the same statistics over the whole model in streaming passes
+(`PcbGlobalStats`), so the result equals the dense computation in a few tensors' memory.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from mergekit_pcb.errors import RecipeError
+from mergekit_pcb.methods.base import (
+    LAMBDA,
+    SCOPE,
+    WEIGHT,
+    GlobalStats,
+    MergeMethod,
+    ParamSpec,
+    TensorInputs,
+)
+from mergekit_pcb.methods.selection import StreamingSelect
+
+INTER = ("consensus", "normalized", "pairwise")
+
+
+def clip_indices(d: int, clip: float) -> tuple[int, int]:
+    """0-based ranks of the clip bounds among d sorted |τ| (the authors' code's indexing)."""
+    return int(d * clip), int(d * (1 - clip) - 1)
+
+
+def drop_index(d: int, density: float) -> int:
+    """0-based rank of the drop threshold among d sorted scores; density = fraction kept."""
+    return min(int(d * (1 - density)), d - 1)
+
+
+def minmax(x: torch.Tensor, low: float, high: float) -> torch.Tensor:
+    """(x − low)/(high − low), and 0 where the range is empty (an all-zero task vector)."""
+    span = high - low
+    if not span > 0:
+        return torch.zeros_like(x)
+    return (x - low) / span
+
+
+@dataclass(frozen=True)
+class RowStats:
+    """One task row's statistics over the scope."""
+
+    clip_low: float
+    clip_high: float
+    abs_min: float
+    abs_max: float
+    drop_threshold: float = 0.0
+    score_max: float = 0.0
+
+
+def _balanced(tau: Sequence[torch.Tensor], stats: Sequence[RowStats]) -> list[torch.Tensor]:
+    """ĥⱼ = sign(τⱼ)·minmax(|τⱼ|), for the normalized and pairwise inter-balancing."""
+    return [t.sign() * minmax(t.abs(), s.abs_min, s.abs_max) for t, s in zip(tau, stats,
+                                                                             strict=True)]
+
+
+def pcb_scores(tau: Sequence[torch.Tensor], stats: Sequence[RowStats],
+               inter: str) -> list[torch.Tensor]:
+    """Bᵢ = exp(n·minmax(Aᵢ)²) ⊙ Eᵢ for each task, given each row's clip bounds."""
+    n = len(tau)
+    intra = []
+    for t, s in zip(tau, stats, strict=True):
+        a = t.abs().clamp(s.clip_low, s.clip_high)
+        intra.append(torch.exp(n * minmax(a, s.clip_low, s.clip_high) ** 2))
+    if inter == "consensus":
+        total = torch.stack(list(tau)).sum(dim=0)
+        inter_terms = [torch.tanh(t * total) for t in tau]
+    elif inter == "normalized":
+        h_total = torch.stack(_balanced(tau, stats)).sum(dim=0)
+        inter_terms = [torch.tanh(t * h_total) for t in tau]
+    elif inter == "pairwise":
+        h = _balanced(tau, stats)
+        inter_terms = [torch.stack([torch.tanh(hi * hj) for hj in h]).sum(dim=0) for hi in h]
+    else:
+        raise ValueError(f"unknown inter-balancing {inter!r}")
+    return [i * e for i, e in zip(intra, inter_terms, strict=True)]
+
+
+def pcb_combine(base: torch.Tensor, tau: Sequence[torch.Tensor], scores: Sequence[torch.Tensor],
+                stats: Sequence[RowStats], weights: Sequence[float],
+                lambda_: float) -> torch.Tensor:
+    """θ₀ + λ · Σᵢ wᵢSᵢτ̃ᵢ / max(ΣᵢSᵢ, 1e-12), Sᵢ = minmax(max(Bᵢ, tᵢ)) over [tᵢ, max Bᵢ]."""
+    numerator = torch.zeros_like(base)
+    denominator = torch.zeros_like(base)
+    for t, b, s, w in zip(tau, scores, stats, weights, strict=True):
+        soft = minmax(b.clamp(min=s.drop_threshold), s.drop_threshold, s.score_max)
+        clipped = t.sign() * t.abs().clamp(s.clip_low, s.clip_high)
+        numerator += w * soft * clipped
+        denominator += soft
+    return base + lambda_ * numerator / denominator.clamp(min=1e-12)
+
+
+def _kth(values: torch.Tensor, k: int) -> float:
+    return float(torch.kthvalue(values.reshape(-1), k + 1).values)
+
+
+def pcb_tensor(base: torch.Tensor, models: Sequence[torch.Tensor], weights: Sequence[float],
+               densities: Sequence[float], *, clip: float = 0.01, inter: str = "consensus",
+               lambda_: float = 1.0) -> torch.Tensor:
+    """PCB with every statistic taken over this one tensor (`scope: tensor`)."""
+    tau = [m - base for m in models]
+    d = base.numel()
+    if d == 0:
+        return base.clone()
+    lo_k, hi_k = clip_indices(d, clip)
+    stats = []
+    for t in tau:
+        a = t.abs()
+        stats.append(RowStats(_kth(a, lo_k), _kth(a, hi_k), float(a.min()), float(a.max())))
+    scores = pcb_scores(tau, stats, inter)
+    stats = [RowStats(s.clip_low, s.clip_high, s.abs_min, s.abs_max,
+                      _kth(b, drop_index(d, r)), float(b.max()))
+             for s, b, r in zip(stats, scores, densities, strict=True)]
+    return pcb_combine(base, tau, scores, stats, weights, lambda_)
+
+
+class PcbGlobalStats(GlobalStats):
+    """Each task's clip bounds, |τ| range and score threshold over the whole model.
+
+    Passes: |τ| histograms (and min/max), |τ| refinement, score histograms (and max),
+    score refinement. With `clip: 0` the bounds are the min and max and the first
+    refinement pass is skipped.
+    """
+
+    def __init__(self, num_models: int, total: int, clip: float, inter: str,
+                 densities: Sequence[float]) -> None:
+        self.n = num_models
+        self.inter = inter
+        self.clip = clip
+        lo_k, hi_k = clip_indices(total, clip)
+        self._clip_select = [StreamingSelect([lo_k, hi_k]) for _ in range(num_models)]
+        self._score_select = [StreamingSelect([drop_index(total, r)]) for r in densities]
+        self._abs_min = [float("inf")] * num_models
+        self._abs_max = [float("-inf")] * num_models
+        self._score_max = [float("-inf")] * num_models
+        self.rows: list[RowStats] = []
+        steps = [("pcb: |τ| histograms", self._observe_abs, self._finish_abs)]
+        if clip > 0:
+            steps.append(("pcb: clip refinement", self._observe_abs_low, self._finish_clip))
+        steps += [("pcb: score histograms", self._observe_scores, self._finish_scores_high),
+                  ("pcb: score refinement", self._observe_scores_low, self._finish_scores)]
+        self._steps = steps
+        self.pass_names = tuple(s[0] for s in steps)
+
+    def observe(self, pass_index: int, inputs: TensorInputs) -> None:
+        assert inputs.base is not None
+        tau = [m - inputs.base for m in inputs.models]
+        self._steps[pass_index][1](tau)
+
+    def finish(self, pass_index: int) -> None:
+        self._steps[pass_index][2]()
+
+    def _observe_abs(self, tau: list[torch.Tensor]) -> None:
+        for i, t in enumerate(tau):
+            a = t.abs()
+            if a.numel():
+                self._abs_min[i] = min(self._abs_min[i], float(a.min()))
+                self._abs_max[i] = max(self._abs_max[i], float(a.max()))
+            if self.clip > 0:
+                self._clip_select[i].observe_high(a)
+
+    def _finish_abs(self) -> None:
+        if self.clip > 0:
+            for sel in self._clip_select:
+                sel.finish_high()
+        else:
+            self._finish_clip()
+
+    def _observe_abs_low(self, tau: list[torch.Tensor]) -> None:
+        for sel, t in zip(self._clip_select, tau, strict=True):
+            sel.observe_low(t.abs())
+
+    def _finish_clip(self) -> None:
+        self.rows = []
+        for i, sel in enumerate(self._clip_select):
+            if self.clip > 0:
+                sel.finish_low()
+                low, high = sel.values
+            else:
+                low, high = self._abs_min[i], self._abs_max[i]
+            self.rows.append(RowStats(low, high, self._abs_min[i], self._abs_max[i]))
+
+    def _observe_scores(self, tau: list[torch.Tensor]) -> None:
+        for i, (sel, b) in enumerate(zip(self._score_select, pcb_scores(tau, self.rows,
+                                                                        self.inter),
+                                         strict=True)):
+            if b.numel():
+                self._score_max[i] = max(self._score_max[i], float(b.max()))
+            sel.observe_high(b)
+
+    def _finish_scores_high(self) -> None:
+        for sel in self._score_select:
+            sel.finish_high()
+
+    def _observe_scores_low(self, tau: list[torch.Tensor]) -> None:
+        for sel, b in zip(self._score_select, pcb_scores(tau, self.rows, self.inter),
+                          strict=True):
+            sel.observe_low(b)
+
+    def _finish_scores(self) -> None:
+        rows = []
+        for row, sel, top in zip(self.rows, self._score_select, self._score_max, strict=True):
+            sel.finish_low()
+            rows.append(RowStats(row.clip_low, row.clip_high, row.abs_min, row.abs_max,
+                                 sel.values[0], top))
+        self.rows = rows
+
+
+class Pcb(MergeMethod):
+    name = "pcb"
+    summary = "PCB: parameter competition balancing (clip, intra/inter balance, drop, soft mean)"
+    params = (
+        WEIGHT,
+        ParamSpec("density", 0.1, "fraction of entries kept per task (paper: 0.05–0.1)",
+                  per_model=True),
+        LAMBDA,
+        ParamSpec("clip", 0.01, "outlier clip: |τ| clamped between ranks ⌊D·p⌋ and "
+                  "⌊D·(1−p)⌋−1 (0 disables)"),
+        ParamSpec("inter", "consensus", "inter-balancing", kind=str, choices=INTER),
+        ParamSpec("scope", "global", "statistics over the whole model or each tensor",
+                  kind=str, choices=SCOPE),
+    )
+
+    def global_stats(self, num_models: int, total_numel: int, params: Mapping[str, Any],
+                     model_params: Sequence[Mapping[str, Any]]) -> GlobalStats | None:
+        check_pcb_params(params, model_params)
+        if params["scope"] != "global":
+            return None
+        return PcbGlobalStats(num_models, total_numel, params["clip"], params["inter"],
+                              [p["density"] for p in model_params])
+
+    def merge(self, inputs: TensorInputs) -> torch.Tensor:
+        assert inputs.base is not None
+        base = inputs.base.float()
+        models = [m.float() for m in inputs.models]
+        weights = [p["weight"] for p in inputs.model_params]
+        params = inputs.params
+        if params["scope"] == "tensor":
+            return pcb_tensor(base, models, weights,
+                              [p["density"] for p in inputs.model_params],
+                              clip=params["clip"], inter=params["inter"],
+                              lambda_=params["lambda"])
+        stats = inputs.stats
+        assert isinstance(stats, PcbGlobalStats)
+        tau = [m - base for m in models]
+        scores = pcb_scores(tau, stats.rows, params["inter"])
+        return pcb_combine(base, tau, scores, stats.rows, weights, params["lambda"])
+
+
+def check_pcb_params(params: Mapping[str, Any], model_params: Sequence[Mapping[str, Any]]
+                     ) -> None:
+    if not 0 <= params["clip"] < 0.5:
+        raise RecipeError(f"parameters.clip: must be in [0, 0.5), got {params['clip']}")
+    for i, p in enumerate(model_params):
+        if not 0 < p["density"] <= 1:
+            raise RecipeError(f"models[{i}].parameters.density: must be in (0, 1], "
+                              f"got {p['density']}")

@@ -1,0 +1,89 @@
+"""Exact order statistics of a stream of float32 values in constant memory.
+
+A global quantile over a whole model (the PCB and TIES papers flatten every model into one
+vector and sort it) is found here in two streaming passes: a 65,536-bin histogram over the
+top 16 bits of each value's order-preserving bit pattern, then a 65,536-bin histogram over
+the low 16 bits of the values inside the one bin that holds the k-th value. The result is
+the exact k-th smallest value, as a full sort would give, with memory independent of the
+number of values.
+"""
+
+from __future__ import annotations
+
+import torch
+
+BINS = 1 << 16
+_LOW = BINS - 1
+_SIGN = 1 << 31
+_ALL = (1 << 32) - 1
+
+
+def float_keys(values: torch.Tensor) -> torch.Tensor:
+    """Order-preserving uint32 keys (held in int64) of float32 values; -0.0 counts as +0.0."""
+    v = values.detach().reshape(-1).to(torch.float32) + 0.0  # -0.0 + 0.0 == +0.0
+    bits = v.view(torch.int32).to(torch.int64) & _ALL
+    negative = (bits & _SIGN) != 0
+    return torch.where(negative, _ALL - bits, bits | _SIGN)
+
+
+def key_to_float(key: int) -> float:
+    bits = key - _SIGN if key & _SIGN else _ALL - key
+    as_int32 = bits - (1 << 32) if bits >= _SIGN else bits
+    return torch.tensor([as_int32], dtype=torch.int32).view(torch.float32).item()
+
+
+class StreamingSelect:
+    """The exact k-th smallest (0-based) values of a stream, for several k at once.
+
+    Call `observe_high` on every chunk, `finish_high`, `observe_low` on every chunk (same
+    values, any order), then `finish_low`; `values[j]` is the ks[j]-th smallest value and
+    `counts_below[j]` / `counts_equal[j]` how many stream values are below / equal to it.
+    """
+
+    def __init__(self, ks: list[int]) -> None:
+        self.ks = ks
+        self.total = 0
+        self._hist_high = torch.zeros(BINS, dtype=torch.int64)
+        self._bins: list[int] = []
+        self._ranks: list[int] = []
+        self._below_bin: list[int] = []
+        self._hist_low: dict[int, torch.Tensor] = {}
+        self.values: list[float] = []
+        self.counts_below: list[int] = []
+        self.counts_equal: list[int] = []
+
+    def observe_high(self, values: torch.Tensor) -> None:
+        keys = float_keys(values)
+        self.total += keys.numel()
+        self._hist_high += torch.bincount(keys >> 16, minlength=BINS).cpu()
+
+    def finish_high(self) -> None:
+        for k in self.ks:
+            if not 0 <= k < self.total:
+                raise ValueError(f"order statistic {k} out of range for {self.total} values")
+        cum = self._hist_high.cumsum(0)
+        for k in self.ks:
+            b = int(torch.searchsorted(cum, torch.tensor(k), right=True))
+            below = int(cum[b - 1]) if b > 0 else 0
+            self._bins.append(b)
+            self._below_bin.append(below)
+            self._ranks.append(k - below)
+            self._hist_low.setdefault(b, torch.zeros(BINS, dtype=torch.int64))
+
+    def observe_low(self, values: torch.Tensor) -> None:
+        keys = float_keys(values)
+        high = keys >> 16
+        for b, hist in self._hist_low.items():
+            inside = keys[high == b] & _LOW
+            if inside.numel():
+                hist += torch.bincount(inside, minlength=BINS).cpu()
+
+    def finish_low(self) -> None:
+        for b, rank, below in zip(self._bins, self._ranks, self._below_bin, strict=True):
+            hist = self._hist_low[b]
+            cum = hist.cumsum(0)
+            low = int(torch.searchsorted(cum, torch.tensor(rank), right=True))
+            self.values.append(key_to_float((b << 16) | low))
+            self.counts_below.append(below + (int(cum[low - 1]) if low > 0 else 0))
+            self.counts_equal.append(int(hist[low]))
+        self._hist_low.clear()
