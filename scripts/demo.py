@@ -41,7 +41,6 @@ import numpy as np
 import torch
 import yaml
 from safetensors.torch import load_file, save_file
-from sklearn.datasets import load_digits
 from torch import nn
 
 TASKS: tuple[str, ...] = ("orig", "flip", "transpose", "rot90")
@@ -110,6 +109,8 @@ def split_indices(n: int, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray
 
 def make_tasks(seed: int) -> dict[str, TaskData]:
     """Build every task from ``load_digits``; all tasks share one image split."""
+    from sklearn.datasets import load_digits  # imported here: the tests need no sklearn
+
     digits = load_digits()
     images = digits.images.astype(np.float32)
     labels = torch.as_tensor(digits.target, dtype=torch.long)
@@ -241,9 +242,9 @@ def load_state(path: Path) -> dict[str, torch.Tensor]:
 
 def load_model(path: Path) -> MLP:
     """Load a checkpoint directory into an :class:`MLP`, casting to the model's dtypes."""
-    model = MLP()
-    reference = model.state_dict()
     state = load_state(path)
+    model = MLP(hidden=state["fc1.weight"].shape[0])
+    reference = model.state_dict()
     model.load_state_dict({k: state[k].to(reference[k].dtype) for k in reference})
     return model.eval()
 
@@ -260,6 +261,7 @@ def cli_env() -> dict[str, str]:
     """Environment for CLI subprocesses; makes the repository's package importable."""
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
+    env.setdefault("OMP_NUM_THREADS", "1")  # tiny tensors: threads only add start-up cost
     return env
 
 
@@ -396,7 +398,8 @@ def merge_all(workdir: Path) -> dict[str, MLP]:
     for method in METHODS:
         recipe = recipe_file(method)
         if recipe is None or method not in listed:
-            print(f"skipping {method}: no recipe or method not available")
+            why = "no recipe in recipes/" if recipe is None else "`pcbmerge methods` lacks it"
+            print(f"skipping {method}: {why}")
             continue
         out = workdir / "merged" / method
         run_merge(recipe_for_workdir(recipe, workdir), out)
@@ -407,7 +410,7 @@ def merge_all(workdir: Path) -> dict[str, MLP]:
 def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     args = parse_args(argv)
-    torch.set_num_threads(min(2, os.cpu_count() or 1))
+    torch.set_num_threads(1)  # the model is tiny: extra threads only add overhead
     seed_everything(args.seed)
 
     tasks = make_tasks(args.seed)

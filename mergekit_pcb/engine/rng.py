@@ -8,7 +8,8 @@ import torch
 
 
 def tensor_generator(seed: int, tensor_name: str, model_key: str) -> torch.Generator:
-    """A CPU generator keyed by (seed, tensor name, model): same draw in any tensor order."""
+    """A CPU generator keyed by (seed, tensor name, model position): the same draw in any
+    tensor order and wherever the checkpoints live."""
     digest = hashlib.sha256(f"{seed}\0{tensor_name}\0{model_key}".encode()).digest()
     g = torch.Generator(device="cpu")
     g.manual_seed(int.from_bytes(digest[:8], "little") & ((1 << 63) - 1))

@@ -65,7 +65,9 @@ def _method_inputs(plan: MergePlan, task: TensorTask, values: dict[str, torch.Te
     assert route.method is not None
     generators = None
     if route.method.uses_rng:
-        generators = [tensor_generator(plan.seed, task.name, k) for k in route.inputs]
+        # Keyed by the model's position, not its path: moving checkpoints changes nothing.
+        generators = [tensor_generator(plan.seed, task.name, str(i))
+                      for i in range(len(route.inputs))]
     return TensorInputs(
         name=task.name,
         base=values.get(plan.base_key) if plan.base_key else None,
