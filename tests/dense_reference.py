@@ -7,7 +7,10 @@ semantics, in plain Python loops over flattened float64 lists. It never calls
 Conventions (mergekit's generalized task arithmetic):
 - τᵢ = θᵢ − θ₀, computed in the inputs' dtype (as the package does), then widened to float64.
 - trim (TIES): keep the ⌊density·numel⌋ entries of largest |τ| per tensor; equal magnitudes
-  are taken in flattened index order; density ≥ 1 keeps everything.
+  are taken in flattened index order; density ≥ 1 keeps everything, density ≤ 0 nothing.
+  Where ⌊density·numel⌋ = 0 < density, one entry is kept (mergekit refuses such a trim
+  outright; the package documents keeping one, which agrees with mergekit wherever mergekit
+  runs). With `scope: global` the same selection runs over each task's concatenated tensors.
 - weights multiply the (trimmed / dropped) task vectors before the sign election;
   γ = sign(Σ wᵢτᵢ) with a zero sum electing +1; an entry agrees when wᵢτᵢ ≠ 0 and its sign
   is γ; the merge sums agreeing wᵢτᵢ and, with `normalize`, divides by the sum of the
@@ -46,7 +49,7 @@ def ref_trim(tau: list[float], density: float) -> list[float]:
     n = len(tau)
     if density >= 1.0:
         return list(tau)
-    k = math.floor(density * n)
+    k = 0 if density <= 0 else max(1, math.floor(density * n))
     order = sorted(range(n), key=lambda i: (-abs(tau[i]), i))
     keep = set(order[:k])
     return [tau[i] if i in keep else 0.0 for i in range(n)]
@@ -119,3 +122,27 @@ def ref_dare(base: torch.Tensor, models: Sequence[torch.Tensor], weights: Sequen
         taus.append([v * scale if k else 0.0 for v, k in zip(tau, keep, strict=True)])
     return _out(_combine(_flat(base), taus, weights, lambda_, normalize, sign_consensus),
                 base.shape)
+
+
+def ref_ties_global(bases: dict[str, torch.Tensor], models: Sequence[dict[str, torch.Tensor]],
+                    weights: Sequence[float], densities: Sequence[float], lambda_: float = 1.0,
+                    normalize: bool = True) -> dict[str, torch.Tensor]:
+    """TIES with `scope: global`: each task's trim over all its tensors at once."""
+    names = list(bases)
+    sizes = [bases[n].numel() for n in names]
+    trimmed_tasks = []
+    for model, d in zip(models, densities, strict=True):
+        concat: list[float] = []
+        for n in names:
+            concat += _flat(model[n] - bases[n])
+        trimmed = ref_trim(concat, d)
+        parts, start = {}, 0
+        for n, size in zip(names, sizes, strict=True):
+            parts[n] = trimmed[start:start + size]
+            start += size
+        trimmed_tasks.append(parts)
+    return {
+        n: _out(_combine(_flat(bases[n]), [t[n] for t in trimmed_tasks], weights, lambda_,
+                         normalize, consensus=True), bases[n].shape)
+        for n in names
+    }

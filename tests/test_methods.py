@@ -16,7 +16,14 @@ import sys
 
 import pytest
 import torch
-from dense_reference import ref_dare, ref_linear, ref_task_arithmetic, ref_ties, ref_trim
+from dense_reference import (
+    ref_dare,
+    ref_linear,
+    ref_task_arithmetic,
+    ref_ties,
+    ref_ties_global,
+    ref_trim,
+)
 
 from mergekit_pcb.engine.rng import tensor_generator
 from mergekit_pcb.errors import RecipeError
@@ -124,6 +131,44 @@ def test_ties_matches_reference_with_zero_and_tied_task_vectors(dtype, shape):
         assert_matches(out, ref, [base, *models], dtype)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("normalize", [True, False])
+def test_ties_global_scope_matches_reference(dtype, normalize):
+    # Tensors of very different task-vector scales, so that a global trim keeps far more of
+    # "a" than a per-tensor trim would; the engine's statistics passes are driven by hand,
+    # visiting the tensors in a different order in each pass.
+    shapes = {"a": (6, 5), "b": (7,), "c": (), "d": (2, 3, 4)}
+    scales = {"a": 3.0, "b": 0.05, "c": 1.0, "d": 0.5}
+    g = torch.Generator().manual_seed(21)
+    bases = {n: torch.randn(s, generator=g, dtype=torch.float64) for n, s in shapes.items()}
+    models = [{n: (bases[n] + scales[n] * torch.randn(shapes[n], generator=g,
+                                                      dtype=torch.float64)).to(dtype)
+               for n in shapes} for _ in range(3)]
+    bases = {n: b.to(dtype) for n, b in bases.items()}
+    w, d = [1.0, -0.4, 0.7], [0.3, 0.1, 0.55]
+    pm = [{"weight": wi, "density": di} for wi, di in zip(w, d, strict=True)]
+    top = dict(_defaults(Ties)[1], **{"lambda": 1.3, "normalize": normalize, "scope": "global"})
+    method = Ties()
+    total = sum(b.numel() for b in bases.values())
+    stats = method.global_stats(3, total, top, pm)
+    assert stats is not None
+    orders = [list(shapes), list(reversed(shapes))]
+    for p in range(len(stats.pass_names)):
+        for name in orders[p % 2]:
+            stats.observe(p, TensorInputs(name, bases[name], [m[name] for m in models], pm, top))
+        stats.finish(p)
+    ref = ref_ties_global(bases, models, w, d, 1.3, normalize)
+    differs_from_tensor_scope = False
+    for name in shapes:
+        inputs = TensorInputs(name, bases[name], [m[name] for m in models], pm, top,
+                              stats=stats)
+        out = method.merge(inputs)
+        assert_matches(out, ref[name], [bases[name], *inputs.models], dtype)
+        per_tensor = ties_merge(bases[name], inputs.models, w, d, 1.3, normalize)
+        differs_from_tensor_scope |= not torch.equal(out, per_tensor)
+    assert differs_from_tensor_scope
+
+
 def _masks_of(seed, name, shape, densities):
     """The keep-masks DARE draws for (seed, name, model i), read off by dropping a tensor of
     ones (rescale off): 1 where kept, 0 where dropped."""
@@ -214,6 +259,18 @@ def test_ties_hand_computed_edge_rules():
     assert torch.equal(out, torch.tensor([1.0, -1.0, 0.0, 0.0]))
 
 
+def test_trim_keeps_at_least_one_entry_unless_density_zero():
+    # ⌊0.2·3⌋ = 0, but 0 < density: the largest |τ| survives (the package's documented rule;
+    # mergekit refuses this trim). density 0 keeps nothing; a 0-d tensor keeps its value.
+    t = torch.tensor([0.3, -2.0, 1.0])
+    assert magnitude_trim(t, 0.2).tolist() == [0.0, -2.0, 0.0]
+    assert magnitude_trim(t, 0.0).tolist() == [0.0, 0.0, 0.0]
+    assert magnitude_trim(torch.tensor(5.0), 0.5).item() == 5.0
+    # In TIES: θ₀ = [1, 1, 1], one model τ = t, λ = 2 -> [1, 1 − 4, 1]
+    out = ties_merge(torch.ones(3), [torch.ones(3) + t], [1.0], [0.2], lambda_=2.0)
+    assert out.tolist() == [1.0, -3.0, 1.0]
+
+
 def test_linear_hand_computed():
     a, b = torch.tensor([1.0, 2.0]), torch.tensor([3.0, -4.0])
     # Σwθ = 1·[1, 2] + 3·[3, −4] = [10, −10]; / Σw = 4 -> [2.5, −2.5]
@@ -231,6 +288,12 @@ def test_task_arithmetic_hand_computed():
     # normalize: / Σw = 2.5 -> [0.2, 1.4]; λ -> [0.1, 0.7]; + 1 -> [1.1, 1.7]
     out = task_arithmetic_merge(base, [m1, m2], [0.5, 2.0], lambda_=0.5, normalize=True)
     torch.testing.assert_close(out, torch.tensor([1.1, 1.7], dtype=torch.float64))
+    # normalize with Σw = 0 divides by 1 (mergekit): w = [1, −1] -> τ1 − τ2 = [1, −3]
+    out = task_arithmetic_merge(base, [m1, m2], [1.0, -1.0], lambda_=0.5, normalize=True)
+    assert torch.equal(out, torch.tensor([1.5, -0.5], dtype=torch.float64))
+    out = dare_merge(base, [m1, m2], [1.0, -1.0], [1.0, 1.0], _gens(0, "x", 2),
+                     sign_consensus=False, lambda_=0.5, normalize=True)
+    assert torch.equal(out, torch.tensor([1.5, -0.5], dtype=torch.float64))
 
 
 def test_dare_density_zero_returns_base_without_nan():
@@ -327,7 +390,7 @@ def test_magnitude_trim_keeps_exactly_floor_density_n_with_ties(density):
     mags = torch.randint(1, 4, (n,), generator=g).double()
     delta = torch.where(torch.rand(n, generator=g) < 0.5, -mags, mags)
     out = magnitude_trim(delta, density)
-    k = n if density >= 1 else math.floor(density * n)
+    k = n if density >= 1 else 0 if density <= 0 else math.floor(density * n)
     assert int((out != 0).sum()) == k
     kept = out != 0
     if 0 < k < n:
@@ -443,7 +506,7 @@ def _defaults(cls):
 
 
 def test_registry_names_and_mergekit_defaults():
-    assert set(REGISTRY) == {"linear", "task_arithmetic", "ties", "dare_linear", "dare_ties"}
+    assert {"linear", "task_arithmetic", "ties", "dare_linear", "dare_ties"} <= set(REGISTRY)
     for name, cls in REGISTRY.items():
         assert cls.name == name
         assert isinstance(get_method(name), cls)
@@ -454,7 +517,7 @@ def test_registry_names_and_mergekit_defaults():
     expect = {
         "linear": {"normalize": True},
         "task_arithmetic": {"normalize": False, "lambda": 1.0},
-        "ties": {"normalize": True, "lambda": 1.0},
+        "ties": {"normalize": True, "lambda": 1.0, "scope": "tensor"},
         "dare_linear": {"normalize": False, "rescale": True, "lambda": 1.0},
         "dare_ties": {"normalize": False, "rescale": True, "lambda": 1.0},
     }

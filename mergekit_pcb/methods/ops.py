@@ -38,7 +38,10 @@ def magnitude_trim(delta: torch.Tensor, density: float) -> torch.Tensor:
     if density <= 0.0 or delta.numel() == 0:
         return torch.zeros_like(delta)
     k = max(1, int(density * delta.numel()))
-    mask = topk_mask(delta.abs().float(), k)
+    magnitude = delta.abs()
+    if magnitude.dtype in (torch.float16, torch.bfloat16):
+        magnitude = magnitude.float()  # exact upcast; float64 stays float64 (no rank changes)
+    mask = topk_mask(magnitude, k)
     return delta * mask.to(delta.dtype)
 
 
