@@ -94,8 +94,13 @@ def run(
 ) -> None:
     """Run a merge recipe and write the merged model to OUTPUT."""
     from mergekit_pcb.engine import plan_recipe_file, run_plan
+    from mergekit_pcb.evolve.cli import EVOLUTION_METHODS, run_evolution_recipe
     from mergekit_pcb.io.writer import check_destination, parse_size
+    from mergekit_pcb.recipe.schema import read_merge_method
 
+    if read_merge_method(recipe) in EVOLUTION_METHODS:
+        run_evolution_recipe(recipe, output, force=force, seed=seed, quiet=quiet or json_out)
+        return
     size = parse_size(shard_size)
     _setup_torch(device, threads)
     check_destination(output.resolve(), force=force)
@@ -233,6 +238,11 @@ def inspect(
 def version() -> None:
     """Print the version."""
     print(__version__)
+
+
+from mergekit_pcb.evolve.cli import register as _register_evolution  # noqa: E402
+
+_register_evolution(app)
 
 
 def main() -> None:

@@ -123,16 +123,26 @@ def _is_branch(part: int | str) -> bool:
     return isinstance(part, str) and ("[" in part or part.startswith("function-"))
 
 
-def load_recipe(path: str | Path) -> MergeRecipe:
-    p = Path(path)
+def _read_yaml(p: Path) -> Any:
     try:
         text = p.read_text()
     except OSError as e:
         raise RecipeError(f"cannot read recipe {p}: {e.strerror or e}") from None
     try:
-        data = yaml.safe_load(text)
+        return yaml.safe_load(text)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark is not None else ""
         raise RecipeError(f"{p}:{where} not valid YAML ({getattr(e, 'problem', e)})") from None
-    return parse_recipe(data, str(p))
+
+
+def read_merge_method(path: str | Path) -> str | None:
+    """The recipe's `merge_method`, read before choosing which schema validates it."""
+    data = _read_yaml(Path(path))
+    method = data.get("merge_method") if isinstance(data, dict) else None
+    return method if isinstance(method, str) else None
+
+
+def load_recipe(path: str | Path) -> MergeRecipe:
+    p = Path(path)
+    return parse_recipe(_read_yaml(p), str(p))

@@ -1,0 +1,264 @@
+"""Evolution recipes: the YAML schema (pydantic, extra keys forbidden) and its checks.
+
+An evolution recipe shares mergekit's top-level keys (`merge_method`, `base_model`,
+`models`, `parameters`, `dtype`, `tokenizer_source`, `seed`, `name`) and adds `merge:`
+(the inner merge, any registered method) and `fitness:` (what is measured, on which data).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal, Union
+
+import yaml
+from pydantic import Field, ValidationError
+
+from mergekit_pcb.errors import RecipeError
+from mergekit_pcb.evolve.schedule import Schedule, make_schedule
+from mergekit_pcb.methods import REGISTRY
+from mergekit_pcb.recipe.params import check_parameter_keys
+from mergekit_pcb.recipe.schema import (
+    DTypeName,
+    ModelEntry,
+    ParameterValue,
+    StrictModel,
+    format_loc,
+)
+
+Number = Union[float, int]  # noqa: UP007 - pydantic needs the runtime union
+ScheduleSetting = Union[Number, dict[str, Any]]  # noqa: UP007
+
+FITNESS_TYPES = ("callable", "torch", "hf-classification", "causal-lm")
+# The metrics each fitness type offers; the first is the default.
+METRICS: dict[str, tuple[str, ...]] = {
+    "callable": ("value",),
+    "torch": ("accuracy", "loss"),
+    "hf-classification": ("accuracy", "macro_f1", "loss"),
+    "causal-lm": ("loss", "perplexity"),
+}
+LOWER_IS_BETTER = {"loss", "perplexity"}
+
+
+class InnerMerge(StrictModel):
+    merge_method: str
+    parameters: dict[str, ParameterValue] = Field(default_factory=dict)
+
+
+class FitnessSpec(StrictModel):
+    """What a candidate is scored by; `select` is what the search sees, `report` is not."""
+
+    type: Literal["callable", "torch", "hf-classification", "causal-lm"]
+    select: str | None = None
+    report: str | None = None
+    metric: str | None = None
+    minimize: bool = False
+    function: str | None = None  # callable: package.module:function
+    arch: str | None = None  # torch: package.module:factory
+    arch_kwargs: dict[str, Any] = Field(default_factory=dict)
+    reset: str | None = None  # torch: package.module:function, called before each batch
+    model: str | None = None  # hf types: config/tokenizer source (default: base or first model)
+    batch_size: int = Field(64, ge=1)
+    max_length: int = Field(128, ge=1)
+    limit: int | None = Field(None, ge=1)  # score on the first N examples only
+    text_field: str = "text"
+    label_field: str = "label"
+    inputs_key: str = "inputs"
+    labels_key: str = "labels"
+
+    @property
+    def metric_name(self) -> str:
+        return self.metric or METRICS[self.type][0]
+
+    @property
+    def maximize(self) -> bool:
+        if self.type == "callable":
+            return not self.minimize
+        return self.metric_name not in LOWER_IS_BETTER
+
+
+class EvolverParameters(StrictModel):
+    generations: int = Field(15, ge=0)
+    pop: int | None = Field(None, ge=2)
+    F: ScheduleSetting = 0.5
+    CR: ScheduleSetting = 0.5
+    mode: Literal["merged", "standalone"] = "merged"
+    mutation: Literal["current-to-rand", "rand-1"] = "current-to-rand"
+
+
+class EvolutionRecipe(StrictModel):
+    merge_method: str
+    base_model: str | None = None
+    models: list[ModelEntry] = Field(default_factory=list)
+    parameters: EvolverParameters = Field(default_factory=EvolverParameters)
+    merge: InnerMerge | None = None
+    fitness: FitnessSpec
+    dtype: DTypeName | None = None
+    tokenizer_source: str | None = None
+    seed: int | None = None
+    name: str | None = None
+
+    def population_refs(self) -> list[str]:
+        """The input models the population starts from (the base is never a member)."""
+        return [m.model for m in self.models if m.model != self.base_model]
+
+
+def first_error(e: ValidationError) -> str:
+    """One line naming the recipe key at fault (the most specific of pydantic's errors)."""
+    def depth(err: Any) -> int:
+        return len([p for p in err["loc"] if not (isinstance(p, str) and "[" in p)])
+
+    err = max(e.errors(), key=depth)
+    where = format_loc(tuple(err["loc"]))
+    if err["type"] == "extra_forbidden":
+        return f"unknown key '{where}'"
+    if err["type"] == "missing":
+        return f"missing required key '{where}'"
+    return f"'{where}': {err['msg']}"
+
+
+def read_yaml(path: Path, what: str = "recipe") -> Any:
+    try:
+        text = path.read_text()
+    except OSError as e:
+        raise RecipeError(f"cannot read {what} {path}: {e.strerror or e}") from None
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark is not None else ""
+        raise RecipeError(f"{path}:{where} not valid YAML ({getattr(e, 'problem', e)})") from None
+
+
+def parse_evolution_recipe(data: Any, source: str) -> EvolutionRecipe:
+    if not isinstance(data, dict):
+        raise RecipeError(f"{source}: a recipe is a YAML mapping of keys to values")
+    try:
+        recipe = EvolutionRecipe.model_validate(data)
+    except ValidationError as e:
+        raise RecipeError(f"{source}: {first_error(e)}") from None
+    check_recipe(recipe, source)
+    return recipe
+
+
+def parse_fitness(data: Any, source: str, prefix: str = "") -> FitnessSpec:
+    if not isinstance(data, dict):
+        raise RecipeError(f"{source}: {prefix or 'fitness'} must be a mapping")
+    try:
+        spec = FitnessSpec.model_validate(data)
+    except ValidationError as e:
+        raise RecipeError(f"{source}: {first_error(e)}") from None
+    check_fitness(spec, source, prefix)
+    return spec
+
+
+def load_evolution_recipe(path: Path) -> tuple[EvolutionRecipe, str]:
+    data = read_yaml(path)
+    recipe = parse_evolution_recipe(data, str(path))
+    return recipe, path.read_text()
+
+
+def check_recipe(recipe: EvolutionRecipe, source: str) -> None:
+    if recipe.merge_method != "evolver":
+        raise RecipeError(f"{source}: merge_method: '{recipe.merge_method}' is not an evolution "
+                          "method (known: evolver)")
+    refs = recipe.population_refs()
+    if len(refs) < 2:
+        raise RecipeError(f"{source}: models: evolver needs at least two models besides the base")
+    for i, m in enumerate(recipe.models):
+        if m.parameters:
+            key = next(iter(m.parameters))
+            raise RecipeError(f"{source}: models[{i}].parameters.{key}: evolver members take no "
+                              "parameters; put the inner merge's under merge.parameters")
+    params = recipe.parameters
+    if params.mode == "merged" and recipe.merge is None:
+        raise RecipeError(f"{source}: merge: required by parameters.mode 'merged' (the inner "
+                          "merge of the population, e.g. merge_method: ties)")
+    if recipe.merge is not None:
+        cls = REGISTRY.get(recipe.merge.merge_method)
+        if cls is None:
+            known = ", ".join(sorted(REGISTRY))
+            raise RecipeError(f"{source}: merge.merge_method: unknown method "
+                              f"'{recipe.merge.merge_method}' (known: {known})")
+        try:
+            check_parameter_keys(cls, recipe.merge.parameters, [], prefix="merge.")
+        except RecipeError as e:
+            raise RecipeError(f"{source}: {e}") from None
+        if cls.requires_base and recipe.base_model is None:
+            raise RecipeError(f"{source}: base_model: required by the inner merge "
+                              f"{cls.name} (merge.merge_method)")
+    make_schedule(params.F, f"{source}: parameters.F")
+    make_schedule(params.CR, f"{source}: parameters.CR", high=1.0)
+    check_fitness(recipe.fitness, source, "fitness")
+
+
+def check_fitness(spec: FitnessSpec, source: str, prefix: str) -> None:
+    p = f"{prefix}." if prefix else ""
+    metrics = METRICS[spec.type]
+    if spec.type != "callable" and spec.metric is not None and spec.metric not in metrics:
+        raise RecipeError(f"{source}: {p}metric: '{spec.metric}' is not a metric of type "
+                          f"{spec.type} (known: {', '.join(metrics)})")
+    if spec.minimize and spec.type != "callable":
+        raise RecipeError(f"{source}: {p}minimize: only for type callable (the metric "
+                          f"'{spec.metric_name}' knows its direction)")
+    required = {"callable": "function", "torch": "arch"}.get(spec.type)
+    if required and getattr(spec, required) is None:
+        raise RecipeError(f"{source}: {p}{required}: required by fitness type {spec.type}")
+    if spec.type != "callable" and spec.select is None:
+        raise RecipeError(f"{source}: {p}select: required (the data the search selects on)")
+    for key in ("function", "arch", "reset"):
+        value = getattr(spec, key)
+        if value is not None and (":" not in value or value.startswith(":")
+                                  or value.endswith(":")):
+            raise RecipeError(f"{source}: {p}{key}: '{value}' is not package.module:attribute")
+
+
+@dataclass(frozen=True)
+class Settings:
+    """The effective run settings: recipe values with the command line's overrides."""
+
+    pop: int
+    generations: int
+    seed: int
+    mode: str
+    mutation: str
+    F: Schedule
+    CR: Schedule
+
+    def identity(self) -> dict[str, Any]:
+        """What a resumed run must agree on (generations may grow: the run goes on)."""
+        return {"pop": self.pop, "seed": self.seed, "mode": self.mode,
+                "mutation": self.mutation, "F": repr(self.F), "CR": repr(self.CR)}
+
+
+def make_settings(recipe: EvolutionRecipe, *, pop: int | None = None,
+                  generations: int | None = None, seed: int | None = None) -> Settings:
+    params = recipe.parameters
+    n = len(recipe.population_refs())
+    size = pop if pop is not None else (params.pop if params.pop is not None else n)
+    where = "--pop" if pop is not None else "parameters.pop"
+    if size < n:
+        raise RecipeError(f"{where}: {size} is smaller than the {n} input models")
+    if params.mutation == "rand-1" and size < 4:
+        raise RecipeError(f"{where}: mutation rand-1 needs a population of at least 4")
+    gens = generations if generations is not None else params.generations
+    if gens < 0:
+        raise RecipeError(f"--generations must be at least 0, got {gens}")
+    return Settings(
+        pop=size, generations=gens,
+        seed=seed if seed is not None else (recipe.seed if recipe.seed is not None else 0),
+        mode=params.mode, mutation=params.mutation,
+        F=make_schedule(params.F, "parameters.F"),
+        CR=make_schedule(params.CR, "parameters.CR", high=1.0),
+    )
+
+
+def fingerprint(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+__all__ = ["FITNESS_TYPES", "METRICS", "EvolutionRecipe", "FitnessSpec", "InnerMerge",
+           "Settings", "load_evolution_recipe", "make_settings", "parse_evolution_recipe",
+           "parse_fitness"]

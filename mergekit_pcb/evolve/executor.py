@@ -1,0 +1,76 @@
+"""Where candidates are scored: an `Executor` maps a picklable function over picklable jobs.
+
+Two implementations: in this process (`SerialExecutor`) and in K processes
+(`ProcessExecutor`, started with the "spawn" context so that workers share no torch or
+RNG state with the parent). Both set the same torch thread count around each job, which is
+what makes a score bit-identical whichever process computes it. A cluster executor (Ray)
+only needs `map` and `close`.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+from collections.abc import Callable, Sequence
+from typing import Any, Protocol, TypeVar
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+
+class Executor(Protocol):
+    workers: int
+
+    def map(self, fn: Callable[[T], R], items: Sequence[T]) -> list[R]:
+        """fn over items, results in the order of items."""
+        ...
+
+    def close(self) -> None: ...
+
+
+class SerialExecutor:
+    def __init__(self, threads: int | None = 1) -> None:
+        self.workers = 1
+        self.threads = threads
+
+    def map(self, fn: Callable[[T], R], items: Sequence[T]) -> list[R]:
+        from mergekit_pcb.evolve.fitness import torch_threads
+
+        with torch_threads(self.threads):
+            return [fn(item) for item in items]
+
+    def close(self) -> None:
+        pass
+
+
+def _init_worker(threads: int | None) -> None:
+    import torch
+
+    torch.set_num_threads(threads or 1)
+
+
+class ProcessExecutor:
+    def __init__(self, workers: int, threads: int | None = 1,
+                 context: str = "spawn") -> None:
+        self.workers = workers
+        ctx = multiprocessing.get_context(context)
+        self._pool: Any = ctx.Pool(workers, initializer=_init_worker, initargs=(threads,))
+
+    def map(self, fn: Callable[[T], R], items: Sequence[T]) -> list[R]:
+        return list(self._pool.map(fn, items, chunksize=1))
+
+    def close(self) -> None:
+        self._pool.close()
+        self._pool.join()
+
+    def terminate(self) -> None:
+        self._pool.terminate()
+        self._pool.join()
+
+
+def make_executor(workers: int, threads: int | None = 1) -> Executor:
+    if workers <= 1:
+        return SerialExecutor(threads)
+    return ProcessExecutor(workers, threads)
+
+
+__all__ = ["Executor", "ProcessExecutor", "SerialExecutor", "make_executor"]

@@ -1,0 +1,398 @@
+"""Fitness: a candidate's state dict -> one float, on the `select` or `report` data.
+
+Four kinds, chosen by `fitness.type`:
+- `callable`: `package.module:function(state_dict[, data_path]) -> float`;
+- `torch`: a module from `arch: package.module:factory`, a tensor dataset (`.safetensors`
+  or `.npz` holding inputs and labels), accuracy or mean cross-entropy;
+- `hf-classification`: a Hugging Face sequence classifier on CSV/JSONL text and labels,
+  accuracy, macro-F1 or mean cross-entropy;
+- `causal-lm`: mean token cross-entropy or perplexity on a text or JSONL file.
+Every evaluator walks its data in a fixed order and fixed batches, so a trial and its
+parent are always scored on the same batches, and the same state gives the same float.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import importlib
+import json
+import math
+import sys
+from collections.abc import Callable, Iterator, Mapping
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+
+from mergekit_pcb.errors import RecipeError, UserError
+from mergekit_pcb.evolve.config import FitnessSpec
+
+State = Mapping[str, torch.Tensor]
+SPLITS = ("select", "report")
+
+
+class Evaluator(Protocol):
+    metric: str
+    maximize: bool
+
+    def score(self, state: State, split: str) -> float:
+        """The metric of `state` on the split's data."""
+        ...
+
+
+def better(a: float, b: float, maximize: bool) -> bool:
+    """Strictly better; NaN is never better than anything."""
+    if math.isnan(a):
+        return False
+    if math.isnan(b):
+        return True
+    return a > b if maximize else a < b
+
+
+def resolve_file(ref: str, root: Path, key: str) -> Path:
+    """A data path: absolute, else relative to the recipe's directory, else to the cwd."""
+    p = Path(ref).expanduser()
+    candidates = [p] if p.is_absolute() else [root / p, Path.cwd() / p]
+    for c in candidates:
+        if c.is_file():
+            return c
+    raise UserError(f"{key}: data file not found: {ref} (looked in "
+                    f"{', '.join(str(c.parent) for c in candidates)})")
+
+
+def load_object(ref: str, root: Path, key: str) -> Any:
+    """`package.module:attr`, with the recipe's directory importable."""
+    module_name, _, attr = ref.partition(":")
+    for entry in (str(root), str(Path.cwd())):
+        if entry not in sys.path:
+            sys.path.insert(0, entry)
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as e:
+        raise RecipeError(f"{key}: cannot import module '{module_name}' ({e})") from None
+    obj: Any = module
+    for part in attr.split("."):
+        if not hasattr(obj, part):
+            raise RecipeError(f"{key}: module '{module_name}' has no attribute '{attr}'")
+        obj = getattr(obj, part)
+    if not callable(obj):
+        raise RecipeError(f"{key}: '{ref}' is not callable")
+    return obj
+
+
+def _check_split(spec: FitnessSpec, split: str) -> str:
+    if split not in SPLITS:
+        raise ValueError(split)
+    ref = getattr(spec, split)
+    if ref is None and split == "report":
+        raise UserError("fitness.report: no report data named")
+    return ref
+
+
+class CallableEvaluator:
+    def __init__(self, spec: FitnessSpec, root: Path) -> None:
+        assert spec.function is not None
+        self.spec = spec
+        self.root = root
+        self.metric = spec.metric or "value"
+        self.maximize = spec.maximize
+        self.fn: Callable[..., Any] = load_object(spec.function, root, "fitness.function")
+        self._data: dict[str, str | None] = {}
+
+    def score(self, state: State, split: str) -> float:
+        if split not in self._data:
+            ref = getattr(self.spec, split)
+            if ref is None and split == "report":
+                raise UserError("fitness.report: no report data named")
+            self._data[split] = (None if ref is None
+                                 else str(resolve_file(ref, self.root, f"fitness.{split}")))
+        data = self._data[split]
+        value = self.fn(state) if data is None else self.fn(state, data)
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise UserError(f"fitness.function: {self.spec.function} returned {value!r}, "
+                            "not a number") from None
+
+
+# ----------------------------------------------------------------------------- torch modules
+
+
+def load_tensor_dataset(path: Path, inputs_key: str, labels_key: str,
+                        key: str) -> tuple[torch.Tensor, torch.Tensor]:
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        data: dict[str, Any] = load_file(str(path))
+    elif path.suffix == ".npz":
+        import numpy as np
+
+        with np.load(path, allow_pickle=False) as z:
+            data = {k: torch.from_numpy(z[k].copy()) for k in z.files}
+    else:
+        raise UserError(f"{key}: {path} is not a .safetensors or .npz file")
+    for k in (inputs_key, labels_key):
+        if k not in data:
+            raise UserError(f"{key}: {path} has no array '{k}' (has: {', '.join(sorted(data))})")
+    inputs, labels = data[inputs_key], data[labels_key]
+    if len(inputs) != len(labels):
+        raise UserError(f"{key}: {path}: {len(inputs)} inputs but {len(labels)} labels")
+    return inputs, labels
+
+
+def load_into(module: torch.nn.Module, state: State, what: str) -> None:
+    """Copy `state` into `module` (strict: every parameter and buffer must be there)."""
+    try:
+        module.load_state_dict(dict(state), strict=True)
+    except RuntimeError as e:
+        first = str(e).strip().splitlines()
+        raise UserError(f"{what}: the candidate does not fit the model "
+                        f"({' '.join(first[:2])[:300]})") from None
+
+
+class TorchModuleEvaluator:
+    def __init__(self, spec: FitnessSpec, root: Path) -> None:
+        assert spec.arch is not None
+        self.spec = spec
+        self.root = root
+        self.metric = spec.metric_name
+        self.maximize = spec.maximize
+        factory = load_object(spec.arch, root, "fitness.arch")
+        module = factory(**spec.arch_kwargs)
+        if not isinstance(module, torch.nn.Module):
+            raise RecipeError(f"fitness.arch: {spec.arch} returned {type(module).__name__}, "
+                              "not a torch.nn.Module")
+        self.module = module.eval()
+        self.reset = load_object(spec.reset, root, "fitness.reset") if spec.reset else None
+        self._data: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def data(self, split: str) -> tuple[torch.Tensor, torch.Tensor]:
+        if split not in self._data:
+            ref = _check_split(self.spec, split)
+            path = resolve_file(ref, self.root, f"fitness.{split}")
+            x, y = load_tensor_dataset(path, self.spec.inputs_key, self.spec.labels_key,
+                                       f"fitness.{split}")
+            if self.spec.limit is not None:
+                x, y = x[: self.spec.limit], y[: self.spec.limit]
+            self._data[split] = (x, y.long())
+        return self._data[split]
+
+    @torch.inference_mode()
+    def score(self, state: State, split: str) -> float:
+        x, y = self.data(split)
+        load_into(self.module, state, "fitness.arch")
+        self.module.eval()
+        correct, loss_sum = 0, 0.0
+        bs = self.spec.batch_size
+        for start in range(0, len(y), bs):
+            if self.reset is not None:
+                self.reset(self.module)
+            logits = self.module(x[start:start + bs])
+            target = y[start:start + bs]
+            if self.metric == "accuracy":
+                correct += int((logits.argmax(dim=-1) == target).sum())
+            else:
+                loss_sum += float(torch.nn.functional.cross_entropy(
+                    logits.float(), target, reduction="sum"))
+        n = max(1, len(y))
+        return correct / n if self.metric == "accuracy" else loss_sum / n
+
+
+# ----------------------------------------------------------------------------- Hugging Face
+
+
+def read_records(path: Path, key: str) -> list[dict[str, Any]]:
+    try:
+        if path.suffix == ".csv":
+            with path.open(newline="") as f:
+                return list(csv.DictReader(f))
+        if path.suffix in (".jsonl", ".json"):
+            return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        return [{"text": line} for line in path.read_text().splitlines() if line.strip()]
+    except (OSError, ValueError, csv.Error) as e:
+        raise UserError(f"{key}: cannot read {path} ({e})") from None
+
+
+class _HFEvaluator:
+    auto_class = ""
+
+    def __init__(self, spec: FitnessSpec, root: Path, model_ref: str | None) -> None:
+        import transformers
+
+        from mergekit_pcb.io.resolve import resolve_model_path
+
+        ref = spec.model or model_ref
+        if ref is None:
+            raise RecipeError("fitness.model: name the model whose config and tokenizer to use")
+        path = resolve_model_path(ref)
+        path = path if path.is_dir() else path.parent
+        self.spec = spec
+        self.root = root
+        self.metric = spec.metric_name
+        self.maximize = spec.maximize
+        try:
+            config = transformers.AutoConfig.from_pretrained(path)
+            self.tokenizer = transformers.AutoTokenizer.from_pretrained(path)
+        except (OSError, ValueError) as e:
+            raise UserError(f"fitness.model: cannot load config/tokenizer from {path} "
+                            f"({str(e).splitlines()[0]})") from None
+        self.model = getattr(transformers, self.auto_class).from_config(config).eval()
+        if self.tokenizer.pad_token is None:
+            self.tokenizer.pad_token = self.tokenizer.eos_token or self.tokenizer.unk_token
+        self._batches: dict[str, list[dict[str, torch.Tensor]]] = {}
+
+    def load(self, state: State) -> None:
+        expected = set(self.model.state_dict())
+        missing = [k for k in expected if k not in state and k in
+                   dict(self.model.named_parameters(remove_duplicate=True))]
+        extra = [k for k in state if k not in expected]
+        if missing or extra:
+            what = (f"missing {missing[0]}" if missing else f"unexpected {extra[0]}")
+            raise UserError(f"fitness.model: the candidate does not fit the model ({what})")
+        self.model.load_state_dict(dict(state), strict=False)
+        self.model.eval()
+
+    def batches(self, split: str) -> list[dict[str, torch.Tensor]]:
+        if split not in self._batches:
+            ref = _check_split(self.spec, split)
+            path = resolve_file(ref, self.root, f"fitness.{split}")
+            records = read_records(path, f"fitness.{split}")
+            if self.spec.limit is not None:
+                records = records[: self.spec.limit]
+            if not records:
+                raise UserError(f"fitness.{split}: {path} holds no examples")
+            self._batches[split] = self.tokenize(records, f"fitness.{split}")
+        return self._batches[split]
+
+    def tokenize(self, records: list[dict[str, Any]], key: str) -> list[dict[str, torch.Tensor]]:
+        raise NotImplementedError
+
+    def _texts(self, records: list[dict[str, Any]], key: str) -> list[str]:
+        field = self.spec.text_field
+        if field not in records[0]:
+            raise UserError(f"{key}: examples have no field '{field}' (fitness.text_field)")
+        return [str(r[field]) for r in records]
+
+
+class HFClassificationEvaluator(_HFEvaluator):
+    auto_class = "AutoModelForSequenceClassification"
+
+    def tokenize(self, records: list[dict[str, Any]], key: str) -> list[dict[str, torch.Tensor]]:
+        texts = self._texts(records, key)
+        field = self.spec.label_field
+        label2id = {str(k): int(v) for k, v in (self.model.config.label2id or {}).items()}
+        labels = []
+        for i, r in enumerate(records):
+            if field not in r:
+                raise UserError(f"{key}: example {i} has no field '{field}' "
+                                "(fitness.label_field)")
+            value = str(r[field]).strip()
+            if value.lstrip("-").isdigit():
+                labels.append(int(value))
+            elif value in label2id:
+                labels.append(label2id[value])
+            else:
+                raise UserError(f"{key}: example {i}: label {value!r} is neither an integer "
+                                "nor in the model's label2id")
+        out = []
+        bs = self.spec.batch_size
+        for s in range(0, len(texts), bs):
+            enc = self.tokenizer(texts[s:s + bs], padding=True, truncation=True,
+                                 max_length=self.spec.max_length, return_tensors="pt")
+            batch = {k: v for k, v in enc.items() if k in ("input_ids", "attention_mask",
+                                                            "token_type_ids")}
+            batch["labels"] = torch.tensor(labels[s:s + bs])
+            out.append(batch)
+        return out
+
+    @torch.inference_mode()
+    def score(self, state: State, split: str) -> float:
+        batches = self.batches(split)
+        self.load(state)
+        preds, gold, loss_sum = [], [], 0.0
+        for b in batches:
+            labels = b["labels"]
+            logits = self.model(**{k: v for k, v in b.items() if k != "labels"}).logits
+            loss_sum += float(torch.nn.functional.cross_entropy(logits.float(), labels,
+                                                                reduction="sum"))
+            preds.append(logits.argmax(dim=-1))
+            gold.append(labels)
+        p, g = torch.cat(preds), torch.cat(gold)
+        if self.metric == "loss":
+            return loss_sum / len(g)
+        if self.metric == "accuracy":
+            return float((p == g).float().mean())
+        return macro_f1(p, g)
+
+
+def macro_f1(pred: torch.Tensor, gold: torch.Tensor) -> float:
+    """Mean over the classes present in gold or pred of the per-class F1."""
+    classes = torch.unique(torch.cat([pred, gold])).tolist()
+    scores = []
+    for c in classes:
+        tp = int(((pred == c) & (gold == c)).sum())
+        fp = int(((pred == c) & (gold != c)).sum())
+        fn = int(((pred != c) & (gold == c)).sum())
+        scores.append(0.0 if tp == 0 else 2 * tp / (2 * tp + fp + fn))
+    return sum(scores) / len(scores)
+
+
+class CausalLMEvaluator(_HFEvaluator):
+    auto_class = "AutoModelForCausalLM"
+
+    def tokenize(self, records: list[dict[str, Any]], key: str) -> list[dict[str, torch.Tensor]]:
+        texts = self._texts(records, key)
+        out = []
+        bs = self.spec.batch_size
+        for s in range(0, len(texts), bs):
+            enc = self.tokenizer(texts[s:s + bs], padding=True, truncation=True,
+                                 max_length=self.spec.max_length, return_tensors="pt")
+            out.append({"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]})
+        return out
+
+    @torch.inference_mode()
+    def score(self, state: State, split: str) -> float:
+        batches = self.batches(split)
+        self.load(state)
+        nll, tokens = 0.0, 0
+        for b in batches:
+            logits = self.model(**b).logits[:, :-1].float()
+            target = b["input_ids"][:, 1:]
+            mask = b["attention_mask"][:, 1:].bool()
+            losses = torch.nn.functional.cross_entropy(
+                logits.reshape(-1, logits.shape[-1]), target.reshape(-1), reduction="none")
+            nll += float(losses[mask.reshape(-1)].sum())
+            tokens += int(mask.sum())
+        if tokens == 0:
+            raise UserError("fitness: no token to predict (texts of one token or less)")
+        loss = nll / tokens
+        return math.exp(loss) if self.metric == "perplexity" else loss
+
+
+def build_evaluator(spec: FitnessSpec, root: Path, model_ref: str | None = None) -> Evaluator:
+    if spec.type == "callable":
+        return CallableEvaluator(spec, root)
+    if spec.type == "torch":
+        return TorchModuleEvaluator(spec, root)
+    if spec.type == "hf-classification":
+        return HFClassificationEvaluator(spec, root, model_ref)
+    return CausalLMEvaluator(spec, root, model_ref)
+
+
+@contextlib.contextmanager
+def torch_threads(n: int | None) -> Iterator[None]:
+    """Run with `n` torch threads: equal thread counts make scores equal across processes."""
+    if n is None:
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+__all__ = ["SPLITS", "Evaluator", "better", "build_evaluator", "load_object", "macro_f1",
+           "resolve_file", "torch_threads"]

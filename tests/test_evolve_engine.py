@@ -1,0 +1,389 @@
+"""The evolution engine on a tiny MLP population: selection rules, determinism (1 and 2
+workers), resume after a crash or SIGKILL, CLI outputs and bad input."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file, save_file
+from typer.testing import CliRunner
+
+from mergekit_pcb.evolve.config import parse_fitness
+from mergekit_pcb.evolve.fitness import build_evaluator
+from mergekit_pcb.evolve.operators import interpolate
+from mergekit_pcb.evolve.run import evolve
+from mergekit_pcb.methods.ties import ties_merge
+
+NET_MODULE = '''
+import os
+import time
+
+import numpy as np
+import torch
+
+
+def build(hidden=12):
+    return torch.nn.Sequential(torch.nn.Linear(6, hidden), torch.nn.ReLU(),
+                               torch.nn.Linear(hidden, 3))
+
+
+_NET = build()
+
+
+def loss(state, data):
+    """Mean cross-entropy; env hooks make it slow or make the N-th call crash."""
+    time.sleep(float(os.environ.get("EVOLVE_TEST_SLEEP", "0")))
+    counter = os.environ.get("EVOLVE_TEST_CRASH_FILE")
+    if counter:
+        left = int(open(counter).read()) - 1
+        open(counter, "w").write(str(left))
+        if left == 0:
+            raise RuntimeError("crash requested by the test")
+    z = np.load(data)
+    x, y = torch.from_numpy(z["inputs"]), torch.from_numpy(z["labels"]).long()
+    with torch.no_grad():
+        out = torch.func.functional_call(_NET, dict(state), (x,))
+    return float(torch.nn.functional.cross_entropy(out, y))
+'''
+
+
+def build_population(root: Path, n: int = 4) -> Path:
+    """`n` perturbed copies of a base MLP, a 3-class task, select/report splits."""
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "tinynet.py").write_text(NET_MODULE)
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(6, 12), torch.nn.ReLU(), torch.nn.Linear(12, 3))
+    base = {k: v.detach().clone().contiguous() for k, v in net.state_dict().items()}
+    (root / "base").mkdir()
+    save_file(base, str(root / "base" / "model.safetensors"))
+    for i in range(n):
+        g = torch.Generator().manual_seed(100 + i)
+        tuned = {k: (v + 0.3 * torch.randn(v.shape, generator=g)).contiguous()
+                 for k, v in base.items()}
+        (root / f"m{i}").mkdir()
+        save_file(tuned, str(root / f"m{i}" / "model.safetensors"))
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(240, 6, generator=g)
+    y = (x[:, 0] > 0).long() + (x[:, 1] > 0.3).long()
+    np.savez(root / "select.npz", inputs=x[:120].numpy(), labels=y[:120].numpy())
+    np.savez(root / "report.npz", inputs=x[120:].numpy(), labels=y[120:].numpy())
+    return root
+
+
+def recipe_dict(root: Path, *, n: int = 3, fitness: str = "torch",
+                **params: Any) -> dict[str, Any]:
+    fit: dict[str, Any]
+    if fitness == "torch":
+        fit = {"type": "torch", "arch": "tinynet:build", "select": "select.npz",
+               "report": "report.npz", "metric": "loss", "batch_size": 50}
+    else:
+        fit = {"type": "callable", "function": "tinynet:loss", "select": "select.npz",
+               "report": "report.npz", "minimize": True}
+    return {
+        "merge_method": "evolver",
+        "base_model": str(root / "base"),
+        "models": [{"model": str(root / f"m{i}")} for i in range(n)],
+        "parameters": {"generations": 3, "F": 0.5, "CR": 0.5, "mode": "merged", **params},
+        "merge": {"merge_method": "ties", "parameters": {"density": 0.5}},
+        "fitness": fit,
+        "seed": 0,
+    }
+
+
+def write_recipe(root: Path, data: dict[str, Any], name: str = "recipe.yaml") -> Path:
+    path = root / name
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return path
+
+
+@pytest.fixture
+def pop_dir(tmp_path: Path) -> Path:
+    return build_population(tmp_path / "pop")
+
+
+def tensors(out: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(out / "model.safetensors"))
+
+
+def same_tensors(a: Path, b: Path) -> bool:
+    ta, tb = tensors(a), tensors(b)
+    return ta.keys() == tb.keys() and all(torch.equal(ta[k], tb[k]) for k in ta)
+
+
+def search_record(out: Path) -> dict[str, Any]:
+    """evolution.json without what legitimately differs between runs (times, workers)."""
+    doc = json.loads((out / "evolution.json").read_text())
+    for h in doc["history"]:
+        h.pop("wall_s"), h.pop("fitness_s")
+    doc.pop("totals"), doc.pop("workers")
+    return doc
+
+
+# ----------------------------------------------------------------------------- selection
+
+
+def test_merged_mode_keeps_only_improving_trials(pop_dir: Path) -> None:
+    recipe = write_recipe(pop_dir, recipe_dict(pop_dir, generations=4))
+    out = pop_dir / "out"
+    summary = evolve(recipe, out)
+    doc = json.loads((out / "evolution.json").read_text())
+    objective = [h["objective"] for h in doc["history"]]
+    assert all(b <= a for a, b in itertools.pairwise(objective))  # loss
+    assert objective[-1] < objective[0], "nothing was accepted in 4 generations"
+    assert doc["history"][0]["objective"] == doc["initial"]["merge_select"]
+    # The output is the inner merge (ties) of the final population, recomputed here.
+    run = summary.run_dir
+    members = [load_file(str(run / "members" / m)) for m in doc["final"]["members"]]
+    base = load_file(str(pop_dir / "base" / "model.safetensors"))
+    result = tensors(out)
+    for name, b in base.items():
+        expected = ties_merge(b, [m[name] for m in members], [1.0] * 3, [0.5] * 3)
+        torch.testing.assert_close(result[name], expected, rtol=0, atol=0)
+    # The result's select score (measured on the written file) is the final objective.
+    rows = {r["label"]: r for r in doc["scores"]}
+    assert rows["result (evolver, merged)"]["select"] == objective[-1]
+    assert rows["plain merge (ties)"]["select"] == objective[0]
+    assert all(r["report"] is not None for r in doc["scores"])
+    accepted = sum(h["accepted"] for h in doc["history"][1:])
+    assert len([m for m in doc["final"]["members"] if m.startswith("g")]) <= accepted
+
+
+def test_standalone_mode_keeps_trials_that_beat_their_parent(pop_dir: Path) -> None:
+    data = recipe_dict(pop_dir, n=4, mode="standalone", generations=3)
+    recipe = write_recipe(pop_dir, data)
+    out = pop_dir / "out"
+    summary = evolve(recipe, out)
+    doc = json.loads((out / "evolution.json").read_text())
+    initial, final = doc["initial"]["select"], doc["final"]["fitness"]
+    assert all(f <= i for f, i in zip(final, initial, strict=True))
+    assert min(final) < min(initial)
+    best = min(range(4), key=lambda i: final[i])
+    best_file = summary.run_dir / "members" / doc["final"]["members"][best]
+    expected = load_file(str(best_file))
+    assert all(torch.equal(expected[k], v) for k, v in tensors(out).items())
+    # the cached fitness is the fitness of the member file
+    evaluator = build_evaluator(parse_fitness(data["fitness"], "test"), pop_dir)
+    assert evaluator.score(expected, "select") == final[best]
+
+
+def test_larger_population_is_filled_with_seeded_interpolations(pop_dir: Path) -> None:
+    recipe = write_recipe(pop_dir, recipe_dict(pop_dir, pop=5, generations=0))
+    summary = evolve(recipe, pop_dir / "out", seed=11)
+    members = summary.run_dir / "members"
+    rng = random.Random(11)
+    for k in (3, 4):
+        a, b = rng.sample(range(3), 2)
+        alpha = rng.random()
+        ta = load_file(str(members / f"init-{a:03d}.safetensors"))
+        tb = load_file(str(members / f"init-{b:03d}.safetensors"))
+        tk = load_file(str(members / f"init-{k:03d}.safetensors"))
+        for name in ta:
+            assert torch.equal(tk[name], interpolate(ta[name], tb[name], alpha))
+    doc = json.loads((pop_dir / "out" / "evolution.json").read_text())
+    assert len(doc["final"]["members"]) == 5 and doc["history"][0]["generation"] == 0
+
+
+def test_rand_1_with_a_minimized_callable(pop_dir: Path) -> None:
+    data = recipe_dict(pop_dir, n=4, fitness="callable", mutation="rand-1",
+                       mode="standalone", generations=2)
+    out = pop_dir / "out"
+    evolve(write_recipe(pop_dir, data), out)
+    doc = json.loads((out / "evolution.json").read_text())
+    assert doc["maximize"] is False and doc["mutation"] == "rand-1"
+    best = [h["best"] for h in doc["history"]]
+    assert all(b <= a for a, b in itertools.pairwise(best))
+
+
+# ----------------------------------------------------------------------------- determinism
+
+
+@pytest.mark.parametrize("mode", ["merged", "standalone"])
+def test_same_seed_same_result_with_one_and_two_workers(pop_dir: Path, mode: str) -> None:
+    recipe = write_recipe(pop_dir, recipe_dict(pop_dir, n=4, mode=mode, generations=3))
+    a, b, c, d = (pop_dir / x for x in ("a", "b", "c", "d"))
+    evolve(recipe, a)
+    evolve(recipe, b)
+    evolve(recipe, c, workers=2)
+    evolve(recipe, d, seed=1)
+    assert same_tensors(a, b) and search_record(a) == search_record(b)
+    assert same_tensors(a, c) and search_record(a) == search_record(c)
+    assert not same_tensors(a, d)  # the seed matters, so the equalities above mean something
+    totals = json.loads((c / "evolution.json").read_text())["totals"]
+    assert totals["evaluations"] == json.loads((a / "evolution.json").read_text())[
+        "totals"]["evaluations"]
+
+
+# ----------------------------------------------------------------------------- resume
+
+
+@pytest.mark.parametrize("crash_at", [2, 7, 13])
+def test_resume_after_a_crash_matches_an_uninterrupted_run(
+        pop_dir: Path, crash_at: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    data = recipe_dict(pop_dir, n=3, fitness="callable", generations=3)
+    recipe = write_recipe(pop_dir, data)
+    evolve(recipe, pop_dir / "ref")
+    counter = pop_dir / "counter"
+    counter.write_text(str(crash_at))
+    monkeypatch.setenv("EVOLVE_TEST_CRASH_FILE", str(counter))
+    with pytest.raises(RuntimeError, match="crash requested"):
+        evolve(recipe, pop_dir / "out")
+    assert not (pop_dir / "out").exists()
+    monkeypatch.delenv("EVOLVE_TEST_CRASH_FILE")
+    evolve(recipe, pop_dir / "out", resume=True)
+    assert same_tensors(pop_dir / "ref", pop_dir / "out")
+    assert search_record(pop_dir / "ref") == search_record(pop_dir / "out")
+    # nothing but the state's members is left in the population store
+    state = json.loads((pop_dir / "out.run" / "state.json").read_text())
+    on_disk = {p.name for p in (pop_dir / "out.run" / "members").iterdir()}
+    assert on_disk == set(state["members"]) | set(state["initial"]["members"])
+
+
+def _start(recipe: Path, out: Path, *extra: str, sleep: str = "0") -> subprocess.Popen[str]:
+    env = {**os.environ, "EVOLVE_TEST_SLEEP": sleep}
+    return subprocess.Popen(
+        [sys.executable, "-m", "mergekit_pcb.evolve", "evolve", str(recipe), "-o", str(out),
+         "--quiet", *extra],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _kill_when(proc: subprocess.Popen[str], state: Path, generation: int, step: int) -> None:
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, proc.communicate()
+        try:
+            st = json.loads(state.read_text())
+        except (OSError, ValueError):
+            st = None
+        if st and (st["generation"], st["step"]) >= (generation, step):
+            os.kill(proc.pid, signal.SIGKILL)
+            proc.wait()
+            return
+        time.sleep(0.01)
+    proc.kill()
+    raise AssertionError("the run never reached the kill point")
+
+
+def test_sigkill_mid_generation_then_resume_matches(pop_dir: Path) -> None:
+    data = recipe_dict(pop_dir, n=4, fitness="callable", generations=3)
+    recipe = write_recipe(pop_dir, data)
+    evolve(recipe, pop_dir / "ref")
+    out, state = pop_dir / "out", pop_dir / "out.run" / "state.json"
+    # Killed twice, in the middle of generations 2 and 3 (steps are slow: 50 ms fitness).
+    _kill_when(_start(recipe, out, sleep="0.05"), state, generation=1, step=1)
+    first = json.loads(state.read_text())
+    assert first["phase"] == "evolve" and 0 < first["step"] < 4
+    _kill_when(_start(recipe, out, "--resume", sleep="0.05"), state, generation=2, step=2)
+    proc = _start(recipe, out, "--resume")
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err
+    assert same_tensors(pop_dir / "ref", out)
+    assert search_record(pop_dir / "ref") == search_record(out)
+
+
+# ----------------------------------------------------------------------------- CLI
+
+
+def cli(*args: str | Path, cwd: Path | None = None) -> Any:
+    import typer
+
+    from mergekit_pcb.evolve.cli import register
+
+    app = typer.Typer()
+    register(app)
+    old = Path.cwd()
+    try:
+        if cwd is not None:
+            os.chdir(cwd)
+        return CliRunner().invoke(app, [str(a) for a in args])
+    finally:
+        os.chdir(old)
+
+
+def test_cli_evolve_and_eval(pop_dir: Path) -> None:
+    write_recipe(pop_dir, recipe_dict(pop_dir, generations=2))
+    # RECIPE left out: ./recipe.yaml; flags override the recipe
+    res = cli("evolve", "--pop", "4", "--generations", "3", "-o", "evolved", cwd=pop_dir)
+    assert res.exit_code == 0, res.output
+    out = pop_dir / "evolved"
+    for name in ("model.safetensors", "evolution.json", "README.md", "fitness.png",
+                 "merge_recipe.yaml"):
+        assert (out / name).is_file(), name
+    assert (out / "fitness.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    doc = json.loads((out / "evolution.json").read_text())
+    assert doc["pop"] == 4 and doc["generations"] == 3
+    assert [h["generation"] for h in doc["history"]] == [0, 1, 2, 3]
+    for h in doc["history"][1:]:
+        assert h["evaluated"] == 4 and 0 <= h["acceptance_rate"] <= 1
+        assert h["F"] == 0.5 and h["CR"] == 0.5 and h["wall_s"] >= 0
+    assert "report loss" in res.output and "plain merge (ties)" in res.output
+    # eval scores a checkpoint with the same code: an input member's select score
+    res = cli("eval", pop_dir / "m0", "--fitness", pop_dir / "recipe.yaml", "--json")
+    assert res.exit_code == 0, res.output
+    scores = json.loads(res.output)
+    assert scores["select"] == doc["initial"]["select"][0]
+    assert scores["report"] == doc["scores"][0]["report"]
+    # an existing output is never replaced without --force
+    res = cli("evolve", "-o", "evolved", cwd=pop_dir)
+    assert res.exit_code == 2 and "already exists; pass --force" in res.output
+
+
+def _one_error_line(res: Any) -> str:
+    assert res.exit_code == 2, res.output
+    lines = [line for line in res.output.strip().splitlines() if line]
+    assert len(lines) == 1 and lines[0].startswith("error: "), res.output
+    return lines[0]
+
+
+def test_bad_input_unknown_recipe_key(pop_dir: Path) -> None:
+    data = recipe_dict(pop_dir)
+    data["parameters"]["popsize"] = 8
+    recipe = write_recipe(pop_dir, data)
+    line = _one_error_line(cli("evolve", recipe, "-o", pop_dir / "o"))
+    assert f"{recipe}: unknown key 'parameters.popsize'" in line
+
+
+def test_bad_input_unknown_inner_merge_parameter(pop_dir: Path) -> None:
+    data = recipe_dict(pop_dir)
+    data["merge"]["parameters"]["densty"] = 0.5
+    line = _one_error_line(cli("evolve", write_recipe(pop_dir, data), "-o", pop_dir / "o"))
+    assert "merge.parameters.densty: unknown parameter for ties" in line
+
+
+def test_bad_input_missing_fitness_data(pop_dir: Path) -> None:
+    data = recipe_dict(pop_dir)
+    data["fitness"]["select"] = "no-such.npz"
+    line = _one_error_line(cli("evolve", write_recipe(pop_dir, data), "-o", pop_dir / "o"))
+    assert "fitness.select: data file not found: no-such.npz" in line
+    assert not (pop_dir / "o").exists()
+
+
+def test_bad_input_resume_without_state(pop_dir: Path) -> None:
+    recipe = write_recipe(pop_dir, recipe_dict(pop_dir))
+    line = _one_error_line(cli("evolve", recipe, "-o", pop_dir / "o", "--resume"))
+    assert "--resume: no run state in" in line
+
+
+def test_bad_input_no_recipe_in_working_directory(tmp_path: Path) -> None:
+    line = _one_error_line(cli("evolve", cwd=tmp_path))
+    assert "recipe not found: recipe.yaml" in line
+
+
+def test_bad_input_resume_with_other_settings(pop_dir: Path) -> None:
+    recipe = write_recipe(pop_dir, recipe_dict(pop_dir, generations=1))
+    assert cli("evolve", recipe, "-o", pop_dir / "o", "-q").exit_code == 0
+    line = _one_error_line(cli("evolve", recipe, "-o", pop_dir / "o2", "--run-dir",
+                               pop_dir / "o.run", "--resume", "--seed", "4"))
+    assert "--resume: 'seed' differs" in line

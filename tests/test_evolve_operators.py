@@ -1,0 +1,126 @@
+"""Evolution operators, schedules and the population merge against hand-computed cases."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mergekit_pcb.errors import RecipeError
+from mergekit_pcb.evolve.merge import PopulationMerger
+from mergekit_pcb.evolve.operators import (
+    apply_mask,
+    binomial_crossover,
+    crossover_mask,
+    current_to_rand,
+    current_to_rand_binomial,
+    interpolate,
+    rand_1,
+)
+from mergekit_pcb.evolve.schedule import Constant, make_schedule
+
+
+def test_current_to_rand_hand_case() -> None:
+    target = torch.tensor([1.0, 2.0, 3.0])
+    donor = torch.tensor([3.0, 2.0, -1.0])
+    # 1 + .5(3-1) = 2; 2 + .5(0) = 2; 3 + .5(-4) = 1
+    assert torch.equal(current_to_rand(target, donor, 0.5), torch.tensor([2.0, 2.0, 1.0]))
+    assert torch.equal(current_to_rand(target, donor, 0.0), target)
+    assert torch.equal(current_to_rand(target, donor, 1.0), donor)
+
+
+def test_rand_1_hand_case() -> None:
+    a, b, c = torch.tensor([1.0, 1.0]), torch.tensor([3.0, 0.0]), torch.tensor([1.0, 2.0])
+    # a + 0.5 (b - c) = [1 + 1, 1 - 1]
+    assert torch.equal(rand_1(a, b, c, 0.5), torch.tensor([2.0, 0.0]))
+
+
+def test_half_precision_keeps_dtype() -> None:
+    target = torch.tensor([2048.0, 1.0], dtype=torch.float16)
+    donor = torch.tensor([2052.0, 3.0], dtype=torch.float16)
+    out = current_to_rand(target, donor, 0.5)
+    assert out.dtype == torch.float16
+    assert out.tolist() == [2050.0, 2.0]
+
+
+def test_apply_mask_hand_case() -> None:
+    target = torch.tensor([1.0, 2.0, 3.0, 4.0])
+    mutant = torch.tensor([10.0, 20.0, 30.0, 40.0])
+    mask = torch.tensor([True, False, False, True])
+    assert torch.equal(apply_mask(target, mutant, mask), torch.tensor([10.0, 2.0, 3.0, 40.0]))
+
+
+def test_binomial_crossover_is_a_bernoulli_cr_mask() -> None:
+    target, mutant = torch.zeros(4, 5), torch.ones(4, 5)
+    assert torch.equal(binomial_crossover(target, mutant, 0.0, torch.Generator()), target)
+    assert torch.equal(binomial_crossover(target, mutant, 1.0, torch.Generator()), mutant)
+    # The mask is the uniform draw of the generator compared with CR.
+    u = torch.rand((4, 5), generator=torch.Generator().manual_seed(7))
+    out = binomial_crossover(target, mutant, 0.3, torch.Generator().manual_seed(7))
+    assert torch.equal(out, (u < 0.3).float())
+    # Same generator state, same mask; the share of mutant entries is about CR.
+    big = crossover_mask((200_000,), 0.3, torch.Generator().manual_seed(1))
+    assert torch.equal(big, crossover_mask((200_000,), 0.3, torch.Generator().manual_seed(1)))
+    assert abs(float(big.float().mean()) - 0.3) < 0.005
+
+
+def test_interpolate_hand_case() -> None:
+    a, b = torch.tensor([4.0, 0.0]), torch.tensor([0.0, 8.0])
+    assert torch.equal(interpolate(a, b, 0.25), torch.tensor([1.0, 6.0]))
+
+
+def test_schedules() -> None:
+    s = make_schedule(0.7, "parameters.F")
+    assert isinstance(s, Constant) and s.value(0) == 0.7 and s.value(99) == 0.7
+    s = make_schedule({"schedule": "constant", "value": 0.2}, "parameters.CR", high=1.0)
+    assert s.value(3) == 0.2
+    with pytest.raises(RecipeError, match=r"parameters.F.schedule: unknown schedule 'cosine'"):
+        make_schedule({"schedule": "cosine"}, "parameters.F")
+    with pytest.raises(RecipeError, match=r"parameters.CR: must be between 0.0 and 1.0"):
+        make_schedule(1.5, "parameters.CR", high=1.0)
+    with pytest.raises(RecipeError, match=r"parameters.F.value: required"):
+        make_schedule({"schedule": "constant"}, "parameters.F")
+
+
+def test_population_merge_routes_like_the_engine() -> None:
+    names = ["fc.weight", "bn.running_mean", "bn.num_batches_tracked"]
+    linear = PopulationMerger("linear", {}, names, 2, seed=0)
+    a, b = torch.tensor([1.0, 3.0]), torch.tensor([3.0, 7.0])
+    assert torch.equal(linear.merge_tensor("fc.weight", [a, b], None), torch.tensor([2.0, 5.0]))
+    ta = PopulationMerger("task_arithmetic", {"lambda": 0.5}, names, 2, seed=0)
+    base = torch.tensor([1.0, 1.0])
+    # 1 + 0.5 * ((1-1) + (3-1)) = 2 ; 1 + 0.5 * ((3-1) + (7-1)) = 5
+    assert torch.equal(ta.merge_tensor("fc.weight", [a, b], base), torch.tensor([2.0, 5.0]))
+    # running statistics are averaged, integer buffers copied from the first member
+    assert torch.equal(ta.merge_tensor("bn.running_mean", [a, b], base),
+                       torch.tensor([2.0, 5.0]))
+    steps = [torch.tensor(3), torch.tensor(9)]
+    assert torch.equal(ta.merge_tensor("bn.num_batches_tracked", steps, None), torch.tensor(3))
+
+
+def test_population_merge_dare_is_keyed_by_slot_not_order() -> None:
+    names = ["w"]
+    m = PopulationMerger("dare_linear", {"density": 0.5}, names, 2, seed=3)
+    base = torch.zeros(1000)
+    a, b = torch.ones(1000), 2 * torch.ones(1000)
+    first = m.merge_tensor("w", [a, b], base)
+    assert torch.equal(first, m.merge_tensor("w", [a, b], base))
+    # each survivor is rescaled by 1/density: values in {0, 2} + {0, 4}
+    assert set(first.unique().tolist()) <= {0.0, 2.0, 4.0, 6.0}
+
+
+@pytest.mark.parametrize(("F", "CR"), [(0.5, 0.5), (0.3, 0.9), (0.8, 0.1), (1e-5, 1e-5),
+                                       (0.5, 1.0), (0.5, 0.0)])
+def test_fused_step_equals_mutation_then_crossover(F: float, CR: float) -> None:
+    g = torch.Generator().manual_seed(0)
+    target, donor = torch.randn(3, 1000, generator=g), 3 * torch.randn(3, 1000, generator=g)
+    expected = binomial_crossover(target, current_to_rand(target, donor, F), CR,
+                                  torch.Generator().manual_seed(5))
+    out, scratch = torch.empty(3, 1000), torch.empty(5000)
+    got = current_to_rand_binomial(target, donor, F, CR, torch.Generator().manual_seed(5),
+                                   out=out, scratch=scratch)
+    assert torch.equal(got, expected)
+    plain = current_to_rand_binomial(target, donor, F, CR, torch.Generator().manual_seed(5))
+    assert torch.equal(plain, expected)
+    # buffers reused across calls give the same bits as fresh allocations
+    again = rand_1(target, donor, target, F, out=torch.empty(3, 1000))
+    assert torch.equal(again, rand_1(target, donor, target, F))
