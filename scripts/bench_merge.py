@@ -34,6 +34,7 @@ import json
 import math
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -194,16 +195,36 @@ def task_arithmetic_recipe(base: Path, ft_dirs: list[Path]) -> Recipe:
     return Recipe("task_arithmetic", body)
 
 
+def ties_gradient_recipe(base: Path, ft_dirs: list[Path]) -> Recipe:
+    """TIES with layer gradients and filtered values (exercises parameter resolution)."""
+    models = []
+    for index, path in enumerate(ft_dirs):
+        weight = [0.2 + 0.1 * index, 0.9 - 0.1 * index]
+        density = [{"filter": "mlp", "value": 0.4}, {"value": [0.3, 0.8]}]
+        models.append({"model": str(path), "parameters": {"weight": weight, "density": density}})
+    body = {
+        "merge_method": "ties",
+        "base_model": str(base),
+        "models": models,
+        "parameters": {"normalize": True},
+        "dtype": "float32",
+    }
+    return Recipe("ties_gradient", body)
+
+
 RECIPES: dict[str, RecipeBuilder] = {
     "linear": linear_recipe,
     "ties": ties_recipe,
     "task_arithmetic": task_arithmetic_recipe,
+    "ties_gradient": ties_gradient_recipe,
 }
 
 
-def write_recipe(recipe: Recipe, directory: Path) -> Path:
+def write_recipe(recipe: Recipe, directory: Path, dtype: str | None = None) -> Path:
+    """Write the recipe as YAML, optionally overriding its compute ``dtype``."""
+    body = {**recipe.body, "dtype": dtype} if dtype else recipe.body
     path = directory / f"{recipe.method}.yml"
-    path.write_text(yaml.safe_dump(recipe.body, sort_keys=False), encoding="utf-8")
+    path.write_text(yaml.safe_dump(body, sort_keys=False), encoding="utf-8")
     return path
 
 
@@ -245,49 +266,72 @@ def mergekit_command(exe: Path, recipe: Path, out: Path, shard_size: str) -> lis
 class RunResult:
     wall_s: float
     peak_rss_mb: float
+    cpu_s: float = 0.0
 
 
-def run_measured(cmd: list[str], log: Path, timeout: float) -> RunResult:
-    """Run ``cmd`` as a child; return wall time and the child's peak RSS."""
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+# A child's ru_maxrss starts at its parent's RSS at fork time (Linux keeps the old mm's
+# high-water mark across exec), and this process holds torch plus the checkpoints it
+# built.  So every tool is started by a tiny fresh interpreter that forks the real
+# command, times it and reports wait4's rusage on its last stdout line.
+LAUNCHER = """
+import json, os, subprocess, sys, time
+start = time.perf_counter()
+proc = subprocess.Popen(sys.argv[1:])
+_, status, usage = os.wait4(proc.pid, 0)
+wall = time.perf_counter() - start
+code = os.waitstatus_to_exitcode(status)
+cpu = usage.ru_utime + usage.ru_stime
+report = {"code": code, "wall_s": wall, "cpu_s": cpu, "maxrss_kib": usage.ru_maxrss}
+print("\\n" + json.dumps(report))
+sys.exit(code if code >= 0 else 1)
+"""
+
+
+def run_measured(cmd: list[str], log: Path, timeout: float, extra_env: dict[str, str]) -> RunResult:
+    """Run ``cmd`` via the launcher; return its wall time and peak RSS."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", **extra_env}
     # Lets the `python -m mergekit_pcb` fallback work from any directory.
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
+    launcher = [sys.executable, "-c", LAUNCHER, *cmd]
     with log.open("wb") as sink:
-        start = time.perf_counter()
-        proc = subprocess.Popen(cmd, stdout=sink, stderr=subprocess.STDOUT, env=env)
-        status, rusage = _wait4(proc, timeout)
-        wall = time.perf_counter() - start
-    code = os.waitstatus_to_exitcode(status)
-    if code != 0:
-        tail = log.read_text(errors="replace")[-3000:]
-        raise RuntimeError(f"command failed ({code}): {' '.join(cmd)}\n{tail}")
-    # Linux reports ru_maxrss in KiB.
-    return RunResult(wall_s=wall, peak_rss_mb=rusage.ru_maxrss / 1024)
-
-
-def _wait4(proc: subprocess.Popen[bytes], timeout: float) -> tuple[int, Any]:
-    deadline = time.monotonic() + timeout
-    while True:
-        pid, status, rusage = os.wait4(proc.pid, os.WNOHANG)
-        if pid == proc.pid:
-            proc.returncode = os.waitstatus_to_exitcode(status)
-            return status, rusage
-        if time.monotonic() > deadline:
-            proc.kill()
+        proc = subprocess.Popen(
+            launcher, stdout=subprocess.PIPE, stderr=sink, env=env, start_new_session=True
+        )
+        try:
+            stdout, _ = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
-            raise TimeoutError(f"timed out after {timeout}s: {proc.args}")
-        time.sleep(0.01)
+            raise TimeoutError(f"timed out after {timeout}s: {' '.join(cmd)}") from None
+    lines = stdout.decode(errors="replace").strip().splitlines()
+    with log.open("a", encoding="utf-8") as sink:
+        sink.write("\n".join(lines[:-1]))
+    report = _launcher_report(lines[-1] if lines else "", proc.returncode)
+    if report["code"] != 0:
+        tail = log.read_text(errors="replace")[-3000:]
+        raise RuntimeError(f"command failed ({report['code']}): {' '.join(cmd)}\n{tail}")
+    # Linux reports ru_maxrss in KiB.
+    return RunResult(
+        wall_s=report["wall_s"], peak_rss_mb=report["maxrss_kib"] / 1024, cpu_s=report["cpu_s"]
+    )
 
 
-def best_of(cmd: list[str], out: Path, log: Path, repeats: int, timeout: float) -> RunResult:
-    """Best wall time and lowest peak RSS over ``repeats`` fresh runs."""
-    results = []
-    for _ in range(repeats):
-        shutil.rmtree(out, ignore_errors=True)
-        results.append(run_measured(cmd, log, timeout))
+def _launcher_report(line: str, returncode: int) -> dict[str, Any]:
+    try:
+        report = json.loads(line)
+    except json.JSONDecodeError:
+        return {"code": returncode or 1}
+    return report if isinstance(report, dict) and "code" in report else {"code": returncode or 1}
+
+
+def summarize(results: list[RunResult]) -> RunResult | None:
+    """Best wall time, lowest peak RSS and lowest CPU time over repeated runs."""
+    if not results:
+        return None
     return RunResult(
         wall_s=min(r.wall_s for r in results),
         peak_rss_mb=min(r.peak_rss_mb for r in results),
+        cpu_s=min(r.cpu_s for r in results),
     )
 
 
@@ -371,6 +415,7 @@ class Row:
     ours: RunResult | None = None
     mergekit: RunResult | None = None
     comparison: Comparison | None = None
+    runs: dict[str, list[RunResult]] = dataclasses.field(default_factory=dict)
 
     def speedup(self) -> float | None:
         if self.ours and self.mergekit:
@@ -460,8 +505,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--intermediate", type=int, help="override the MLP width")
     parser.add_argument("--vocab", type=int, help="override the vocabulary size")
     parser.add_argument("--heads", type=int, help="override the attention head count")
-    parser.add_argument("--methods", default="linear,ties,task_arithmetic")
-    parser.add_argument("--repeats", type=int, default=1)
+    parser.add_argument(
+        "--methods",
+        default="linear,ties,task_arithmetic",
+        help=f"comma-separated recipes to run; known: {', '.join(RECIPES)}",
+    )
+    parser.add_argument(
+        "--repeats", type=int, default=1, help="runs per tool; best wall time is reported"
+    )
+    parser.add_argument(
+        "--dtype",
+        choices=["float32", "bfloat16", "float16"],
+        help="override the recipes' dtype (default: float32 as written by each recipe)",
+    )
+    parser.add_argument("--threads", type=int, help="OMP_NUM_THREADS for both tools")
     parser.add_argument("--workdir", type=Path, help="default: a fresh temp dir")
     parser.add_argument("--keep", action="store_true", help="keep the work dir")
     parser.add_argument("--shard-size", default="50MB", help="input shard size")
@@ -494,24 +551,83 @@ def resolve_shape(args: argparse.Namespace) -> ModelShape:
     return dataclasses.replace(preset, **overrides)
 
 
+def thread_env(args: argparse.Namespace) -> dict[str, str]:
+    """Pin both tools' intra-op thread count when ``--threads`` is given."""
+    if args.threads is None:
+        return {}
+    value = str(args.threads)
+    return {"OMP_NUM_THREADS": value, "MKL_NUM_THREADS": value}
+
+
+@dataclasses.dataclass(frozen=True)
+class Job:
+    """One tool's command for one recipe."""
+
+    cmd: list[str]
+    out: Path
+    log: Path
+
+
 def bench_method(
     recipe: Recipe, workdir: Path, args: argparse.Namespace, mergekit: Path | None
 ) -> Row:
-    recipe_path = write_recipe(recipe, workdir)
-    row = Row(recipe.method)
-    ours_out = workdir / f"out-ours-{recipe.method}"
-    peer_out = workdir / f"out-mergekit-{recipe.method}"
+    """Run both tools ``args.repeats`` times, interleaved, and compare their outputs."""
+    recipe_path = write_recipe(recipe, workdir, args.dtype)
+    jobs: dict[str, Job] = {}
     if not args.no_ours:
-        cmd = ours_command(recipe_path, ours_out)
+        out = workdir / f"out-ours-{recipe.method}"
         log = workdir / f"ours-{recipe.method}.log"
-        row.ours = best_of(cmd, ours_out, log, args.repeats, args.timeout)
+        jobs["ours"] = Job(ours_command(recipe_path, out), out, log)
     if mergekit is not None and recipe.peer:
-        cmd = mergekit_command(mergekit, recipe_path, peer_out, args.out_shard_size)
+        out = workdir / f"out-mergekit-{recipe.method}"
         log = workdir / f"mergekit-{recipe.method}.log"
-        row.mergekit = best_of(cmd, peer_out, log, args.repeats, args.timeout)
+        jobs["mergekit"] = Job(
+            mergekit_command(mergekit, recipe_path, out, args.out_shard_size), out, log
+        )
+    results: dict[str, list[RunResult]] = {tool: [] for tool in jobs}
+    for _ in range(args.repeats):
+        for tool, job in jobs.items():
+            shutil.rmtree(job.out, ignore_errors=True)
+            results[tool].append(run_measured(job.cmd, job.log, args.timeout, thread_env(args)))
+    row = Row(
+        recipe.method,
+        summarize(results.get("ours", [])),
+        summarize(results.get("mergekit", [])),
+        runs=results,
+    )
     if row.ours and row.mergekit:
-        row.comparison = compare_outputs(ours_out, peer_out)
+        row.comparison = compare_outputs(jobs["ours"].out, jobs["mergekit"].out)
     return row
+
+
+def bench_meta(args: argparse.Namespace, shape: ModelShape, load_before: float) -> dict[str, Any]:
+    return {
+        "shape": dataclasses.asdict(shape),
+        "params": shape.param_count(),
+        "repeats": args.repeats,
+        "threads": args.threads,
+        "dtype": args.dtype,
+        "torch": torch.__version__,
+        "cpus": os.cpu_count(),
+        "loadavg_before": load_before,
+        "loadavg_after": os.getloadavg()[0],
+    }
+
+
+def run_benchmark(
+    args: argparse.Namespace, shape: ModelShape, workdir: Path, mergekit: Path | None
+) -> list[Row]:
+    start = time.perf_counter()
+    base, ft_dirs = build_checkpoints(
+        shape, workdir / "models", args.shard_size, args.seed, args.delta_scale
+    )
+    print(f"checkpoints built in {time.perf_counter() - start:.1f}s", flush=True)
+    rows = []
+    for method in _split(args.methods):
+        recipe = RECIPES[method](base, ft_dirs)
+        print(f"running {method}...", flush=True)
+        rows.append(bench_method(recipe, workdir, args, mergekit))
+    return rows
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -521,31 +637,18 @@ def main(argv: list[str] | None = None) -> int:
     workdir.mkdir(parents=True, exist_ok=True)
     mergekit = None if args.no_mergekit else ensure_mergekit_venv(args.mergekit_venv)
     print(f"workdir {workdir}; {shape} = {shape.param_count() / 1e6:.1f}M params", flush=True)
+    load_before = os.getloadavg()[0]
+    if load_before > 0.5:
+        print(f"note: 1-min load average is {load_before:.2f}; timings may be noisy", flush=True)
     try:
-        start = time.perf_counter()
-        base, ft_dirs = build_checkpoints(
-            shape, workdir / "models", args.shard_size, args.seed, args.delta_scale
-        )
-        print(f"checkpoints built in {time.perf_counter() - start:.1f}s", flush=True)
-        rows = []
-        for method in _split(args.methods):
-            recipe = RECIPES[method](base, ft_dirs)
-            print(f"running {method}...", flush=True)
-            rows.append(bench_method(recipe, workdir, args, mergekit))
+        rows = run_benchmark(args, shape, workdir, mergekit)
         print()
         print(render_table(rows))
         details = report_details(rows)
         if details:
             print("\n" + details)
         if args.json:
-            meta = {
-                "shape": dataclasses.asdict(shape),
-                "params": shape.param_count(),
-                "repeats": args.repeats,
-                "torch": torch.__version__,
-                "cpus": os.cpu_count(),
-            }
-            dump_json(args.json, rows, meta)
+            dump_json(args.json, rows, bench_meta(args, shape, load_before))
     finally:
         if args.keep or args.workdir:
             print(f"\nkept {workdir}")

@@ -6,8 +6,9 @@ semantics, in plain Python loops over flattened float64 lists. It never calls
 
 Conventions (mergekit's generalized task arithmetic):
 - τᵢ = θᵢ − θ₀, computed in the inputs' dtype (as the package does), then widened to float64.
-- trim (TIES): keep the ⌊density·numel⌋ entries of largest |τ| per tensor; equal magnitudes
-  are taken in flattened index order; density ≥ 1 keeps everything, density ≤ 0 nothing.
+- trim (TIES): keep the ⌊density·numel⌋ entries of largest |τ| per tensor; among equal
+  magnitudes straddling the cut, mergekit's choice (torch's descending argsort); density ≥ 1
+  keeps everything, density ≤ 0 nothing. Global scope keeps every tie at the threshold.
   Where ⌊density·numel⌋ = 0 < density, one entry is kept (mergekit refuses such a trim
   outright; the package documents keeping one, which agrees with mergekit wherever mergekit
   runs). With `scope: global` the same selection runs over each task's concatenated tensors.
@@ -44,15 +45,32 @@ def _sign(x: float) -> int:
     return (x > 0) - (x < 0)
 
 
-def ref_trim(tau: list[float], density: float) -> list[float]:
-    """TIES trim of one flattened task vector by a full sort (no selection tricks)."""
+def ref_trim(tau: list[float], density: float, rank_dtype: torch.dtype = torch.float32,
+             keep_ties: bool = False) -> list[float]:
+    """TIES trim of one flattened task vector by a full sort (no selection tricks).
+
+    The kept set is every |τ| above the k-th largest plus, when equal magnitudes straddle
+    it, mergekit's choice among them: the first of `torch.argsort(descending=True)` over
+    magnitudes in `rank_dtype` (float32, as mergekit ranks, or float64 for float64 inputs).
+    With `keep_ties` (the package's global scope) every tie at the threshold is kept.
+    """
     n = len(tau)
     if density >= 1.0:
         return list(tau)
     k = 0 if density <= 0 else max(1, math.floor(density * n))
-    order = sorted(range(n), key=lambda i: (-abs(tau[i]), i))
-    keep = set(order[:k])
+    if k == 0:
+        return [0.0] * n
+    mags = [abs(x) for x in tau]
+    threshold = sorted(mags, reverse=True)[k - 1]
+    keep = {i for i in range(n) if mags[i] >= threshold}
+    if len(keep) != k and not keep_ties:
+        order = torch.argsort(torch.tensor(mags, dtype=rank_dtype), descending=True)
+        keep = set(order[:k].tolist())
     return [tau[i] if i in keep else 0.0 for i in range(n)]
+
+
+def rank_dtype_of(t: torch.Tensor) -> torch.dtype:
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
 
 
 def _combine(base: list[float], taus: list[list[float]], weights: Sequence[float],
@@ -102,7 +120,8 @@ def ref_task_arithmetic(base: torch.Tensor, models: Sequence[torch.Tensor],
 def ref_ties(base: torch.Tensor, models: Sequence[torch.Tensor], weights: Sequence[float],
              densities: Sequence[float], lambda_: float = 1.0,
              normalize: bool = True) -> torch.Tensor:
-    taus = [ref_trim(t, d) for t, d in zip(_task_vectors(base, models), densities, strict=True)]
+    taus = [ref_trim(t, d, rank_dtype_of(base))
+            for t, d in zip(_task_vectors(base, models), densities, strict=True)]
     return _out(_combine(_flat(base), taus, weights, lambda_, normalize, consensus=True),
                 base.shape)
 
@@ -135,7 +154,7 @@ def ref_ties_global(bases: dict[str, torch.Tensor], models: Sequence[dict[str, t
         concat: list[float] = []
         for n in names:
             concat += _flat(model[n] - bases[n])
-        trimmed = ref_trim(concat, d)
+        trimmed = ref_trim(concat, d, keep_ties=True)
         parts, start = {}, 0
         for n, size in zip(names, sizes, strict=True):
             parts[n] = trimmed[start:start + size]

@@ -30,7 +30,7 @@ from mergekit_pcb.errors import RecipeError
 from mergekit_pcb.methods import REGISTRY, TensorInputs, get_method
 from mergekit_pcb.methods.dare import DareLinear, DareTies, dare_merge
 from mergekit_pcb.methods.linear import Linear, linear_merge
-from mergekit_pcb.methods.ops import magnitude_trim, random_drop, topk_mask
+from mergekit_pcb.methods.ops import magnitude_trim, random_drop
 from mergekit_pcb.methods.task_arithmetic import TaskArithmetic, task_arithmetic_merge
 from mergekit_pcb.methods.ties import Ties, ties_merge
 
@@ -252,7 +252,7 @@ def test_ties_hand_computed_edge_rules():
     # All trimmed away / all zero: τ = 0 everywhere -> divisor 0 -> 1, result θ₀, no NaN.
     out = ties_merge(b, [b.clone(), b.clone()], [1.0, 1.0], [0.5, 0.5])
     assert torch.equal(out, b)
-    # Trim ties in index order: |τ| all 1, density 0.5 of 4 -> keep entries 0, 1.
+    # Trim ties as mergekit (torch argsort; here entries 0, 1): |τ| all 1, density 0.5 of 4.
     t = torch.tensor([1.0, -1.0, 1.0, -1.0])
     assert torch.equal(magnitude_trim(t, 0.5), torch.tensor([1.0, -1.0, 0.0, 0.0]))
     out = ties_merge(torch.zeros(4), [t], [1.0], [0.5])
@@ -365,21 +365,20 @@ def test_linear_of_identical_models_returns_the_model(dtype):
         assert torch.equal(out, tb), w
 
 
-def test_topk_mask_takes_ties_in_index_order():
-    s = torch.tensor([5.0, 1.0, 5.0, 3.0, 5.0])
-    assert topk_mask(s, 2).tolist() == [True, False, True, False, False]
-    assert topk_mask(s, 3).tolist() == [True, False, True, False, True]
-    assert topk_mask(s, 4).tolist() == [True, False, True, True, True]
-    assert topk_mask(s, 0).tolist() == [False] * 5
-    assert topk_mask(s, 5).tolist() == [True] * 5
-    assert topk_mask(s, 9).tolist() == [True] * 5
-    # All equal: the first k in flattened (row-major) order, shape preserved.
-    m = topk_mask(torch.ones(3, 4), 5)
-    assert m.shape == (3, 4)
-    assert m.reshape(-1).tolist() == [True] * 5 + [False] * 7
-    # Ties straddling the threshold in a 2-D tensor.
-    s2 = torch.tensor([[2.0, 7.0, 2.0], [9.0, 2.0, 2.0]])
-    assert topk_mask(s2, 4).tolist() == [[True, True, True], [True, False, False]]
+def test_trim_ties_follow_mergekit_argsort():
+    # No ties at the cut: exactly the entries above it, whatever the rule.
+    s = torch.tensor([[2.0, 7.0, 2.0], [9.0, 2.0, 2.0]])
+    assert magnitude_trim(s, 2 / 6).tolist() == [[0.0, 7.0, 0.0], [9.0, 0.0, 0.0]]
+    # Ties straddling the cut: mergekit keeps argsort(descending=True)[:k]; so do we.
+    g = torch.Generator().manual_seed(3)
+    for n in (5, 40, 1000):
+        t = torch.randint(1, 4, (n,), generator=g).float() * torch.where(
+            torch.rand(n, generator=g) < 0.5, -1.0, 1.0)
+        for density in (0.1, 0.37, 0.5):
+            k = max(1, int(density * n))
+            expected = torch.zeros(n, dtype=torch.bool)
+            expected[torch.argsort(t.abs(), descending=True)[:k]] = True
+            assert torch.equal(magnitude_trim(t, density) != 0, expected), (n, density)
 
 
 @pytest.mark.parametrize("density", [0.0, 0.05, 0.1, 0.25, 0.3, 0.5, 0.77, 0.9, 0.999, 1.0])
@@ -396,7 +395,7 @@ def test_magnitude_trim_keeps_exactly_floor_density_n_with_ties(density):
     if 0 < k < n:
         assert float(delta[kept].abs().min()) >= float(delta[~kept].abs().max())
     assert torch.equal(out[kept], delta[kept])
-    assert out.tolist() == ref_trim(delta.tolist(), density)
+    assert out.tolist() == ref_trim(delta.tolist(), density, torch.float64)
 
 
 def test_magnitude_trim_respects_float64_magnitudes():

@@ -11,15 +11,16 @@ from mergekit_pcb.methods.base import WEIGHT, MergeMethod, ParamSpec, TensorInpu
 
 def linear_merge(tensors: Sequence[torch.Tensor], weights: Sequence[float],
                  normalize: bool = True) -> torch.Tensor:
-    # Half-precision inputs accumulate in float32 (as mergekit does), float64 stays float64.
+    """Σ wᵢθᵢ (/ Σ wᵢ), accumulated as mergekit does for identical rounding: one fused
+    multiply-add per model into float32 (float64 for float64 inputs)."""
     dtype = tensors[0].dtype
     acc = torch.float64 if dtype == torch.float64 else torch.float32
-    stacked = torch.stack([t.to(acc) for t in tensors], dim=0)
-    w = torch.tensor(list(weights), dtype=acc, device=stacked.device)
-    w = w.reshape((-1,) + (1,) * (stacked.dim() - 1))
-    out = (stacked * w).sum(dim=0)
+    w = torch.tensor(list(weights), dtype=acc, device=tensors[0].device)
+    out = torch.zeros(tensors[0].shape, dtype=acc, device=tensors[0].device)
+    for tensor, weight in zip(tensors, w, strict=True):
+        out.addcmul_(tensor, weight)
     if normalize:
-        out = out / w.sum(dim=0)
+        out.div_(w.sum())
     return out.to(dtype)
 
 

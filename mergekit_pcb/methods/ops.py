@@ -7,42 +7,29 @@ from collections.abc import Sequence
 import torch
 
 
-def topk_mask(scores: torch.Tensor, k: int) -> torch.Tensor:
-    """Boolean mask of exactly `k` largest entries of `scores`.
-
-    Entries tied with the k-th largest are taken in index order, so the result is exact
-    and deterministic (selection by k-th value, not a full sort).
-    """
-    n = scores.numel()
-    if k >= n:
-        return torch.ones_like(scores, dtype=torch.bool)
-    if k <= 0:
-        return torch.zeros_like(scores, dtype=torch.bool)
-    flat = scores.reshape(-1)
-    threshold = torch.kthvalue(flat, n - k + 1).values
-    mask = flat > threshold
-    missing = k - int(mask.sum())
-    if missing > 0:
-        tied = torch.nonzero(flat == threshold).squeeze(1)[:missing]
-        mask[tied] = True
-    return mask.reshape(scores.shape)
-
-
 def magnitude_trim(delta: torch.Tensor, density: float) -> torch.Tensor:
-    """Keep the ⌊density·numel⌋ entries of largest magnitude (TIES trim), zero the rest.
+    """Keep the max(1, ⌊density·numel⌋) entries of largest magnitude (TIES trim).
 
-    As in mergekit: at least one entry survives unless density ≤ 0.
+    Bit-compatible with mergekit: the threshold comes from `kthvalue` (no full sort), and
+    only when equal magnitudes straddle it does the choice among them fall back to
+    mergekit's own rule, `argsort(descending=True)[:k]` (torch's sort order: deterministic
+    for a given input, not index order). float64 magnitudes are ranked in float64.
     """
     if density >= 1.0:
         return delta
     if density <= 0.0 or delta.numel() == 0:
         return torch.zeros_like(delta)
-    k = max(1, int(density * delta.numel()))
-    magnitude = delta.abs()
+    n = delta.numel()
+    k = min(n, max(1, int(density * n)))
+    magnitude = delta.abs().reshape(-1)
     if magnitude.dtype in (torch.float16, torch.bfloat16):
-        magnitude = magnitude.float()  # exact upcast; float64 stays float64 (no rank changes)
-    mask = topk_mask(magnitude, k)
-    return delta * mask.to(delta.dtype)
+        magnitude = magnitude.float()  # exact upcast, as mergekit ranks them
+    threshold = torch.kthvalue(magnitude, n - k + 1).values
+    keep = magnitude >= threshold
+    if int(keep.sum()) != k:  # ties straddle the threshold
+        keep = torch.zeros_like(keep)
+        keep[torch.argsort(magnitude, descending=True)[:k]] = True
+    return delta * keep.reshape(delta.shape).to(delta.dtype)
 
 
 def random_drop(delta: torch.Tensor, density: float, generator: torch.Generator,
