@@ -212,11 +212,37 @@ def ties_gradient_recipe(base: Path, ft_dirs: list[Path]) -> Recipe:
     return Recipe("ties_gradient", body)
 
 
+def pcb_recipe(base: Path, ft_dirs: list[Path], scope: str = "global") -> Recipe:
+    """PCB at the paper's settings; mergekit has no PCB, so there is no peer."""
+    body = {
+        "merge_method": "pcb",
+        "base_model": str(base),
+        "models": [{"model": str(p), "parameters": {"weight": 1.0}} for p in ft_dirs],
+        "parameters": {"density": 0.1, "lambda": 1.2, "clip": 0.01, "scope": scope},
+        "dtype": "float32",
+    }
+    return Recipe("pcb" if scope == "global" else "pcb_tensor", body, peer=False)
+
+
+def pcb_tensor_recipe(base: Path, ft_dirs: list[Path]) -> Recipe:
+    return pcb_recipe(base, ft_dirs, scope="tensor")
+
+
+def ties_global_recipe(base: Path, ft_dirs: list[Path]) -> Recipe:
+    """TIES trimmed over the whole model (the paper's way); mergekit only trims per tensor."""
+    recipe = ties_recipe(base, ft_dirs)
+    body = {**recipe.body, "parameters": {"normalize": True, "scope": "global"}}
+    return Recipe("ties_global", body, peer=False)
+
+
 RECIPES: dict[str, RecipeBuilder] = {
     "linear": linear_recipe,
     "ties": ties_recipe,
     "task_arithmetic": task_arithmetic_recipe,
     "ties_gradient": ties_gradient_recipe,
+    "ties_global": ties_global_recipe,
+    "pcb": pcb_recipe,
+    "pcb_tensor": pcb_tensor_recipe,
 }
 
 
@@ -436,10 +462,13 @@ def render_table(rows: list[Row]) -> str:
     header = (
         "| method | ours wall s | mergekit wall s | speed-up (mk/ours) | ours peak RSS MB "
         "| mergekit peak RSS MB | RSS ratio (ours/mk) "
-        "| max rel diff: max over tensors of max abs(ours-mk) / max abs(mk) | identical tensors |"
+        "| max rel diff: max over tensors of max abs(ours-mk) / max abs(mk) | identical tensors "
+        "| ours wall / ours ties wall |"
     )
-    lines = [header, "|" + "---|" * 9]
+    lines = [header, "|" + "---|" * 10]
+    ties = next((r.ours for r in rows if r.method == "ties" and r.ours), None)
     for row in rows:
+        vs_ties = row.ours.wall_s / ties.wall_s if row.ours and ties else None
         cmp = row.comparison
         lines.append(
             "| "
@@ -454,6 +483,7 @@ def render_table(rows: list[Row]) -> str:
                     _fmt(row.rss_ratio(), ".2f"),
                     _fmt(cmp.max_rel_diff if cmp else None, ".3g"),
                     f"{cmp.identical}/{cmp.tensors}" if cmp else "n/a",
+                    _fmt(vs_ties, ".2f"),
                 ]
             )
             + " |"
@@ -507,7 +537,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--heads", type=int, help="override the attention head count")
     parser.add_argument(
         "--methods",
-        default="linear,ties,task_arithmetic",
+        default="linear,ties,task_arithmetic,ties_global,pcb,pcb_tensor",
         help=f"comma-separated recipes to run; known: {', '.join(RECIPES)}",
     )
     parser.add_argument(

@@ -265,3 +265,21 @@ def test_global_scope_rejects_per_tensor_density(tmp_path: Path) -> None:
     assert proc.returncode == 2
     assert "need the same parameters for every tensor" in proc.stderr
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("method", ["pcb", "ties_global", "task_arithmetic", "linear"])
+def test_streaming_in_slices_changes_nothing(tmp_path: Path, monkeypatch, method: str) -> None:
+    """Large tensors stream in slices for elementwise methods; the bytes must not move."""
+    base_dir, tuned_dirs, *_ = make_models(tmp_path, 3, seed=11)
+    recipe = pcb_recipe(base_dir, tuned_dirs)
+    if method != "pcb":
+        recipe["merge_method"] = method.removesuffix("_global")
+        recipe["parameters"] = {"scope": "global"} if method == "ties_global" else {}
+        if method != "ties_global":
+            for m in recipe["models"]:
+                del m["parameters"]["density"]
+    whole = run_recipe(tmp_path, recipe, "whole")
+    monkeypatch.setattr("mergekit_pcb.engine.stream.CHUNK_ELEMENTS", 7)
+    sliced = run_recipe(tmp_path, recipe, "sliced")
+    for name in whole:
+        assert torch.equal(whole[name], sliced[name]), name

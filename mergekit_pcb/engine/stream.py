@@ -58,12 +58,30 @@ def _all_finite(tensor: torch.Tensor) -> bool:
     return math.isfinite(float(low)) and math.isfinite(float(high))
 
 
-def _read_inputs(plan: MergePlan, task: TensorTask, device: torch.device
+# Elementwise work streams in slices of this many elements, so peak memory does not grow
+# with the largest tensor (an embedding can hold a fifth of a small model).
+CHUNK_ELEMENTS = 1 << 22
+
+
+def slices(plan: MergePlan, task: TensorTask) -> list[tuple[int | None, int | None]]:
+    """[start, stop) element ranges to process `task` in; (None, None) is the whole tensor."""
+    route = task.route
+    elementwise = route.kind != "merge" or (
+        route.method is not None and route.method.elementwise(task.global_params))
+    numel = math.prod(task.shape)
+    if not elementwise or numel <= CHUNK_ELEMENTS:
+        return [(None, None)]
+    return [(a, min(a + CHUNK_ELEMENTS, numel)) for a in range(0, numel, CHUNK_ELEMENTS)]
+
+
+def _read_inputs(plan: MergePlan, task: TensorTask, device: torch.device,
+                 start: int | None = None, stop: int | None = None
                  ) -> dict[str, torch.Tensor]:
-    """The task's inputs, checked finite, on `device` in the compute dtype."""
+    """The task's inputs (or a slice of them), checked finite, on `device` in the compute
+    dtype."""
     values = {}
     for key in task.reads(plan.base_key):
-        tensor = plan.checkpoints[key].read(task.name)
+        tensor = plan.checkpoints[key].read(task.name, start, stop)
         if not _all_finite(tensor):
             raise CheckpointError(f"tensor '{task.name}' of model {key} contains NaN or Inf")
         values[key] = tensor.to(device=device, dtype=plan.compute_dtype)
@@ -90,19 +108,26 @@ def _method_inputs(plan: MergePlan, task: TensorTask, values: dict[str, torch.Te
     )
 
 
-def compute_tensor(plan: MergePlan, task: TensorTask, device: torch.device) -> torch.Tensor:
-    """The output tensor for `task`, in its output dtype, on the CPU."""
+def compute_part(plan: MergePlan, task: TensorTask, device: torch.device,
+                 start: int | None = None, stop: int | None = None) -> torch.Tensor:
+    """The output for `task` (or its flat elements [start, stop)), in its output dtype, on
+    the CPU."""
     route = task.route
     if route.kind in ("take", "copy"):
         assert route.source is not None
-        return plan.checkpoints[route.source].read(task.name)
-    values = _read_inputs(plan, task, device)
+        return plan.checkpoints[route.source].read(task.name, start, stop)
+    values = _read_inputs(plan, task, device, start, stop)
     if route.kind == "average":
         out = torch.stack([values[k] for k in route.inputs]).mean(dim=0)
     else:
         assert route.method is not None
         out = route.method.merge(_method_inputs(plan, task, values))
     return out.to(device="cpu", dtype=task.out_dtype)
+
+
+def compute_tensor(plan: MergePlan, task: TensorTask, device: torch.device) -> torch.Tensor:
+    """The whole output tensor for `task` (tests and in-memory use)."""
+    return compute_part(plan, task, device)
 
 
 def gather_statistics(plan: MergePlan, device: torch.device, progress: Progress) -> None:
@@ -115,8 +140,9 @@ def gather_statistics(plan: MergePlan, device: torch.device, progress: Progress)
             bar = progress.add_task(name, total=sum(plan.task_read_bytes(t) for t in tasks),
                                     tensors=f"0/{len(tasks)}")
             for i, task in enumerate(tasks):
-                values = _read_inputs(plan, task, device)
-                route.stats.observe(p, _method_inputs(plan, task, values))
+                for start, stop in slices(plan, task):
+                    values = _read_inputs(plan, task, device, start, stop)
+                    route.stats.observe(p, _method_inputs(plan, task, values))
                 progress.update(bar, advance=plan.task_read_bytes(task),
                                 tensors=f"{i + 1}/{len(tasks)}")
             route.stats.finish(p)
@@ -136,7 +162,8 @@ def run_plan(plan: MergePlan, output: Path, *, force: bool = False, shard_size: 
         writer = ShardedSafetensorsWriter(tmp, shards, metadata={"merged_by": "mergekit-pcb"})
         try:
             for i, task in enumerate(plan.tasks):
-                writer.write(task.name, compute_tensor(plan, task, dev))
+                writer.write_chunks(task.name, (compute_part(plan, task, dev, a, b)
+                                                for a, b in slices(plan, task)))
                 progress.update(bar, advance=plan.task_read_bytes(task),
                                 tensors=f"{i + 1}/{len(plan.tasks)}")
             writer.close()

@@ -51,10 +51,13 @@ class Checkpoint:
         except KeyError:
             raise CheckpointError(f"tensor '{name}' is missing from model {self.ref}") from None
 
-    def read(self, name: str) -> torch.Tensor:
+    def read(self, name: str, start: int | None = None, stop: int | None = None
+             ) -> torch.Tensor:
+        """The tensor, or with `start`/`stop` its flat elements [start, stop) as 1-D."""
         info = self.info(name)
         if info.file in self._pickle_files:
-            return self._read_pickled(info)
+            tensor = self._read_pickled(info)
+            return tensor if start is None and stop is None else tensor.reshape(-1)[start:stop]
         handle = self._handles.get(info.file)
         if handle is None:
             try:
@@ -62,7 +65,7 @@ class Checkpoint:
             except OSError as e:
                 raise CheckpointError(f"cannot open {info.file}: {e.strerror or e}") from e
             self._handles[info.file] = handle
-        return read_tensor(handle, info)
+        return read_tensor(handle, info, start, stop)
 
     def _read_pickled(self, info: TensorInfo) -> torch.Tensor:
         state = self._pickled.get(info.file)

@@ -125,18 +125,28 @@ def _tensor_info(
     return TensorInfo(name, dtype, shape, path, data_start + begin, data_start + end)
 
 
-def read_tensor(handle: BinaryIO, info: TensorInfo) -> torch.Tensor:
-    """Read one tensor with a positioned read into a fresh buffer."""
-    buffer = torch.empty(info.nbytes, dtype=torch.uint8)
-    view = memoryview(buffer.numpy())
-    handle.seek(info.start)
-    got = handle.readinto(view)
-    if got != info.nbytes:
+def read_tensor(handle: BinaryIO, info: TensorInfo, start: int | None = None,
+                stop: int | None = None) -> torch.Tensor:
+    """Read one tensor with a positioned read into a fresh buffer.
+
+    With `start`/`stop`, only flat elements [start, stop) are read, as a 1-D tensor: large
+    tensors can stream in slices.
+    """
+    whole = start is None and stop is None
+    first = 0 if start is None else start
+    last = info.numel if stop is None else stop
+    size = info.dtype.itemsize
+    nbytes = (last - first) * size
+    buffer = torch.empty(nbytes, dtype=torch.uint8)
+    handle.seek(info.start + first * size)
+    got = handle.readinto(memoryview(buffer.numpy())) if nbytes else 0
+    if got != nbytes:
         raise CheckpointError(
             f"truncated safetensors file {info.file}: tensor '{info.name}' is cut short "
-            f"({got} of {info.nbytes} bytes)"
+            f"({got} of {nbytes} bytes)"
         )
-    return buffer.view(info.dtype).reshape(info.shape)
+    flat = buffer.view(info.dtype)
+    return flat.reshape(info.shape) if whole else flat
 
 
 def encode_header(entries: list[tuple[str, torch.dtype, tuple[int, ...]]],

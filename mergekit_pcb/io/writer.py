@@ -12,7 +12,7 @@ import errno
 import json
 import os
 import shutil
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
@@ -107,6 +107,25 @@ class ShardedSafetensorsWriter:
                 f"writer expected {expected.name} {expected.shape} {expected.dtype}, "
                 f"got {name} {tuple(tensor.shape)} {tensor.dtype}"
             )
+        self._append(shard, tensor)
+
+    def write_chunks(self, name: str, chunks: Iterable[torch.Tensor]) -> None:
+        """Write one tensor from consecutive flat slices (large tensors stream in parts)."""
+        shard, expected = next(self._queue)
+        written = 0
+        for chunk in chunks:
+            if name != expected.name or chunk.dtype != expected.dtype:
+                raise RuntimeError(f"writer expected {expected.name} {expected.dtype}, "
+                                   f"got {name} {chunk.dtype}")
+            self._append(shard, chunk)
+            written += chunk.numel()
+        if written * expected.dtype.itemsize != expected.nbytes:
+            raise RuntimeError(f"writer got {written} elements for {name}, "
+                               f"expected shape {expected.shape}")
+        if written == 0 and shard is not self._current:
+            self._open(shard)
+
+    def _append(self, shard: Shard, tensor: torch.Tensor) -> None:
         if shard is not self._current:
             self._open(shard)
         assert self._handle is not None

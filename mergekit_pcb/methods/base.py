@@ -84,6 +84,12 @@ class MergeMethod(ABC):
     def merge(self, inputs: TensorInputs) -> torch.Tensor:
         """Return the merged tensor (any float dtype; the engine casts it for output)."""
 
+    def elementwise(self, params: Mapping[str, Any]) -> bool:
+        """True when each output entry depends only on the inputs' entries at the same
+        position (and on global statistics): the engine may then stream a large tensor in
+        slices. Methods that rank within a tensor, or draw random masks per tensor, are not."""
+        return False
+
     def global_stats(self, num_models: int, total_numel: int, params: Mapping[str, Any],
                      model_params: Sequence[Mapping[str, Any]]) -> GlobalStats | None:
         """Statistics over all the tensors this method serves, or None (per-tensor methods).

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 
@@ -32,6 +33,9 @@ class Linear(MergeMethod):
         WEIGHT,
         ParamSpec("normalize", True, "divide by the sum of the weights", kind=bool),
     )
+
+    def elementwise(self, params: Mapping[str, Any]) -> bool:
+        return True
 
     def merge(self, inputs: TensorInputs) -> torch.Tensor:
         weights = [p["weight"] for p in inputs.model_params]

@@ -245,6 +245,9 @@ class Pcb(MergeMethod):
         return PcbGlobalStats(num_models, total_numel, params["clip"], params["inter"],
                               [p["density"] for p in model_params])
 
+    def elementwise(self, params: Mapping[str, Any]) -> bool:
+        return params["scope"] == "global"
+
     def merge(self, inputs: TensorInputs) -> torch.Tensor:
         assert inputs.base is not None
         base = inputs.base.float()

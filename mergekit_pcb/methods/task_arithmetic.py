@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 
@@ -25,6 +26,9 @@ class TaskArithmetic(MergeMethod):
         LAMBDA,
         ParamSpec("normalize", False, "divide the sum by the sum of the weights", kind=bool),
     )
+
+    def elementwise(self, params: Mapping[str, Any]) -> bool:
+        return True
 
     def merge(self, inputs: TensorInputs) -> torch.Tensor:
         assert inputs.base is not None

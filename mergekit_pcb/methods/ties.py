@@ -114,6 +114,9 @@ class Ties(MergeMethod):
                                   "scope: global")
         return TiesGlobalStats(total_numel, [p["density"] for p in model_params])
 
+    def elementwise(self, params: Mapping[str, Any]) -> bool:
+        return params["scope"] == "global"
+
     def merge(self, inputs: TensorInputs) -> torch.Tensor:
         assert inputs.base is not None
         weights = [p["weight"] for p in inputs.model_params]
