@@ -524,6 +524,91 @@ def dump_json(path: Path, rows: list[Row], meta: dict[str, Any]) -> None:
     path.write_text(json.dumps(payload, indent=2), encoding="utf-8")
 
 
+# --------------------------------------------------------------------------- size sweep
+
+
+def dense_pcb_command(recipe: Path, out: Path) -> list[str]:
+    return [sys.executable, str(REPO_ROOT / "scripts" / "pcb_dense.py"), str(recipe), "-o",
+            str(out)]
+
+
+def dense_estimate_gb(params: int, models: int) -> float:
+    """Peak of the flatten-everything PCB: the loaded models, the [n, D] rows, a sort's
+    values and int64 indices, and a few same-size temporaries."""
+    return ((models + 1) * params * 4 + models * params * (4 * 5 + 8)) / 1e9
+
+
+@dataclasses.dataclass
+class SweepRow:
+    size: str
+    params: int
+    runs: dict[str, RunResult | None]
+    dense_note: str = ""
+    dense_rel_diff: float | None = None
+
+
+SWEEP_TOOLS = ("pcb global", "pcb tensor", "ties", "dense PCB")
+
+
+def run_sweep(args: argparse.Namespace, workdir: Path) -> list[SweepRow]:
+    rows = []
+    for size in _split(args.sweep):
+        shape = PRESETS[size]
+        root = workdir / f"sweep-{size}"
+        print(f"sweep {size}: {shape.param_count() / 1e6:.0f}M params", flush=True)
+        base, ft_dirs = build_checkpoints(shape, root / "models", args.shard_size, args.seed,
+                                          args.delta_scale)
+        recipes = {"pcb global": pcb_recipe(base, ft_dirs),
+                   "pcb tensor": pcb_tensor_recipe(base, ft_dirs),
+                   "ties": ties_recipe(base, ft_dirs)}
+        runs: dict[str, RunResult | None] = {}
+        for tool, recipe in recipes.items():
+            path = write_recipe(recipe, root)
+            out = root / f"out-{recipe.method}"
+            print(f"  {tool}...", flush=True)
+            runs[tool] = run_measured(ours_command(path, out), root / f"{recipe.method}.log",
+                                      args.timeout, thread_env(args))
+            if tool != "pcb global":
+                shutil.rmtree(out, ignore_errors=True)
+        row = SweepRow(size, shape.param_count(), runs)
+        estimate = dense_estimate_gb(shape.param_count(), len(ft_dirs))
+        if estimate > args.dense_max_gb:
+            runs["dense PCB"] = None
+            row.dense_note = f"skipped: needs about {estimate:.0f} GB (> --dense-max-gb)"
+        else:
+            print("  dense PCB...", flush=True)
+            dense_out = root / "out-dense"
+            runs["dense PCB"] = run_measured(
+                dense_pcb_command(write_recipe(recipes["pcb global"], root), dense_out),
+                root / "dense.log", args.timeout, thread_env(args))
+            row.dense_rel_diff = compare_outputs(root / "out-pcb", dense_out).max_rel_diff
+        rows.append(row)
+        shutil.rmtree(root, ignore_errors=True)  # the largest size needs the disk back
+    return rows
+
+
+def render_sweep(rows: list[SweepRow]) -> str:
+    tools = " | ".join(f"{tool} wall s | {tool} peak RSS MB" for tool in SWEEP_TOOLS)
+    header = f"| size | params | {tools} | pcb global vs dense max rel diff |"
+    lines = [header, "|" + "---|" * (3 + 2 * len(SWEEP_TOOLS))]
+    for row in rows:
+        cells = [row.size, f"{row.params / 1e6:.0f}M"]
+        for tool in SWEEP_TOOLS:
+            run = row.runs.get(tool)
+            cells += [_fmt(run.wall_s if run else None, ".1f"),
+                      _fmt(run.peak_rss_mb if run else None, ".0f")]
+        cells.append(_fmt(row.dense_rel_diff, ".2g") if row.dense_rel_diff is not None
+                     else row.dense_note or "n/a")
+        lines.append("| " + " | ".join(cells) + " |")
+    first, last = rows[0].runs, rows[-1].runs
+    for tool in SWEEP_TOOLS:
+        a, b = first.get(tool), last.get(tool)
+        if a and b:
+            lines.append(f"\n{tool}: peak RSS {rows[-1].size} / {rows[0].size} = "
+                         f"{b.peak_rss_mb / a.peak_rss_mb:.2f}x")
+    return "\n".join(lines)
+
+
 # --------------------------------------------------------------------------- main
 
 
@@ -560,6 +645,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--no-mergekit", action="store_true", help="skip the mergekit runs")
     parser.add_argument("--no-ours", action="store_true", help="skip the pcbmerge runs")
     parser.add_argument("--json", type=Path, help="write the figures to this JSON file")
+    parser.add_argument("--sweep", help="instead: PCB memory sweep over sizes, e.g. 30M,120M,500M")
+    parser.add_argument("--dense-max-gb", type=float, default=16.0,
+                        help="skip the dense PCB peer when it would need more memory")
     args = parser.parse_args(argv)
     unknown = [m for m in _split(args.methods) if m not in RECIPES]
     if unknown:
@@ -665,6 +753,13 @@ def main(argv: list[str] | None = None) -> int:
     shape = resolve_shape(args)
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="bench-merge-"))
     workdir.mkdir(parents=True, exist_ok=True)
+    if args.sweep:
+        try:
+            print(render_sweep(run_sweep(args, workdir)))
+        finally:
+            if not (args.keep or args.workdir):
+                shutil.rmtree(workdir, ignore_errors=True)
+        return 0
     mergekit = None if args.no_mergekit else ensure_mergekit_venv(args.mergekit_venv)
     print(f"workdir {workdir}; {shape} = {shape.param_count() / 1e6:.1f}M params", flush=True)
     load_before = os.getloadavg()[0]

@@ -389,6 +389,17 @@ def train_checkpoints(tasks: dict[str, TaskData], seed: int) -> dict[str, nn.Mod
     return models
 
 
+def save_selection_data(tasks: dict[str, TaskData], directory: Path) -> None:
+    """Every task's validation split as `select.npz` and test split as `report.npz`, for
+    evolution recipes (recipes/evolver.yaml): the search selects on val, reports on test."""
+    directory.mkdir(parents=True, exist_ok=True)
+    for name, split in (("select", "val"), ("report", "test")):
+        parts = [getattr(data, split) for data in tasks.values()]
+        np.savez(directory / f"{name}.npz",
+                 inputs=torch.cat([p.x for p in parts]).numpy(),
+                 labels=torch.cat([p.y for p in parts]).numpy())
+
+
 def merge_all(workdir: Path) -> dict[str, MLP]:
     """Merge the checkpoints with every available example recipe; return merged models."""
     listed = available_methods()
@@ -417,6 +428,7 @@ def main(argv: list[str] | None = None) -> int:
     models = train_checkpoints(tasks, args.seed)
     for name, model in models.items():
         save_checkpoint(model, args.workdir / "checkpoints" / name)
+    save_selection_data(tasks, args.workdir / "data")
     print(f"trained and saved {len(models)} checkpoints in {time.perf_counter() - start:.1f}s")
 
     models.update(merge_all(args.workdir))

@@ -283,3 +283,15 @@ def test_streaming_in_slices_changes_nothing(tmp_path: Path, monkeypatch, method
     sliced = run_recipe(tmp_path, recipe, "sliced")
     for name in whole:
         assert torch.equal(whole[name], sliced[name]), name
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("scope", ["global", "tensor"])
+def test_cuda_matches_cpu(tmp_path: Path, scope: str) -> None:
+    base_dir, tuned_dirs, *_ = make_models(tmp_path, 3, seed=13)
+    path = write_recipe(tmp_path / "r.yaml", pcb_recipe(base_dir, tuned_dirs, scope=scope))
+    merge_recipe_file(path, tmp_path / "cpu")
+    merge_recipe_file(path, tmp_path / "cuda", device="cuda")
+    cpu = load_file(tmp_path / "cpu" / "model.safetensors")
+    gpu = load_file(tmp_path / "cuda" / "model.safetensors")
+    assert_matches(gpu, cpu)
