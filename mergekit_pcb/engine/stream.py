@@ -7,9 +7,10 @@ is one tensor's inputs plus the method's scratch, whatever the model size.
 
 from __future__ import annotations
 
+import ctypes
 import math
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,6 +49,25 @@ class MergeResult:
     seconds: float
 
 
+def _load_malloc_trim() -> Callable[[], object]:
+    """glibc's malloc_trim, or a no-op elsewhere.
+
+    Tensors of many sizes come and go while streaming; glibc keeps freed heap memory, so
+    without trimming the resident size creeps up with the model size (measured: 0.6 GB at
+    30M parameters, 1.9 GB at 500M for a global PCB merge). Trimming after each tensor keeps
+    it flat at a negligible cost.
+    """
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        trim = libc.malloc_trim
+    except (OSError, AttributeError):
+        return lambda: None
+    return lambda: trim(0)
+
+
+release_freed_memory = _load_malloc_trim()
+
+
 def _all_finite(tensor: torch.Tensor) -> bool:
     """NaN and ±Inf show up in the min or max; one reduction, no boolean temporary."""
     if tensor.numel() == 0:
@@ -59,8 +79,10 @@ def _all_finite(tensor: torch.Tensor) -> bool:
 
 
 # Elementwise work streams in slices of this many elements, so peak memory does not grow
-# with the largest tensor (an embedding can hold a fifth of a small model).
-CHUNK_ELEMENTS = 1 << 22
+# with the largest tensor (an embedding can hold a fifth of a small model). Measured on a
+# global PCB merge: 4M-element slices left the heap fragmented (0.6 GB at 30M parameters,
+# 1.1 GB at 500M); 1M-element slices stay flat (0.40 / 0.43 GB) and run faster.
+CHUNK_ELEMENTS = 1 << 20
 
 
 def slices(plan: MergePlan, task: TensorTask) -> list[tuple[int | None, int | None]]:
@@ -143,6 +165,8 @@ def gather_statistics(plan: MergePlan, device: torch.device, progress: Progress)
                 for start, stop in slices(plan, task):
                     values = _read_inputs(plan, task, device, start, stop)
                     route.stats.observe(p, _method_inputs(plan, task, values))
+                    del values
+                    release_freed_memory()
                 progress.update(bar, advance=plan.task_read_bytes(task),
                                 tensors=f"{i + 1}/{len(tasks)}")
             route.stats.finish(p)
@@ -164,6 +188,7 @@ def run_plan(plan: MergePlan, output: Path, *, force: bool = False, shard_size: 
             for i, task in enumerate(plan.tasks):
                 writer.write_chunks(task.name, (compute_part(plan, task, dev, a, b)
                                                 for a, b in slices(plan, task)))
+                release_freed_memory()
                 progress.update(bar, advance=plan.task_read_bytes(task),
                                 tensors=f"{i + 1}/{len(plan.tasks)}")
             writer.close()
