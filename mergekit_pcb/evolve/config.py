@@ -13,7 +13,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Union
 
-import yaml
 from pydantic import Field, ValidationError
 
 from mergekit_pcb.errors import RecipeError
@@ -25,7 +24,8 @@ from mergekit_pcb.recipe.schema import (
     ModelEntry,
     ParameterValue,
     StrictModel,
-    format_loc,
+    first_error,
+    read_yaml,
 )
 
 Number = Union[float, int]  # noqa: UP007 - pydantic needs the runtime union
@@ -103,33 +103,6 @@ class EvolutionRecipe(StrictModel):
     def population_refs(self) -> list[str]:
         """The input models the population starts from (the base is never a member)."""
         return [m.model for m in self.models if m.model != self.base_model]
-
-
-def first_error(e: ValidationError) -> str:
-    """One line naming the recipe key at fault (the most specific of pydantic's errors)."""
-    def depth(err: Any) -> int:
-        return len([p for p in err["loc"] if not (isinstance(p, str) and "[" in p)])
-
-    err = max(e.errors(), key=depth)
-    where = format_loc(tuple(err["loc"]))
-    if err["type"] == "extra_forbidden":
-        return f"unknown key '{where}'"
-    if err["type"] == "missing":
-        return f"missing required key '{where}'"
-    return f"'{where}': {err['msg']}"
-
-
-def read_yaml(path: Path, what: str = "recipe") -> Any:
-    try:
-        text = path.read_text()
-    except OSError as e:
-        raise RecipeError(f"cannot read {what} {path}: {e.strerror or e}") from None
-    try:
-        return yaml.safe_load(text)
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f" line {mark.line + 1}" if mark is not None else ""
-        raise RecipeError(f"{path}:{where} not valid YAML ({getattr(e, 'problem', e)})") from None
 
 
 def parse_evolution_recipe(data: Any, source: str) -> EvolutionRecipe:

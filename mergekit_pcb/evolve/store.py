@@ -10,8 +10,6 @@ from an interrupted step.
 
 from __future__ import annotations
 
-import contextlib
-import errno
 import json
 import mmap
 import os
@@ -22,7 +20,7 @@ from typing import Any, Union
 
 import torch
 
-from mergekit_pcb.errors import CheckpointError, OutputError
+from mergekit_pcb.errors import CheckpointError
 from mergekit_pcb.io.reader import Checkpoint, open_checkpoint
 from mergekit_pcb.io.safetensors_format import (
     TensorInfo,
@@ -30,6 +28,7 @@ from mergekit_pcb.io.safetensors_format import (
     read_header,
     tensor_bytes,
 )
+from mergekit_pcb.io.writer import disk_errors
 
 STATE_FILE = "state.json"
 MEMBERS_DIR = "members"
@@ -79,7 +78,7 @@ def write_safetensors(path: Path, layout: list[TensorSpec],
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     entries = [(s.name, s.dtype, s.shape) for s in layout]
     try:
-        with _disk_errors(path.parent), open(tmp, "wb") as f:
+        with disk_errors(path.parent, "the run state"), open(tmp, "wb") as f:
             f.write(encode_header(entries, {"format": "pt", **(metadata or {})}))
             expected = iter(layout)
             for name, t in tensors:
@@ -96,18 +95,6 @@ def write_safetensors(path: Path, layout: list[TensorSpec],
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
-        raise
-
-
-@contextlib.contextmanager
-def _disk_errors(where: Path) -> Iterator[None]:
-    try:
-        yield
-    except OSError as e:
-        if e.errno == errno.ENOSPC:
-            raise OutputError(f"disk full while writing in {where}") from e
-        if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
-            raise OutputError(f"cannot write in {where}: {e.strerror}") from e
         raise
 
 

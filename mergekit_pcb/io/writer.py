@@ -129,20 +129,20 @@ class ShardedSafetensorsWriter:
         if shard is not self._current:
             self._open(shard)
         assert self._handle is not None
-        with _disk_errors(self.directory):
+        with disk_errors(self.directory.parent):
             self._handle.write(tensor_bytes(tensor))
 
     def _open(self, shard: Shard) -> None:
         self._close_handle()
         self._current = shard
-        with _disk_errors(self.directory):
+        with disk_errors(self.directory.parent):
             self._handle = open(self.directory / shard.file_name, "wb")  # noqa: SIM115
             entries = [(t.name, t.dtype, t.shape) for t in shard.tensors]
             self._handle.write(encode_header(entries, self.metadata))
 
     def _close_handle(self) -> None:
         if self._handle is not None:
-            with _disk_errors(self.directory):
+            with disk_errors(self.directory.parent):
                 self._handle.flush()
                 os.fsync(self._handle.fileno())
                 self._handle.close()
@@ -161,7 +161,7 @@ class ShardedSafetensorsWriter:
                 "metadata": {"total_size": sum(s.nbytes for s in self.shards)},
                 "weight_map": {t.name: s.file_name for s in self.shards for t in s.tensors},
             }
-            with _disk_errors(self.directory):
+            with disk_errors(self.directory.parent):
                 (self.directory / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
 
     def abort(self) -> None:
@@ -171,14 +171,15 @@ class ShardedSafetensorsWriter:
 
 
 @contextlib.contextmanager
-def _disk_errors(where: Path) -> Iterator[None]:
+def disk_errors(where: Path, what: str = "the output") -> Iterator[None]:
+    """OS errors a user can fix (full disk, permissions) as one-line OutputErrors."""
     try:
         yield
     except OSError as e:
         if e.errno == errno.ENOSPC:
-            raise OutputError(f"disk full while writing the output in {where.parent}") from e
+            raise OutputError(f"disk full while writing {what} in {where}") from e
         if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
-            raise OutputError(f"cannot write the output in {where.parent}: {e.strerror}") from e
+            raise OutputError(f"cannot write {what} in {where}: {e.strerror}") from e
         raise
 
 

@@ -103,10 +103,11 @@ def parse_recipe(data: Any, source: str) -> MergeRecipe:
     try:
         return MergeRecipe.model_validate(data)
     except ValidationError as e:
-        raise RecipeError(f"{source}: {_first_error(e)}") from None
+        raise RecipeError(f"{source}: {first_error(e)}") from None
 
 
-def _first_error(e: ValidationError) -> str:
+def first_error(e: ValidationError) -> str:
+    """One line naming the recipe key at fault (the most specific of pydantic's errors)."""
     errors = e.errors()
     # Prefer the most specific location: unions report one error per branch.
     err = max(errors, key=lambda x: len([p for p in x["loc"] if not _is_branch(p)]))
@@ -123,11 +124,11 @@ def _is_branch(part: int | str) -> bool:
     return isinstance(part, str) and ("[" in part or part.startswith("function-"))
 
 
-def _read_yaml(p: Path) -> Any:
+def read_yaml(p: Path, what: str = "recipe") -> Any:
     try:
         text = p.read_text()
     except OSError as e:
-        raise RecipeError(f"cannot read recipe {p}: {e.strerror or e}") from None
+        raise RecipeError(f"cannot read {what} {p}: {e.strerror or e}") from None
     try:
         return yaml.safe_load(text)
     except yaml.YAMLError as e:
@@ -138,11 +139,11 @@ def _read_yaml(p: Path) -> Any:
 
 def read_merge_method(path: str | Path) -> str | None:
     """The recipe's `merge_method`, read before choosing which schema validates it."""
-    data = _read_yaml(Path(path))
+    data = read_yaml(Path(path))
     method = data.get("merge_method") if isinstance(data, dict) else None
     return method if isinstance(method, str) else None
 
 
 def load_recipe(path: str | Path) -> MergeRecipe:
     p = Path(path)
-    return parse_recipe(_read_yaml(p), str(p))
+    return parse_recipe(read_yaml(p), str(p))
