@@ -295,3 +295,19 @@ def test_cuda_matches_cpu(tmp_path: Path, scope: str) -> None:
     cpu = load_file(tmp_path / "cpu" / "model.safetensors")
     gpu = load_file(tmp_path / "cuda" / "model.safetensors")
     assert_matches(gpu, cpu)
+
+
+def test_kth_smallest_equals_sort() -> None:
+    """The histogram selection behind the trims and the global statistics is exact."""
+    from mergekit_pcb.methods.selection import kth_smallest
+
+    g = torch.Generator().manual_seed(2)
+    values = torch.cat([torch.randn(3000, generator=g) * s for s in (1e-3, 1.0, 1e3)]
+                       + [torch.zeros(40), -torch.zeros(10), torch.full((25,), 0.5),
+                          torch.tensor([float("inf"), -float("inf"), 3.4e38, -3.4e38, 1e-45,
+                                        -1e-45])])
+    ordered = torch.sort(values).values
+    magnitudes = torch.sort(values.abs()).values
+    for k in range(0, values.numel(), 37):
+        assert kth_smallest(values, k) == ordered[k].item(), k
+        assert kth_smallest(values.abs(), k, nonnegative=True) == magnitudes[k].item(), k

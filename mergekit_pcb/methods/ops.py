@@ -6,13 +6,15 @@ from collections.abc import Sequence
 
 import torch
 
+from mergekit_pcb.methods.selection import kth_smallest
+
 
 def magnitude_trim(delta: torch.Tensor, density: float) -> torch.Tensor:
     """Keep the max(1, ⌊density·numel⌋) entries of largest magnitude (TIES trim).
 
-    Bit-compatible with mergekit: the threshold comes from `kthvalue` (no full sort), and
-    only when equal magnitudes straddle it does the choice among them fall back to
-    mergekit's own rule, `argsort(descending=True)[:k]` (torch's sort order: deterministic
+    Bit-compatible with mergekit: the threshold is an exact order statistic (histogram
+    selection, no full sort), and only when equal magnitudes straddle it does the choice
+    among them fall back to mergekit's own rule, `argsort(descending=True)[:k]` (torch's sort order: deterministic
     for a given input, not index order). float64 magnitudes are ranked in float64.
     """
     if density >= 1.0:
@@ -24,7 +26,10 @@ def magnitude_trim(delta: torch.Tensor, density: float) -> torch.Tensor:
     magnitude = delta.abs().reshape(-1)
     if magnitude.dtype in (torch.float16, torch.bfloat16):
         magnitude = magnitude.float()  # exact upcast, as mergekit ranks them
-    threshold = torch.kthvalue(magnitude, n - k + 1).values
+    if magnitude.dtype == torch.float32:
+        threshold: torch.Tensor | float = kth_smallest(magnitude, n - k, nonnegative=True)
+    else:
+        threshold = torch.kthvalue(magnitude, n - k + 1).values
     keep = magnitude >= threshold
     if int(keep.sum()) != k:  # ties straddle the threshold
         keep = torch.zeros_like(keep)

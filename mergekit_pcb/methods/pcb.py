@@ -29,7 +29,7 @@ from mergekit_pcb.methods.base import (
     ParamSpec,
     TensorInputs,
 )
-from mergekit_pcb.methods.selection import StreamingSelect
+from mergekit_pcb.methods.selection import StreamingSelect, kth_smallest
 
 INTER = ("consensus", "normalized", "pairwise")
 
@@ -106,8 +106,8 @@ def pcb_combine(base: torch.Tensor, tau: Sequence[torch.Tensor], scores: Sequenc
     return base + lambda_ * numerator / denominator.clamp(min=1e-12)
 
 
-def _kth(values: torch.Tensor, k: int) -> float:
-    return float(torch.kthvalue(values.reshape(-1), k + 1).values)
+def _kth(values: torch.Tensor, k: int, nonnegative: bool = False) -> float:
+    return kth_smallest(values, k, nonnegative=nonnegative)
 
 
 def pcb_tensor(base: torch.Tensor, models: Sequence[torch.Tensor], weights: Sequence[float],
@@ -122,7 +122,8 @@ def pcb_tensor(base: torch.Tensor, models: Sequence[torch.Tensor], weights: Sequ
     stats = []
     for t in tau:
         a = t.abs()
-        stats.append(RowStats(_kth(a, lo_k), _kth(a, hi_k), float(a.min()), float(a.max())))
+        stats.append(RowStats(_kth(a, lo_k, True), _kth(a, hi_k, True), float(a.min()),
+                              float(a.max())))
     scores = pcb_scores(tau, stats, inter)
     stats = [RowStats(s.clip_low, s.clip_high, s.abs_min, s.abs_max,
                       _kth(b, drop_index(d, r)), float(b.max()))

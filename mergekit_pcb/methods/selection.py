@@ -13,23 +13,30 @@ from __future__ import annotations
 import torch
 
 BINS = 1 << 16
+_HALF = 1 << 15
 _LOW = BINS - 1
-_SIGN = 1 << 31
-_ALL = (1 << 32) - 1
+_FLIP = 0x7FFFFFFF
 
 
 def float_keys(values: torch.Tensor) -> torch.Tensor:
-    """Order-preserving uint32 keys (held in int64) of float32 values; -0.0 counts as +0.0."""
+    """Order-preserving int32 keys of float32 values (negative floats get their low 31 bits
+    flipped); -0.0 counts as +0.0. All int32 arithmetic: no 64-bit temporaries."""
     v = values.detach().reshape(-1).to(torch.float32) + 0.0  # -0.0 + 0.0 == +0.0
-    bits = v.view(torch.int32).to(torch.int64) & _ALL
-    negative = (bits & _SIGN) != 0
-    return torch.where(negative, _ALL - bits, bits | _SIGN)
+    bits = v.view(torch.int32)
+    return bits ^ ((bits >> 31) & _FLIP)
 
 
 def key_to_float(key: int) -> float:
-    bits = key - _SIGN if key & _SIGN else _ALL - key
-    as_int32 = bits - (1 << 32) if bits >= _SIGN else bits
-    return torch.tensor([as_int32], dtype=torch.int32).view(torch.float32).item()
+    k = torch.tensor([key], dtype=torch.int32)
+    return (k ^ ((k >> 31) & _FLIP)).view(torch.float32).item()
+
+
+def _high(keys: torch.Tensor) -> torch.Tensor:
+    return (keys >> 16) + _HALF  # 0 … 65535
+
+
+def _key(high_bin: int, low: int) -> int:
+    return ((high_bin - _HALF) << 16) | low
 
 
 class StreamingSelect:
@@ -55,7 +62,7 @@ class StreamingSelect:
     def observe_high(self, values: torch.Tensor) -> None:
         keys = float_keys(values)
         self.total += keys.numel()
-        self._hist_high += torch.bincount(keys >> 16, minlength=BINS).cpu()
+        self._hist_high += torch.bincount(_high(keys), minlength=BINS).cpu()
 
     def finish_high(self) -> None:
         for k in self.ks:
@@ -72,7 +79,7 @@ class StreamingSelect:
 
     def observe_low(self, values: torch.Tensor) -> None:
         keys = float_keys(values)
-        high = keys >> 16
+        high = _high(keys)
         for b, hist in self._hist_low.items():
             inside = keys[high == b] & _LOW
             if inside.numel():
@@ -83,7 +90,35 @@ class StreamingSelect:
             hist = self._hist_low[b]
             cum = hist.cumsum(0)
             low = int(torch.searchsorted(cum, torch.tensor(rank), right=True))
-            self.values.append(key_to_float((b << 16) | low))
+            self.values.append(key_to_float(_key(b, low)))
             self.counts_below.append(below + (int(cum[low - 1]) if low > 0 else 0))
             self.counts_equal.append(int(hist[low]))
         self._hist_low.clear()
+
+
+def kth_smallest(values: torch.Tensor, k: int, *, nonnegative: bool = False) -> float:
+    """The exact k-th smallest (0-based) of float32 values, by the same two histogram rounds
+    in memory: several times faster than `torch.kthvalue` on large tensors.
+
+    With `nonnegative` (magnitudes: no negative values and no -0.0), the float bits are
+    already order-preserving and the key transform is skipped.
+    """
+    flat = values.detach().reshape(-1).to(torch.float32)
+    if not 0 <= k < flat.numel():
+        raise ValueError(f"order statistic {k} out of range for {flat.numel()} values")
+    if nonnegative:
+        keys = flat.contiguous().view(torch.int32)
+        high = keys >> 16
+        offset = 0
+    else:
+        keys = float_keys(flat)
+        high = _high(keys)
+        offset = _HALF
+    cum = torch.bincount(high, minlength=BINS).cumsum(0).cpu()
+    b = int(torch.searchsorted(cum, torch.tensor(k), right=True))
+    below = int(cum[b - 1]) if b > 0 else 0
+    inside = keys[high == b] & _LOW
+    cum_low = torch.bincount(inside, minlength=BINS).cumsum(0).cpu()
+    low = int(torch.searchsorted(cum_low, torch.tensor(k - below), right=True))
+    return key_to_float(((b - offset) << 16) | low) if not nonnegative else \
+        torch.tensor([(b << 16) | low], dtype=torch.int32).view(torch.float32).item()
