@@ -14,8 +14,9 @@ def magnitude_trim(delta: torch.Tensor, density: float) -> torch.Tensor:
 
     Bit-compatible with mergekit: the threshold is an exact order statistic (histogram
     selection, no full sort), and only when equal magnitudes straddle it does the choice
-    among them fall back to mergekit's own rule, `argsort(descending=True)[:k]` (torch's sort order: deterministic
-    for a given input, not index order). float64 magnitudes are ranked in float64.
+    among them fall back to mergekit's own rule, `argsort(descending=True)[:k]` (torch's
+    sort order: deterministic for a given input, not index order). float64 magnitudes are
+    ranked in float64.
     """
     if density >= 1.0:
         return delta
