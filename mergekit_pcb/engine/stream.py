@@ -49,7 +49,7 @@ class MergeResult:
     seconds: float
 
 
-def _load_malloc_trim() -> Callable[[], object]:
+def _load_malloc_trim() -> Callable[[int], object]:
     """glibc's malloc_trim, or a no-op elsewhere.
 
     Tensors of many sizes come and go while streaming; glibc keeps freed heap memory, so
@@ -61,8 +61,17 @@ def _load_malloc_trim() -> Callable[[], object]:
         libc = ctypes.CDLL("libc.so.6")
         trim = libc.malloc_trim
     except (OSError, AttributeError):
-        return lambda: None
-    return lambda: trim(0)
+        return lambda nbytes: None
+    freed_since_trim = [0]
+
+    def release(nbytes: int) -> None:
+        # A trim costs a few ms; once per 256 MB of processed tensors is enough.
+        freed_since_trim[0] += nbytes
+        if freed_since_trim[0] >= 256 << 20:
+            freed_since_trim[0] = 0
+            trim(0)
+
+    return release
 
 
 release_freed_memory = _load_malloc_trim()
@@ -165,8 +174,9 @@ def gather_statistics(plan: MergePlan, device: torch.device, progress: Progress)
                 for start, stop in slices(plan, task):
                     values = _read_inputs(plan, task, device, start, stop)
                     route.stats.observe(p, _method_inputs(plan, task, values))
+                    release_freed_memory(sum(v.numel() * v.element_size()
+                                             for v in values.values()))
                     del values
-                    release_freed_memory()
                 progress.update(bar, advance=plan.task_read_bytes(task),
                                 tensors=f"{i + 1}/{len(tasks)}")
             route.stats.finish(p)
@@ -188,7 +198,7 @@ def run_plan(plan: MergePlan, output: Path, *, force: bool = False, shard_size: 
             for i, task in enumerate(plan.tasks):
                 writer.write_chunks(task.name, (compute_part(plan, task, dev, a, b)
                                                 for a, b in slices(plan, task)))
-                release_freed_memory()
+                release_freed_memory(plan.task_read_bytes(task))
                 progress.update(bar, advance=plan.task_read_bytes(task),
                                 tensors=f"{i + 1}/{len(plan.tasks)}")
             writer.close()
