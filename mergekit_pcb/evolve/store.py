@@ -14,7 +14,6 @@ import json
 import mmap
 import os
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Union
 
@@ -28,17 +27,11 @@ from mergekit_pcb.io.safetensors_format import (
     read_header,
     tensor_bytes,
 )
+from mergekit_pcb.io.writer import OutputTensor as TensorSpec  # name, dtype, shape
 from mergekit_pcb.io.writer import disk_errors
 
 STATE_FILE = "state.json"
 MEMBERS_DIR = "members"
-
-
-@dataclass(frozen=True)
-class TensorSpec:
-    name: str
-    dtype: torch.dtype
-    shape: tuple[int, ...]
 
 
 def layout_of(checkpoints: list[Checkpoint], base: Checkpoint | None = None) -> list[TensorSpec]:

@@ -67,22 +67,22 @@ def combine_task_vectors(
     weighted deltas agreeing with γ are summed; `normalize` divides by the sum of the
     weights that contributed (a zero divisor becomes 1).
     """
-    stacked = torch.stack(list(deltas), dim=0)
-    w = torch.tensor(list(weights), dtype=stacked.dtype, device=stacked.device)
-    w = w.reshape((-1,) + (1,) * (stacked.dim() - 1))
-    weighted = stacked * w
+    weighted = torch.stack(list(deltas), dim=0)
+    w = torch.tensor(list(weights), dtype=weighted.dtype, device=weighted.device)
+    w = w.reshape((-1,) + (1,) * (weighted.dim() - 1))
+    weighted.mul_(w)  # in place: the stack is ours (the same values as mergekit's product)
     if sign_consensus:
-        majority = (weighted.sum(dim=0) >= 0).to(stacked.dtype) * 2 - 1
-        agree = (weighted.sign() == majority).to(stacked.dtype)
-        mixed = (weighted * agree).sum(dim=0)
+        majority = (weighted.sum(dim=0) >= 0).to(weighted.dtype).mul_(2).sub_(1)
+        agree = (weighted.sign() == majority).to(weighted.dtype)
         divisor = (w * agree).sum(dim=0)
         divisor[divisor == 0] = 1
+        mixed = weighted.mul_(agree).sum(dim=0)
     else:
         mixed = weighted.sum(dim=0)
         divisor = w.sum(dim=0)
         divisor[divisor.abs() < 1e-8] = 1
     if normalize:
-        mixed = mixed / divisor
+        mixed.div_(divisor)
     if lambda_ != 1:
-        mixed = mixed * lambda_
-    return base + mixed
+        mixed.mul_(lambda_)
+    return mixed.add_(base)
