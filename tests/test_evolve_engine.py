@@ -297,12 +297,8 @@ def test_sigkill_mid_generation_then_resume_matches(pop_dir: Path) -> None:
 
 
 def cli(*args: str | Path, cwd: Path | None = None) -> Any:
-    import typer
+    from mergekit_pcb.cli import app  # the real `pcbmerge` app, evolve and eval wired in
 
-    from mergekit_pcb.evolve.cli import register
-
-    app = typer.Typer()
-    register(app)
     old = Path.cwd()
     try:
         if cwd is not None:
@@ -387,3 +383,20 @@ def test_bad_input_resume_with_other_settings(pop_dir: Path) -> None:
     line = _one_error_line(cli("evolve", recipe, "-o", pop_dir / "o2", "--run-dir",
                                pop_dir / "o.run", "--resume", "--seed", "4"))
     assert "--resume: 'seed' differs" in line
+
+
+def test_run_accepts_evolution_recipes(pop_dir: Path) -> None:
+    """`pcbmerge run` hands an evolution recipe to the evolution engine: same result as
+    `pcbmerge evolve` with the recipe's own values."""
+    recipe = write_recipe(pop_dir, recipe_dict(pop_dir, generations=2))
+    res = cli("run", recipe, "-o", pop_dir / "via-run", "--quiet")
+    assert res.exit_code == 0, res.output
+    res = cli("evolve", recipe, "-o", pop_dir / "via-evolve", "--quiet")
+    assert res.exit_code == 0, res.output
+    ran = load_file(pop_dir / "via-run" / "model.safetensors")
+    evolved = load_file(pop_dir / "via-evolve" / "model.safetensors")
+    assert ran.keys() == evolved.keys()
+    for name in ran:
+        assert torch.equal(ran[name], evolved[name]), name
+    history = json.loads((pop_dir / "via-run" / "evolution.json").read_text())["history"]
+    assert [h["generation"] for h in history] == [0, 1, 2]
