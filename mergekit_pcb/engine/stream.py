@@ -156,11 +156,6 @@ def compute_part(plan: MergePlan, task: TensorTask, device: torch.device,
     return out.to(device="cpu", dtype=task.out_dtype)
 
 
-def compute_tensor(plan: MergePlan, task: TensorTask, device: torch.device) -> torch.Tensor:
-    """The whole output tensor for `task` (tests and in-memory use)."""
-    return compute_part(plan, task, device)
-
-
 def gather_statistics(plan: MergePlan, device: torch.device, progress: Progress) -> None:
     """Run every statistics pass of every route that has them, in order."""
     for route in plan.routes:

@@ -15,14 +15,13 @@ import mmap
 import os
 from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Any, Union
+from typing import Any
 
 import torch
 
 from mergekit_pcb.errors import CheckpointError
 from mergekit_pcb.io.reader import Checkpoint, open_checkpoint
 from mergekit_pcb.io.safetensors_format import (
-    TensorInfo,
     encode_header,
     read_header,
     tensor_bytes,
@@ -91,7 +90,7 @@ def write_safetensors(path: Path, layout: list[TensorSpec],
         raise
 
 
-class MappedCheckpoint:
+class MappedCheckpoint(Checkpoint):
     """A single-file safetensors checkpoint, memory-mapped: `read` returns zero-copy views.
 
     The mapping is private copy-on-write, so the views are writable tensors (no warning) but
@@ -99,43 +98,26 @@ class MappedCheckpoint:
     """
 
     def __init__(self, path: Path) -> None:
-        self.ref = str(path)
-        self.root = path.parent
-        self.tensors, _ = read_header(path)
+        super().__init__(str(path), path.parent, read_header(path)[0])
         with open(path, "rb") as f:
             size = os.fstat(f.fileno()).st_size
             self._map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY) if size else None
 
-    def __contains__(self, name: str) -> bool:
-        return name in self.tensors
-
-    def names(self) -> list[str]:
-        return list(self.tensors)
-
-    def info(self, name: str) -> TensorInfo:
-        try:
-            return self.tensors[name]
-        except KeyError:
-            raise CheckpointError(f"tensor '{name}' is missing from {self.ref}") from None
-
-    def read(self, name: str) -> torch.Tensor:
+    def read(self, name: str, start: int | None = None, stop: int | None = None
+             ) -> torch.Tensor:
         info = self.info(name)
         if info.numel == 0 or self._map is None:
-            return torch.empty(info.shape, dtype=info.dtype)
-        return torch.frombuffer(self._map, dtype=info.dtype, count=info.numel,
-                                offset=info.start).view(info.shape)
+            tensor = torch.empty(info.shape, dtype=info.dtype)
+        else:
+            tensor = torch.frombuffer(self._map, dtype=info.dtype, count=info.numel,
+                                      offset=info.start).view(info.shape)
+        return tensor if start is None and stop is None else tensor.reshape(-1)[start:stop]
 
     def close(self) -> None:
         self._map = None  # unmapped when the last view is gone
 
-    def __enter__(self) -> MappedCheckpoint:
-        return self
 
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-
-Readable = Union[Checkpoint, MappedCheckpoint]  # noqa: UP007
+Readable = Checkpoint  # a MappedCheckpoint is one too
 
 
 def open_readable(ref: str) -> Readable:
