@@ -2,13 +2,15 @@
 
 A population of `--pop` members of an MLP of about `--params` parameters (four square
 layers), grown from four seeded inputs by the engine's interpolation fill, is evolved for
-`--generations` generations. The fitness is a cheap callable: one forward pass on a fixed
-batch of `--batch` rows. Overhead is the wall time not spent inside the fitness function
-(building trials tensor by tensor, crossover masks, merges, member writes, state commits),
-as a share of wall time; the target is ≤ 10 % during the generations.
+`--generations` generations. The fitness is a callable: one forward pass on a fixed batch,
+run once with each `--batch` size (a column each): 64 rows, a fitness so cheap that the
+engine's own work shows, and 2048 rows, about what scoring a small selection set costs.
+Overhead is the wall time not spent inside the fitness function (building trials tensor by
+tensor, crossover draws, merges, member writes, state commits), as a share of wall time;
+the target is ≤ 10 % during the generations.
 
     python scripts/bench_evolve.py                      # 30M parameters, pop 16, 2 generations
-    python scripts/bench_evolve.py --params 5e6 --generations 3 --mode merged
+    python scripts/bench_evolve.py --params 5e6 --generations 3 --mode merged --batch 256
 """
 
 from __future__ import annotations
@@ -68,76 +70,88 @@ def build_inputs(root: Path, params: float, inputs: int) -> int:
     return sum(t.numel() for t in base.values())
 
 
+def bench_once(root: Path, args: argparse.Namespace, batch: int) -> dict[str, str]:
+    """One evolution run with a fitness of `batch` rows; the table's column for it."""
+    import os
+
+    os.environ["BENCH_EVOLVE_BATCH"] = str(batch)
+    from mergekit_pcb.evolve.run import evolve
+
+    recipe = {
+        "merge_method": "evolver",
+        "models": [{"model": str(root / "inputs" / f"m{k}")} for k in range(4)],
+        "parameters": {"generations": args.generations, "pop": args.pop, "F": 0.5,
+                       "CR": 0.5, "mode": args.mode},
+        "fitness": {"type": "callable", "function": "benchfit:score"},
+        "seed": 0,
+    }
+    if args.mode == "merged":
+        recipe["merge"] = {"merge_method": "linear"}
+    path = root / "inputs" / f"bench-{batch}.yaml"
+    path.write_text(yaml.safe_dump(recipe, sort_keys=False))
+    out = root / f"out-{batch}"
+    start = time.perf_counter()
+    summary = evolve(path, out, workers=args.workers, threads=args.threads, force=True)
+    wall = time.perf_counter() - start
+    doc = json.loads((out / "evolution.json").read_text())
+    gens = doc["history"][1:]
+    gen_wall = sum(h["wall_s"] for h in gens)
+    gen_fit = sum(h["fitness_s"] for h in gens)
+    gen_evals = sum(h["evaluated"] for h in gens)
+    last = gens[-1]
+    return {
+        "candidates scored (generations)": str(gen_evals),
+        "fitness per candidate": f"{1000 * gen_fit / gen_evals:.0f} ms",
+        "generations: wall s": f"{gen_wall:.2f}",
+        "generations: inside fitness s": f"{gen_fit:.2f}",
+        "generations: candidates / s": f"{gen_evals / gen_wall:.2f}",
+        "generations: engine per candidate": f"{1000 * (gen_wall - gen_fit) / gen_evals:.0f} ms",
+        "generations: engine overhead": f"{100 * (1 - gen_fit / gen_wall):.1f} %",
+        "last generation: engine overhead":
+            f"{100 * (1 - last['fitness_s'] / last['wall_s']):.1f} %",
+        "whole run: wall s (init, output)": f"{wall:.2f}",
+        "whole run: evaluations": str(doc["totals"]["evaluations"]),
+        "whole run: engine overhead": f"{100 * (1 - summary.fitness_seconds / wall):.1f} %",
+    }
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--params", type=float, default=30e6, help="model size (parameters)")
     ap.add_argument("--pop", type=int, default=16)
     ap.add_argument("--generations", type=int, default=2)
-    ap.add_argument("--batch", type=int, default=64, help="rows in the fitness batch")
+    ap.add_argument("--batch", default="64,2048",
+                    help="rows in the fitness batch; a comma list runs one column each")
     ap.add_argument("--workers", type=int, default=1)
     ap.add_argument("--threads", type=int, default=1, help="torch threads per scorer")
     ap.add_argument("--mode", choices=["standalone", "merged"], default="standalone")
     ap.add_argument("--workdir", type=Path, default=None, help="kept when given")
     ap.add_argument("--json", action="store_true", help="print a JSON summary")
     args = ap.parse_args()
-
-    import os
-
-    os.environ["BENCH_EVOLVE_BATCH"] = str(args.batch)
-    from mergekit_pcb.evolve.run import evolve
+    batches = [int(b) for b in args.batch.split(",")]
 
     root = args.workdir or Path(tempfile.mkdtemp(prefix="bench-evolve-"))
     root.mkdir(parents=True, exist_ok=True)
     try:
         n_params = build_inputs(root / "inputs", args.params, inputs=4)
-        recipe = {
-            "merge_method": "evolver",
-            "models": [{"model": str(root / "inputs" / f"m{k}")} for k in range(4)],
-            "parameters": {"generations": args.generations, "pop": args.pop, "F": 0.5,
-                           "CR": 0.5, "mode": args.mode},
-            "fitness": {"type": "callable", "function": "benchfit:score"},
-            "seed": 0,
-        }
-        if args.mode == "merged":
-            recipe["merge"] = {"merge_method": "linear"}
-        path = root / "inputs" / "bench.yaml"
-        path.write_text(yaml.safe_dump(recipe, sort_keys=False))
-        start = time.perf_counter()
-        summary = evolve(path, root / "out", workers=args.workers, threads=args.threads,
-                         force=True)
-        wall = time.perf_counter() - start
-        doc = json.loads((root / "out" / "evolution.json").read_text())
+        columns = {b: bench_once(root, args, b) for b in batches}
     finally:
         if args.workdir is None:
             shutil.rmtree(root, ignore_errors=True)
 
-    gens = doc["history"][1:]
-    gen_wall = sum(h["wall_s"] for h in gens)
-    gen_fit = sum(h["fitness_s"] for h in gens)
-    gen_evals = sum(h["evaluated"] for h in gens)
-    totals = doc["totals"]
-    rows = {
+    head = {
         "model parameters": f"{n_params / 1e6:.1f} M ({n_params * 4 / 1e6:.0f} MB fp32)",
         "population / generations": f"{args.pop} / {args.generations} ({args.mode})",
         "workers × threads": f"{args.workers} × {args.threads}",
-        "fitness batch": str(args.batch),
-        "candidates scored (generations)": str(gen_evals),
-        "generations: wall s": f"{gen_wall:.2f}",
-        "generations: inside fitness s": f"{gen_fit:.2f}",
-        "generations: candidates / s": f"{gen_evals / gen_wall:.2f}" if gen_wall else "—",
-        "generations: engine overhead": f"{100 * (1 - gen_fit / gen_wall):.1f} %"
-        if gen_wall else "—",
-        "whole run: wall s (init, output)": f"{wall:.2f}",
-        "whole run: inside fitness s": f"{summary.fitness_seconds:.2f}",
-        "whole run: evaluations": str(totals["evaluations"]),
-        "whole run: engine overhead": f"{100 * (1 - summary.fitness_seconds / wall):.1f} %",
     }
     if args.json:
-        print(json.dumps(rows))
+        print(json.dumps({**head, "by_batch": columns}))
         return
-    table = Table("measure", "value", title="bench_evolve", title_justify="left")
-    for k, v in rows.items():
-        table.add_row(k, v)
+    table = Table("measure", *(f"fitness batch {b}" for b in batches), title="bench_evolve",
+                  caption=" · ".join(f"{k}: {v}" for k, v in head.items()),
+                  title_justify="left")
+    for key in columns[batches[0]]:
+        table.add_row(key, *(columns[b][key] for b in batches))
     Console().print(table)
 
 

@@ -169,7 +169,7 @@ def test_standalone_mode_keeps_trials_that_beat_their_parent(pop_dir: Path) -> N
     doc = json.loads((out / "evolution.json").read_text())
     initial, final = doc["initial"]["select"], doc["final"]["fitness"]
     assert all(f <= i for f, i in zip(final, initial, strict=True))
-    assert min(final) < min(initial)
+    assert sum(final) < sum(initial)  # some trials were kept, each better than its parent
     best = min(range(4), key=lambda i: final[i])
     best_file = summary.run_dir / "members" / doc["final"]["members"][best]
     expected = load_file(str(best_file))

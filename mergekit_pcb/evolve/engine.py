@@ -77,6 +77,7 @@ class EvolutionRun:
     _state: dict[str, Any] = field(default_factory=dict)
     _rng: random.Random = field(default_factory=random.Random)
     _mark: float = 0.0
+    _spares: list[str] = field(default_factory=list)
 
     # ------------------------------------------------------------------ setup
 
@@ -243,7 +244,9 @@ class EvolutionRun:
 
     def _score(self, jobs: Sequence[ScoreJob]) -> list[JobResult]:
         results = self.executor.map(run_score, [(self.ctx, j) for j in jobs])
-        self._state["fitness_s"] += sum(r.fitness_s for r in results)
+        spent = sum(r.fitness_s for r in results)
+        self._state["fitness_s"] += spent
+        self._state["current"]["fitness_s"] += spent
         return results
 
     def _best(self, fitness: Sequence[float]) -> tuple[int, float]:
@@ -269,7 +272,13 @@ class EvolutionRun:
         return {"order": order, "donors": donors,
                 "F": self.settings.F.value(generation), "CR": self.settings.CR.value(generation)}
 
-    def _trial_job(self, position: int) -> TrialJob:
+    def _tidy(self) -> None:
+        """Keep one spare member file per worker for accepted trials to overwrite."""
+        st = self._state
+        self._spares = self.run_dir.collect_garbage(
+            [*st["members"], *st["initial"]["members"]], spares=self.executor.workers)
+
+    def _trial_job(self, position: int, spare: str | None) -> TrialJob:
         st = self._state
         plan = st["plan"]
         slot = plan["order"][position]
@@ -282,6 +291,7 @@ class EvolutionRun:
             mutation=self.settings.mutation, merged=merged,
             threshold=st["objective"] if merged else st["fitness"][slot],
             out_path=self._path(f"g{gen + 1:04d}-s{position:04d}.safetensors"),
+            spare=self._path(spare) if spare else None,
         )
 
     def _reads(self, job: TrialJob) -> set[int]:
@@ -292,12 +302,14 @@ class EvolutionRun:
     def run(self) -> None:
         st = self._state
         pop = self.settings.pop
+        self._tidy()
         while st["phase"] == "evolve" and st["generation"] < st["generations"]:
             if st["plan"] is None:
                 st["plan"] = self._draw_plan(st["generation"])
                 self._commit()
             end = min(st["step"] + self.executor.workers, pop)
-            jobs = [self._trial_job(p) for p in range(st["step"], end)]
+            spares = self._spares + [None] * (end - st["step"])
+            jobs = [self._trial_job(p, spares[k]) for k, p in enumerate(range(st["step"], end))]
             results = self.executor.map(run_trial, [(self.ctx, j) for j in jobs])
             changed: set[int] = set()
             used = 0
@@ -309,7 +321,6 @@ class EvolutionRun:
                 st["current"]["fitness_s"] += res.fitness_s
                 st["current"]["evaluated"] += 1
                 st["evaluations"] += 1
-                old = st["members"][job.slot]
                 if res.accepted:
                     st["members"][job.slot] = Path(job.out_path).name
                     assert res.member_score is not None
@@ -320,10 +331,8 @@ class EvolutionRun:
                     changed.add(job.slot)
                 st["step"] += 1
                 self._commit()
-                if res.accepted and old not in st["initial"]["members"]:
-                    self.run_dir.member_path(old).unlink(missing_ok=True)
             st["discarded"] += len(jobs) - used
-            self.run_dir.collect_garbage([*st["members"], *st["initial"]["members"]])
+            self._tidy()  # replaced members and discarded trials become spares
             if st["step"] == pop:
                 cur, plan = st["current"], st["plan"]
                 self._tick()
@@ -337,6 +346,7 @@ class EvolutionRun:
         if st["phase"] == "evolve":
             st["phase"] = "done"
             self._commit()
+        self.run_dir.collect_garbage([*st["members"], *st["initial"]["members"]])  # spares
 
     def _record(self, generation: int, *, accepted: int, evaluated: int, F: float | None,
                 CR: float | None) -> dict[str, Any]:

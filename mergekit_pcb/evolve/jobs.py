@@ -18,7 +18,12 @@ from mergekit_pcb.engine.rng import tensor_generator
 from mergekit_pcb.evolve.config import FitnessSpec
 from mergekit_pcb.evolve.fitness import Evaluator, better, build_evaluator
 from mergekit_pcb.evolve.merge import PopulationMerger
-from mergekit_pcb.evolve.operators import binomial_crossover, current_to_rand_binomial, rand_1
+from mergekit_pcb.evolve.operators import (
+    Scratch,
+    binomial_crossover,
+    current_to_rand_binomial,
+    rand_1,
+)
 from mergekit_pcb.evolve.store import (
     CheckpointCache,
     Readable,
@@ -57,6 +62,7 @@ class TrialJob:
     merged: bool
     threshold: float  # what the trial must beat: merged fitness or the parent's fitness
     out_path: str  # where the trial is written when it beats the threshold
+    spare: str | None = None  # a dead member file to overwrite in place instead
 
 
 @dataclass(frozen=True)
@@ -90,10 +96,10 @@ class Runtime:
             else None
         self.cache = CheckpointCache()
         self.fitness_s = 0.0
-        # Trial tensors and the crossover's uniform draw live in buffers reused from one
-        # candidate to the next: fresh model-sized allocations cost more than the math.
+        # Trial tensors and the crossover's draw live in buffers reused from one candidate
+        # to the next: fresh model-sized allocations cost more than the math.
         self._buffers: dict[str, torch.Tensor] = {}
-        self._uniform = torch.empty(0, dtype=torch.float32)
+        self.scratch = Scratch()
 
     def buffer(self, spec: TensorSpec) -> torch.Tensor | None:
         if spec.dtype not in (torch.float32, torch.float64):
@@ -103,11 +109,6 @@ class Runtime:
             buf = torch.empty(spec.shape, dtype=spec.dtype)
             self._buffers[spec.name] = buf
         return buf
-
-    def uniform(self, numel: int) -> torch.Tensor:
-        if self._uniform.numel() < numel:
-            self._uniform = torch.empty(numel, dtype=torch.float32)
-        return self._uniform
 
     def close(self) -> None:
         self.cache.close()
@@ -168,7 +169,7 @@ def build_trial(rt: Runtime, job: TrialJob) -> dict[str, torch.Tensor]:
             continue
         out = rt.buffer(spec)
         g = mask_generator(rt.ctx.seed, job.generation, job.step, spec.name)
-        scratch = rt.uniform(target.numel())
+        scratch = rt.scratch
         if job.mutation == "current-to-rand":
             donor = ckpts[job.donors[0]].read(spec.name)
             trial[spec.name] = current_to_rand_binomial(target, donor, job.F, job.CR, g,
@@ -205,7 +206,8 @@ def run_trial(item: tuple[WorkContext, TrialJob]) -> JobResult:
         member_score = score
     t_scored = time.perf_counter()
     if accepted:
-        write_safetensors(Path(job.out_path), list(ctx.layout), trial.items())
+        write_safetensors(Path(job.out_path), list(ctx.layout), trial.items(),
+                          reuse=Path(job.spare) if job.spare else None)
     end = time.perf_counter()
     return JobResult(score, member_score if accepted else None, accepted, rt.fitness_s,
                      end - start, {"build": t_built - start, "write": end - t_scored})
