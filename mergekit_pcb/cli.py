@@ -91,16 +91,25 @@ def run(
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no progress display")] = False,
     threads: Annotated[int | None, typer.Option(help="torch CPU threads")] = None,
     allow_pickle: Annotated[bool, typer.Option(help="allow pickled .bin checkpoints")] = False,
+    workers: Annotated[int | None, typer.Option(
+        help="evolution recipes: processes scoring candidates")] = None,
+    resume: Annotated[bool, typer.Option(
+        help="evolution recipes: continue a stopped or killed run")] = False,
 ) -> None:
-    """Run a merge recipe and write the merged model to OUTPUT."""
+    """Run a merge or evolution recipe and write the resulting model to OUTPUT."""
     from mergekit_pcb.engine import plan_recipe_file, run_plan
     from mergekit_pcb.evolve.cli import EVOLUTION_METHODS, run_evolution_recipe
     from mergekit_pcb.io.writer import check_destination, parse_size
     from mergekit_pcb.recipe.schema import read_merge_method
 
     if read_merge_method(recipe) in EVOLUTION_METHODS:
-        run_evolution_recipe(recipe, output, force=force, seed=seed, quiet=quiet or json_out)
+        run_evolution_recipe(recipe, output, force=force, seed=seed, quiet=quiet or json_out,
+                             workers=workers or 1, resume=resume, threads=threads or 1)
         return
+    for flag, given in (("--workers", workers is not None), ("--resume", resume)):
+        if given:
+            raise UserError(f"{flag}: only for evolution recipes; {recipe} is a "
+                              f"{read_merge_method(recipe)} merge")
     size = parse_size(shard_size)
     _setup_torch(device, threads)
     check_destination(output.resolve(), force=force)

@@ -35,17 +35,17 @@ import os
 
 import torch
 
-BATCH = int(os.environ.get("BENCH_EVOLVE_BATCH", "64"))
-_X = None
+_X: dict[int, torch.Tensor] = {}
 
 
 def score(state):
     """Negative mean squared activation of a forward pass on a fixed batch."""
-    global _X
+    batch = int(os.environ["BENCH_EVOLVE_BATCH"])  # read per call: one process, two columns
     weights = [state[f"layers.{i}.weight"] for i in range(4)]
-    if _X is None:
-        _X = torch.randn(BATCH, weights[0].shape[1], generator=torch.Generator().manual_seed(0))
-    h = _X
+    if batch not in _X:
+        _X[batch] = torch.randn(batch, weights[0].shape[1],
+                                generator=torch.Generator().manual_seed(0))
+    h = _X[batch]
     for i, w in enumerate(weights):
         h = torch.nn.functional.linear(h, w, state[f"layers.{i}.bias"])
         if i < 3:

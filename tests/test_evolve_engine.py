@@ -400,3 +400,24 @@ def test_run_accepts_evolution_recipes(pop_dir: Path) -> None:
         assert torch.equal(ran[name], evolved[name]), name
     history = json.loads((pop_dir / "via-run" / "evolution.json").read_text())["history"]
     assert [h["generation"] for h in history] == [0, 1, 2]
+    # run takes the evolution flags too: two workers give the same bits
+    res = cli("run", recipe, "-o", pop_dir / "two", "--quiet", "--workers", "2")
+    assert res.exit_code == 0, res.output
+    two = load_file(pop_dir / "two" / "model.safetensors")
+    assert all(torch.equal(two[name], evolved[name]) for name in evolved)
+    assert json.loads((pop_dir / "two" / "evolution.json").read_text())["workers"] == 2
+    # --resume on a finished run with more generations asked for in the recipe goes on
+    write_recipe(pop_dir, recipe_dict(pop_dir, generations=3))
+    res = cli("run", recipe, "-o", pop_dir / "via-run", "--quiet", "--resume", "--force")
+    assert res.exit_code == 0, res.output
+    history = json.loads((pop_dir / "via-run" / "evolution.json").read_text())["history"]
+    assert [h["generation"] for h in history] == [0, 1, 2, 3]
+
+
+def test_run_refuses_evolution_flags_for_a_merge_recipe(pop_dir: Path) -> None:
+    recipe = write_recipe(pop_dir, {"merge_method": "linear", "models": [
+        {"model": str(pop_dir / "m0")}, {"model": str(pop_dir / "m1")}]}, "merge.yaml")
+    res = cli("run", recipe, "-o", pop_dir / "out", "--workers", "2")
+    assert res.exit_code == 2
+    assert "--workers: only for evolution recipes" in res.output and "linear merge" in res.output
+    assert not (pop_dir / "out").exists()

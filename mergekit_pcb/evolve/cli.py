@@ -25,11 +25,13 @@ class Split(str, Enum):
 
 
 def run_evolution_recipe(recipe_path: Path, output: Path | None, *, force: bool,
-                         seed: int | None, quiet: bool) -> None:
-    """What `pcbmerge run` does with an evolution recipe (recipe values, one worker)."""
+                         seed: int | None, quiet: bool, workers: int = 1, resume: bool = False,
+                         threads: int = 1) -> None:
+    """What `pcbmerge run` does with an evolution recipe (the recipe's pop and generations)."""
     from mergekit_pcb.evolve.run import evolve
 
-    summary = evolve(recipe_path, output, force=force, seed=seed, quiet=quiet)
+    summary = evolve(recipe_path, output, force=force, seed=seed, quiet=quiet,
+                     workers=workers, resume=resume, threads=threads)
     if not quiet:
         Console(stderr=True).print(f"wrote {summary.output} in {summary.seconds:.1f}s "
                                    f"(run state in {summary.run_dir})")
