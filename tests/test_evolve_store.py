@@ -1,8 +1,10 @@
-"""The population store: member files written over spares in place, and the tidy-up that
-turns dead members into spares."""
+"""The population store: member files written over spares in place, the tidy-up that turns
+dead members into spares, and the checksums a resume checks members against."""
 
 from __future__ import annotations
 
+import json
+import zlib
 from pathlib import Path
 
 import pytest
@@ -10,11 +12,13 @@ import torch
 from safetensors.torch import load_file
 
 import mergekit_pcb.evolve.jobs as jobs
+from mergekit_pcb.errors import UserError
 from mergekit_pcb.evolve.run import evolve
 from mergekit_pcb.evolve.store import (
     SPARE_PREFIX,
     RunDir,
     TensorSpec,
+    file_crc32,
     write_safetensors,
 )
 from tests.test_evolve_engine import build_population, recipe_dict, write_recipe
@@ -32,7 +36,8 @@ def test_write_over_a_spare_in_place(tmp_path: Path) -> None:
     write_safetensors(fresh, LAYOUT, _tensors(1))
     spare.write_bytes(b"\xff" * 5000)  # a larger dead file: the rewrite must truncate it
     inode = spare.stat().st_ino
-    write_safetensors(member, LAYOUT, _tensors(1), reuse=spare)
+    crc = write_safetensors(member, LAYOUT, _tensors(1), reuse=spare)
+    assert crc == zlib.crc32(member.read_bytes()) == file_crc32(member)
     assert not spare.exists()
     assert member.stat().st_ino == inode  # the same blocks, written over
     assert member.read_bytes() == fresh.read_bytes()
@@ -90,3 +95,32 @@ def test_accepted_trials_are_written_over_spares(tmp_path: Path,
     # the finished run keeps only the state's members
     assert not any(p.name.startswith(SPARE_PREFIX)
                    for p in (summary.run_dir / "members").iterdir())
+
+
+def test_resume_refuses_a_member_that_does_not_hold_what_was_written(tmp_path: Path) -> None:
+    """What an operating-system crash after an in-place write leaves: the right length,
+    other bytes. The recorded checksum catches it; a sound run directory resumes."""
+    pop = build_population(tmp_path / "pop")
+    recipe = write_recipe(pop, recipe_dict(pop, n=4, mode="standalone", generations=2))
+    summary = evolve(recipe, pop / "out")
+    state = json.loads((summary.run_dir / "state.json").read_text())
+    assert set(state["checksums"]) == set(state["members"]) | set(state["initial"]["members"])
+    victim = summary.run_dir / "members" / state["members"][1]
+    for name in state["checksums"]:
+        assert file_crc32(summary.run_dir / "members" / name) == state["checksums"][name]
+
+    write_recipe(pop, recipe_dict(pop, n=4, mode="standalone", generations=3))
+    original = victim.read_bytes()
+    damaged = bytearray(original)
+    damaged[len(damaged) // 2] ^= 0x01  # one bit, same length, header intact
+    victim.write_bytes(bytes(damaged))
+    with pytest.raises(UserError, match=rf"member file {victim} does not hold what was "
+                                         r"written \(checksum mismatch"):
+        evolve(recipe, pop / "out", resume=True, force=True)
+    victim.unlink()
+    with pytest.raises(UserError, match=rf"member file {victim} is missing"):
+        evolve(recipe, pop / "out", resume=True, force=True)
+    victim.write_bytes(original)
+    evolve(recipe, pop / "out", resume=True, force=True)
+    doc = json.loads((pop / "out" / "evolution.json").read_text())
+    assert [h["generation"] for h in doc["history"]] == [0, 1, 2, 3]

@@ -38,13 +38,14 @@ from mergekit_pcb.evolve.operators import interpolate
 from mergekit_pcb.evolve.store import (
     RunDir,
     TensorSpec,
+    file_crc32,
     layout_of,
     open_readable,
     write_safetensors,
 )
 from mergekit_pcb.io.reader import open_checkpoint
 
-STATE_FORMAT = 1
+STATE_FORMAT = 2  # 2: member checksums
 
 
 def rng_state(rng: random.Random) -> list[Any]:
@@ -156,6 +157,7 @@ class EvolutionRun:
                 raise UserError(f"--resume: no run state in {self.run_dir.root} (nothing to "
                                 "resume; start the run without --resume)")
             self._check_identity(existing)
+            self._check_members(existing)
             self._state = existing
             self._state["generations"] = self.settings.generations
             if existing["phase"] == "done" and existing["generation"] < self.settings.generations:
@@ -183,6 +185,22 @@ class EvolutionRun:
                                 f"(was {theirs.get(key)!r}, now {value!r}); start over with "
                                 "--force")
 
+    def _check_members(self, existing: dict[str, Any]) -> None:
+        """Every member the state names must read back as it was written."""
+        if existing["phase"] == "init":
+            return  # the initial population is rewritten whole
+        checksums = existing.get("checksums", {})
+        for name in dict.fromkeys([*existing["members"], *existing["initial"]["members"]]):
+            path = self.run_dir.member_path(name)
+            if not path.is_file():
+                raise UserError(f"--resume: member file {path} is missing; start over with "
+                                "--force")
+            if file_crc32(path) != checksums.get(name):
+                raise UserError(
+                    f"--resume: member file {path} does not hold what was written (checksum "
+                    "mismatch: the machine may have gone down before it reached the disk); "
+                    "start over with --force")
+
     def _initialize(self) -> None:
         """Write the initial population and score it (redone whole if interrupted)."""
         s = self.settings
@@ -192,17 +210,19 @@ class EvolutionRun:
             "generations": s.generations, "generation": 0, "step": 0, "plan": None,
             "members": [], "fitness": [], "objective": None, "initial": {},
             "current": _fresh_counters(), "history": [], "evaluations": 0, "discarded": 0,
-            "fitness_s": 0.0,
+            "fitness_s": 0.0, "checksums": {},
         }
         self.run_dir.create()
         self._commit()
         refs = self.recipe.population_refs()
         names = []
+        checksums = {}
         for k, ref in enumerate(refs):
             name = f"init-{k:03d}.safetensors"
             with open_checkpoint(ref) as ckpt:
-                write_safetensors(self.run_dir.member_path(name), self.layout,
-                                  ((t.name, ckpt.read(t.name)) for t in self.layout))
+                checksums[name] = write_safetensors(
+                    self.run_dir.member_path(name), self.layout,
+                    ((t.name, ckpt.read(t.name)) for t in self.layout))
             names.append(name)
         for k in range(len(refs), s.pop):  # seeded interpolations of two input members
             a, b = self._rng.sample(range(len(refs)), 2)
@@ -210,7 +230,7 @@ class EvolutionRun:
             name = f"init-{k:03d}.safetensors"
             pa, pb = (open_readable(self._path(names[i])) for i in (a, b))
             with pa, pb:
-                write_safetensors(
+                checksums[name] = write_safetensors(
                     self.run_dir.member_path(name), self.layout,
                     ((t.name, interpolate(pa.read(t.name), pb.read(t.name), alpha)
                       if t.dtype.is_floating_point else pa.read(t.name)) for t in self.layout))
@@ -227,6 +247,7 @@ class EvolutionRun:
         objective = (results[-1].score if merged_mode else self._best(fitness)[1])
         self._state.update({
             "phase": "evolve", "members": names, "fitness": fitness, "objective": objective,
+            "checksums": checksums,
             "initial": {"members": names[: len(refs)], "select": fitness[: len(refs)],
                         "merge_select": plain, "objective": objective},
             "evaluations": len(jobs),
@@ -322,7 +343,11 @@ class EvolutionRun:
                 st["current"]["evaluated"] += 1
                 st["evaluations"] += 1
                 if res.accepted:
-                    st["members"][job.slot] = Path(job.out_path).name
+                    old, new = st["members"][job.slot], Path(job.out_path).name
+                    st["members"][job.slot] = new
+                    st["checksums"][new] = res.checksum
+                    if old not in st["initial"]["members"]:
+                        del st["checksums"][old]
                     assert res.member_score is not None
                     st["fitness"][job.slot] = res.member_score
                     st["objective"] = (res.score if job.merged

@@ -77,6 +77,7 @@ class JobResult:
     score: float
     member_score: float | None = None  # the trial's own fitness, when it was accepted
     accepted: bool = False
+    checksum: int | None = None  # CRC-32 of the trial's file, when it was written
     fitness_s: float = 0.0
     total_s: float = 0.0
     timings: dict[str, float] = field(default_factory=dict)
@@ -205,12 +206,14 @@ def run_trial(item: tuple[WorkContext, TrialJob]) -> JobResult:
         accepted = better(score, job.threshold, maximize)
         member_score = score
     t_scored = time.perf_counter()
+    checksum = None
     if accepted:
-        write_safetensors(Path(job.out_path), list(ctx.layout), trial.items(),
-                          reuse=Path(job.spare) if job.spare else None)
+        checksum = write_safetensors(Path(job.out_path), list(ctx.layout), trial.items(),
+                                     reuse=Path(job.spare) if job.spare else None)
     end = time.perf_counter()
-    return JobResult(score, member_score if accepted else None, accepted, rt.fitness_s,
-                     end - start, {"build": t_built - start, "write": end - t_scored})
+    return JobResult(score, member_score if accepted else None, accepted, checksum,
+                     rt.fitness_s, end - start,
+                     {"build": t_built - start, "write": end - t_scored})
 
 
 def run_score(item: tuple[WorkContext, ScoreJob]) -> JobResult:
