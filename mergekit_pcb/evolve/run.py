@@ -126,6 +126,8 @@ def evolve(recipe_path: Path, output: Path | None = None, *, pop: int | None = N
             with view.live:
                 run.start(resume=resume, force=force)
                 run.run()
+            if not console.is_terminal:
+                console.line()  # a redirected live table's last render ends mid-line
         else:
             run.start(resume=resume, force=force)
             run.run()
