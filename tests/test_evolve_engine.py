@@ -276,17 +276,21 @@ def _kill_when(proc: subprocess.Popen[str], state: Path, generation: int, step: 
     raise AssertionError("the run never reached the kill point")
 
 
-def test_sigkill_mid_generation_then_resume_matches(pop_dir: Path) -> None:
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_sigkill_mid_generation_then_resume_matches(pop_dir: Path, workers: str) -> None:
     data = recipe_dict(pop_dir, n=4, fitness="callable", generations=3)
     recipe = write_recipe(pop_dir, data)
     evolve(recipe, pop_dir / "ref")
     out, state = pop_dir / "out", pop_dir / "out.run" / "state.json"
-    # Killed twice, in the middle of generations 2 and 3 (steps are slow: 50 ms fitness).
-    _kill_when(_start(recipe, out, sleep="0.05"), state, generation=1, step=1)
+    par = ("--workers", workers)
+    # Killed twice, in the middle of generations 2 and 3 (steps are slow: 50 ms fitness);
+    # by then kept trials are written over spares in place.
+    _kill_when(_start(recipe, out, *par, sleep="0.05"), state, generation=1, step=1)
     first = json.loads(state.read_text())
     assert first["phase"] == "evolve" and 0 < first["step"] < 4
-    _kill_when(_start(recipe, out, "--resume", sleep="0.05"), state, generation=2, step=2)
-    proc = _start(recipe, out, "--resume")
+    _kill_when(_start(recipe, out, "--resume", *par, sleep="0.05"), state, generation=2,
+               step=2)
+    proc = _start(recipe, out, "--resume", *par)
     _, err = proc.communicate(timeout=300)
     assert proc.returncode == 0, err
     assert same_tensors(pop_dir / "ref", out)
