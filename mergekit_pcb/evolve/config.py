@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Union
 
-from pydantic import Field, ValidationError
+from pydantic import Field
 
 from mergekit_pcb.errors import RecipeError
 from mergekit_pcb.evolve.schedule import Schedule, make_schedule
@@ -24,8 +24,8 @@ from mergekit_pcb.recipe.schema import (
     ModelEntry,
     ParameterValue,
     StrictModel,
-    first_error,
     read_yaml,
+    validate_mapping,
 )
 
 Number = Union[float, int]  # noqa: UP007 - pydantic needs the runtime union
@@ -106,23 +106,13 @@ class EvolutionRecipe(StrictModel):
 
 
 def parse_evolution_recipe(data: Any, source: str) -> EvolutionRecipe:
-    if not isinstance(data, dict):
-        raise RecipeError(f"{source}: a recipe is a YAML mapping of keys to values")
-    try:
-        recipe = EvolutionRecipe.model_validate(data)
-    except ValidationError as e:
-        raise RecipeError(f"{source}: {first_error(e)}") from None
+    recipe = validate_mapping(EvolutionRecipe, data, source)
     check_recipe(recipe, source)
     return recipe
 
 
 def parse_fitness(data: Any, source: str, prefix: str = "") -> FitnessSpec:
-    if not isinstance(data, dict):
-        raise RecipeError(f"{source}: {prefix or 'fitness'} must be a mapping")
-    try:
-        spec = FitnessSpec.model_validate(data)
-    except ValidationError as e:
-        raise RecipeError(f"{source}: {first_error(e)}") from None
+    spec = validate_mapping(FitnessSpec, data, source, f"{prefix or 'fitness'} must be a mapping")
     check_fitness(spec, source, prefix)
     return spec
 

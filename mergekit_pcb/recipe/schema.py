@@ -9,7 +9,7 @@ Our additions: `seed`, `tensors` (routing rules) and `name`.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal, Union
+from typing import Any, Literal, TypeVar, Union
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -21,6 +21,9 @@ Scalar = Union[float, int, bool, str]  # noqa: UP007 - pydantic needs the runtim
 
 class StrictModel(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+ModelT = TypeVar("ModelT", bound=BaseModel)
 
 
 class FilteredValue(StrictModel):
@@ -97,13 +100,22 @@ def format_loc(loc: tuple[int | str, ...]) -> str:
     return out or "(top level)"
 
 
-def parse_recipe(data: Any, source: str) -> MergeRecipe:
+NOT_A_MAPPING = "a recipe is a YAML mapping of keys to values"
+
+
+def validate_mapping(model: type[ModelT], data: Any, source: str,
+                     not_a_mapping: str = NOT_A_MAPPING) -> ModelT:
+    """`data` as a `model`, or a RecipeError of one line naming `source` and the key at fault."""
     if not isinstance(data, dict):
-        raise RecipeError(f"{source}: a recipe is a YAML mapping of keys to values")
+        raise RecipeError(f"{source}: {not_a_mapping}")
     try:
-        return MergeRecipe.model_validate(data)
+        return model.model_validate(data)
     except ValidationError as e:
         raise RecipeError(f"{source}: {first_error(e)}") from None
+
+
+def parse_recipe(data: Any, source: str) -> MergeRecipe:
+    return validate_mapping(MergeRecipe, data, source)
 
 
 def first_error(e: ValidationError) -> str:
