@@ -12,7 +12,7 @@ import traceback
 from collections.abc import Callable
 from enum import Enum
 from pathlib import Path
-from typing import Annotated, Any, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 
 import typer
 from rich.console import Console
@@ -20,6 +20,9 @@ from rich.table import Table
 
 from mergekit_pcb import __version__
 from mergekit_pcb.errors import UserError
+
+if TYPE_CHECKING:
+    from mergekit_pcb.kinds import RecipeKind
 
 app = typer.Typer(
     name="pcbmerge",
@@ -75,6 +78,20 @@ def _setup_torch(device: Device, threads: int | None) -> None:
 
 
 RecipeArg = Annotated[Path, typer.Argument(help="YAML recipe", show_default=False)]
+JsonOpt = Annotated[bool, typer.Option("--json", help="print JSON")]
+PickleOpt = Annotated[bool, typer.Option(help="allow pickled .bin checkpoints")]
+TrustOpt = Annotated[bool, typer.Option(
+    help="allow the recipe's code (fitness function, arch, reset) to be imported and run")]
+
+
+def _read(recipe: Path) -> tuple[RecipeKind, str, Any]:
+    """The recipe read once: its kind, method and validated contents."""
+    from mergekit_pcb.kinds import kind_of
+    from mergekit_pcb.recipe.schema import read_yaml_text
+
+    data, text = read_yaml_text(recipe)
+    kind, method = kind_of(data, recipe)
+    return kind, method, kind.load(data, text, recipe)
 
 
 @app.command()
@@ -82,132 +99,104 @@ RecipeArg = Annotated[Path, typer.Argument(help="YAML recipe", show_default=Fals
 def run(
     recipe: RecipeArg,
     output: Annotated[Path, typer.Option("--output", "-o", help="output directory")],
-    force: Annotated[bool, typer.Option(help="replace an existing output")] = False,
-    device: Annotated[Device, typer.Option(help="device for the math")] = Device.cpu,
-    shard_size: Annotated[str, typer.Option(help="largest output shard, e.g. 5GB")] = "5GB",
-    seed: Annotated[int | None, typer.Option(help="seed for random methods")] = None,
+    force: Annotated[bool, typer.Option(help="replace an output a previous run wrote")] = False,
+    device: Annotated[Device | None, typer.Option(
+        help="merges: device for the math [default: cpu]")] = None,
+    shard_size: Annotated[str | None, typer.Option(
+        help="largest output shard, e.g. 5GB [default: 5GB]")] = None,
+    seed: Annotated[int | None, typer.Option(help="seed for every random choice")] = None,
     dry_run: Annotated[bool, typer.Option(help="plan and check, write nothing")] = False,
     json_out: Annotated[bool, typer.Option("--json", help="print a JSON summary")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no progress display")] = False,
     threads: Annotated[int | None, typer.Option(help="torch CPU threads")] = None,
-    allow_pickle: Annotated[bool, typer.Option(help="allow pickled .bin checkpoints")] = False,
+    allow_pickle: PickleOpt = False,
     workers: Annotated[int | None, typer.Option(
-        help="evolution recipes: processes scoring candidates")] = None,
+        help="searches: processes scoring candidates")] = None,
     resume: Annotated[bool, typer.Option(
-        help="evolution recipes: continue a stopped or killed run")] = False,
+        help="searches: continue a stopped or killed run")] = False,
+    trust_code: TrustOpt = False,
 ) -> None:
-    """Run a merge or evolution recipe and write the resulting model to OUTPUT."""
-    from mergekit_pcb.engine import plan_recipe_file, run_plan
-    from mergekit_pcb.evolve.cli import EVOLUTION_METHODS, run_evolution_recipe
-    from mergekit_pcb.io.writer import check_destination, parse_size
-    from mergekit_pcb.recipe.schema import read_merge_method
+    """Run a recipe of any kind (a merge or a search) and write the resulting model."""
+    from mergekit_pcb.io.writer import parse_size
+    from mergekit_pcb.kinds import RunOptions
 
-    if read_merge_method(recipe) in EVOLUTION_METHODS:
-        run_evolution_recipe(recipe, output, force=force, seed=seed, quiet=quiet or json_out,
-                             workers=workers or 1, resume=resume, threads=threads or 1)
+    kind, method, loaded = _read(recipe)
+    given = {flag for flag, value in (
+        ("--device", device), ("--shard-size", shard_size), ("--threads", threads),
+        ("--allow-pickle", allow_pickle or None), ("--workers", workers),
+        ("--resume", resume or None), ("--trust-code", trust_code or None))
+        if value is not None}
+    kind.refuse_flags(given, recipe, method)
+    if workers is not None and workers < 1:
+        raise UserError(f"--workers must be at least 1, got {workers}")
+    options = RunOptions(
+        output=output, force=force, seed=seed, dry_run=dry_run, quiet=quiet or json_out,
+        device=(device or Device.cpu).value, shard_size=parse_size(shard_size or "5GB"),
+        threads=threads, allow_pickle=allow_pickle, workers=workers or 1, resume=resume,
+        trust_code=trust_code)
+    _setup_torch(Device(options.device), threads)
+    if dry_run:
+        _print_plan(kind, kind.plan(loaded, recipe, options), json_out, dry_run=True)
         return
-    for flag, given in (("--workers", workers is not None), ("--resume", resume)):
-        if given:
-            raise UserError(f"{flag}: only for evolution recipes; {recipe} is a "
-                              f"{read_merge_method(recipe)} merge")
-    size = parse_size(shard_size)
-    _setup_torch(device, threads)
-    check_destination(output.resolve(), force=force)
-    plan = plan_recipe_file(recipe, seed=seed, allow_pickle=allow_pickle)
-    try:
-        if dry_run:
-            _print_plan(plan, json_out, dry_run=True)
-            return
-        result = run_plan(plan, output, force=force, shard_size=size, device=device.value,
-                          quiet=quiet or json_out)
-    finally:
-        plan.close()
-    summary = {
-        "output": str(result.output), "method": plan.recipe.merge_method,
-        "tensors": result.tensors, "shards": result.shards, "read_bytes": result.read_bytes,
-        "written_bytes": result.written_bytes, "seconds": round(result.seconds, 3),
-    }
+    summary = kind.run(loaded, recipe, options)
     if json_out:
         print(json.dumps(summary))
     elif not quiet:
-        stderr.print(f"wrote {result.output} ({result.tensors} tensors, {result.shards} "
-                     f"shard(s), {result.written_bytes / 1e6:.1f} MB) in {result.seconds:.1f}s")
+        stderr.print(_summary_line(summary))
+
+
+def _summary_line(summary: dict[str, Any]) -> str:
+    if summary["kind"] == "merge":
+        return (f"wrote {summary['output']} ({summary['tensors']} tensors, {summary['shards']} "
+                f"shard(s), {summary['written_bytes'] / 1e6:.1f} MB) in "
+                f"{summary['seconds']:.1f}s")
+    return (f"wrote {summary['output']} in {summary['seconds']:.1f}s (run state in "
+            f"{summary['run_dir']})")
 
 
 @app.command()
 @handle_errors
-def validate(
-    recipe: RecipeArg,
-    json_out: Annotated[bool, typer.Option("--json", help="print JSON")] = False,
-    allow_pickle: Annotated[bool, typer.Option(help="allow pickled .bin checkpoints")] = False,
-) -> None:
-    """Check a recipe without computing: files, tensor names, shapes, dtypes, parameters."""
-    from mergekit_pcb.engine import plan_recipe_file
+def validate(recipe: RecipeArg, json_out: JsonOpt = False, allow_pickle: PickleOpt = False,
+             ) -> None:
+    """Check a recipe of any kind without computing: files, tensors, parameters, data."""
+    from mergekit_pcb.kinds import RunOptions
 
-    plan = plan_recipe_file(recipe, allow_pickle=allow_pickle)
-    try:
-        _print_plan(plan, json_out, dry_run=False)
-    finally:
-        plan.close()
+    kind, _, loaded = _read(recipe)
+    plan = kind.plan(loaded, recipe, RunOptions(allow_pickle=allow_pickle))
+    _print_plan(kind, plan, json_out, dry_run=False)
 
 
-def _print_plan(plan: Any, json_out: bool, dry_run: bool) -> None:
-    info = {
-        "valid": True,
-        "method": plan.recipe.merge_method,
-        "base_model": plan.base_key,
-        "models": [m.model for m in plan.recipe.models],
-        "tensors": len(plan.tasks),
-        "passes": plan.passes,
-        "pass_names": [n for r in plan.routes for n in r.stat_passes] + ["merge"],
-        "read_bytes": plan.read_bytes,
-        "output_bytes": plan.write_bytes,
-        "seed": plan.seed,
-        "rules": [{"rule": r.label, "tensors": len(r.tensor_names)} for r in plan.routes],
-    }
+def _print_plan(kind: RecipeKind, plan: dict[str, Any], json_out: bool, dry_run: bool) -> None:
     if json_out:
-        print(json.dumps(info))
+        print(json.dumps({**plan, "dry_run": dry_run}))
         return
-    stdout.print(f"[green]recipe OK[/green]: {info['method']} over {len(info['models'])} "
-                 f"model(s), {info['tensors']} tensors")
-    stdout.print(f"reads {plan.read_bytes / 1e6:.1f} MB in {info['passes']} pass(es) "
-                 f"({', '.join(info['pass_names'])}), writes {plan.write_bytes / 1e6:.1f} MB")
-    table = Table("rule", "tensors")
-    for r in info["rules"]:
-        table.add_row(r["rule"], str(r["tensors"]))
-    stdout.print(table)
+    lines = kind.describe(plan)
+    stdout.print(f"[green]{lines[0]}[/green]", highlight=False, soft_wrap=True)
+    for line in lines[1:]:
+        stdout.print(line, highlight=False, markup=False, soft_wrap=True)
     if dry_run:
         stdout.print("dry run: nothing written")
 
 
 @app.command()
 @handle_errors
-def methods(json_out: Annotated[bool, typer.Option("--json", help="print JSON")] = False) -> None:
-    """List the merge methods with their parameters and defaults."""
-    from mergekit_pcb.methods import REGISTRY
+def methods(json_out: JsonOpt = False) -> None:
+    """List every method of every recipe kind, with its parameters and defaults."""
+    from mergekit_pcb.kinds import all_methods
 
-    data = {
-        name: {
-            "summary": cls.summary,
-            "requires_base": cls.requires_base,
-            "parameters": [
-                {"name": p.name, "default": p.default, "per_model": p.per_model,
-                 "type": p.kind.__name__, "choices": list(p.choices or []), "doc": p.doc}
-                for p in cls.params
-            ],
-        }
-        for name, cls in REGISTRY.items()
-    }
+    infos = all_methods()
     if json_out:
-        print(json.dumps(data, indent=2))
+        print(json.dumps({m.name: {"kind": m.kind, "summary": m.summary,
+                                   "parameters": m.parameters} for m in infos},
+                         indent=2, default=str))
         return
-    for name, d in data.items():
-        table = Table("parameter", "default", "where", "meaning", title=f"{name}: {d['summary']}",
-                      title_justify="left")
-        for p in d["parameters"]:
-            where = "models[].parameters" if p["per_model"] else "parameters"
-            default = str(p["default"]) + (f" ({'|'.join(p['choices'])})" if p["choices"] else "")
-            table.add_row(p["name"], default, where, p["doc"])
+    for m in infos:
+        table = Table("parameter", "default", "where", "meaning",
+                      title=f"{m.name} ({m.kind}): {m.summary}", title_justify="left")
+        for p in m.parameters:
+            default = str(p["default"]) + (f" ({'|'.join(map(str, p['choices']))})"
+                                           if p["choices"] else "")
+            table.add_row(p["name"], default, p["where"], p["doc"])
         stdout.print(table)
 
 
@@ -249,9 +238,83 @@ def version() -> None:
     print(__version__)
 
 
-from mergekit_pcb.evolve.cli import register as _register_evolution  # noqa: E402
+class Split(str, Enum):
+    select = "select"
+    report = "report"
+    all = "all"
 
-_register_evolution(app)
+
+@app.command("evolve")
+@handle_errors
+def evolve_command(
+    recipe: Annotated[Path, typer.Argument(help="search recipe (YAML)")] = Path("recipe.yaml"),
+    pop: Annotated[int | None, typer.Option(help="population size (overrides the recipe)")]
+    = None,
+    generations: Annotated[int | None, typer.Option(help="generations (overrides)")] = None,
+    workers: Annotated[int, typer.Option(help="processes scoring candidates")] = 1,
+    resume: Annotated[bool, typer.Option(help="continue a stopped or killed run")] = False,
+    seed: Annotated[int | None, typer.Option(help="seed (overrides the recipe)")] = None,
+    output: Annotated[Path | None, typer.Option(
+        "--output", "-o", help="output directory [default: merged-RECIPE]")] = None,
+    force: Annotated[bool, typer.Option(help="replace an output and run a previous run wrote")]
+    = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no live table")] = False,
+    threads: Annotated[int, typer.Option(
+        help="torch threads per scoring process (equal values give equal scores)")] = 1,
+    run_dir: Annotated[Path | None, typer.Option(
+        help="run state and population [default: OUTPUT.run]")] = None,
+    shard_size: Annotated[str, typer.Option(help="largest output shard, e.g. 5GB")] = "5GB",
+    allow_pickle: PickleOpt = False,
+    trust_code: TrustOpt = False,
+) -> None:
+    """Evolve a population of checkpoints with a search recipe (e.g. evolver)."""
+    from mergekit_pcb.errors import RecipeError
+    from mergekit_pcb.evolve.run import evolve
+    from mergekit_pcb.io.writer import parse_size
+
+    if not recipe.exists():
+        raise RecipeError(f"recipe not found: {recipe}"
+                          + (" (no recipe.yaml in the working directory)"
+                             if recipe == Path("recipe.yaml") else ""))
+    kind, method, loaded = _read(recipe)
+    if kind.name != "search":
+        raise RecipeError(f"{recipe}: merge_method '{method}' is a {kind.name}, not a search; "
+                          "run it with `pcbmerge run`")
+    summary = evolve(recipe, output, pop=pop, generations=generations, workers=workers,
+                     resume=resume, seed=seed, force=force, quiet=quiet, threads=threads,
+                     run_dir=run_dir, shard_size=parse_size(shard_size),
+                     allow_pickle=allow_pickle, trust_code=trust_code, loaded=loaded)
+    if not quiet:
+        stderr.print(f"wrote {summary.output} in {summary.seconds:.1f}s "
+                     f"(run state in {summary.run_dir})")
+
+
+@app.command("eval")
+@handle_errors
+def eval_command(
+    model: Annotated[str, typer.Argument(help="model directory, .safetensors file or hub id")],
+    fitness: Annotated[Path, typer.Option(help="fitness YAML (or a search recipe)")],
+    split: Annotated[Split, typer.Option(help="which data to score on")] = Split.all,
+    json_out: JsonOpt = False,
+    threads: Annotated[int, typer.Option(help="torch threads")] = 1,
+    trust_code: TrustOpt = False,
+) -> None:
+    """Score a checkpoint with the fitness code a search uses."""
+    from mergekit_pcb.evolve.fitness import SPLITS
+    from mergekit_pcb.evolve.run import evaluate_checkpoint, load_fitness_file
+
+    splits = SPLITS if split is Split.all else (split.value,)
+    spec = load_fitness_file(fitness)
+    scores = evaluate_checkpoint(model, fitness, splits, threads=threads, spec=spec,
+                                 trust_code=trust_code)
+    if json_out:
+        print(json.dumps({"model": model, "metric": spec.metric_name,
+                          "maximize": spec.maximize, **scores}))
+        return
+    table = Table("split", spec.metric_name)
+    for name, value in scores.items():
+        table.add_row(name, f"{value:.6g}")
+    stdout.print(table)
 
 
 def main() -> None:

@@ -9,8 +9,14 @@ Overhead is the wall time not spent inside the fitness function (building trials
 tensor, crossover draws, merges, member writes, state commits), as a share of wall time;
 the target is ≤ 10 % during the generations.
 
+In merged mode (`--mode merged --inner ties|pcb|...`) every candidate is a merge of the whole
+population through the merge engine, then one fitness call. The merge is timed on its own as
+well (the median of a few merges of the final population, the same engine calls), so the
+table separates the inner merge from the rest of the engine.
+
     python scripts/bench_evolve.py                      # 30M parameters, pop 16, 2 generations
-    python scripts/bench_evolve.py --params 5e6 --generations 3 --mode merged --batch 256
+    python scripts/bench_evolve.py --mode merged --inner ties
+    python scripts/bench_evolve.py --mode merged --inner pcb --params 5e6 --pop 8
 """
 
 from __future__ import annotations
@@ -61,6 +67,8 @@ def build_inputs(root: Path, params: float, inputs: int) -> int:
     for i in range(4):
         base[f"layers.{i}.weight"] = torch.randn(width, width, generator=g) / math.sqrt(width)
         base[f"layers.{i}.bias"] = torch.zeros(width)
+    (root / "base").mkdir(parents=True)
+    save_file(base, str(root / "base" / "model.safetensors"))
     for k in range(inputs):
         tuned = {n: (t + 0.01 * torch.randn(t.shape, generator=g)).contiguous()
                  for n, t in base.items()}
@@ -79,6 +87,7 @@ def bench_once(root: Path, args: argparse.Namespace, batch: int) -> dict[str, st
 
     recipe = {
         "merge_method": "evolver",
+        "base_model": str(root / "inputs" / "base"),
         "models": [{"model": str(root / "inputs" / f"m{k}")} for k in range(4)],
         "parameters": {"generations": args.generations, "pop": args.pop, "F": 0.5,
                        "CR": 0.5, "mode": args.mode},
@@ -86,12 +95,13 @@ def bench_once(root: Path, args: argparse.Namespace, batch: int) -> dict[str, st
         "seed": 0,
     }
     if args.mode == "merged":
-        recipe["merge"] = {"merge_method": "linear"}
+        recipe["merge"] = {"merge_method": args.inner, "parameters": INNER_PARAMS[args.inner]}
     path = root / "inputs" / f"bench-{batch}.yaml"
     path.write_text(yaml.safe_dump(recipe, sort_keys=False))
     out = root / f"out-{batch}"
     start = time.perf_counter()
-    summary = evolve(path, out, workers=args.workers, threads=args.threads, force=True)
+    summary = evolve(path, out, workers=args.workers, threads=args.threads, force=True,
+                     trust_code=True)
     wall = time.perf_counter() - start
     doc = json.loads((out / "evolution.json").read_text())
     gens = doc["history"][1:]
@@ -99,6 +109,17 @@ def bench_once(root: Path, args: argparse.Namespace, batch: int) -> dict[str, st
     gen_fit = sum(h["fitness_s"] for h in gens)
     gen_evals = sum(h["evaluated"] for h in gens)
     last = gens[-1]
+    merge_s = time_inner_merge(out, recipe, args) if args.mode == "merged" else 0.0
+    # merged mode: one merge per candidate (a kept trial adds a member score, no merge)
+    engine_s = gen_wall - gen_fit - merge_s * gen_evals
+    row = {}
+    if args.mode == "merged":
+        row = {
+            "inner merge per candidate": f"{1000 * merge_s:.0f} ms",
+            "generations: inner merges": f"{100 * merge_s * gen_evals / gen_wall:.1f} %",
+            "generations: engine without the merges":
+                f"{100 * engine_s / gen_wall:.1f} %",
+        }
     return {
         "candidates scored (generations)": str(gen_evals),
         "fitness per candidate": f"{1000 * gen_fit / gen_evals:.0f} ms",
@@ -112,7 +133,47 @@ def bench_once(root: Path, args: argparse.Namespace, batch: int) -> dict[str, st
         "whole run: wall s (init, output)": f"{wall:.2f}",
         "whole run: evaluations": str(doc["totals"]["evaluations"]),
         "whole run: engine overhead": f"{100 * (1 - summary.fitness_seconds / wall):.1f} %",
+        **row,
     }
+
+
+INNER_PARAMS = {
+    "linear": {}, "task_arithmetic": {"lambda": 1.0}, "ties": {"density": 0.5},
+    "dare_ties": {"density": 0.5}, "dare_linear": {"density": 0.5}, "pcb": {"lambda": 1.0},
+}
+
+
+def time_inner_merge(out: Path, recipe: dict, args: argparse.Namespace) -> float:
+    """Median wall time of the engine's merge of the final population (what each merged-mode
+    candidate costs before its fitness call)."""
+    from mergekit_pcb.evolve.config import FitnessSpec, InnerMerge
+    from mergekit_pcb.evolve.jobs import Runtime, WorkContext
+    from mergekit_pcb.evolve.store import RunDir, TensorSpec
+    from mergekit_pcb.evolve.strategies import STRATEGIES
+    from mergekit_pcb.evolve.strategies.evolver import EvolverParameters
+    from mergekit_pcb.io.mapped import open_readable
+    from mergekit_pcb.threads import torch_threads
+
+    run_dir = RunDir(out.parent / f"{out.name}.run")
+    state = run_dir.load_state()
+    assert state is not None
+    members = [str(run_dir.member_path(n)) for n in state["members"]]
+    layout = tuple(TensorSpec(n, i.dtype, i.shape)
+                   for n, i in open_readable(members[0]).tensors.items())
+    ctx = WorkContext(
+        key="bench", fitness=FitnessSpec(type="callable", function="benchfit:score"),
+        root=str(out.parent), model_ref=None, merge=InnerMerge(**recipe["merge"]),
+        base=recipe["base_model"], dtype=None, seed=0, layout=layout,
+        strategy=STRATEGIES["evolver"](EvolverParameters()))
+    rt = Runtime(ctx)
+    times = []
+    with torch_threads(args.threads):
+        for _ in range(3):
+            start = time.perf_counter()
+            rt.merge([rt.cache.get(m) for m in members])
+            times.append(time.perf_counter() - start)
+    rt.close()
+    return sorted(times)[1]
 
 
 def main() -> None:
@@ -125,6 +186,8 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=1)
     ap.add_argument("--threads", type=int, default=1, help="torch threads per scorer")
     ap.add_argument("--mode", choices=["standalone", "merged"], default="standalone")
+    ap.add_argument("--inner", choices=sorted(INNER_PARAMS), default="ties",
+                    help="merged mode: the population's merge")
     ap.add_argument("--workdir", type=Path, default=None, help="kept when given")
     ap.add_argument("--json", action="store_true", help="print a JSON summary")
     args = ap.parse_args()
@@ -141,7 +204,9 @@ def main() -> None:
 
     head = {
         "model parameters": f"{n_params / 1e6:.1f} M ({n_params * 4 / 1e6:.0f} MB fp32)",
-        "population / generations": f"{args.pop} / {args.generations} ({args.mode})",
+        "population / generations": f"{args.pop} / {args.generations} ({args.mode}"
+                                    + (f", {args.inner} inside)" if args.mode == "merged"
+                                       else ")"),
         "workers × threads": f"{args.workers} × {args.threads}",
     }
     if args.json:

@@ -93,7 +93,7 @@ def test_wrong_type_and_missing_key(llama, tmp_path: Path) -> None:
     base, tuned = llama
     recipe = ties_recipe(base, tuned)
     recipe["models"][0]["parameters"]["density"] = "lots"
-    assert_fails(tmp_path, recipe, "'density' must be a number")
+    assert_fails(tmp_path, recipe, "models[0].parameters.density: must be a number")
     del recipe["merge_method"]
     assert_fails(tmp_path, recipe, "missing required key 'merge_method'")
 
@@ -108,9 +108,17 @@ def test_existing_output_needs_force(llama, tmp_path: Path) -> None:
     assert proc.returncode == 2
     assert proc.stderr.strip() == f"error: output {out} already exists; pass --force to replace it"
     assert (out / "keep.txt").read_text() == "precious"
+    # --force replaces only what a pcbmerge run wrote: this folder is the user's
     proc = run_cli("run", recipe, "-o", out, "--quiet", "--force")
+    assert proc.returncode == 2
+    assert "was not written by pcbmerge" in proc.stderr
+    assert (out / "keep.txt").read_text() == "precious"
+    (out / "keep.txt").unlink()
+    proc = run_cli("run", recipe, "-o", out, "--quiet", "--force")  # empty: nothing to lose
     assert proc.returncode == 0, proc.stderr
-    assert not (out / "keep.txt").exists() and (out / "model.safetensors").is_file()
+    proc = run_cli("run", recipe, "-o", out, "--quiet", "--force")  # a previous run's output
+    assert proc.returncode == 0, proc.stderr
+    assert (out / "model.safetensors").is_file() and (out / ".pcbmerge-output").is_file()
 
 
 def test_pickle_refused_unless_allowed(tmp_path: Path) -> None:
@@ -196,6 +204,8 @@ def test_internal_error_exit_code_is_1(tmp_path: Path, monkeypatch) -> None:
     def boom(*_a: object, **_k: object) -> None:
         raise RuntimeError("bug")
 
-    monkeypatch.setattr("mergekit_pcb.engine.plan_recipe_file", boom)
+    monkeypatch.setattr("mergekit_pcb.kinds.kind_of", boom)
+    (tmp_path / "r.yaml").write_text("merge_method: linear\n")
     result = CliRunner().invoke(app, ["validate", str(tmp_path / "r.yaml")])
     assert result.exit_code == 1
+    assert "internal error: RuntimeError: bug" in result.output

@@ -21,12 +21,12 @@ import pytest
 import torch
 import yaml
 
-from mergekit_pcb.evolve.cli import EVOLUTION_METHODS
+from mergekit_pcb.evolve.strategies import STRATEGIES
 
 REPO = Path(__file__).resolve().parent.parent
 # Plain merge recipes; evolution recipes need fitness data and are tested elsewhere.
 RECIPES = sorted(p for p in (REPO / "recipes").glob("*.yaml")
-                 if yaml.safe_load(p.read_text())["merge_method"] not in EVOLUTION_METHODS)
+                 if yaml.safe_load(p.read_text())["merge_method"] not in STRATEGIES)
 CHECKPOINTS = ("base", "orig", "flip", "transpose", "rot90")
 PREFIX = "pcbmerge-demo/checkpoints/"
 RUNNING_STATS = ("running_mean", "running_var")

@@ -138,7 +138,7 @@ def search_record(out: Path) -> dict[str, Any]:
 def test_merged_mode_keeps_only_improving_trials(pop_dir: Path) -> None:
     recipe = write_recipe(pop_dir, recipe_dict(pop_dir, generations=4))
     out = pop_dir / "out"
-    summary = evolve(recipe, out)
+    summary = evolve(recipe, out, trust_code=True)
     doc = json.loads((out / "evolution.json").read_text())
     objective = [h["objective"] for h in doc["history"]]
     assert all(b <= a for a, b in itertools.pairwise(objective))  # loss
@@ -165,7 +165,7 @@ def test_standalone_mode_keeps_trials_that_beat_their_parent(pop_dir: Path) -> N
     data = recipe_dict(pop_dir, n=4, mode="standalone", generations=3)
     recipe = write_recipe(pop_dir, data)
     out = pop_dir / "out"
-    summary = evolve(recipe, out)
+    summary = evolve(recipe, out, trust_code=True)
     doc = json.loads((out / "evolution.json").read_text())
     initial, final = doc["initial"]["select"], doc["final"]["fitness"]
     assert all(f <= i for f, i in zip(final, initial, strict=True))
@@ -181,7 +181,7 @@ def test_standalone_mode_keeps_trials_that_beat_their_parent(pop_dir: Path) -> N
 
 def test_larger_population_is_filled_with_seeded_interpolations(pop_dir: Path) -> None:
     recipe = write_recipe(pop_dir, recipe_dict(pop_dir, pop=5, generations=0))
-    summary = evolve(recipe, pop_dir / "out", seed=11)
+    summary = evolve(recipe, pop_dir / "out", seed=11, trust_code=True)
     members = summary.run_dir / "members"
     rng = random.Random(11)
     for k in (3, 4):
@@ -200,7 +200,7 @@ def test_rand_1_with_a_minimized_callable(pop_dir: Path) -> None:
     data = recipe_dict(pop_dir, n=4, fitness="callable", mutation="rand-1",
                        mode="standalone", generations=2)
     out = pop_dir / "out"
-    evolve(write_recipe(pop_dir, data), out)
+    evolve(write_recipe(pop_dir, data), out, trust_code=True)
     doc = json.loads((out / "evolution.json").read_text())
     assert doc["maximize"] is False and doc["mutation"] == "rand-1"
     best = [h["best"] for h in doc["history"]]
@@ -214,10 +214,10 @@ def test_rand_1_with_a_minimized_callable(pop_dir: Path) -> None:
 def test_same_seed_same_result_with_one_and_two_workers(pop_dir: Path, mode: str) -> None:
     recipe = write_recipe(pop_dir, recipe_dict(pop_dir, n=4, mode=mode, generations=3))
     a, b, c, d = (pop_dir / x for x in ("a", "b", "c", "d"))
-    evolve(recipe, a)
-    evolve(recipe, b)
-    evolve(recipe, c, workers=2)
-    evolve(recipe, d, seed=1)
+    evolve(recipe, a, trust_code=True)
+    evolve(recipe, b, trust_code=True)
+    evolve(recipe, c, workers=2, trust_code=True)
+    evolve(recipe, d, seed=1, trust_code=True)
     assert same_tensors(a, b) and search_record(a) == search_record(b)
     assert same_tensors(a, c) and search_record(a) == search_record(c)
     assert not same_tensors(a, d)  # the seed matters, so the equalities above mean something
@@ -234,15 +234,15 @@ def test_resume_after_a_crash_matches_an_uninterrupted_run(
         pop_dir: Path, crash_at: int, monkeypatch: pytest.MonkeyPatch) -> None:
     data = recipe_dict(pop_dir, n=3, fitness="callable", generations=3)
     recipe = write_recipe(pop_dir, data)
-    evolve(recipe, pop_dir / "ref")
+    evolve(recipe, pop_dir / "ref", trust_code=True)
     counter = pop_dir / "counter"
     counter.write_text(str(crash_at))
     monkeypatch.setenv("EVOLVE_TEST_CRASH_FILE", str(counter))
     with pytest.raises(RuntimeError, match="crash requested"):
-        evolve(recipe, pop_dir / "out")
+        evolve(recipe, pop_dir / "out", trust_code=True)
     assert not (pop_dir / "out").exists()
     monkeypatch.delenv("EVOLVE_TEST_CRASH_FILE")
-    evolve(recipe, pop_dir / "out", resume=True)
+    evolve(recipe, pop_dir / "out", resume=True, trust_code=True)
     assert same_tensors(pop_dir / "ref", pop_dir / "out")
     assert search_record(pop_dir / "ref") == search_record(pop_dir / "out")
     # nothing but the state's members is left in the population store
@@ -254,8 +254,8 @@ def test_resume_after_a_crash_matches_an_uninterrupted_run(
 def _start(recipe: Path, out: Path, *extra: str, sleep: str = "0") -> subprocess.Popen[str]:
     env = {**os.environ, "EVOLVE_TEST_SLEEP": sleep}
     return subprocess.Popen(
-        [sys.executable, "-m", "mergekit_pcb.evolve", "evolve", str(recipe), "-o", str(out),
-         "--quiet", *extra],
+        [sys.executable, "-m", "mergekit_pcb", "evolve", str(recipe), "-o", str(out),
+         "--quiet", "--trust-code", *extra],
         env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
@@ -276,11 +276,14 @@ def _kill_when(proc: subprocess.Popen[str], state: Path, generation: int, step: 
     raise AssertionError("the run never reached the kill point")
 
 
-@pytest.mark.parametrize("workers", ["1", "2"])
-def test_sigkill_mid_generation_then_resume_matches(pop_dir: Path, workers: str) -> None:
+@pytest.mark.parametrize(("workers", "inner"), [("1", "ties"), ("2", "ties"), ("1", "pcb")])
+def test_sigkill_mid_generation_then_resume_matches(pop_dir: Path, workers: str,
+                                                    inner: str) -> None:
     data = recipe_dict(pop_dir, n=4, fitness="callable", generations=3)
+    if inner == "pcb":  # whole-model statistics passes inside every evaluation
+        data["merge"] = {"merge_method": "pcb", "parameters": {"lambda": 1.25}}
     recipe = write_recipe(pop_dir, data)
-    evolve(recipe, pop_dir / "ref")
+    evolve(recipe, pop_dir / "ref", trust_code=True)
     out, state = pop_dir / "out", pop_dir / "out.run" / "state.json"
     par = ("--workers", workers)
     # Killed twice, in the middle of generations 2 and 3 (steps are slow: 50 ms fitness);
@@ -307,7 +310,10 @@ def cli(*args: str | Path, cwd: Path | None = None) -> Any:
     try:
         if cwd is not None:
             os.chdir(cwd)
-        return CliRunner().invoke(app, [str(a) for a in args])
+        # the tests' fitness code is their own: consent is given (refusal is tested apart)
+        trust = ["--trust-code"] if args and args[0] in ("evolve", "run", "eval") \
+            and not any(str(a).endswith("merge.yaml") for a in args) else []
+        return CliRunner().invoke(app, [*map(str, args), *trust])
     finally:
         os.chdir(old)
 
@@ -418,10 +424,67 @@ def test_run_accepts_evolution_recipes(pop_dir: Path) -> None:
     assert [h["generation"] for h in history] == [0, 1, 2, 3]
 
 
+def test_dry_run_of_a_search_prints_the_plan_and_writes_nothing(pop_dir: Path) -> None:
+    data = recipe_dict(pop_dir, n=3, generations=5, pop=6)
+    data["merge"] = {"merge_method": "pcb", "parameters": {"lambda": 1.25}}
+    recipe = write_recipe(pop_dir, data)
+    before = sorted(p.name for p in pop_dir.iterdir())
+    res = cli("run", recipe, "-o", pop_dir / "x", "--dry-run", "--json")
+    assert res.exit_code == 0, res.output
+    plan = json.loads(res.output)
+    assert sorted(p.name for p in pop_dir.iterdir()) == before  # no output, no run dir
+    assert plan["kind"] == "search" and plan["method"] == "evolver" and plan["dry_run"]
+    assert plan["population"]["size"] == 6 and plan["population"]["filled"] == 3
+    assert plan["inner_merge"]["method"] == "pcb" and plan["generations"] == 5
+    assert plan["fitness"] == {"type": "torch", "metric": "loss", "maximize": False,
+                               "select": "select.npz", "report": "report.npz"}
+    # 6 members + the plain merge + the merge of the filled population; 6 trials per
+    # generation, each scored merged and, when kept, alone; result + 3 inputs + 2 merges
+    assert plan["evaluations"] == {"initial": 8, "per_generation_at_most": 12, "final": 6,
+                                   "total_at_most": 8 + 12 * 5 + 6}
+    # a global PCB merge of 6 members reads base + members in 5 passes
+    member_bytes = plan["population"]["member_bytes"]
+    assert member_bytes == (6 * 12 + 12 + 12 * 3 + 3) * 4  # the MLP's float32 parameters
+    assert plan["per_evaluation"] == {"what": "pcb merge of the 6 members", "passes": 5,
+                                      "read_bytes": 5 * 7 * member_bytes}
+    # the same plan for a person, and from `validate`
+    res = cli("run", recipe, "-o", pop_dir / "x", "--dry-run")
+    assert res.exit_code == 0 and "dry run: nothing written" in res.output
+    assert "reads" in res.output and "5 pass(es)" in res.output
+    res = cli("validate", recipe, "--json")
+    assert res.exit_code == 0 and json.loads(res.output)["evaluations"] == plan["evaluations"]
+    assert not (pop_dir / "x").exists() and not (pop_dir / "x.run").exists()
+
+
+def test_search_flags_are_refused_where_they_do_not_apply(pop_dir: Path) -> None:
+    recipe = write_recipe(pop_dir, recipe_dict(pop_dir))
+    line = _one_error_line(cli("run", recipe, "-o", pop_dir / "x", "--device", "cpu"))
+    assert "--device: not used by search recipes" in line
+    assert not (pop_dir / "x").exists()
+    merge = write_recipe(pop_dir, {"merge_method": "linear", "models": [
+        {"model": str(pop_dir / "m0")}, {"model": str(pop_dir / "m1")}]}, "merge.yaml")
+    line = _one_error_line(cli("evolve", merge, "-o", pop_dir / "x"))
+    assert "is a merge, not a search" in line
+
+
+def test_methods_lists_every_kind() -> None:
+    from mergekit_pcb.evolve.strategies import STRATEGIES
+    from mergekit_pcb.methods import REGISTRY
+
+    res = cli("methods", "--json")
+    assert res.exit_code == 0, res.output
+    listed = json.loads(res.output)
+    assert set(listed) == set(REGISTRY) | set(STRATEGIES)
+    assert listed["evolver"]["kind"] == "search" and listed["ties"]["kind"] == "merge"
+    evolver = {p["name"]: p for p in listed["evolver"]["parameters"]}
+    assert evolver["generations"]["default"] == 15 and evolver["F"]["default"] == 0.5
+    assert evolver["mode"]["choices"] == ["merged", "standalone"]
+
+
 def test_run_refuses_evolution_flags_for_a_merge_recipe(pop_dir: Path) -> None:
     recipe = write_recipe(pop_dir, {"merge_method": "linear", "models": [
         {"model": str(pop_dir / "m0")}, {"model": str(pop_dir / "m1")}]}, "merge.yaml")
     res = cli("run", recipe, "-o", pop_dir / "out", "--workers", "2")
     assert res.exit_code == 2
-    assert "--workers: only for evolution recipes" in res.output and "linear merge" in res.output
+    assert "--workers: not used by merge recipes" in res.output and "linear merge" in res.output
     assert not (pop_dir / "out").exists()

@@ -111,7 +111,7 @@ def test_evolution_scored_by_hf_fitness(bert, hf_models, tmp_path: Path) -> None
     }
     path = tmp_path / "evolver.yaml"
     path.write_text(yaml.safe_dump(recipe))
-    evolve(path, tmp_path / "out")
+    evolve(path, tmp_path / "out", trust_code=True)
     doc = json.loads((tmp_path / "out" / "evolution.json").read_text())
     assert doc["history"][-1]["best"] <= doc["history"][0]["best"]
     # HF-loadable output, config and tokenizer carried over
@@ -131,7 +131,7 @@ def test_evolution_scored_by_hf_fitness(bert, hf_models, tmp_path: Path) -> None
         "fitness": {"type": "causal-lm", "select": "lm.jsonl", "metric": "perplexity"},
     }
     path.write_text(yaml.safe_dump(recipe))
-    evolve(path, tmp_path / "lm-out")
+    evolve(path, tmp_path / "lm-out", trust_code=True)
     doc = json.loads((tmp_path / "lm-out" / "evolution.json").read_text())
     assert doc["maximize"] is False
     assert doc["history"][-1]["objective"] <= doc["initial"]["merge_select"]

@@ -6,7 +6,6 @@ import pytest
 import torch
 
 from mergekit_pcb.errors import RecipeError
-from mergekit_pcb.evolve.merge import PopulationMerger
 from mergekit_pcb.evolve.operators import (
     Scratch,
     apply_mask,
@@ -111,42 +110,15 @@ def test_interpolate_hand_case() -> None:
 
 def test_schedules() -> None:
     s = make_schedule(0.7, "parameters.F")
-    assert isinstance(s, Constant) and s.value(0) == 0.7 and s.value(99) == 0.7
+    assert isinstance(s, Constant) and s.value(0, 100) == 0.7 and s.value(99, 100) == 0.7
     s = make_schedule({"schedule": "constant", "value": 0.2}, "parameters.CR", high=1.0)
-    assert s.value(3) == 0.2
+    assert s.value(3, 10) == 0.2
     with pytest.raises(RecipeError, match=r"parameters.F.schedule: unknown schedule 'cosine'"):
         make_schedule({"schedule": "cosine"}, "parameters.F")
     with pytest.raises(RecipeError, match=r"parameters.CR: must be between 0.0 and 1.0"):
         make_schedule(1.5, "parameters.CR", high=1.0)
     with pytest.raises(RecipeError, match=r"parameters.F.value: required"):
         make_schedule({"schedule": "constant"}, "parameters.F")
-
-
-def test_population_merge_routes_like_the_engine() -> None:
-    names = ["fc.weight", "bn.running_mean", "bn.num_batches_tracked"]
-    linear = PopulationMerger("linear", {}, names, 2, seed=0)
-    a, b = torch.tensor([1.0, 3.0]), torch.tensor([3.0, 7.0])
-    assert torch.equal(linear.merge_tensor("fc.weight", [a, b], None), torch.tensor([2.0, 5.0]))
-    ta = PopulationMerger("task_arithmetic", {"lambda": 0.5}, names, 2, seed=0)
-    base = torch.tensor([1.0, 1.0])
-    # 1 + 0.5 * ((1-1) + (3-1)) = 2 ; 1 + 0.5 * ((3-1) + (7-1)) = 5
-    assert torch.equal(ta.merge_tensor("fc.weight", [a, b], base), torch.tensor([2.0, 5.0]))
-    # running statistics are averaged, integer buffers copied from the first member
-    assert torch.equal(ta.merge_tensor("bn.running_mean", [a, b], base),
-                       torch.tensor([2.0, 5.0]))
-    steps = [torch.tensor(3), torch.tensor(9)]
-    assert torch.equal(ta.merge_tensor("bn.num_batches_tracked", steps, None), torch.tensor(3))
-
-
-def test_population_merge_dare_is_keyed_by_slot_not_order() -> None:
-    names = ["w"]
-    m = PopulationMerger("dare_linear", {"density": 0.5}, names, 2, seed=3)
-    base = torch.zeros(1000)
-    a, b = torch.ones(1000), 2 * torch.ones(1000)
-    first = m.merge_tensor("w", [a, b], base)
-    assert torch.equal(first, m.merge_tensor("w", [a, b], base))
-    # each survivor is rescaled by 1/density: values in {0, 2} + {0, 4}
-    assert set(first.unique().tolist()) <= {0.0, 2.0, 4.0, 6.0}
 
 
 @pytest.mark.parametrize(("F", "CR"), [(0.5, 0.5), (0.3, 0.9), (0.8, 0.1), (1e-5, 1e-5),

@@ -14,13 +14,8 @@ from safetensors.torch import load_file
 import mergekit_pcb.evolve.jobs as jobs
 from mergekit_pcb.errors import UserError
 from mergekit_pcb.evolve.run import evolve
-from mergekit_pcb.evolve.store import (
-    SPARE_PREFIX,
-    RunDir,
-    TensorSpec,
-    file_crc32,
-    write_safetensors,
-)
+from mergekit_pcb.evolve.store import SPARE_PREFIX, RunDir, TensorSpec
+from mergekit_pcb.io.writer import file_crc32, write_safetensors
 from tests.test_evolve_engine import build_population, recipe_dict, write_recipe
 
 LAYOUT = [TensorSpec("a", torch.float32, (3, 4)), TensorSpec("b", torch.int64, (2,))]
@@ -86,7 +81,7 @@ def test_accepted_trials_are_written_over_spares(tmp_path: Path,
 
     monkeypatch.setattr(jobs, "write_safetensors", spy)
     data = recipe_dict(pop, n=4, mode="standalone", generations=6)
-    summary = evolve(write_recipe(pop, data), pop / "out")
+    summary = evolve(write_recipe(pop, data), pop / "out", trust_code=True)
     # Replaced inputs are kept (the closing table scores them), so only a replaced trial
     # leaves a spare: new files are made while fewer than pop + 1 trials exist, never after.
     fresh = [name for name, reused in calls if not reused]
@@ -102,7 +97,7 @@ def test_resume_refuses_a_member_that_does_not_hold_what_was_written(tmp_path: P
     other bytes. The recorded checksum catches it; a sound run directory resumes."""
     pop = build_population(tmp_path / "pop")
     recipe = write_recipe(pop, recipe_dict(pop, n=4, mode="standalone", generations=2))
-    summary = evolve(recipe, pop / "out")
+    summary = evolve(recipe, pop / "out", trust_code=True)
     state = json.loads((summary.run_dir / "state.json").read_text())
     assert set(state["checksums"]) == set(state["members"]) | set(state["initial"]["members"])
     victim = summary.run_dir / "members" / state["members"][1]
@@ -116,11 +111,11 @@ def test_resume_refuses_a_member_that_does_not_hold_what_was_written(tmp_path: P
     victim.write_bytes(bytes(damaged))
     with pytest.raises(UserError, match=rf"member file {victim} does not hold what was "
                                          r"written \(checksum mismatch"):
-        evolve(recipe, pop / "out", resume=True, force=True)
+        evolve(recipe, pop / "out", resume=True, force=True, trust_code=True)
     victim.unlink()
     with pytest.raises(UserError, match=rf"member file {victim} is missing"):
-        evolve(recipe, pop / "out", resume=True, force=True)
+        evolve(recipe, pop / "out", resume=True, force=True, trust_code=True)
     victim.write_bytes(original)
-    evolve(recipe, pop / "out", resume=True, force=True)
+    evolve(recipe, pop / "out", resume=True, force=True, trust_code=True)
     doc = json.loads((pop / "out" / "evolution.json").read_text())
     assert [h["generation"] for h in doc["history"]] == [0, 1, 2, 3]

@@ -5,7 +5,13 @@ from __future__ import annotations
 from pathlib import Path
 
 from mergekit_pcb.engine.plan import MergePlan, build_plan
-from mergekit_pcb.engine.stream import MergeResult, compute_part, run_plan
+from mergekit_pcb.engine.stream import (
+    MergeResult,
+    compute_part,
+    merge_in_memory,
+    run_plan,
+    write_plan,
+)
 from mergekit_pcb.recipe.schema import load_recipe
 
 
@@ -29,5 +35,5 @@ def merge_recipe_file(recipe_path: str | Path, output: str | Path, *, force: boo
         plan.close()
 
 
-__all__ = ["MergePlan", "MergeResult", "build_plan", "compute_part", "merge_recipe_file",
-           "plan_recipe_file", "run_plan"]
+__all__ = ["MergePlan", "MergeResult", "build_plan", "compute_part", "merge_in_memory",
+           "merge_recipe_file", "plan_recipe_file", "run_plan", "write_plan"]

@@ -16,8 +16,9 @@ from typing import Any
 import torch
 
 from mergekit_pcb.errors import CheckpointError, RecipeError
-from mergekit_pcb.io.artifacts import tokenizer_dir
+from mergekit_pcb.io.artifacts import model_dir
 from mergekit_pcb.io.reader import Checkpoint, open_checkpoint
+from mergekit_pcb.io.resolve import resolve_model_path
 from mergekit_pcb.methods import REGISTRY, MergeMethod, get_method
 from mergekit_pcb.methods.base import GlobalStats
 from mergekit_pcb.recipe.params import (
@@ -50,6 +51,13 @@ class Route:
     source: str | None = None  # model key (take/copy)
     tensor_names: list[str] = field(default_factory=list)
     stats: GlobalStats | None = None  # whole-model statistics, gathered before merging
+    # What `stats` was made from, so that every execution starts from fresh statistics.
+    stats_args: tuple[Any, ...] | None = None
+
+    def reset_statistics(self) -> None:
+        if self.stats_args is not None:
+            assert self.method is not None
+            self.stats = self.method.global_stats(*self.stats_args)
 
     @property
     def stat_passes(self) -> tuple[str, ...]:
@@ -87,6 +95,30 @@ class MergePlan:
     routes: list[Route]
     compute_dtype: torch.dtype
     seed: int
+    owned: frozenset[str] = frozenset()  # checkpoints this plan opened (and closes)
+    # Inputs are checked finite as they are read; a caller whose inputs were checked when
+    # they were made (an evolution's members) turns it off.
+    check_finite: bool = True
+
+    def rebind(self, sources: Mapping[str, Checkpoint]) -> MergePlan:
+        """Read model keys from other checkpoints of the same layout (swapped in, not owned).
+
+        The tasks depend only on names, shapes and dtypes, so a plan built once serves every
+        population of members that share the layout.
+        """
+        for key, ckpt in sources.items():
+            if key not in self.checkpoints:
+                raise KeyError(key)
+            if key in self.owned:
+                self.checkpoints[key].close()
+                self.owned = self.owned - {key}
+            self.checkpoints[key] = ckpt
+        return self
+
+    def reset_statistics(self) -> None:
+        """Fresh whole-model statistics for every route that gathers them."""
+        for route in self.routes:
+            route.reset_statistics()
 
     def task_read_bytes(self, task: TensorTask) -> int:
         return sum(self.checkpoints[k].info(task.name).nbytes for k in task.reads(self.base_key))
@@ -110,9 +142,30 @@ class MergePlan:
         key = self.base_key or self.recipe.models[0].model
         return self.checkpoints[key]
 
+    def input_paths(self) -> list[Path]:
+        """Where the models this plan opened live (directories, or single files): an output
+        must never be, contain or lie inside one of them."""
+        paths = [resolve_model_path(ref, allow_pickle=True) for ref in sorted(self.owned)]
+        source = self.recipe.tokenizer_source
+        if source not in (None, "base", "union") and source not in self.checkpoints:
+            paths.append(model_dir(source))
+        return paths
+
+    def tokenizer_root(self) -> Path:
+        """Where tokenizer files come from: `tokenizer_source` (a model or `base`), else the
+        base (or first model)."""
+        source = self.recipe.tokenizer_source
+        if source in (None, "base"):
+            return self.config_source.root
+        if source == "union":
+            raise RecipeError("tokenizer_source: 'union' (vocabulary merging) is not "
+                              "supported; name a model or 'base'")
+        ckpt = self.checkpoints.get(source)
+        return ckpt.root if ckpt is not None else model_dir(source)
+
     def close(self) -> None:
-        for c in self.checkpoints.values():
-            c.close()
+        for key in self.owned:
+            self.checkpoints[key].close()
 
 
 def _numel(shape: tuple[int, ...]) -> int:
@@ -123,7 +176,13 @@ def _numel(shape: tuple[int, ...]) -> int:
 
 
 def build_plan(recipe: MergeRecipe, recipe_text: str, *, seed: int | None = None,
-               allow_pickle: bool = False, base_dir: Path | None = None) -> MergePlan:
+               allow_pickle: bool = False, base_dir: Path | None = None,
+               sources: Mapping[str, Checkpoint] | None = None) -> MergePlan:
+    """Check `recipe` against its checkpoints' headers and fix every output tensor's route.
+
+    `sources` supplies already open checkpoints by model key (the caller keeps them);
+    the other models are opened here and closed by `MergePlan.close`.
+    """
     method = get_method(recipe.merge_method)
     _check_recipe_shape(recipe, method)
     check_parameter_keys(type(method), recipe.parameters,
@@ -133,15 +192,22 @@ def build_plan(recipe: MergeRecipe, recipe_text: str, *, seed: int | None = None
             sub = type(get_method(rule.method, where=f"tensors[{i}].method"))
             check_parameter_keys(sub, rule.parameters, [], prefix=f"tensors[{i}].")
     checkpoints: dict[str, Checkpoint] = {}
+    owned: list[str] = []
     try:
         for ref in recipe.model_refs():
+            if sources is not None and ref in sources:
+                checkpoints[ref] = sources[ref]
+                continue
             checkpoints[ref] = open_checkpoint(ref, allow_pickle=allow_pickle,
                                                base_dir=base_dir)
+            owned.append(ref)
         plan = _plan_tensors(recipe, recipe_text, method, checkpoints, seed)
-        tokenizer_dir(plan)  # a bad tokenizer_source fails now, not after the merge
+        plan.owned = frozenset(owned)
+        if sources is None:
+            plan.tokenizer_root()  # a bad tokenizer_source fails now, not after the merge
     except BaseException:
-        for c in checkpoints.values():
-            c.close()
+        for ref in owned:
+            checkpoints[ref].close()
         raise
     return plan
 
@@ -157,6 +223,10 @@ def _check_recipe_shape(recipe: MergeRecipe, method: MergeMethod) -> None:
     for i, rule in enumerate(recipe.tensors):
         if rule.take == "base" and recipe.base_model is None:
             raise RecipeError(f"tensors[{i}].take: 'base' but the recipe has no base_model")
+        if rule.method is not None and recipe.base_model is None \
+                and get_method(rule.method, where=f"tensors[{i}].method").requires_base:
+            raise RecipeError(f"tensors[{i}].method: {rule.method} needs a base model, but the "
+                              "recipe has no base_model")
 
 
 def _plan_tensors(recipe: MergeRecipe, recipe_text: str, method: MergeMethod,
@@ -217,10 +287,11 @@ def _attach_global_stats(route: Route, tasks: list[TensorTask]) -> None:
         return
     first = tasks[0]
     total = sum(_numel(t.shape) for t in tasks)
-    route.stats = route.method.global_stats(len(route.inputs), total, first.global_params,
-                                            first.model_params)
+    args = (len(route.inputs), total, first.global_params, first.model_params)
+    route.stats = route.method.global_stats(*args)
     if route.stats is None:
         return
+    route.stats_args = args
     for task in tasks[1:]:
         if task.global_params != first.global_params or task.model_params != first.model_params:
             raise RecipeError(

@@ -26,10 +26,10 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
+from mergekit_pcb.engine.card import write_artifacts
 from mergekit_pcb.engine.plan import MergePlan, TensorTask
 from mergekit_pcb.engine.rng import tensor_generator
 from mergekit_pcb.errors import CheckpointError
-from mergekit_pcb.io.artifacts import write_artifacts
 from mergekit_pcb.io.writer import (
     OutputTensor,
     ShardedSafetensorsWriter,
@@ -77,7 +77,7 @@ def _load_malloc_trim() -> Callable[[int], object]:
 release_freed_memory = _load_malloc_trim()
 
 
-def _all_finite(tensor: torch.Tensor) -> bool:
+def all_finite(tensor: torch.Tensor) -> bool:
     """NaN and ±Inf show up in the min or max; one reduction, no boolean temporary."""
     if tensor.numel() == 0:
         return True
@@ -113,7 +113,7 @@ def _read_inputs(plan: MergePlan, task: TensorTask, device: torch.device,
     values = {}
     for key in task.reads(plan.base_key):
         tensor = plan.checkpoints[key].read(task.name, start, stop)
-        if not _all_finite(tensor):
+        if plan.check_finite and not all_finite(tensor):
             raise CheckpointError(f"tensor '{task.name}' of model {key} contains NaN or Inf")
         values[key] = tensor.to(device=device, dtype=plan.compute_dtype)
     return values
@@ -153,18 +153,30 @@ def compute_part(plan: MergePlan, task: TensorTask, device: torch.device,
     else:
         assert route.method is not None
         out = route.method.merge(_method_inputs(plan, task, values))
-    return out.to(device="cpu", dtype=task.out_dtype)
+    out = out.to(device="cpu", dtype=task.out_dtype)
+    if not all_finite(out):
+        # Finite inputs, so the parameters (or the output dtype's range) are at fault.
+        params = {**task.global_params, **({"models": task.model_params}
+                                           if task.model_params else {})}
+        raise CheckpointError(
+            f"tensor '{task.name}': {route.label} gives NaN or Inf in "
+            f"{str(task.out_dtype).removeprefix('torch.')} with parameters {params}")
+    return out
 
 
-def gather_statistics(plan: MergePlan, device: torch.device, progress: Progress) -> None:
-    """Run every statistics pass of every route that has them, in order."""
+def gather_statistics(plan: MergePlan, device: torch.device,
+                      progress: Progress | None = None) -> None:
+    """Run every statistics pass of every route that has them, in order, from fresh
+    statistics (a plan may be executed more than once)."""
+    plan.reset_statistics()
     for route in plan.routes:
         if route.stats is None:
             continue
         tasks = [t for t in plan.tasks if t.route is route]
         for p, name in enumerate(route.stats.pass_names):
-            bar = progress.add_task(name, total=sum(plan.task_read_bytes(t) for t in tasks),
-                                    tensors=f"0/{len(tasks)}")
+            bar = None if progress is None else progress.add_task(
+                name, total=sum(plan.task_read_bytes(t) for t in tasks),
+                tensors=f"0/{len(tasks)}")
             for i, task in enumerate(tasks):
                 for start, stop in slices(plan, task):
                     values = _read_inputs(plan, task, device, start, stop)
@@ -172,41 +184,75 @@ def gather_statistics(plan: MergePlan, device: torch.device, progress: Progress)
                     release_freed_memory(sum(v.numel() * v.element_size()
                                              for v in values.values()))
                     del values
-                progress.update(bar, advance=plan.task_read_bytes(task),
-                                tensors=f"{i + 1}/{len(tasks)}")
+                if progress is not None and bar is not None:
+                    progress.update(bar, advance=plan.task_read_bytes(task),
+                                    tensors=f"{i + 1}/{len(tasks)}")
             route.stats.finish(p)
+
+
+def merge_in_memory(plan: MergePlan, device: str = "cpu") -> dict[str, torch.Tensor]:
+    """Execute `plan` into a state dict: the same passes and slices as `write_plan`, so the
+    tensors are bit-identical to what `pcbmerge run` writes."""
+    dev = torch.device(device)
+    gather_statistics(plan, dev)
+    out: dict[str, torch.Tensor] = {}
+    for task in plan.tasks:
+        parts = slices(plan, task)
+        if len(parts) == 1:
+            out[task.name] = compute_part(plan, task, dev).reshape(task.shape)
+            continue
+        merged = torch.empty(task.shape, dtype=task.out_dtype)
+        flat = merged.view(-1)
+        for a, b in parts:
+            flat[a:b] = compute_part(plan, task, dev, a, b)
+        out[task.name] = merged
+    return out
+
+
+def write_plan(plan: MergePlan, directory: Path, *, shard_size: int = 5 * 10**9,
+               device: str = "cpu", progress: Progress | None = None,
+               artifacts: bool = True) -> int:
+    """Execute `plan` into safetensors shards in `directory` (plus config, tokenizer, card
+    and recipe with `artifacts`); returns the number of shards."""
+    dev = torch.device(device)
+    outputs = [OutputTensor(t.name, t.out_dtype, t.shape) for t in plan.tasks]
+    shards = plan_shards(outputs, shard_size)
+    gather_statistics(plan, dev, progress)
+    total = sum(plan.task_read_bytes(t) for t in plan.tasks)
+    bar = None if progress is None else progress.add_task(
+        "merging", total=total, tensors=f"0/{len(plan.tasks)}")
+    writer = ShardedSafetensorsWriter(directory, shards, metadata={"merged_by": "mergekit-pcb"})
+    try:
+        for i, task in enumerate(plan.tasks):
+            writer.write_chunks(task.name, (compute_part(plan, task, dev, a, b)
+                                            for a, b in slices(plan, task)))
+            release_freed_memory(plan.task_read_bytes(task))
+            if progress is not None and bar is not None:
+                progress.update(bar, advance=plan.task_read_bytes(task),
+                                tensors=f"{i + 1}/{len(plan.tasks)}")
+        writer.close()
+    except BaseException:
+        writer.abort()
+        raise
+    if artifacts:
+        write_artifacts(plan, directory)
+    return len(shards)
 
 
 def run_plan(plan: MergePlan, output: Path, *, force: bool = False, shard_size: int = 5 * 10**9,
              device: str = "cpu", quiet: bool = False, console: Console | None = None
              ) -> MergeResult:
+    """Execute `plan` into `output`, built beside it and renamed into place when complete."""
     start = time.perf_counter()
-    dev = torch.device(device)
-    outputs = [OutputTensor(t.name, t.out_dtype, t.shape) for t in plan.tasks]
-    shards = plan_shards(outputs, shard_size)
-    with atomic_output_dir(output, force=force) as tmp, _progress(quiet, console) as progress:
-        gather_statistics(plan, dev, progress)
-        total = sum(plan.task_read_bytes(t) for t in plan.tasks)
-        bar = progress.add_task("merging", total=total, tensors=f"0/{len(plan.tasks)}")
-        writer = ShardedSafetensorsWriter(tmp, shards, metadata={"merged_by": "mergekit-pcb"})
-        try:
-            for i, task in enumerate(plan.tasks):
-                writer.write_chunks(task.name, (compute_part(plan, task, dev, a, b)
-                                                for a, b in slices(plan, task)))
-                release_freed_memory(plan.task_read_bytes(task))
-                progress.update(bar, advance=plan.task_read_bytes(task),
-                                tensors=f"{i + 1}/{len(plan.tasks)}")
-            writer.close()
-        except BaseException:
-            writer.abort()
-            raise
-        write_artifacts(plan, tmp)
-    return MergeResult(output.resolve(), len(plan.tasks), len(shards), plan.read_bytes,
+    with atomic_output_dir(output, force=force, inputs=plan.input_paths()) as tmp, \
+            progress_display(quiet, console) as progress:
+        shards = write_plan(plan, tmp, shard_size=shard_size, device=device, progress=progress)
+    return MergeResult(output.resolve(), len(plan.tasks), shards, plan.read_bytes,
                        plan.write_bytes, time.perf_counter() - start)
 
 
 @contextmanager
-def _progress(quiet: bool, console: Console | None) -> Iterator[Progress]:
+def progress_display(quiet: bool, console: Console | None) -> Iterator[Progress]:
     progress = Progress(
         TextColumn("[bold]{task.description}"),
         BarColumn(),

@@ -1,6 +1,3 @@
-"""Evolutionary merging: a population of checkpoints mutated, crossed over and selected by a
-fitness measured on the user's data (`evolver`), resumable and parallel."""
-
-from mergekit_pcb.evolve.cli import EVOLUTION_METHODS, register, run_evolution_recipe
-
-__all__ = ["EVOLUTION_METHODS", "register", "run_evolution_recipe"]
+"""The search engine: a population of checkpoints mutated, crossed over and selected by a
+fitness measured on the user's data, resumable and parallel. Strategies (`evolver`, ...)
+live in `strategies/`; the population's merge is the merge engine's."""

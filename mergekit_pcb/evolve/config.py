@@ -11,12 +11,12 @@ import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, Union
+from typing import Any, Literal
 
-from pydantic import Field
+from pydantic import Field, create_model
 
 from mergekit_pcb.errors import RecipeError
-from mergekit_pcb.evolve.schedule import Schedule, make_schedule
+from mergekit_pcb.evolve.strategies import SearchStrategy, get_strategy
 from mergekit_pcb.methods import REGISTRY
 from mergekit_pcb.recipe.params import check_parameter_keys
 from mergekit_pcb.recipe.schema import (
@@ -24,12 +24,11 @@ from mergekit_pcb.recipe.schema import (
     ModelEntry,
     ParameterValue,
     StrictModel,
+    TensorRule,
     read_yaml,
     validate_mapping,
 )
-
-Number = Union[float, int]  # noqa: UP007 - pydantic needs the runtime union
-ScheduleSetting = Union[Number, dict[str, Any]]  # noqa: UP007
+from mergekit_pcb.usercode import check_plain_data
 
 FITNESS_TYPES = ("callable", "torch", "hf-classification", "causal-lm")
 # The metrics each fitness type offers; the first is the default.
@@ -43,8 +42,12 @@ LOWER_IS_BETTER = {"loss", "perplexity"}
 
 
 class InnerMerge(StrictModel):
+    """The merge of the population: any merge method, its parameters and `tensors:` rules
+    (`take: base` or another method), run by the merge engine exactly as `pcbmerge run`."""
+
     merge_method: str
     parameters: dict[str, ParameterValue] = Field(default_factory=dict)
+    tensors: list[TensorRule] = Field(default_factory=list)
 
 
 class FitnessSpec(StrictModel):
@@ -79,20 +82,12 @@ class FitnessSpec(StrictModel):
         return self.metric_name not in LOWER_IS_BETTER
 
 
-class EvolverParameters(StrictModel):
-    generations: int = Field(15, ge=0)
-    pop: int | None = Field(None, ge=2)
-    F: ScheduleSetting = 0.5
-    CR: ScheduleSetting = 0.5
-    mode: Literal["merged", "standalone"] = "merged"
-    mutation: Literal["current-to-rand", "rand-1"] = "current-to-rand"
-
-
 class EvolutionRecipe(StrictModel):
     merge_method: str
     base_model: str | None = None
     models: list[ModelEntry] = Field(default_factory=list)
-    parameters: EvolverParameters = Field(default_factory=EvolverParameters)
+    # validated by the strategy's own schema (`SearchStrategy.parameters_model`)
+    parameters: dict[str, Any] = Field(default_factory=dict)
     merge: InnerMerge | None = None
     fitness: FitnessSpec
     dtype: DTypeName | None = None
@@ -111,6 +106,16 @@ def parse_evolution_recipe(data: Any, source: str) -> EvolutionRecipe:
     return recipe
 
 
+def strategy_of(recipe: EvolutionRecipe, source: str) -> SearchStrategy:
+    """The recipe's search strategy with its validated `parameters:`."""
+    cls = get_strategy(recipe.merge_method, f"{source}: merge_method")
+    # Validated under a `parameters` key, so that errors name `parameters.KEY`.
+    wrapper = create_model(f"{cls.name}_parameters", __base__=StrictModel,
+                           parameters=(cls.parameters_model, ...))
+    checked = validate_mapping(wrapper, {"parameters": recipe.parameters}, source)
+    return cls(checked.parameters)  # type: ignore[attr-defined]
+
+
 def parse_fitness(data: Any, source: str, prefix: str = "") -> FitnessSpec:
     spec = validate_mapping(FitnessSpec, data, source, f"{prefix or 'fitness'} must be a mapping")
     check_fitness(spec, source, prefix)
@@ -124,21 +129,17 @@ def load_evolution_recipe(path: Path) -> tuple[EvolutionRecipe, str]:
 
 
 def check_recipe(recipe: EvolutionRecipe, source: str) -> None:
-    if recipe.merge_method != "evolver":
-        raise RecipeError(f"{source}: merge_method: '{recipe.merge_method}' is not an evolution "
-                          "method (known: evolver)")
+    strategy = strategy_of(recipe, source)
+    name = recipe.merge_method
     refs = recipe.population_refs()
     if len(refs) < 2:
-        raise RecipeError(f"{source}: models: evolver needs at least two models besides the base")
+        raise RecipeError(f"{source}: models: {name} needs at least two models besides the base")
     for i, m in enumerate(recipe.models):
         if m.parameters:
             key = next(iter(m.parameters))
-            raise RecipeError(f"{source}: models[{i}].parameters.{key}: evolver members take no "
+            raise RecipeError(f"{source}: models[{i}].parameters.{key}: {name} members take no "
                               "parameters; put the inner merge's under merge.parameters")
-    params = recipe.parameters
-    if params.mode == "merged" and recipe.merge is None:
-        raise RecipeError(f"{source}: merge: required by parameters.mode 'merged' (the inner "
-                          "merge of the population, e.g. merge_method: ties)")
+    strategy.check(recipe.merge is not None, f"{source}: ")
     if recipe.merge is not None:
         cls = REGISTRY.get(recipe.merge.merge_method)
         if cls is None:
@@ -152,8 +153,24 @@ def check_recipe(recipe: EvolutionRecipe, source: str) -> None:
         if cls.requires_base and recipe.base_model is None:
             raise RecipeError(f"{source}: base_model: required by the inner merge "
                               f"{cls.name} (merge.merge_method)")
-    make_schedule(params.F, f"{source}: parameters.F")
-    make_schedule(params.CR, f"{source}: parameters.CR", high=1.0)
+        for i, rule in enumerate(recipe.merge.tensors):
+            where = f"{source}: merge.tensors[{i}]"
+            if rule.take is not None and rule.take != "base":
+                raise RecipeError(f"{where}.take: only 'base' (members have no names to take "
+                                  "from)")
+            if rule.take == "base" and recipe.base_model is None:
+                raise RecipeError(f"{where}.take: 'base' but the recipe has no base_model")
+            if rule.method is not None:
+                sub = REGISTRY.get(rule.method)
+                if sub is None:
+                    raise RecipeError(f"{where}.method: unknown method '{rule.method}' (known: "
+                                      f"{', '.join(sorted(REGISTRY))})")
+                try:
+                    check_parameter_keys(sub, rule.parameters, [], prefix="merge.tensors.")
+                except RecipeError as e:
+                    raise RecipeError(f"{source}: {e}") from None
+                if sub.requires_base and recipe.base_model is None:
+                    raise RecipeError(f"{where}.method: {sub.name} needs a base_model")
     check_fitness(recipe.fitness, source, "fitness")
 
 
@@ -171,6 +188,7 @@ def check_fitness(spec: FitnessSpec, source: str, prefix: str) -> None:
         raise RecipeError(f"{source}: {p}{required}: required by fitness type {spec.type}")
     if spec.type != "callable" and spec.select is None:
         raise RecipeError(f"{source}: {p}select: required (the data the search selects on)")
+    check_plain_data(spec.arch_kwargs, f"{p}arch_kwargs")  # before any code sees them
     for key in ("function", "arch", "reset"):
         value = getattr(spec, key)
         if value is not None and (":" not in value or value.startswith(":")
@@ -185,36 +203,36 @@ class Settings:
     pop: int
     generations: int
     seed: int
-    mode: str
-    mutation: str
-    F: Schedule
-    CR: Schedule
+    strategy: SearchStrategy
+
+    @property
+    def merged(self) -> bool:
+        return self.strategy.merged
 
     def identity(self) -> dict[str, Any]:
         """What a resumed run must agree on (generations may grow: the run goes on)."""
-        return {"pop": self.pop, "seed": self.seed, "mode": self.mode,
-                "mutation": self.mutation, "F": repr(self.F), "CR": repr(self.CR)}
+        return {"pop": self.pop, "seed": self.seed, **self.strategy.identity()}
 
 
 def make_settings(recipe: EvolutionRecipe, *, pop: int | None = None,
                   generations: int | None = None, seed: int | None = None) -> Settings:
-    params = recipe.parameters
+    strategy = strategy_of(recipe, "recipe")
+    params = strategy.params
     n = len(recipe.population_refs())
     size = pop if pop is not None else (params.pop if params.pop is not None else n)
     where = "--pop" if pop is not None else "parameters.pop"
     if size < n:
         raise RecipeError(f"{where}: {size} is smaller than the {n} input models")
-    if params.mutation == "rand-1" and size < 4:
-        raise RecipeError(f"{where}: mutation rand-1 needs a population of at least 4")
+    if size < strategy.min_population():
+        raise RecipeError(f"{where}: {strategy.name} with these parameters needs a population "
+                          f"of at least {strategy.min_population()}")
     gens = generations if generations is not None else params.generations
     if gens < 0:
         raise RecipeError(f"--generations must be at least 0, got {gens}")
     return Settings(
         pop=size, generations=gens,
         seed=seed if seed is not None else (recipe.seed if recipe.seed is not None else 0),
-        mode=params.mode, mutation=params.mutation,
-        F=make_schedule(params.F, "parameters.F"),
-        CR=make_schedule(params.CR, "parameters.CR", high=1.0),
+        strategy=strategy,
     )
 
 

@@ -15,37 +15,42 @@ exactly the serial one, whatever K is.
 from __future__ import annotations
 
 import random
-import shutil
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from mergekit_pcb.errors import UserError
-from mergekit_pcb.evolve.config import EvolutionRecipe, Settings, fingerprint
+import torch
+
+from mergekit_pcb.engine import build_plan
+from mergekit_pcb.engine.stream import all_finite
+from mergekit_pcb.errors import CheckpointError, UserError
+from mergekit_pcb.evolve.config import EvolutionRecipe, InnerMerge, Settings, fingerprint
 from mergekit_pcb.evolve.executor import Executor
-from mergekit_pcb.evolve.fitness import better, resolve_file
+from mergekit_pcb.evolve.fitness import better, code_refs
 from mergekit_pcb.evolve.jobs import (
     JobResult,
     ScoreJob,
     TrialJob,
     WorkContext,
+    member_key,
+    population_recipe,
     run_score,
     run_trial,
 )
 from mergekit_pcb.evolve.operators import interpolate
-from mergekit_pcb.evolve.store import (
-    RunDir,
-    TensorSpec,
-    file_crc32,
-    layout_of,
-    open_readable,
-    write_safetensors,
-)
-from mergekit_pcb.io.reader import open_checkpoint
+from mergekit_pcb.evolve.store import RunDir, TensorSpec, layout_of
+from mergekit_pcb.io.files import resolve_data_file
+from mergekit_pcb.io.mapped import open_readable
+from mergekit_pcb.io.reader import Checkpoint, TensorInfo, open_checkpoint
+from mergekit_pcb.io.writer import file_crc32, prepare_run_dir, write_safetensors
+from mergekit_pcb.recipe.schema import ModelEntry
+from mergekit_pcb.usercode import code_digest
 
 STATE_FORMAT = 2  # 2: member checksums
+# Identity keys added to format 2 later: a state without them still resumes.
+RECORDED_SINCE_FORMAT_2 = frozenset({"code", "base_weights"})
 
 
 def rng_state(rng: random.Random) -> list[Any]:
@@ -75,6 +80,8 @@ class EvolutionRun:
     run_dir: RunDir
     executor: Executor
     on_progress: Callable[[Progress], None] | None = None
+    allow_pickle: bool = False
+    inputs: list[Path] = field(default_factory=list)  # never to be touched (models, output)
     _state: dict[str, Any] = field(default_factory=dict)
     _rng: random.Random = field(default_factory=random.Random)
     _mark: float = 0.0
@@ -84,8 +91,10 @@ class EvolutionRun:
 
     def __post_init__(self) -> None:
         refs = self.recipe.population_refs()
-        ckpts = [open_checkpoint(r) for r in refs]
-        base = open_checkpoint(self.recipe.base_model) if self.recipe.base_model else None
+        allow_pickle = self.allow_pickle
+        ckpts = [open_checkpoint(r, allow_pickle=allow_pickle) for r in refs]
+        base = (open_checkpoint(self.recipe.base_model, allow_pickle=allow_pickle)
+                if self.recipe.base_model else None)
         try:
             self.layout: list[TensorSpec] = layout_of(ckpts, base)
         finally:
@@ -95,17 +104,39 @@ class EvolutionRun:
                 base.close()
         spec = self.recipe.fitness
         self.maximize = spec.maximize
-        merge = self.recipe.merge
-        method = merge.merge_method if merge else "linear"  # the plain-merge row needs one
-        params = dict(merge.parameters) if merge else {}
+        # the plain-merge row needs a merge even in standalone mode without a merge: block
+        merge = self.recipe.merge or InnerMerge(merge_method="linear")
+        self._check_inner_merge(merge, refs)
         identity = self.identity()
         self.ctx = WorkContext(
             key=fingerprint([identity, str(self.run_dir.root)]), fitness=spec,
             root=str(self.root), model_ref=spec.model or self.recipe.base_model or refs[0],
-            merge_method=method, merge_params=params, base=self.recipe.base_model,
-            size=max(self.settings.pop, len(refs)), seed=self.settings.seed,
-            layout=tuple(self.layout),
+            merge=merge, base=self.recipe.base_model, dtype=self.recipe.dtype,
+            seed=self.settings.seed, layout=tuple(self.layout),
+            strategy=self.settings.strategy, allow_pickle=allow_pickle,
         )
+
+    def _check_inner_merge(self, merge: InnerMerge, refs: list[str]) -> None:
+        """Plan the population's merge over the input models themselves: every check the
+        merge engine makes (parameters, routing, shapes) fails now, naming real models."""
+        recipe = population_recipe(merge, self.recipe.base_model, self.recipe.dtype,
+                                   len(refs), self.settings.seed)
+        recipe = recipe.model_copy(update={"models": [ModelEntry(model=r) for r in refs]})
+        build_plan(recipe, "", allow_pickle=self.allow_pickle).close()
+
+    def population_plan_info(self, size: int) -> dict[str, Any]:
+        """Passes and bytes read by one merge of `size` members (headers only, no data)."""
+        recipe = population_recipe(self.ctx.merge, self.recipe.base_model, self.recipe.dtype,
+                                   size, self.settings.seed)
+        infos = {t.name: TensorInfo(t.name, t.dtype, t.shape, Path("<member>"), 0, t.nbytes)
+                 for t in self.layout}
+        sources = {member_key(i): Checkpoint(member_key(i), Path("<member>"), infos)
+                   for i in range(size)}
+        plan = build_plan(recipe, "", allow_pickle=self.allow_pickle, sources=sources)
+        try:
+            return {"passes": plan.passes, "read_bytes": plan.read_bytes}
+        finally:
+            plan.close()
 
     def identity(self) -> dict[str, Any]:
         """What a resumed run must share with the run it continues."""
@@ -114,16 +145,29 @@ class EvolutionRun:
         for split in ("select", "report"):
             ref = getattr(spec, split)
             if ref is not None:
-                path = resolve_file(ref, self.root, f"fitness.{split}")
+                path = resolve_data_file(ref, self.root, f"fitness.{split}")
                 data[split] = fingerprint([path.stat().st_size, _file_digest(path)])
         return {
             **self.settings.identity(),
             "models": self.recipe.population_refs(),
             "base_model": self.recipe.base_model,
-            "merge": self.recipe.merge.model_dump() if self.recipe.merge else None,
+            "merge": _merge_identity(self.recipe.merge),
             "fitness": spec.model_dump(),
             "data": data,
+            # the fitness code's source: a changed module would score another way
+            "code": {key: code_digest(ref, self.root) for key, ref in code_refs(spec)},
         }
+
+    def _full_identity(self) -> dict[str, Any]:
+        """`identity()` plus the base's weights digest (read in full, so only at the start
+        of a run and of a resume)."""
+        base = self.recipe.base_model
+        digest = None
+        if base is not None:
+            with open_checkpoint(base, allow_pickle=self.allow_pickle) as ckpt:
+                files = sorted({i.file for i in ckpt.tensors.values()})
+            digest = fingerprint([_file_digest(f) for f in files])
+        return {**self.identity(), "base_weights": digest}
 
     # ------------------------------------------------------------------ state
 
@@ -150,6 +194,7 @@ class EvolutionRun:
             self.on_progress(Progress(self._state, self.settings, self.maximize))
 
     def start(self, *, resume: bool, force: bool) -> None:
+        prepare_run_dir(self.run_dir.root, force=force, inputs=self.inputs, resume=resume)
         existing = self.run_dir.load_state()
         self._mark = time.perf_counter()
         if resume:
@@ -162,24 +207,39 @@ class EvolutionRun:
             self._state["generations"] = self.settings.generations
             if existing["phase"] == "done" and existing["generation"] < self.settings.generations:
                 self._state["phase"] = "evolve"  # more generations asked for: go on
-            set_rng_state(self._rng, existing["rng"]["controller"])
+            self._check_resumable(existing)
             if existing["phase"] == "init":
                 self._initialize()
             return
-        if existing is not None or (self.run_dir.root.exists()
-                                    and any(self.run_dir.root.iterdir())):
-            if not force:
-                raise UserError(f"run directory {self.run_dir.root} holds a run; pass --resume "
-                                "to continue it or --force to start over")
-            shutil.rmtree(self.run_dir.root)
         self._initialize()
+
+    def _check_resumable(self, existing: dict[str, Any]) -> None:
+        """Restore the RNG and check the generation plan against the population: a state
+        edited by hand must fail here, not loop or index out of range later."""
+        pop = self.settings.pop
+        where = f"corrupt run state {self.run_dir.state_path}"
+        try:
+            set_rng_state(self._rng, existing["rng"]["controller"])
+            if existing["phase"] != "init" and len(existing["members"]) != pop:
+                raise ValueError(f"{len(existing['members'])} members for a population of {pop}")
+            if existing["plan"] is not None:
+                for position in range(pop):
+                    step = self.settings.strategy.step(existing["plan"], position)
+                    if not all(0 <= i < pop for i in (step.slot, *step.donors)):
+                        raise ValueError(f"step {position} names a slot outside the population")
+        except (KeyError, IndexError, TypeError, ValueError) as e:
+            raise CheckpointError(f"{where} ({e})") from None
 
     def _check_identity(self, existing: dict[str, Any]) -> None:
         if existing.get("format") != STATE_FORMAT:
             raise UserError(f"--resume: {self.run_dir.state_path} was written by another "
                             "version of the engine")
-        mine, theirs = self.identity(), existing.get("identity", {})
+        mine, theirs = self._full_identity(), existing.get("identity", {})
+        if not isinstance(theirs, dict):
+            raise UserError(f"--resume: {self.run_dir.state_path} has no valid identity")
         for key, value in mine.items():
+            if key in RECORDED_SINCE_FORMAT_2 and key not in theirs:
+                continue  # a run started before these were recorded
             if theirs.get(key) != value:
                 raise UserError(f"--resume: '{key}' differs from the run in {self.run_dir.root} "
                                 f"(was {theirs.get(key)!r}, now {value!r}); start over with "
@@ -206,7 +266,7 @@ class EvolutionRun:
         s = self.settings
         self._rng = random.Random(s.seed)
         self._state = {
-            "format": STATE_FORMAT, "identity": self.identity(), "phase": "init",
+            "format": STATE_FORMAT, "identity": self._full_identity(), "phase": "init",
             "generations": s.generations, "generation": 0, "step": 0, "plan": None,
             "members": [], "fitness": [], "objective": None, "initial": {},
             "current": _fresh_counters(), "history": [], "evaluations": 0, "discarded": 0,
@@ -219,11 +279,16 @@ class EvolutionRun:
         checksums = {}
         for k, ref in enumerate(refs):
             name = f"init-{k:03d}.safetensors"
-            with open_checkpoint(ref) as ckpt:
+            with open_checkpoint(ref, allow_pickle=self.allow_pickle) as ckpt:
                 checksums[name] = write_safetensors(
                     self.run_dir.member_path(name), self.layout,
-                    ((t.name, ckpt.read(t.name)) for t in self.layout))
+                    ((t.name, _finite(ckpt.read(t.name), t.name, ref)) for t in self.layout))
             names.append(name)
+        if self.recipe.base_model:  # members are merged unchecked: check the base once too
+            with open_checkpoint(self.recipe.base_model, allow_pickle=self.allow_pickle) as b:
+                for t in self.layout:
+                    if t.name in b and t.dtype.is_floating_point:
+                        _finite(b.read(t.name), t.name, self.recipe.base_model)
         for k in range(len(refs), s.pop):  # seeded interpolations of two input members
             a, b = self._rng.sample(range(len(refs)), 2)
             alpha = self._rng.random()
@@ -237,7 +302,7 @@ class EvolutionRun:
             names.append(name)
         paths = tuple(self._path(n) for n in names)
         jobs = [ScoreJob((p,), False, "select") for p in paths]
-        merged_mode = s.mode == "merged"
+        merged_mode = s.merged
         jobs.append(ScoreJob(paths[: len(refs)], True, "select"))  # the plain merge
         if merged_mode and s.pop > len(refs):
             jobs.append(ScoreJob(paths, True, "select"))
@@ -278,20 +343,10 @@ class EvolutionRun:
         return best, fitness[best]
 
     def _draw_plan(self, generation: int) -> dict[str, Any]:
-        """Visiting order, donors, F and CR of a generation, from the controller RNG.
-
-        Donors are slot indices, drawn before any step runs, so they do not depend on
-        which trials are accepted (what lets steps be scored speculatively).
-        """
-        pop = self.settings.pop
-        order = self._rng.sample(range(pop), pop)
-        donors = []
-        for i in order:
-            others = [j for j in range(pop) if j != i]
-            k = 1 if self.settings.mutation == "current-to-rand" else 3
-            donors.append(self._rng.sample(others, k))
-        return {"order": order, "donors": donors,
-                "F": self.settings.F.value(generation), "CR": self.settings.CR.value(generation)}
+        """The strategy's plan of a generation, from the controller RNG, drawn before any
+        step runs (what lets steps be scored speculatively)."""
+        s = self.settings
+        return s.strategy.draw_generation(self._rng, generation, s.generations, s.pop)
 
     def _tidy(self) -> None:
         """Keep one spare member file per worker for accepted trials to overwrite."""
@@ -301,16 +356,14 @@ class EvolutionRun:
 
     def _trial_job(self, position: int, spare: str | None) -> TrialJob:
         st = self._state
-        plan = st["plan"]
-        slot = plan["order"][position]
-        merged = self.settings.mode == "merged"
+        step = self.settings.strategy.step(st["plan"], position)
+        merged = self.settings.merged
         gen = st["generation"]
         return TrialJob(
-            generation=gen, step=position, slot=slot,
+            generation=gen, step=position, plan=step,
             members=tuple(self._path(n) for n in st["members"]),
-            donors=tuple(plan["donors"][position]), F=plan["F"], CR=plan["CR"],
-            mutation=self.settings.mutation, merged=merged,
-            threshold=st["objective"] if merged else st["fitness"][slot],
+            merged=merged,
+            threshold=st["objective"] if merged else st["fitness"][step.slot],
             out_path=self._path(f"g{gen + 1:04d}-s{position:04d}.safetensors"),
             spare=self._path(spare) if spare else None,
         )
@@ -318,7 +371,7 @@ class EvolutionRun:
     def _reads(self, job: TrialJob) -> set[int]:
         if job.merged:
             return set(range(self.settings.pop))
-        return {job.slot, *job.donors}
+        return self.settings.strategy.reads(job.plan)
 
     def run(self) -> None:
         st = self._state
@@ -342,18 +395,19 @@ class EvolutionRun:
                 st["current"]["fitness_s"] += res.fitness_s
                 st["current"]["evaluated"] += 1
                 st["evaluations"] += 1
+                slot = job.plan.slot
                 if res.accepted:
-                    old, new = st["members"][job.slot], Path(job.out_path).name
-                    st["members"][job.slot] = new
+                    old, new = st["members"][slot], Path(job.out_path).name
+                    st["members"][slot] = new
                     st["checksums"][new] = res.checksum
                     if old not in st["initial"]["members"]:
                         del st["checksums"][old]
                     assert res.member_score is not None
-                    st["fitness"][job.slot] = res.member_score
+                    st["fitness"][slot] = res.member_score
                     st["objective"] = (res.score if job.merged
                                        else self._best(st["fitness"])[1])
                     st["current"]["accepted"] += 1
-                    changed.add(job.slot)
+                    changed.add(slot)
                 st["step"] += 1
                 self._commit()
             st["discarded"] += len(jobs) - used
@@ -395,14 +449,31 @@ class EvolutionRun:
     def result_members(self) -> tuple[list[str], bool]:
         """The member files the result is made of, and whether they are merged."""
         st = self._state
-        if self.settings.mode == "merged":
+        if self.settings.merged:
             return [self._path(n) for n in st["members"]], True
         best, _ = self._best(st["fitness"])
         return [self._path(st["members"][best])], False
 
 
+def _merge_identity(merge: InnerMerge | None) -> dict[str, Any] | None:
+    """The inner merge as resume compares it (the `tensors` key only when rules are given,
+    so that the run states of earlier versions still resume)."""
+    if merge is None:
+        return None
+    data = merge.model_dump()
+    if not data["tensors"]:
+        del data["tensors"]
+    return data
+
+
 def _fresh_counters() -> dict[str, Any]:
     return {"accepted": 0, "evaluated": 0, "fitness_s": 0.0, "wall_s": 0.0}
+
+
+def _finite(tensor: torch.Tensor, name: str, model: str) -> torch.Tensor:
+    if tensor.dtype.is_floating_point and not all_finite(tensor):
+        raise CheckpointError(f"tensor '{name}' of model {model} contains NaN or Inf")
+    return tensor
 
 
 def _file_digest(path: Path) -> str:

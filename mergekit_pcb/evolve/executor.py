@@ -13,6 +13,8 @@ import multiprocessing
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol, TypeVar
 
+from mergekit_pcb.threads import torch_threads
+
 T = TypeVar("T")
 R = TypeVar("R")
 
@@ -33,8 +35,6 @@ class SerialExecutor:
         self.threads = threads
 
     def map(self, fn: Callable[[T], R], items: Sequence[T]) -> list[R]:
-        from mergekit_pcb.evolve.fitness import torch_threads
-
         with torch_threads(self.threads):
             return [fn(item) for item in items]
 

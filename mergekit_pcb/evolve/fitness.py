@@ -13,13 +13,10 @@ parent are always scored on the same batches, and the same state gives the same 
 
 from __future__ import annotations
 
-import contextlib
 import csv
-import importlib
 import json
 import math
-import sys
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -27,6 +24,8 @@ import torch
 
 from mergekit_pcb.errors import RecipeError, UserError
 from mergekit_pcb.evolve.config import FitnessSpec
+from mergekit_pcb.io.files import resolve_data_file
+from mergekit_pcb.usercode import check_plain_data, import_object
 
 State = Mapping[str, torch.Tensor]
 SPLITS = ("select", "report")
@@ -50,37 +49,6 @@ def better(a: float, b: float, maximize: bool) -> bool:
     return a > b if maximize else a < b
 
 
-def resolve_file(ref: str, root: Path, key: str) -> Path:
-    """A data path: absolute, else relative to the recipe's directory, else to the cwd."""
-    p = Path(ref).expanduser()
-    candidates = [p] if p.is_absolute() else [root / p, Path.cwd() / p]
-    for c in candidates:
-        if c.is_file():
-            return c
-    raise UserError(f"{key}: data file not found: {ref} (looked in "
-                    f"{', '.join(str(c.parent) for c in candidates)})")
-
-
-def load_object(ref: str, root: Path, key: str) -> Any:
-    """`package.module:attr`, with the recipe's directory importable."""
-    module_name, _, attr = ref.partition(":")
-    for entry in (str(root), str(Path.cwd())):
-        if entry not in sys.path:
-            sys.path.insert(0, entry)
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as e:
-        raise RecipeError(f"{key}: cannot import module '{module_name}' ({e})") from None
-    obj: Any = module
-    for part in attr.split("."):
-        if not hasattr(obj, part):
-            raise RecipeError(f"{key}: module '{module_name}' has no attribute '{attr}'")
-        obj = getattr(obj, part)
-    if not callable(obj):
-        raise RecipeError(f"{key}: '{ref}' is not callable")
-    return obj
-
-
 def _check_split(spec: FitnessSpec, split: str) -> str:
     if split not in SPLITS:
         raise ValueError(split)
@@ -97,7 +65,7 @@ class CallableEvaluator:
         self.root = root
         self.metric = spec.metric or "value"
         self.maximize = spec.maximize
-        self.fn: Callable[..., Any] = load_object(spec.function, root, "fitness.function")
+        self.fn: Callable[..., Any] = import_object(spec.function, root, "fitness.function")
         self._data: dict[str, str | None] = {}
 
     def score(self, state: State, split: str) -> float:
@@ -106,7 +74,7 @@ class CallableEvaluator:
             if ref is None and split == "report":
                 raise UserError("fitness.report: no report data named")
             self._data[split] = (None if ref is None
-                                 else str(resolve_file(ref, self.root, f"fitness.{split}")))
+                                 else str(resolve_data_file(ref, self.root, f"fitness.{split}")))
         data = self._data[split]
         value = self.fn(state) if data is None else self.fn(state, data)
         try:
@@ -158,19 +126,20 @@ class TorchModuleEvaluator:
         self.root = root
         self.metric = spec.metric_name
         self.maximize = spec.maximize
-        factory = load_object(spec.arch, root, "fitness.arch")
+        check_plain_data(spec.arch_kwargs, "fitness.arch_kwargs")  # before any call
+        factory = import_object(spec.arch, root, "fitness.arch")
         module = factory(**spec.arch_kwargs)
         if not isinstance(module, torch.nn.Module):
             raise RecipeError(f"fitness.arch: {spec.arch} returned {type(module).__name__}, "
                               "not a torch.nn.Module")
         self.module = module.eval()
-        self.reset = load_object(spec.reset, root, "fitness.reset") if spec.reset else None
+        self.reset = import_object(spec.reset, root, "fitness.reset") if spec.reset else None
         self._data: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def data(self, split: str) -> tuple[torch.Tensor, torch.Tensor]:
         if split not in self._data:
             ref = _check_split(self.spec, split)
-            path = resolve_file(ref, self.root, f"fitness.{split}")
+            path = resolve_data_file(ref, self.root, f"fitness.{split}")
             x, y = load_tensor_dataset(path, self.spec.inputs_key, self.spec.labels_key,
                                        f"fitness.{split}")
             if self.spec.limit is not None:
@@ -256,7 +225,7 @@ class _HFEvaluator:
     def batches(self, split: str) -> list[dict[str, torch.Tensor]]:
         if split not in self._batches:
             ref = _check_split(self.spec, split)
-            path = resolve_file(ref, self.root, f"fitness.{split}")
+            path = resolve_data_file(ref, self.root, f"fitness.{split}")
             records = read_records(path, f"fitness.{split}")
             if self.spec.limit is not None:
                 records = records[: self.spec.limit]
@@ -370,7 +339,14 @@ class CausalLMEvaluator(_HFEvaluator):
         return math.exp(loss) if self.metric == "perplexity" else loss
 
 
+def code_refs(spec: FitnessSpec) -> list[tuple[str, str]]:
+    """The (recipe key, package.module:attr) pairs of code a fitness block names."""
+    return [(f"fitness.{key}", getattr(spec, key)) for key in ("function", "arch", "reset")
+            if getattr(spec, key) is not None]
+
+
 def build_evaluator(spec: FitnessSpec, root: Path, model_ref: str | None = None) -> Evaluator:
+    """The evaluator of `spec`; the caller has checked consent for its code (code_refs)."""
     if spec.type == "callable":
         return CallableEvaluator(spec, root)
     if spec.type == "torch":
@@ -380,19 +356,4 @@ def build_evaluator(spec: FitnessSpec, root: Path, model_ref: str | None = None)
     return CausalLMEvaluator(spec, root, model_ref)
 
 
-@contextlib.contextmanager
-def torch_threads(n: int | None) -> Iterator[None]:
-    """Run with `n` torch threads: equal thread counts make scores equal across processes."""
-    if n is None:
-        yield
-        return
-    before = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
-__all__ = ["SPLITS", "Evaluator", "better", "build_evaluator", "load_object", "macro_f1",
-           "resolve_file", "torch_threads"]
+__all__ = ["SPLITS", "Evaluator", "better", "build_evaluator", "code_refs", "macro_f1"]

@@ -1,8 +1,13 @@
 """The work an executor runs: build a trial tensor by tensor, merge, score; or score a model.
 
 Jobs are plain picklable descriptions (paths, numbers, the fitness spec); whatever process
-runs one builds and caches its own evaluator, merger and open checkpoints, so the same job
-gives the same bits in the main process or in any worker.
+runs one builds and caches its own evaluator, merge plans and open checkpoints, so the same
+job gives the same bits in the main process or in any worker.
+
+The population's merge is the merge engine's own (`engine.build_plan` + `merge_in_memory`):
+the same statistics passes, routing, buffer rules and seeded masks as `pcbmerge run` over
+the member files. Members are memory-mapped (resident when the page cache holds them, read
+from disk when it does not) and the trial joins as an in-memory checkpoint.
 """
 
 from __future__ import annotations
@@ -10,27 +15,22 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import torch
 
+from mergekit_pcb.engine import MergePlan, build_plan, merge_in_memory
 from mergekit_pcb.engine.rng import tensor_generator
-from mergekit_pcb.evolve.config import FitnessSpec
+from mergekit_pcb.engine.stream import all_finite
+from mergekit_pcb.errors import UserError
+from mergekit_pcb.evolve.config import FitnessSpec, InnerMerge
 from mergekit_pcb.evolve.fitness import Evaluator, better, build_evaluator
-from mergekit_pcb.evolve.merge import PopulationMerger
-from mergekit_pcb.evolve.operators import (
-    Scratch,
-    binomial_crossover,
-    current_to_rand_binomial,
-    rand_1,
-)
-from mergekit_pcb.evolve.store import (
-    CheckpointCache,
-    Readable,
-    TensorSpec,
-    open_readable,
-    write_safetensors,
-)
+from mergekit_pcb.evolve.operators import Scratch
+from mergekit_pcb.evolve.store import CheckpointCache, TensorSpec
+from mergekit_pcb.evolve.strategies import SearchStrategy, Step
+from mergekit_pcb.io.memory import MemoryCheckpoint
+from mergekit_pcb.io.reader import Checkpoint
+from mergekit_pcb.io.writer import write_safetensors
+from mergekit_pcb.recipe.schema import MergeRecipe, ModelEntry
 
 
 @dataclass(frozen=True)
@@ -41,24 +41,36 @@ class WorkContext:
     fitness: FitnessSpec
     root: str  # the recipe's directory: relative data and module paths
     model_ref: str | None  # config/tokenizer source for Hugging Face fitness
-    merge_method: str | None
-    merge_params: dict[str, Any]
+    merge: InnerMerge  # the population's merge (linear for the plain-merge row if none)
     base: str | None  # base model, when the inner merge needs it
-    size: int  # largest number of members merged at once
+    dtype: str | None  # the recipe's compute dtype for the merge
     seed: int
     layout: tuple[TensorSpec, ...]
+    strategy: SearchStrategy
+    allow_pickle: bool = False
+
+
+def member_key(i: int) -> str:
+    """The model key of slot i in the population's merge recipe (DARE masks are keyed by
+    position, so a recipe over the member files draws the same masks)."""
+    return f"member-{i}"
+
+
+def population_recipe(merge: InnerMerge, base: str | None, dtype: str | None, size: int,
+                      seed: int) -> MergeRecipe:
+    """The merge recipe of `size` members, as `pcbmerge run` would read it."""
+    return MergeRecipe(
+        merge_method=merge.merge_method, base_model=base,
+        models=[ModelEntry(model=member_key(i)) for i in range(size)],
+        parameters=merge.parameters, tensors=merge.tensors, dtype=dtype, seed=seed)  # type: ignore[arg-type]
 
 
 @dataclass(frozen=True)
 class TrialJob:
     generation: int
     step: int
-    slot: int
+    plan: Step  # slot, donors, F, CR
     members: tuple[str, ...]  # every slot's member file
-    donors: tuple[int, ...]  # r (current-to-rand) or a, b, c (rand-1)
-    F: float
-    CR: float
-    mutation: str
     merged: bool
     threshold: float  # what the trial must beat: merged fitness or the parent's fitness
     out_path: str  # where the trial is written when it beats the threshold
@@ -84,23 +96,25 @@ class JobResult:
 
 
 class Runtime:
-    """Per-process cache: evaluator, merger, open checkpoints."""
+    """Per-process cache: evaluator, merge plans, open checkpoints."""
 
     def __init__(self, ctx: WorkContext) -> None:
         self.ctx = ctx
-        self.evaluator: Evaluator = build_evaluator(ctx.fitness, Path(ctx.root), ctx.model_ref)
-        self.merger = (PopulationMerger(ctx.merge_method, ctx.merge_params,
-                                        [s.name for s in ctx.layout], ctx.size, ctx.seed)
-                       if ctx.merge_method else None)
-        needs_base = self.merger is not None and self.merger.requires_base
-        self.base: Readable | None = open_readable(ctx.base) if needs_base and ctx.base \
-            else None
+        self._evaluator: Evaluator | None = None  # built on first use: merges need none
+        self.plans: dict[int, MergePlan] = {}  # by number of members merged
         self.cache = CheckpointCache()
         self.fitness_s = 0.0
         # Trial tensors and the crossover's draw live in buffers reused from one candidate
         # to the next: fresh model-sized allocations cost more than the math.
         self._buffers: dict[str, torch.Tensor] = {}
         self.scratch = Scratch()
+
+    @property
+    def evaluator(self) -> Evaluator:
+        if self._evaluator is None:
+            ctx = self.ctx
+            self._evaluator = build_evaluator(ctx.fitness, Path(ctx.root), ctx.model_ref)
+        return self._evaluator
 
     def buffer(self, spec: TensorSpec) -> torch.Tensor | None:
         if spec.dtype not in (torch.float32, torch.float64):
@@ -113,8 +127,9 @@ class Runtime:
 
     def close(self) -> None:
         self.cache.close()
-        if self.base is not None:
-            self.base.close()
+        for plan in self.plans.values():
+            plan.close()
+        self.plans.clear()
 
     def score(self, state: dict[str, torch.Tensor], split: str) -> float:
         start = time.perf_counter()
@@ -123,15 +138,19 @@ class Runtime:
         finally:
             self.fitness_s += time.perf_counter() - start
 
-    def merge(self, tensors_of: Any) -> dict[str, torch.Tensor]:
-        """Merged state; `tensors_of(name)` gives that tensor of every member in slot order."""
-        assert self.merger is not None, "a merge needs the recipe's merge: block"
-        out = {}
-        for spec in self.ctx.layout:
-            base = self.base.read(spec.name) if self.base is not None \
-                and spec.dtype.is_floating_point else None
-            out[spec.name] = self.merger.merge_tensor(spec.name, tensors_of(spec.name), base)
-        return out
+    def merge(self, members: list[Checkpoint]) -> dict[str, torch.Tensor]:
+        """The merge engine's result over `members` (in slot order), as a state dict."""
+        n = len(members)
+        plan = self.plans.get(n)
+        sources = {member_key(i): m for i, m in enumerate(members)}
+        if plan is None:
+            ctx = self.ctx
+            recipe = population_recipe(ctx.merge, ctx.base, ctx.dtype, n, ctx.seed)
+            plan = build_plan(recipe, "", allow_pickle=ctx.allow_pickle, sources=sources)
+            # members were checked finite when they were written (inputs and trials alike)
+            plan.check_finite = False
+            self.plans[n] = plan
+        return merge_in_memory(plan.rebind(sources))
 
     def load(self, path: str) -> dict[str, torch.Tensor]:
         ckpt = self.cache.get(path)
@@ -158,28 +177,26 @@ def mask_generator(seed: int, generation: int, step: int, name: str) -> torch.Ge
 
 
 def build_trial(rt: Runtime, job: TrialJob) -> dict[str, torch.Tensor]:
-    """The trial u, tensor by tensor: mutation of the slot's member, then crossover."""
+    """The trial, tensor by tensor, as the strategy makes it from the slot's member and its
+    donors; checked finite, since it will be merged and stored unchecked."""
     ckpts = [rt.cache.get(p) for p in job.members]
     rt.cache.keep_only(job.members)
-    parent = ckpts[job.slot]
+    step = job.plan
+    parent = ckpts[step.slot]
+    strategy = rt.ctx.strategy
     trial: dict[str, torch.Tensor] = {}
     for spec in rt.ctx.layout:
         target = parent.read(spec.name)
         if not spec.dtype.is_floating_point:
             trial[spec.name] = target  # integer buffers (step counters) follow the parent
             continue
-        out = rt.buffer(spec)
         g = mask_generator(rt.ctx.seed, job.generation, job.step, spec.name)
-        scratch = rt.scratch
-        if job.mutation == "current-to-rand":
-            donor = ckpts[job.donors[0]].read(spec.name)
-            trial[spec.name] = current_to_rand_binomial(target, donor, job.F, job.CR, g,
-                                                        out=out, scratch=scratch)
-            continue
-        a, b, c = (ckpts[i].read(spec.name) for i in job.donors)
-        mutant = rand_1(a, b, c, job.F, out=out)
-        trial[spec.name] = binomial_crossover(target, mutant, job.CR, g, out=out,
-                                              scratch=scratch)
+        donors = [ckpts[i].read(spec.name) for i in step.donors]
+        t = strategy.trial_tensor(target, donors, step, g, rt.buffer(spec), rt.scratch)
+        if not all_finite(t):
+            raise UserError(f"generation {job.generation + 1}, step {job.step}: the trial's "
+                            f"tensor '{spec.name}' overflows to NaN or Inf (F={step.F})")
+        trial[spec.name] = t
     return trial
 
 
@@ -193,9 +210,9 @@ def run_trial(item: tuple[WorkContext, TrialJob]) -> JobResult:
     maximize = rt.evaluator.maximize
     member_score = None
     if job.merged:
-        ckpts = [rt.cache.get(p) for p in job.members]
-        merged = rt.merge(lambda name: [trial[name] if i == job.slot else c.read(name)
-                                        for i, c in enumerate(ckpts)])
+        ckpts: list[Checkpoint] = [rt.cache.get(p) for p in job.members]
+        ckpts[job.plan.slot] = MemoryCheckpoint("trial", trial)
+        merged = rt.merge(ckpts)
         score = rt.score(merged, "select")
         del merged
         accepted = better(score, job.threshold, maximize)
@@ -222,12 +239,12 @@ def run_score(item: tuple[WorkContext, ScoreJob]) -> JobResult:
     rt = runtime(ctx)
     rt.fitness_s = 0.0
     if job.merged:
-        ckpts = [rt.cache.get(p) for p in job.members]
-        state = rt.merge(lambda name: [c.read(name) for c in ckpts])
+        state = rt.merge([rt.cache.get(p) for p in job.members])
     else:
         state = rt.load(job.members[0])
     score = rt.score(state, job.split)
     return JobResult(score, fitness_s=rt.fitness_s, total_s=time.perf_counter() - start)
 
 
-__all__ = ["JobResult", "ScoreJob", "TrialJob", "WorkContext", "run_score", "run_trial"]
+__all__ = ["JobResult", "ScoreJob", "TrialJob", "WorkContext", "member_key",
+           "population_recipe", "run_score", "run_trial"]

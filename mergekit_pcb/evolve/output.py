@@ -5,19 +5,14 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
 from rich.table import Table
 
-from mergekit_pcb import __version__
-from mergekit_pcb.io.artifacts import RECIPE_FILE, TOKENIZER_FILES
-from mergekit_pcb.io.reader import iter_config_files
-from mergekit_pcb.io.resolve import resolve_model_path
+from mergekit_pcb.io.artifacts import model_card
 
 EVOLUTION_JSON = "evolution.json"
 CURVE_PNG = "fitness.png"
@@ -48,29 +43,15 @@ def fmt(value: float | None) -> str:
     return f"{value:.4f}" if abs(value) < 1e4 else f"{value:.4g}"
 
 
-def model_dir(ref: str) -> Path:
-    path = resolve_model_path(ref)
-    return path if path.is_dir() else path.parent
-
-
-def copy_artifacts(config_ref: str, tokenizer_ref: str | None, out: Path) -> None:
-    """config.json / generation_config.json and tokenizer files, as a merge copies them."""
-    src = model_dir(config_ref)
-    for path in iter_config_files(src):
-        shutil.copyfile(path, out / path.name)
-    tok = model_dir(tokenizer_ref) if tokenizer_ref else src
-    for name in TOKENIZER_FILES:
-        if (tok / name).is_file():
-            shutil.copyfile(tok / name, out / name)
-
-
-def evolution_document(state: dict[str, Any], *, recipe_name: str | None, mode: str,
-                       mutation: str, pop: int, seed: int, workers: int, metric: str,
+def evolution_document(state: dict[str, Any], *, recipe_name: str | None, method: str,
+                       search: dict[str, Any], pop: int, seed: int, workers: int, metric: str,
                        maximize: bool, merge_method: str | None,
                        scores: Sequence[ScoreRow]) -> dict[str, Any]:
+    """`evolution.json`; `search` is what the strategy says of itself (evolver: mode and
+    mutation)."""
     history = state["history"]
     return clean({
-        "method": "evolver", "name": recipe_name, "mode": mode, "mutation": mutation,
+        "method": method, "name": recipe_name, **search,
         "pop": pop, "generations": state["generation"], "seed": seed, "workers": workers,
         "merge_method": merge_method, "metric": metric, "maximize": maximize,
         "initial": state["initial"],
@@ -135,40 +116,31 @@ def write_curve(history: Sequence[dict[str, Any]], metric: str, path: Path) -> b
     return True
 
 
-def model_card(*, recipe_text: str, recipe_name: str | None, base_model: str | None,
-               models: Sequence[str], mode: str, merge_method: str | None, seed: int,
-               pop: int, generations: int, metric: str, scores: Sequence[ScoreRow],
-               history: Sequence[dict[str, Any]]) -> str:
-    front: dict[str, Any] = {"library_name": "transformers",
-                             "tags": ["merge", "mergekit-pcb", "evolver"]}
-    if base_model:
-        front["base_model"] = [base_model]
-    lines = ["---", yaml.safe_dump(front, sort_keys=False).strip(), "---", ""]
-    lines.append(f"# {recipe_name or 'Evolved model'}")
-    lines.append("")
+def search_card(*, recipe_text: str, recipe_name: str | None, base_model: str | None,
+                models: Sequence[str], method: str, mode: str, merge_method: str | None,
+                seed: int, pop: int, generations: int, metric: str,
+                scores: Sequence[ScoreRow], history: Sequence[dict[str, Any]]) -> str:
     inner = f", inner merge **{merge_method}**" if merge_method else ""
-    lines.append(f"Evolved with mergekit-pcb {__version__} using **evolver** (mode {mode}"
-                 f"{inner}; population {pop}, {generations} generations, seed {seed}).")
-    lines += ["", "## Inputs", ""]
-    if base_model:
-        lines.append(f"- base: `{base_model}`")
-    lines += [f"- `{m}`" for m in models]
-    lines += ["", f"## Scores ({metric})", "", "| model | select | report |", "|---|---|---|"]
-    lines += [f"| {r.label} | {fmt(r.select)} | {fmt(r.report)} |" for r in scores]
-    lines += ["", "Selection used only the `select` data; `report` was never seen by the "
-              "search.", "", "## Fitness per generation", "",
-              "| generation | objective | best | mean | accepted |", "|---|---|---|---|---|"]
-    for h in history:
-        lines.append(f"| {h['generation']} | {fmt(h['objective'])} | {fmt(h['best'])} | "
-                     f"{fmt(h['mean'])} | {h['accepted']}/{h['evaluated']} |")
-    lines += ["", "## Recipe", "", "```yaml", recipe_text.rstrip(), "```", ""]
-    return "\n".join(lines)
+    inputs = ([f"- base: `{base_model}`"] if base_model else []) + [f"- `{m}`" for m in models]
+    table = ["| model | select | report |", "|---|---|---|"]
+    table += [f"| {r.label} | {fmt(r.select)} | {fmt(r.report)} |" for r in scores]
+    table += ["", "Selection used only the `select` data; `report` was never seen by the "
+              "search."]
+    curve = ["| generation | objective | best | mean | accepted |", "|---|---|---|---|---|"]
+    curve += [f"| {h['generation']} | {fmt(h['objective'])} | {fmt(h['best'])} | "
+              f"{fmt(h['mean'])} | {h['accepted']}/{h['evaluated']} |" for h in history]
+    return model_card(
+        title=recipe_name or "Evolved model", tags=[method], base_model=base_model,
+        summary=f"Evolved using **{method}** (mode {mode}{inner}; population {pop}, "
+                f"{generations} generations, seed {seed})",
+        sections=[("Inputs", inputs), (f"Scores ({metric})", table),
+                  ("Fitness per generation", curve)],
+        recipe_text=recipe_text)
 
 
 def write_json(path: Path, data: Any) -> None:
     path.write_text(json.dumps(data, indent=2) + "\n")
 
 
-__all__ = ["CURVE_PNG", "EVOLUTION_JSON", "RECIPE_FILE", "ScoreRow", "copy_artifacts",
-           "evolution_document", "history_table", "model_card", "scores_table",
-           "write_curve", "write_json"]
+__all__ = ["CURVE_PNG", "EVOLUTION_JSON", "ScoreRow", "evolution_document", "history_table",
+           "scores_table", "search_card", "write_curve", "write_json"]

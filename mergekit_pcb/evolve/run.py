@@ -12,6 +12,7 @@ from typing import Any
 from rich.console import Console
 from rich.live import Live
 
+from mergekit_pcb.engine import build_plan, write_plan
 from mergekit_pcb.errors import UserError
 from mergekit_pcb.evolve.config import (
     EvolutionRecipe,
@@ -23,27 +24,34 @@ from mergekit_pcb.evolve.config import (
 )
 from mergekit_pcb.evolve.engine import EvolutionRun, Progress
 from mergekit_pcb.evolve.executor import Executor, make_executor
-from mergekit_pcb.evolve.fitness import SPLITS, build_evaluator, torch_threads
-from mergekit_pcb.evolve.jobs import ScoreJob, run_score
-from mergekit_pcb.evolve.merge import PopulationMerger
+from mergekit_pcb.evolve.fitness import SPLITS, build_evaluator, code_refs
+from mergekit_pcb.evolve.jobs import ScoreJob, member_key, population_recipe, run_score
 from mergekit_pcb.evolve.output import (
     CURVE_PNG,
     EVOLUTION_JSON,
-    RECIPE_FILE,
     ScoreRow,
-    copy_artifacts,
     evolution_document,
     history_table,
-    model_card,
     scores_table,
+    search_card,
     write_curve,
     write_json,
 )
-from mergekit_pcb.evolve.store import CheckpointCache, RunDir, write_safetensors
-from mergekit_pcb.io.reader import open_checkpoint
-from mergekit_pcb.io.writer import atomic_output_dir, check_destination
+from mergekit_pcb.evolve.store import CheckpointCache, RunDir
+from mergekit_pcb.io.artifacts import copy_model_files, model_dir, write_card_and_recipe
+from mergekit_pcb.io.reader import Checkpoint, open_checkpoint
+from mergekit_pcb.io.resolve import resolve_model_path
+from mergekit_pcb.io.writer import (
+    OutputTensor,
+    ShardedSafetensorsWriter,
+    atomic_output_dir,
+    check_destination,
+    plan_shards,
+)
+from mergekit_pcb.threads import torch_threads
+from mergekit_pcb.usercode import require_consent
 
-RESULT_FILE = "model.safetensors"
+DEFAULT_SHARD_SIZE = 5 * 10**9
 
 
 @dataclass(frozen=True)
@@ -54,6 +62,14 @@ class EvolveSummary:
     history: list[dict[str, Any]]
     seconds: float
     fitness_seconds: float
+
+
+def input_paths(recipe: EvolutionRecipe, allow_pickle: bool = False) -> list[Path]:
+    """The models a search reads: no output or run directory may be, hold or lie in one."""
+    refs = [*recipe.population_refs(), *([recipe.base_model] if recipe.base_model else [])]
+    if recipe.tokenizer_source not in (None, "base"):
+        refs.append(recipe.tokenizer_source)
+    return [resolve_model_path(r, allow_pickle=allow_pickle) for r in refs]
 
 
 def default_output(recipe_path: Path) -> Path:
@@ -68,8 +84,9 @@ def default_run_dir(output: Path) -> Path:
 class LiveView:
     """The live table of generations (stderr), refreshed after every committed step."""
 
-    def __init__(self, console: Console, metric: str) -> None:
+    def __init__(self, console: Console, metric: str, title: str) -> None:
         self.metric = metric
+        self.title = title
         self.live = Live(console=console, refresh_per_second=4, transient=False)
 
     def __call__(self, p: Progress) -> None:
@@ -81,7 +98,7 @@ class LiveView:
                        "best": "", "mean": "", "accepted":
                        f"{cur['accepted']}/{cur['evaluated']} ({st['step']}/{p.settings.pop})",
                        "F": "", "CR": "", "wall": f"{cur['wall_s']:.1f}"}
-        self.live.update(history_table(st["history"], self.metric, "evolver", current))
+        self.live.update(history_table(st["history"], self.metric, self.title, current))
 
 
 def _f(v: float | None) -> str:
@@ -109,19 +126,29 @@ def evolve(recipe_path: Path, output: Path | None = None, *, pop: int | None = N
            generations: int | None = None, workers: int = 1, resume: bool = False,
            seed: int | None = None, force: bool = False, quiet: bool = True,
            threads: int | None = 1, run_dir: Path | None = None,
-           console: Console | None = None) -> EvolveSummary:
-    """Run (or resume) an evolution recipe and write the result to `output`."""
+           console: Console | None = None, shard_size: int = DEFAULT_SHARD_SIZE,
+           allow_pickle: bool = False, trust_code: bool = False,
+           loaded: tuple[EvolutionRecipe, str] | None = None) -> EvolveSummary:
+    """Run (or resume) an evolution recipe and write the result to `output`.
+
+    `loaded` is the recipe already read and validated (the command line reads it once);
+    `trust_code` is the user's consent to import and run the code the fitness names.
+    """
     start = time.perf_counter()
-    recipe, text = load_evolution_recipe(recipe_path)
+    recipe, text = loaded if loaded is not None else load_evolution_recipe(recipe_path)
+    require_consent(code_refs(recipe.fitness), trust_code)
     settings = make_settings(recipe, pop=pop, generations=generations, seed=seed)
     output = output if output is not None else default_output(recipe_path)
-    check_destination(output.resolve(), force=force)
+    inputs = input_paths(recipe, allow_pickle)
+    check_destination(output, force=force, inputs=inputs)
     rdir = RunDir((run_dir or default_run_dir(output)).resolve())
     console = console or Console(stderr=True)
     root = recipe_path.resolve().parent
     with _executor(workers, threads) as executor:
-        view = None if quiet else LiveView(console, recipe.fitness.metric_name)
-        run = EvolutionRun(recipe, text, root, settings, rdir, executor, on_progress=view)
+        view = None if quiet else LiveView(console, recipe.fitness.metric_name,
+                                           settings.strategy.name)
+        run = EvolutionRun(recipe, text, root, settings, rdir, executor, on_progress=view,
+                           allow_pickle=allow_pickle, inputs=[*inputs, output])
         if view is not None:
             with view.live:
                 run.start(resume=resume, force=force)
@@ -131,7 +158,8 @@ def evolve(recipe_path: Path, output: Path | None = None, *, pop: int | None = N
         else:
             run.start(resume=resume, force=force)
             run.run()
-        rows = _finish(run, recipe, text, output, force=force, workers=workers)
+        rows = _finish(run, recipe, text, output, force=force, workers=workers,
+                       shard_size=shard_size, inputs=inputs)
     if not quiet:
         Console().print(scores_table(rows, recipe.fitness.metric_name, run.maximize))
     st = run.state
@@ -140,7 +168,7 @@ def evolve(recipe_path: Path, output: Path | None = None, *, pop: int | None = N
 
 
 def _finish(run: EvolutionRun, recipe: EvolutionRecipe, text: str, output: Path, *,
-            force: bool, workers: int) -> list[ScoreRow]:
+            force: bool, workers: int, shard_size: int, inputs: list[Path]) -> list[ScoreRow]:
     st = run.state
     settings = run.settings
     members, merged = run.result_members()
@@ -148,9 +176,10 @@ def _finish(run: EvolutionRun, recipe: EvolutionRecipe, text: str, output: Path,
     refs = recipe.population_refs()
     has_report = spec.report is not None
     initial = [run.run_dir.member_path(n) for n in st["initial"]["members"]]
-    with atomic_output_dir(output, force=force) as tmp:
-        result = tmp / RESULT_FILE
-        _write_result(run, members, merged, result)
+    with atomic_output_dir(output, force=force, inputs=[*inputs, run.run_dir.root],
+                           kind="search") as tmp:
+        _write_result(run, members, merged, tmp, shard_size)
+        result = tmp  # scored as a model directory, however many shards it has
         jobs = [ScoreJob((str(result),), False, "select")]
         if has_report:
             jobs += [ScoreJob((str(p),), False, "report") for p in initial]
@@ -164,51 +193,58 @@ def _finish(run: EvolutionRun, recipe: EvolutionRecipe, text: str, output: Path,
                 zip(refs, st["initial"]["select"], reports, strict=False)]
         rows.append(ScoreRow(f"plain merge ({inner})", "merge of the inputs",
                              st["initial"]["merge_select"], reports[len(refs)]))
-        rows.append(ScoreRow(f"result (evolver, {settings.mode})", "output", result_select,
+        mode = "merged" if settings.merged else "standalone"
+        name = settings.strategy.name
+        rows.append(ScoreRow(f"result ({name}, {mode})", "output", result_select,
                              reports[len(refs) + 1]))
-        copy_artifacts(recipe.base_model or refs[0], recipe.tokenizer_source, tmp)
-        (tmp / RECIPE_FILE).write_text(text)
+        config_root = model_dir(recipe.base_model or refs[0])
+        tokenizer_root = (model_dir(recipe.tokenizer_source)
+                          if recipe.tokenizer_source not in (None, "base") else config_root)
+        copy_model_files(tmp, config_root, tokenizer_root, recipe.dtype if merged else None)
         doc = evolution_document(
-            st, recipe_name=recipe.name, mode=settings.mode, mutation=settings.mutation,
+            st, recipe_name=recipe.name, method=name, search=settings.strategy.describe(),
             pop=settings.pop, seed=settings.seed, workers=workers, metric=spec.metric_name,
             maximize=spec.maximize, merge_method=recipe.merge.merge_method
             if recipe.merge else None, scores=rows)
         write_json(tmp / EVOLUTION_JSON, doc)
         write_curve(doc["history"], spec.metric_name, tmp / CURVE_PNG)
-        (tmp / "README.md").write_text(model_card(
+        write_card_and_recipe(tmp, search_card(
             recipe_text=text, recipe_name=recipe.name, base_model=recipe.base_model,
-            models=refs, mode=settings.mode, merge_method=recipe.merge.merge_method
+            models=refs, method=name, mode=mode, merge_method=recipe.merge.merge_method
             if recipe.merge else None, seed=settings.seed, pop=settings.pop,
             generations=st["generation"], metric=spec.metric_name, scores=rows,
-            history=doc["history"]))
+            history=doc["history"]), text)
     return rows
 
 
-def _write_result(run: EvolutionRun, members: list[str], merged: bool, path: Path) -> None:
-    """The merge of the final population, or the best member, streamed tensor by tensor."""
+def _write_result(run: EvolutionRun, members: list[str], merged: bool, directory: Path,
+                  shard_size: int) -> None:
+    """The merge of the final population (through the merge engine, as `pcbmerge run` over
+    the member files would write it), or the best member, as safetensors shards."""
     cache = CheckpointCache()
     try:
-        ckpts = [cache.get(m) for m in members]
-        if not merged:
-            write_safetensors(path, run.layout, ((t.name, ckpts[0].read(t.name))
-                                                 for t in run.layout), durable=True)
+        ckpts: list[Checkpoint] = [cache.get(m) for m in members]
+        if merged:
+            ctx = run.ctx
+            recipe = population_recipe(ctx.merge, ctx.base, ctx.dtype, len(ckpts), ctx.seed)
+            sources = {member_key(i): c for i, c in enumerate(ckpts)}
+            plan = build_plan(recipe, "", allow_pickle=ctx.allow_pickle, sources=sources)
+            plan.check_finite = False  # checked when they were written
+            try:
+                write_plan(plan, directory, shard_size=shard_size, artifacts=False)
+            finally:
+                plan.close()
             return
-        ctx = run.ctx
-        assert ctx.merge_method is not None
-        merger = PopulationMerger(ctx.merge_method, ctx.merge_params,
-                                  [t.name for t in run.layout], ctx.size, ctx.seed)
-        base = open_checkpoint(ctx.base) if merger.requires_base and ctx.base else None
+        specs = [OutputTensor(t.name, t.dtype, t.shape) for t in run.layout]
+        writer = ShardedSafetensorsWriter(directory, plan_shards(specs, shard_size),
+                                          metadata={"merged_by": "mergekit-pcb"})
         try:
-            tensors = (
-                (t.name, merger.merge_tensor(
-                    t.name, [c.read(t.name) for c in ckpts],
-                    base.read(t.name) if base is not None and t.dtype.is_floating_point
-                    else None))
-                for t in run.layout)
-            write_safetensors(path, run.layout, tensors, durable=True)
-        finally:
-            if base is not None:
-                base.close()
+            for t in run.layout:
+                writer.write(t.name, ckpts[0].read(t.name))
+            writer.close()
+        except BaseException:
+            writer.abort()
+            raise
     finally:
         cache.close()
 
@@ -225,9 +261,11 @@ def load_fitness_file(path: Path) -> FitnessSpec:
 
 
 def evaluate_checkpoint(model: str, fitness_path: Path, splits: tuple[str, ...] = SPLITS,
-                        threads: int | None = 1) -> dict[str, float]:
+                        threads: int | None = 1, spec: FitnessSpec | None = None,
+                        trust_code: bool = False) -> dict[str, float]:
     """Score one checkpoint with the same code an evolution run uses."""
-    spec = load_fitness_file(fitness_path)
+    spec = spec if spec is not None else load_fitness_file(fitness_path)
+    require_consent(code_refs(spec), trust_code)
     root = fitness_path.resolve().parent
     wanted = [s for s in splits if s == "select" or getattr(spec, s) is not None]
     if not wanted:
@@ -241,3 +279,74 @@ def evaluate_checkpoint(model: str, fitness_path: Path, splits: tuple[str, ...] 
 
 __all__ = ["EvolveSummary", "default_output", "default_run_dir", "evaluate_checkpoint",
            "evolve", "load_fitness_file"]
+
+
+# ---------------------------------------------------------------------------- plan
+
+
+def plan_evolution(recipe: EvolutionRecipe, text: str, recipe_path: Path, *,
+                   output: Path | None = None, pop: int | None = None,
+                   generations: int | None = None, seed: int | None = None,
+                   run_dir: Path | None = None, allow_pickle: bool = False) -> dict[str, Any]:
+    """Every check a run makes before its first evaluation, and what the run will do;
+    nothing is written (`--dry-run`, `pcbmerge validate`)."""
+    settings = make_settings(recipe, pop=pop, generations=generations, seed=seed)
+    output = output if output is not None else default_output(recipe_path)
+    rdir = RunDir((run_dir or default_run_dir(output)).resolve())
+    run = EvolutionRun(recipe, text, recipe_path.resolve().parent, settings, rdir,
+                       make_executor(1, None), allow_pickle=allow_pickle)
+    refs = recipe.population_refs()
+    member_bytes = sum(t.nbytes for t in run.layout)
+    n, size = len(refs), settings.pop
+    spec = recipe.fitness
+    merge = run.ctx.merge
+    evaluation: dict[str, Any]
+    if settings.merged:
+        info = run.population_plan_info(size)
+        evaluation = {"what": f"{merge.merge_method} merge of the {size} members",
+                      "passes": info["passes"], "read_bytes": info["read_bytes"]}
+    else:
+        evaluation = {"what": "one member", "passes": 1, "read_bytes": member_bytes}
+    initial = size + 1 + (1 if settings.merged and size > n else 0)
+    final = 1 + ((n + 2) if spec.report is not None else 0)
+    per_generation = size * (2 if settings.merged else 1)
+    return {
+        "valid": True, "kind": "search", "method": settings.strategy.name,
+        "search": settings.strategy.describe(),
+        "population": {"size": size, "inputs": refs, "filled": size - n,
+                       "base_model": recipe.base_model, "member_bytes": member_bytes,
+                       "tensors": len(run.layout)},
+        "generations": settings.generations, "seed": settings.seed,
+        "inner_merge": {"method": merge.merge_method, "parameters": dict(merge.parameters),
+                        "used_for": "objective" if settings.merged else "plain-merge row"},
+        "fitness": {"type": spec.type, "metric": spec.metric_name, "maximize": spec.maximize,
+                    "select": spec.select, "report": spec.report},
+        "code": {key: ref for key, ref in code_refs(spec)},  # runs only with --trust-code
+        "evaluations": {"initial": initial, "per_generation_at_most": per_generation,
+                        "final": final,
+                        "total_at_most": initial + per_generation * settings.generations
+                        + final},
+        "per_evaluation": evaluation,
+        "output": str(output.resolve()), "run_dir": str(rdir.root),
+    }
+
+
+def describe_plan(plan: dict[str, Any]) -> list[str]:
+    pop, ev, fit = plan["population"], plan["evaluations"], plan["fitness"]
+    inner, per = plan["inner_merge"], plan["per_evaluation"]
+    search = ", ".join(f"{k} {v}" for k, v in plan["search"].items())
+    return [
+        f"recipe OK: {plan['method']} ({search}) over {len(pop['inputs'])} model(s), "
+        f"population {pop['size']} ({pop['filled']} filled by interpolation), "
+        f"{plan['generations']} generations, seed {plan['seed']}",
+        f"inner merge: {inner['method']} {inner['parameters'] or ''} ({inner['used_for']})",
+        f"fitness: {fit['type']}, {fit['metric']} ({'higher' if fit['maximize'] else 'lower'}"
+        f" is better) on select {fit['select']}; report {fit['report']}",
+        *[f"code: {key} '{ref}' (runs only with --trust-code)"
+          for key, ref in plan["code"].items()],
+        f"evaluations: {ev['initial']} initial, at most {ev['per_generation_at_most']} per "
+        f"generation, {ev['final']} final; at most {ev['total_at_most']} in all",
+        f"each evaluation scores the {per['what']}: reads {per['read_bytes'] / 1e6:.1f} MB in "
+        f"{per['passes']} pass(es)",
+        f"writes {plan['output']} (run state in {plan['run_dir']})",
+    ]

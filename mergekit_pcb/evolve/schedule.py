@@ -1,7 +1,8 @@
 """F and CR as schedules: anything with `value(generation) -> float`.
 
-A recipe gives a number (a constant) or a mapping `{schedule: NAME, ...}`; the next issue
-adds cosine and adaptive schedules by registering a factory in `SCHEDULES`.
+A recipe gives a number (a constant) or a mapping `{schedule: NAME, ...}`. A schedule is told
+the run's total number of generations (a cosine annealing needs it); a new one is a factory
+registered in `SCHEDULES`.
 """
 
 from __future__ import annotations
@@ -15,8 +16,8 @@ from mergekit_pcb.errors import RecipeError
 
 @runtime_checkable
 class Schedule(Protocol):
-    def value(self, generation: int) -> float:
-        """The parameter's value in `generation` (0-based)."""
+    def value(self, generation: int, generations: int) -> float:
+        """The parameter's value in `generation` (0-based) of `generations`."""
         ...
 
 
@@ -24,7 +25,7 @@ class Schedule(Protocol):
 class Constant:
     constant: float
 
-    def value(self, generation: int) -> float:
+    def value(self, generation: int, generations: int) -> float:
         return self.constant
 
 

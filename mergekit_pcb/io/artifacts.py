@@ -1,23 +1,24 @@
-"""Everything in the output besides the weights: config, tokenizer, model card, recipe."""
+"""Everything in an output besides the weights: config, tokenizer, model card, recipe.
+
+Every engine writes these through here, so a merge and a search leave directories that
+`transformers` loads the same way.
+"""
 
 from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import yaml
 
 from mergekit_pcb import __version__
-from mergekit_pcb.errors import RecipeError
 from mergekit_pcb.io.reader import iter_config_files
 from mergekit_pcb.io.resolve import resolve_model_path
 
-if TYPE_CHECKING:
-    from mergekit_pcb.engine.plan import MergePlan
-
 RECIPE_FILE = "merge_recipe.yaml"
+CARD_FILE = "README.md"
 TOKENIZER_FILES = (
     "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
     "vocab.txt", "vocab.json", "merges.txt", "tokenizer.model", "spiece.model",
@@ -27,35 +28,17 @@ DTYPE_NAMES = {"float32": "float32", "fp32": "float32", "float16": "float16", "f
                "bfloat16": "bfloat16", "bf16": "bfloat16", "float64": "float64"}
 
 
-def tokenizer_dir(plan: MergePlan) -> Path | None:
-    """Where tokenizer files come from: `tokenizer_source` (a model or `base`), else the base."""
-    source = plan.recipe.tokenizer_source
-    if source in (None, "base"):
-        return plan.config_source.root
-    if source == "union":
-        raise RecipeError("tokenizer_source: 'union' (vocabulary merging) is not supported; "
-                          "name a model or 'base'")
-    ckpt = plan.checkpoints.get(source)
-    if ckpt is not None:
-        return ckpt.root
-    path = resolve_model_path(source)
+def model_dir(ref: str) -> Path:
+    """The directory holding model `ref` (its config and tokenizer files)."""
+    path = resolve_model_path(ref)
     return path if path.is_dir() else path.parent
 
 
-def write_artifacts(plan: MergePlan, out: Path) -> None:
-    _copy_configs(plan, out)
-    tok = tokenizer_dir(plan)
-    if tok is not None:
-        for name in TOKENIZER_FILES:
-            if (tok / name).is_file():
-                shutil.copyfile(tok / name, out / name)
-    (out / RECIPE_FILE).write_text(plan.recipe_text)
-    (out / "README.md").write_text(model_card(plan))
-
-
-def _copy_configs(plan: MergePlan, out: Path) -> None:
-    out_dtype = plan.recipe.out_dtype or plan.recipe.dtype
-    for path in iter_config_files(plan.config_source.root):
+def copy_model_files(out: Path, config_root: Path, tokenizer_root: Path | None,
+                     out_dtype: str | None = None) -> None:
+    """config.json / generation_config.json (with `torch_dtype` set to `out_dtype`) and the
+    tokenizer files."""
+    for path in iter_config_files(config_root):
         if path.name == "config.json" and out_dtype:
             config = json.loads(path.read_text())
             for key in ("torch_dtype", "dtype"):
@@ -64,33 +47,31 @@ def _copy_configs(plan: MergePlan, out: Path) -> None:
             (out / path.name).write_text(json.dumps(config, indent=2) + "\n")
         else:
             shutil.copyfile(path, out / path.name)
+    if tokenizer_root is not None:
+        for name in TOKENIZER_FILES:
+            if (tokenizer_root / name).is_file():
+                shutil.copyfile(tokenizer_root / name, out / name)
 
 
-def model_card(plan: MergePlan) -> str:
-    recipe = plan.recipe
-    front = {"library_name": "transformers", "tags": ["merge", "mergekit-pcb", recipe.merge_method]}
-    if recipe.base_model:
-        front["base_model"] = [recipe.base_model]
-    lines = ["---", yaml.safe_dump(front, sort_keys=False).strip(), "---", ""]
-    lines.append(f"# {recipe.name or 'Merged model'}")
-    lines.append("")
-    lines.append(f"Merged with mergekit-pcb {__version__} using the **{recipe.merge_method}** "
-                 f"method (seed {plan.seed}, compute dtype {str(plan.compute_dtype)[6:]}).")
-    lines += ["", "## Inputs", "", "| role | model | parameters |", "|---|---|---|"]
-    if recipe.base_model:
-        lines.append(f"| base | `{recipe.base_model}` | |")
-    for m in recipe.models:
-        role = "base (listed)" if m.model == recipe.base_model else "merged"
-        params = ", ".join(f"{k}: {v}" for k, v in m.parameters.items())
-        lines.append(f"| {role} | `{m.model}` | {params} |")
-    if recipe.parameters:
-        lines += ["", "## Parameters", ""]
-        lines += [f"- `{k}`: {v}" for k, v in recipe.parameters.items()]
-    lines += ["", "## How each tensor was produced", "", "| rule | tensors | examples |",
-              "|---|---|---|"]
-    for route in plan.routes:
-        examples = ", ".join(f"`{n}`" for n in route.tensor_names[:3])
-        more = f" (+{len(route.tensor_names) - 3} more)" if len(route.tensor_names) > 3 else ""
-        lines.append(f"| {route.label} | {len(route.tensor_names)} | {examples}{more} |")
-    lines += ["", "## Recipe", "", "```yaml", plan.recipe_text.rstrip(), "```", ""]
+def model_card(*, title: str, tags: Sequence[str], base_model: str | None, summary: str,
+               sections: Sequence[tuple[str, Sequence[str]]], recipe_text: str) -> str:
+    """A Hugging Face model card: front matter, a summary line, sections, the recipe."""
+    front: dict[str, object] = {"library_name": "transformers",
+                                "tags": ["merge", "mergekit-pcb", *tags]}
+    if base_model:
+        front["base_model"] = [base_model]
+    lines = ["---", yaml.safe_dump(front, sort_keys=False).strip(), "---", "", f"# {title}", "",
+             f"{summary.rstrip('.')} (mergekit-pcb {__version__})."]
+    for heading, body in sections:
+        lines += ["", f"## {heading}", "", *body]
+    lines += ["", "## Recipe", "", "```yaml", recipe_text.rstrip(), "```", ""]
     return "\n".join(lines)
+
+
+def write_card_and_recipe(out: Path, card: str, recipe_text: str) -> None:
+    (out / RECIPE_FILE).write_text(recipe_text)
+    (out / CARD_FILE).write_text(card)
+
+
+__all__ = ["CARD_FILE", "DTYPE_NAMES", "RECIPE_FILE", "TOKENIZER_FILES", "copy_model_files",
+           "model_card", "model_dir", "write_card_and_recipe"]

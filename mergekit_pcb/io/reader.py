@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import json
+import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import BinaryIO
@@ -11,12 +11,23 @@ import torch
 
 from mergekit_pcb.errors import CheckpointError
 from mergekit_pcb.io.resolve import resolve_model_path
-from mergekit_pcb.io.safetensors_format import TensorInfo, read_header, read_tensor
+from mergekit_pcb.io.safetensors_format import (
+    UNPRINTABLE,
+    TensorInfo,
+    brief_repr,
+    decode_json,
+    open_regular,
+    read_header,
+    read_tensor,
+    require_regular,
+)
 
 __all__ = ["Checkpoint", "TensorInfo", "open_checkpoint"]
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 PICKLE_INDEX = "pytorch_model.bin.index.json"
+# Real indexes are a few hundred KB even for the largest models; past this one is corrupt.
+MAX_INDEX_BYTES = 64_000_000
 
 
 class Checkpoint:
@@ -60,10 +71,7 @@ class Checkpoint:
             return tensor if start is None and stop is None else tensor.reshape(-1)[start:stop]
         handle = self._handles.get(info.file)
         if handle is None:
-            try:
-                handle = open(info.file, "rb")  # noqa: SIM115 - kept open across reads
-            except OSError as e:
-                raise CheckpointError(f"cannot open {info.file}: {e.strerror or e}") from e
+            handle = open_regular(info.file)  # kept open across reads
             self._handles[info.file] = handle
         return read_tensor(handle, info, start, stop)
 
@@ -93,52 +101,116 @@ class Checkpoint:
 
 def open_checkpoint(ref: str, *, allow_pickle: bool = False,
                     base_dir: Path | None = None) -> Checkpoint:
-    """Open a model reference: a directory, a `.safetensors` file or a hub id."""
+    """Open a model reference: a directory, a `.safetensors` file or a hub id.
+
+    Inside a directory, only regular files that stay in it (after symlinks) are opened: an
+    index naming `../../etc/passwd`, an absolute path or a FIFO is refused unopened.
+    """
     path = resolve_model_path(ref, base_dir=base_dir, allow_pickle=allow_pickle)
-    if path.is_file():
+    if not path.is_dir():
         if path.suffix == ".safetensors":
             return Checkpoint(ref, path.parent, _read_files(ref, [path]))
         if path.suffix in (".bin", ".pt", ".pth"):
-            return _open_pickled(ref, path.parent, [path], allow_pickle)
+            _refuse_pickle_unless(allow_pickle, ref, path.name)
+            return _open_pickled(ref, path.parent, [path])
         raise CheckpointError(f"model {ref}: {path} is not a .safetensors file or directory")
-    index = path / SAFETENSORS_INDEX
-    if index.is_file():
-        files = _files_from_index(ref, index)
+    if os.path.lexists(path / SAFETENSORS_INDEX):
+        weight_map = _read_weight_map(ref, path, SAFETENSORS_INDEX)
+        files = [_model_file(ref, path, name, f" named in {SAFETENSORS_INDEX}")
+                 for name in dict.fromkeys(weight_map.values())]
         tensors = _read_files(ref, files)
-        _check_index_matches(ref, index, files, tensors)
+        _check_index_matches(ref, weight_map, tensors)
         return Checkpoint(ref, path, tensors)
-    shards = sorted(path.glob("*.safetensors"))
+    shards = [_model_file(ref, path, p.name) for p in sorted(path.glob("*.safetensors"))]
     if shards:
         return Checkpoint(ref, path, _read_files(ref, shards))
-    pickled = _pickle_files(path)
+    pickled = _pickle_names(ref, path)
     if pickled:
-        return _open_pickled(ref, path, pickled, allow_pickle)
+        _refuse_pickle_unless(allow_pickle, ref, pickled[0])
+        where = f" named in {PICKLE_INDEX}" if os.path.lexists(path / PICKLE_INDEX) else ""
+        return _open_pickled(ref, path, [_model_file(ref, path, n, where) for n in pickled])
     raise CheckpointError(f"model {ref}: no .safetensors weights found in {path}")
 
 
-def _files_from_index(ref: str, index: Path) -> list[Path]:
+def _allowed_roots(root: Path) -> list[Path]:
+    """Where files of model directory `root` may live once symlinks are followed.
+
+    A Hugging Face cache snapshot (`models--org--name/snapshots/<commit>/`) holds only
+    symlinks into the repository's `blobs/`, so that folder counts as inside too.
+    """
+    real = root.resolve()
+    if real.parent.name == "snapshots":
+        return [real, real.parent.parent / "blobs"]
+    return [real]
+
+
+def _model_file(ref: str, root: Path, name: str, where: str = "") -> Path:
+    """`root / name`, checked to be a regular file inside `root`; never opened here.
+
+    `name` must be a plain file name: absolute paths and `..` could reach any file on the
+    machine, and symlinks leading out of the directory are refused the same way.
+    """
+    # UNPRINTABLE: a NUL or newline in a name; 255 bytes: the longest name file systems allow.
+    if name in ("", ".", "..") or "/" in name or UNPRINTABLE.search(name) \
+            or len(name.encode()) > 255:
+        raise CheckpointError(f"model {ref}: file name {brief_repr(name)}{where} is not a plain "
+                              "file name in the model directory")
+    f = root / name
     try:
-        weight_map = json.loads(index.read_text())["weight_map"]
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise CheckpointError(f"model {ref}: corrupt index {index} ({e})") from e
-    files = []
-    for fname in dict.fromkeys(weight_map.values()):
-        f = index.parent / fname
-        if not f.is_file():
-            raise CheckpointError(f"model {ref}: shard {f} named in {index.name} is missing")
-        files.append(f)
-    return files
+        real = f.resolve()
+    except (OSError, RuntimeError) as e:  # RuntimeError: a symlink loop (Python < 3.13)
+        raise CheckpointError(f"model {ref}: cannot resolve {f}{where} ({e})") from e
+    if not any(real.is_relative_to(r) for r in _allowed_roots(root)):
+        raise CheckpointError(f"model {ref}: {f}{where} is a symlink leading outside the model "
+                              f"directory {root}")
+    if not real.exists():  # a dangling symlink too
+        raise CheckpointError(f"model {ref}: {f}{where} is missing")
+    require_regular(f)
+    return f
 
 
-def _check_index_matches(ref: str, index: Path, files: list[Path],
+def _read_weight_map(ref: str, root: Path, name: str) -> dict[str, str]:
+    """The `weight_map` of index `root / name`: tensor name -> shard file name."""
+    index = _model_file(ref, root, name)
+    corrupt = f"model {ref}: corrupt index {index}"
+    with open_regular(index) as f:
+        try:
+            size = os.fstat(f.fileno()).st_size
+            if size > MAX_INDEX_BYTES:
+                raise CheckpointError(f"{corrupt}: {size} bytes, and an index over "
+                                      f"{MAX_INDEX_BYTES} bytes cannot be genuine")
+            raw = f.read(MAX_INDEX_BYTES + 1)  # bounded even if the file grows meanwhile
+        except OSError as e:
+            raise CheckpointError(f"model {ref}: cannot read {index}: {e.strerror or e}") from e
+    if len(raw) > MAX_INDEX_BYTES:
+        raise CheckpointError(f"{corrupt}: over {MAX_INDEX_BYTES} bytes")
+    try:
+        data = decode_json(raw)
+    except ValueError as e:
+        raise CheckpointError(f"{corrupt}: the file {e}") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{corrupt}: not a JSON object")
+    if "weight_map" not in data:
+        raise CheckpointError(f"{corrupt}: no 'weight_map'")
+    weight_map = data["weight_map"]
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise CheckpointError(f"{corrupt}: 'weight_map' must map tensor names to shard file "
+                              f"names, got {brief_repr(weight_map)}")
+    for tensor, fname in weight_map.items():
+        if not isinstance(fname, str):
+            raise CheckpointError(f"{corrupt}: weight_map[{brief_repr(tensor)}] must be a file "
+                                  f"name, got {brief_repr(fname)}")
+    return weight_map
+
+
+def _check_index_matches(ref: str, weight_map: dict[str, str],
                          tensors: dict[str, TensorInfo]) -> None:
-    weight_map: dict[str, str] = json.loads(index.read_text())["weight_map"]
     for name, fname in weight_map.items():
         info = tensors.get(name)
         if info is None or info.file.name != fname:
             raise CheckpointError(
-                f"model {ref}: {index.name} places tensor '{name}' in {fname}, "
-                "but that shard does not hold it"
+                f"model {ref}: {SAFETENSORS_INDEX} places tensor {brief_repr(name)} in "
+                f"{brief_repr(fname)}, but that shard does not hold it"
             )
 
 
@@ -149,30 +221,29 @@ def _read_files(ref: str, files: list[Path]) -> dict[str, TensorInfo]:
         for name, info in infos.items():
             if name in tensors:
                 raise CheckpointError(
-                    f"model {ref}: tensor '{name}' appears in both {tensors[name].file.name} "
-                    f"and {f.name}"
+                    f"model {ref}: tensor {brief_repr(name)} appears in both "
+                    f"{tensors[name].file.name} and {f.name}"
                 )
             tensors[name] = info
     return tensors
 
 
-def _pickle_files(path: Path) -> list[Path]:
-    index = path / PICKLE_INDEX
-    if index.is_file():
-        try:
-            names = dict.fromkeys(json.loads(index.read_text())["weight_map"].values())
-        except (OSError, ValueError, KeyError, TypeError) as e:
-            raise CheckpointError(f"corrupt index {index} ({e})") from e
-        return [path / n for n in names]
-    return sorted(path.glob("*.bin")) + sorted(path.glob("*.pt")) + sorted(path.glob("*.pth"))
+def _pickle_names(ref: str, path: Path) -> list[str]:
+    """Pickled weight file names of directory `path`: from its index, else by extension."""
+    if os.path.lexists(path / PICKLE_INDEX):
+        return list(dict.fromkeys(_read_weight_map(ref, path, PICKLE_INDEX).values()))
+    return [p.name for pattern in ("*.bin", "*.pt", "*.pth") for p in sorted(path.glob(pattern))]
 
 
-def _open_pickled(ref: str, root: Path, files: list[Path], allow_pickle: bool) -> Checkpoint:
+def _refuse_pickle_unless(allow_pickle: bool, ref: str, name: str) -> None:
     if not allow_pickle:
         raise CheckpointError(
-            f"model {ref}: {files[0].name} is a pickled checkpoint; pickles can run code when "
+            f"model {ref}: {name} is a pickled checkpoint; pickles can run code when "
             "loaded, so they are refused unless you pass --allow-pickle"
         )
+
+
+def _open_pickled(ref: str, root: Path, files: list[Path]) -> Checkpoint:
     tensors: dict[str, TensorInfo] = {}
     for f in files:
         for name, t in _load_pickle(f).items():
@@ -182,6 +253,7 @@ def _open_pickled(ref: str, root: Path, files: list[Path], allow_pickle: bool) -
 
 
 def _load_pickle(path: Path) -> dict[str, torch.Tensor]:
+    require_regular(path)  # torch.load opens by name: a FIFO would block it forever
     try:
         state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as e:  # torch raises many types for a bad pickle

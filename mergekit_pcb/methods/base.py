@@ -8,6 +8,7 @@ returns. A new method is one module defining a `MergeMethod` subclass and one en
 
 from __future__ import annotations
 
+import re
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -18,22 +19,59 @@ import torch
 ParamValue = float | int | bool | str
 
 
+def format_number(x: float) -> str:
+    """1e6 -> '1e6', 1e-06 -> '1e-6', 0.5 -> '0.5' (for ranges in messages and docs)."""
+    return re.sub(r"e([+-])0*(\d)", lambda m: "e" + m.group(1).strip("+") + m.group(2),
+                  f"{x:g}")
+
+
+@dataclass(frozen=True)
+class Range:
+    """The values a numeric parameter accepts: an interval of finite numbers."""
+
+    low: float
+    high: float
+    low_open: bool = False
+    high_open: bool = False
+
+    def __contains__(self, x: float) -> bool:
+        # NaN fails every comparison, so it is never inside; a huge int compares exactly.
+        above = x > self.low if self.low_open else x >= self.low
+        below = x < self.high if self.high_open else x <= self.high
+        return above and below
+
+    def __str__(self) -> str:
+        return (f"{'(' if self.low_open else '['}{format_number(self.low)}, "
+                f"{format_number(self.high)}{')' if self.high_open else ']'}")
+
+
 @dataclass(frozen=True)
 class ParamSpec:
     """One parameter a method accepts.
 
     `per_model` parameters live under `models[].parameters` (a value under the top-level
     `parameters` is their default for every model, as in mergekit); the others only under
-    the top-level `parameters`.
+    the top-level `parameters`. A numeric parameter declares its `bounds`, which the plan
+    checks for every value a recipe gives it, so a method never sees one outside them.
     """
 
     name: str
     default: ParamValue | None
-    doc: str
+    meaning: str
     per_model: bool = False
     kind: type = float
     choices: tuple[str, ...] | None = None
     required: bool = False
+    bounds: Range | None = None
+
+    def __post_init__(self) -> None:
+        if self.kind in (float, int) and self.bounds is None:
+            raise TypeError(f"numeric parameter '{self.name}' needs bounds")
+
+    @property
+    def doc(self) -> str:
+        """What `pcbmerge methods` shows: the meaning and, for numbers, the range."""
+        return self.meaning if self.bounds is None else f"{self.meaning}; in {self.bounds}"
 
 
 @dataclass(frozen=True)
@@ -103,8 +141,26 @@ class MergeMethod(ABC):
     def param_spec(cls, name: str) -> ParamSpec | None:
         return next((p for p in cls.params if p.name == name), None)
 
+    @classmethod
+    def check_params(cls, params: Mapping[str, Any], model_params: Sequence[Mapping[str, Any]],
+                     tensor: str) -> None:
+        """Refuse, as a RecipeError, a combination of parameters this method cannot merge.
 
-WEIGHT = ParamSpec("weight", 1.0, "scale of this model's contribution", per_model=True)
-DENSITY = ParamSpec("density", 1.0, "fraction of task-vector entries kept", per_model=True)
-LAMBDA = ParamSpec("lambda", 1.0, "scale of the merged task vector")
+        Each value is already inside its ParamSpec's bounds; this is for rules across
+        parameters or models, checked for every tensor (`tensor` names it).
+        """
+        return None
+
+
+# Bounds shared by every method with the parameter. |weight|, |lambda| <= 1e6 keeps their
+# products with any realistic task vector far inside float32 (~3.4e38); narrower compute
+# dtypes can still overflow, which the engine's output check reports. density >= 1e-6:
+# DARE rescales survivors by 1/density, and below float32's range 1/density is inf (0/0
+# NaN for dropped entries); a million-th of a tensor is already a handful of entries.
+WEIGHT_RANGE = Range(-1e6, 1e6)
+WEIGHT = ParamSpec("weight", 1.0, "scale of this model's contribution", per_model=True,
+                   bounds=WEIGHT_RANGE)
+DENSITY = ParamSpec("density", 1.0, "fraction of task-vector entries kept", per_model=True,
+                    bounds=Range(1e-6, 1.0))
+LAMBDA = ParamSpec("lambda", 1.0, "scale of the merged task vector", bounds=WEIGHT_RANGE)
 SCOPE = ("tensor", "global")

@@ -14,24 +14,29 @@ row statistics. `scope: tensor` finds the statistics with `kthvalue` per tensor;
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
 
 from mergekit_pcb.errors import RecipeError
 from mergekit_pcb.methods.base import (
+    DENSITY,
     LAMBDA,
     SCOPE,
     WEIGHT,
     GlobalStats,
     MergeMethod,
     ParamSpec,
+    Range,
     TensorInputs,
 )
 from mergekit_pcb.methods.selection import StreamingSelect, kth_smallest
 
 INTER = ("consensus", "normalized", "pairwise")
+# Scores reach n·exp(n) (pairwise inter-balancing) and their range twice that; beyond about
+# 83 tasks that overflows float32 and the soft weights turn NaN.
+MAX_MODELS = 80
 
 
 def clip_indices(d: int, clip: float) -> tuple[int, int]:
@@ -228,11 +233,12 @@ class Pcb(MergeMethod):
     summary = "PCB: parameter competition balancing (clip, intra/inter balance, drop, soft mean)"
     params = (
         WEIGHT,
-        ParamSpec("density", 0.1, "fraction of entries kept per task (paper: 0.05–0.1)",
-                  per_model=True),
+        replace(DENSITY, default=0.1, meaning="fraction of entries kept per task "
+                "(paper: 0.05–0.1)"),
         LAMBDA,
+        # Below 0.5 the lower clip rank stays at or below the upper one.
         ParamSpec("clip", 0.01, "outlier clip: |τ| clamped between ranks ⌊D·p⌋ and "
-                  "⌊D·(1−p)⌋−1 (0 disables)"),
+                  "⌊D·(1−p)⌋−1 (0 disables)", bounds=Range(0.0, 0.5, high_open=True)),
         ParamSpec("inter", "consensus", "inter-balancing", kind=str, choices=INTER),
         ParamSpec("scope", "global", "statistics over the whole model or each tensor",
                   kind=str, choices=SCOPE),
@@ -240,11 +246,17 @@ class Pcb(MergeMethod):
 
     def global_stats(self, num_models: int, total_numel: int, params: Mapping[str, Any],
                      model_params: Sequence[Mapping[str, Any]]) -> GlobalStats | None:
-        check_pcb_params(params, model_params)
         if params["scope"] != "global":
             return None
         return PcbGlobalStats(num_models, total_numel, params["clip"], params["inter"],
                               [p["density"] for p in model_params])
+
+    @classmethod
+    def check_params(cls, params: Mapping[str, Any], model_params: Sequence[Mapping[str, Any]],
+                     tensor: str) -> None:
+        if len(model_params) > MAX_MODELS:
+            raise RecipeError(f"models: pcb merges at most {MAX_MODELS} models (its scores "
+                              f"grow like n·exp(n) and overflow float32), got {len(model_params)}")
 
     def elementwise(self, params: Mapping[str, Any]) -> bool:
         return params["scope"] == "global"
@@ -266,12 +278,3 @@ class Pcb(MergeMethod):
         scores = pcb_scores(tau, stats.rows, params["inter"])
         return pcb_combine(base, tau, scores, stats.rows, weights, params["lambda"])
 
-
-def check_pcb_params(params: Mapping[str, Any], model_params: Sequence[Mapping[str, Any]]
-                     ) -> None:
-    if not 0 <= params["clip"] < 0.5:
-        raise RecipeError(f"parameters.clip: must be in [0, 0.5), got {params['clip']}")
-    for i, p in enumerate(model_params):
-        if not 0 < p["density"] <= 1:
-            raise RecipeError(f"models[{i}].parameters.density: must be in (0, 1], "
-                              f"got {p['density']}")

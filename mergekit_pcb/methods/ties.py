@@ -13,7 +13,6 @@ from typing import Any
 
 import torch
 
-from mergekit_pcb.errors import RecipeError
 from mergekit_pcb.methods.base import (
     DENSITY,
     LAMBDA,
@@ -108,10 +107,6 @@ class Ties(MergeMethod):
                      model_params: Sequence[Mapping[str, Any]]) -> GlobalStats | None:
         if params["scope"] != "global":
             return None
-        for i, p in enumerate(model_params):
-            if p["density"] <= 0:
-                raise RecipeError(f"models[{i}].parameters.density: must be > 0 with "
-                                  "scope: global")
         return TiesGlobalStats(total_numel, [p["density"] for p in model_params])
 
     def elementwise(self, params: Mapping[str, Any]) -> bool:

@@ -52,49 +52,96 @@ def evaluate(setting: ParameterValue, tensor_name: str, t: float) -> ParamValue 
         i0 = min(math.floor(scaled), len(values) - 1)
         i1 = min(len(values) - 1, i0 + 1)
         frac = scaled - i0
-        return (1 - frac) * values[i0] + frac * values[i1]
+        value = (1 - frac) * values[i0] + frac * values[i1]
+        # Rounding must not carry a value past its two ends (e.g. [1, 1] -> 1.0000000000000002
+        # would leave density's range).
+        return min(max(value, min(values[i0], values[i1])), max(values[i0], values[i1]))
     return setting[int(t * (len(setting) - 1))]  # type: ignore[return-value]
 
 
-def coerce(spec: ParamSpec, value: ParamValue | None, where: str) -> ParamValue | None:
-    if value is None:
-        if spec.required:
-            raise RecipeError(f"{where}: parameter '{spec.name}' is required")
-        return spec.default
+def _show(value: object, limit: int = 60) -> str:
+    """A recipe value or key for a one-line message: repr'd (no raw newlines), shortened."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def _key_name(key: object) -> str:
+    return key if isinstance(key, str) and key.isprintable() and key else _show(key)
+
+
+def check_value(spec: ParamSpec, value: object, key: str) -> ParamValue:
+    """`value` converted to `spec.kind`, or a RecipeError naming the recipe `key` path.
+
+    Numbers must be finite and inside `spec.bounds` (NaN and ±inf are outside every range).
+    """
     if spec.kind is bool:
         if not isinstance(value, bool):
-            raise RecipeError(f"{where}: '{spec.name}' must be true or false, got {value!r}")
+            raise RecipeError(f"{key}: must be true or false, got {_show(value)}")
         return value
     if spec.kind in (float, int):
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise RecipeError(f"{where}: '{spec.name}' must be a number, got {value!r}")
+        assert spec.bounds is not None  # ParamSpec requires bounds on numbers
+        # The range test comes before float(): an int of 400 digits would overflow it.
+        if (isinstance(value, bool) or not isinstance(value, (int, float))
+                or value not in spec.bounds):
+            raise RecipeError(f"{key}: must be a number in {spec.bounds}, got {_show(value)}")
         return spec.kind(value)
     if spec.choices is not None and value not in spec.choices:
-        raise RecipeError(
-            f"{where}: '{spec.name}' must be one of {', '.join(spec.choices)}, got {value!r}"
-        )
-    return value
+        raise RecipeError(f"{key}: must be one of {', '.join(spec.choices)}, got {_show(value)}")
+    return value  # type: ignore[return-value]  # a choice, or a string parameter's value
+
+
+def check_setting(spec: ParamSpec, setting: object, key: str) -> None:
+    """Every value a setting holds, checked whether or not some tensor selects it: a bad
+    item in a gradient or a filtered list is named by its index (`density[2]`,
+    `weight[0].value`)."""
+    if not isinstance(setting, list):
+        check_value(spec, setting, key)
+        return
+    if not setting:
+        raise RecipeError(f"{key}: an empty list gives no value")
+    for j, item in enumerate(setting):
+        if isinstance(item, FilteredValue):
+            check_setting(spec, item.value, f"{key}[{j}].value")
+        else:
+            check_value(spec, item, f"{key}[{j}]")
 
 
 def check_parameter_keys(method: type[MergeMethod], recipe_params: Mapping[str, object],
                          model_params: list[Mapping[str, object]], prefix: str = "") -> None:
-    """Unknown parameter names are errors naming their key path."""
+    """Unknown parameter names, and values of the wrong type or out of range, are errors
+    naming their key path (checked before any checkpoint is opened)."""
     known = {p.name: p for p in method.params}
     names = ", ".join(known) or "none"
-    for key in recipe_params:
-        if key not in known:
-            raise RecipeError(
-                f"{prefix}parameters.{key}: unknown parameter for {method.name} (known: {names})"
-            )
+    for key, setting in recipe_params.items():
+        spec = known.get(key)
+        if spec is None:
+            raise RecipeError(f"{prefix}parameters.{_key_name(key)}: unknown parameter for "
+                              f"{method.name} (known: {names})")
+        check_setting(spec, setting, f"{prefix}parameters.{key}")
     for i, params in enumerate(model_params):
-        for key in params:
+        for key, setting in params.items():
             spec = known.get(key)
             if spec is None or not spec.per_model:
                 per_model = ", ".join(p.name for p in method.params if p.per_model) or "none"
                 raise RecipeError(
-                    f"models[{i}].parameters.{key}: not a per-model parameter of "
+                    f"models[{i}].parameters.{_key_name(key)}: not a per-model parameter of "
                     f"{method.name} (per-model: {per_model})"
                 )
+            check_setting(spec, setting, f"models[{i}].parameters.{key}")
+
+
+def _resolve(spec: ParamSpec, setting: ParameterValue | None, key: str, tensor_name: str,
+             t: float) -> ParamValue | None:
+    """The setting's value for this tensor, or None when it gives none (absent, or no
+    filter matches)."""
+    if setting is None:
+        return None
+    check_setting(spec, setting, key)
+    value = evaluate(setting, tensor_name, t)
+    if value is None:
+        return None
+    return check_value(spec, value, f"{key} (tensor '{tensor_name}')"
+                       if isinstance(setting, list) else key)
 
 
 def resolve_params(
@@ -105,20 +152,33 @@ def resolve_params(
     t: float,
     where: str,
 ) -> tuple[dict[str, ParamValue | None], list[dict[str, ParamValue | None]]]:
-    """(global params, per-model params) evaluated for one tensor, defaults filled in."""
+    """(global params, per-model params) evaluated for one tensor, defaults filled in.
+
+    Every value is checked against its ParamSpec (type, finite, in range) and the method's
+    rules across parameters, so whatever this returns the method can merge; errors name the
+    recipe key (a top-level value that is a per-model default is named as such).
+    """
     global_values: dict[str, ParamValue | None] = {}
     per_model: list[dict[str, ParamValue | None]] = [{} for _ in model_params]
     for spec in method.params:
-        default_setting = recipe_params.get(spec.name)
-        default_value = (
-            evaluate(default_setting, tensor_name, t) if default_setting is not None else None
-        )
+        top_key = f"{where}parameters.{spec.name}"
+        default_value = _resolve(spec, recipe_params.get(spec.name), top_key, tensor_name, t)
         if not spec.per_model:
-            global_values[spec.name] = coerce(spec, default_value, f"{where}parameters")
+            global_values[spec.name] = _fill(spec, default_value, top_key)
             continue
         for i, params in enumerate(model_params):
+            key = f"models[{i}].parameters.{spec.name}"
             setting = params.get(spec.name)
-            value = evaluate(setting, tensor_name, t) if setting is not None else default_value
-            per_model[i][spec.name] = coerce(spec, value, f"models[{i}].parameters")
+            value = (default_value if setting is None
+                     else _resolve(spec, setting, key, tensor_name, t))
+            per_model[i][spec.name] = _fill(spec, value, key)
+    method.check_params(global_values, per_model, tensor_name)
     return global_values, per_model
 
+
+def _fill(spec: ParamSpec, value: ParamValue | None, key: str) -> ParamValue | None:
+    if value is not None:
+        return value
+    if spec.required:
+        raise RecipeError(f"{key}: required")
+    return spec.default

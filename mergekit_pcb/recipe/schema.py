@@ -8,6 +8,8 @@ Our additions: `seed`, `tensors` (routing rules) and `name`.
 
 from __future__ import annotations
 
+import os
+import stat
 from pathlib import Path
 from typing import Any, Literal, TypeVar, Union
 
@@ -136,17 +138,178 @@ def _is_branch(part: int | str) -> bool:
     return isinstance(part, str) and ("[" in part or part.startswith("function-"))
 
 
+MAX_YAML_BYTES = 1 << 20  # recipes are a few KB; the cap bounds what a hostile file costs
+MAX_YAML_VALUES = 100_000  # after alias expansion: a "billion laughs" stops here
+MAX_YAML_DEPTH = 100  # PyYAML's composer recurses once per nesting level
+_NOT_REGULAR = ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"),
+                (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+                (stat.S_ISSOCK, "a socket"))
+
+
+def _shown(p: Path) -> str:
+    """A path for a one-line message: as typed, unless it holds newlines or the like."""
+    text = str(p)
+    return text if text.isprintable() else repr(text)
+
+
+def _check_regular(mode: int, p: Path, what: str) -> None:
+    if not stat.S_ISREG(mode):
+        kind = next((k for test, k in _NOT_REGULAR if test(mode)), "not a file")
+        raise RecipeError(f"cannot read {what} {_shown(p)}: it is {kind}, not a regular file")
+
+
+def read_text_file(p: Path, what: str = "recipe", limit: int = MAX_YAML_BYTES) -> str:
+    """The UTF-8 text of a regular file of at most `limit` bytes, or a one-line RecipeError.
+
+    The file type is checked before opening (a FIFO would block, a device would never end),
+    and again on the open file, which is opened non-blocking and read only up to the limit,
+    in case the path changed in between.
+    """
+    try:
+        st = os.stat(p)
+        _check_regular(st.st_mode, p, what)
+        size = st.st_size
+        if size <= limit:
+            fd = os.open(p, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+            with open(fd, "rb") as f:
+                _check_regular(os.fstat(fd).st_mode, p, what)
+                data = f.read(limit + 1)
+            size = len(data)
+    except (OSError, ValueError) as e:  # ValueError: a NUL byte in the path
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+        raise RecipeError(f"cannot read {what} {_shown(p)}: {reason}") from None
+    if size > limit:
+        raise RecipeError(f"{_shown(p)}: too large for a {what} ({size} bytes; the limit is "
+                          f"{limit} bytes)")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise RecipeError(f"{_shown(p)}: not UTF-8 text (byte 0x{data[e.start]:02x} at "
+                          f"offset {e.start})") from None
+
+
+class _Refused(Exception):
+    """Valid YAML that is refused all the same (too deep, too large once expanded)."""
+
+    def __init__(self, problem: str, mark: yaml.Mark | None) -> None:
+        super().__init__(problem)
+        self.problem = problem
+        self.mark = mark
+
+
+class _BoundedLoader(yaml.SafeLoader):
+    """SafeLoader that refuses nesting deeper than MAX_YAML_DEPTH while composing, before
+    the composer's recursion could exhaust the stack."""
+
+    def __init__(self, stream: str) -> None:
+        super().__init__(stream)
+        self._depth = 0
+
+    def compose_node(self, parent: yaml.Node | None, index: object) -> yaml.Node:
+        self._depth += 1
+        try:
+            if self._depth > MAX_YAML_DEPTH:
+                raise _Refused(f"nested more than {MAX_YAML_DEPTH} levels deep",
+                               self.peek_event().start_mark)
+            return super().compose_node(parent, index)  # type: ignore[no-any-return]
+        finally:
+            self._depth -= 1
+
+
+def _children(node: yaml.Node) -> list[yaml.Node]:
+    if isinstance(node, yaml.MappingNode):
+        return [n for pair in node.value for n in pair]
+    if isinstance(node, yaml.SequenceNode):
+        return list(node.value)
+    return []
+
+
+def _check_expansion(root: yaml.Node) -> None:
+    """Refuse a document whose aliases expand it past MAX_YAML_VALUES values or
+    MAX_YAML_DEPTH levels, or that contains itself, without expanding it.
+
+    An alias is the same node object as its anchor, so the expanded size and depth of each
+    node are computed once (memoized by identity), iteratively: the work is linear in the
+    composed nodes whatever the expansion.
+    """
+    done: dict[int, tuple[int, int]] = {}  # id -> (expanded values, depth)
+    open_: set[int] = set()  # nodes entered and not finished: the current path
+    stack: list[tuple[yaml.Node, bool]] = [(root, False)]
+    while stack:
+        node, finishing = stack.pop()
+        key = id(node)
+        if finishing:
+            open_.discard(key)
+            children = [done[id(c)] for c in _children(node)]
+            size = 1 + sum(c[0] for c in children)
+            depth = 1 + max((c[1] for c in children), default=0)
+            if size > MAX_YAML_VALUES:
+                raise _Refused(f"aliases expand it past {MAX_YAML_VALUES} values",
+                               node.start_mark)
+            if depth > MAX_YAML_DEPTH:
+                raise _Refused(f"aliases nest it more than {MAX_YAML_DEPTH} levels deep",
+                               node.start_mark)
+            done[key] = (size, depth)
+        elif key in open_:
+            raise _Refused("an alias refers to a value that contains it", node.start_mark)
+        elif key not in done:
+            open_.add(key)
+            stack.append((node, True))
+            stack.extend((c, False) for c in _children(node))
+
+
+def _yaml_problem(e: yaml.YAMLError) -> str:
+    if isinstance(e, yaml.MarkedYAMLError):
+        text = e.problem or e.context or "invalid"
+    elif isinstance(e, yaml.reader.ReaderError):
+        code = e.character if isinstance(e.character, int) else ord(e.character)
+        text = f"unacceptable character #x{code:04x}: {e.reason}"
+    else:
+        text = str(e)
+    return " ".join(text.split())
+
+
 def read_yaml(p: Path, what: str = "recipe") -> Any:
+    """The YAML document in file `p`, or a one-line RecipeError naming the file.
+
+    Safe on hostile input: only regular files up to MAX_YAML_BYTES, strict UTF-8, safe
+    tags only, nesting and alias expansion bounded (so no deep recursion, no alias bomb).
+    """
+    return read_yaml_text(p, what)[0]
+
+
+def read_yaml_text(p: Path, what: str = "recipe") -> tuple[Any, str]:
+    """The parsed YAML and the text it was parsed from (kept in outputs as the recipe),
+    from one bounded read of the file (see `read_yaml`)."""
+    text = read_text_file(p, what)
+    return _parse_yaml(text, p), text
+
+
+def _parse_yaml(text: str, p: Path) -> Any:
     try:
-        text = p.read_text()
-    except OSError as e:
-        raise RecipeError(f"cannot read {what} {p}: {e.strerror or e}") from None
-    try:
-        return yaml.safe_load(text)
+        loader = _BoundedLoader(text)  # checks the characters first (ReaderError)
+        try:
+            node = loader.get_single_node()
+            if node is None:
+                return None
+            _check_expansion(node)
+            return loader.construct_document(node)
+        finally:
+            loader.dispose()
+    except _Refused as e:
+        where = f" line {e.mark.line + 1}" if e.mark is not None else ""
+        raise RecipeError(f"{_shown(p)}:{where} {e.problem}") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
-        where = f" line {mark.line + 1}" if mark is not None else ""
-        raise RecipeError(f"{p}:{where} not valid YAML ({getattr(e, 'problem', e)})") from None
+        line = mark.line if mark is not None else None
+        if isinstance(e, yaml.reader.ReaderError):  # a character YAML forbids
+            line = text.count("\n", 0, e.position)
+        where = f" line {line + 1}" if line is not None else ""
+        raise RecipeError(f"{_shown(p)}:{where} not valid YAML ({_yaml_problem(e)})") from None
+    except (ValueError, OverflowError) as e:  # a scalar the constructor cannot build
+        raise RecipeError(f"{_shown(p)}: not valid YAML ({' '.join(str(e).split())})") from None
+    except RecursionError:  # backstop: the depth bound keeps the composer well inside
+        raise RecipeError(f"{_shown(p)}: nested too deeply") from None
 
 
 def read_merge_method(path: str | Path) -> str | None:

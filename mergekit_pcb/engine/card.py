@@ -1,0 +1,41 @@
+"""What a merge leaves beside its weights: config and tokenizer from the right inputs, and a
+model card saying how each tensor was produced."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from mergekit_pcb.engine.plan import MergePlan
+from mergekit_pcb.io.artifacts import copy_model_files, model_card, write_card_and_recipe
+
+
+def write_artifacts(plan: MergePlan, out: Path) -> None:
+    copy_model_files(out, plan.config_source.root, plan.tokenizer_root(),
+                     plan.recipe.out_dtype or plan.recipe.dtype)
+    write_card_and_recipe(out, merge_card(plan), plan.recipe_text)
+
+
+def merge_card(plan: MergePlan) -> str:
+    recipe = plan.recipe
+    inputs = ["| role | model | parameters |", "|---|---|---|"]
+    if recipe.base_model:
+        inputs.append(f"| base | `{recipe.base_model}` | |")
+    for m in recipe.models:
+        role = "base (listed)" if m.model == recipe.base_model else "merged"
+        params = ", ".join(f"{k}: {v}" for k, v in m.parameters.items())
+        inputs.append(f"| {role} | `{m.model}` | {params} |")
+    sections: list[tuple[str, list[str]]] = [("Inputs", inputs)]
+    if recipe.parameters:
+        sections.append(("Parameters", [f"- `{k}`: {v}" for k, v in recipe.parameters.items()]))
+    routes = ["| rule | tensors | examples |", "|---|---|---|"]
+    for route in plan.routes:
+        examples = ", ".join(f"`{n}`" for n in route.tensor_names[:3])
+        more = f" (+{len(route.tensor_names) - 3} more)" if len(route.tensor_names) > 3 else ""
+        routes.append(f"| {route.label} | {len(route.tensor_names)} | {examples}{more} |")
+    sections.append(("How each tensor was produced", routes))
+    return model_card(
+        title=recipe.name or "Merged model", tags=[recipe.merge_method],
+        base_model=recipe.base_model,
+        summary=f"Merged using the **{recipe.merge_method}** method (seed {plan.seed}, "
+                f"compute dtype {str(plan.compute_dtype).removeprefix('torch.')})",
+        sections=sections, recipe_text=plan.recipe_text)

@@ -1,0 +1,97 @@
+"""The search-strategy interface: what one population search adds to the evolution engine.
+
+The engine owns what every population search shares: the members on disk, the run state
+and its resume, checksums, the executor, scoring, and the outputs. A strategy supplies the
+rest: its `parameters:` schema, how each generation's steps are drawn (visiting order,
+donors, schedules), how a trial tensor is made from the members, and whether the objective
+is the merge of the population or the members themselves. A new search is one module with
+a `SearchStrategy` subclass and one entry in `mergekit_pcb.evolve.strategies.STRATEGIES`.
+"""
+
+from __future__ import annotations
+
+import random
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+from pydantic import Field
+
+from mergekit_pcb.evolve.operators import Scratch
+from mergekit_pcb.recipe.schema import StrictModel
+
+
+class SearchParameters(StrictModel):
+    """`parameters:` keys every population search has."""
+
+    generations: int = Field(15, ge=0, description="generations to run")
+    pop: int | None = Field(None, ge=2, description="population size (default: the number of "
+                            "input models; more are filled with seeded interpolations)")
+
+
+@dataclass(frozen=True)
+class Step:
+    """One step of a generation: the slot whose trial is built, its donors, F and CR."""
+
+    slot: int
+    donors: tuple[int, ...]
+    F: float
+    CR: float
+
+
+class SearchStrategy(ABC):
+    name: ClassVar[str]
+    summary: ClassVar[str]
+    parameters_model: ClassVar[type[SearchParameters]] = SearchParameters
+
+    def __init__(self, params: SearchParameters) -> None:
+        self.params = params
+
+    # ------------------------------------------------------------------ the recipe
+
+    @property
+    @abstractmethod
+    def merged(self) -> bool:
+        """True when the objective is the merged population (the recipe's `merge:` block),
+        False when each member is scored on its own and a trial must beat its parent."""
+
+    def min_population(self) -> int:
+        return 2
+
+    def check(self, has_merge: bool, where: str) -> None:  # noqa: B027 - optional hook
+        """Recipe-level checks beyond the parameter schema; `where` prefixes messages."""
+
+    def identity(self) -> dict[str, Any]:
+        """The settings a resumed run must share with the run it continues."""
+        return {}
+
+    def describe(self) -> dict[str, Any]:
+        """What the plan, `evolution.json` and the model card say about the search."""
+        return {}
+
+    # ------------------------------------------------------------------ the controller
+
+    @abstractmethod
+    def draw_generation(self, rng: random.Random, generation: int, generations: int,
+                        pop: int) -> dict[str, Any]:
+        """The generation's plan (JSON data, stored in the run state), drawn before any step
+        runs so that steps can be scored ahead of their turn."""
+
+    @abstractmethod
+    def step(self, plan: dict[str, Any], position: int) -> Step: ...
+
+    def reads(self, step: Step) -> set[int]:
+        """The slots a step's trial is made from (the engine redoes a step computed ahead
+        when an earlier step replaced one of them)."""
+        return {step.slot, *step.donors}
+
+    # ------------------------------------------------------------------ the worker
+
+    @abstractmethod
+    def trial_tensor(self, target: torch.Tensor, donors: Sequence[torch.Tensor], step: Step,
+                     generator: torch.Generator, out: torch.Tensor | None,
+                     scratch: Scratch) -> torch.Tensor:
+        """One floating tensor of the trial for `step`, from the slot's member (`target`)
+        and the donors' tensors; `generator` is keyed by (seed, generation, step, tensor)."""

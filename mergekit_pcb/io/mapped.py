@@ -1,0 +1,54 @@
+"""Single-file safetensors checkpoints, memory-mapped: the members of a search.
+
+Zero-copy tensor views: a population larger than RAM works, and a member the page cache
+holds is read from memory, not from the disk.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+from pathlib import Path
+
+import torch
+
+from mergekit_pcb.io.reader import Checkpoint, open_checkpoint
+from mergekit_pcb.io.safetensors_format import read_header
+
+
+class MappedCheckpoint(Checkpoint):
+    """A single-file safetensors checkpoint, memory-mapped: `read` returns zero-copy views.
+
+    The mapping is private copy-on-write, so the views are writable tensors (no warning) but
+    nothing ever reaches the file; callers treat them as read-only.
+    """
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(str(path), path.parent, read_header(path)[0])
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            self._map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY) if size else None
+
+    def read(self, name: str, start: int | None = None, stop: int | None = None
+             ) -> torch.Tensor:
+        info = self.info(name)
+        if info.numel == 0 or self._map is None:
+            tensor = torch.empty(info.shape, dtype=info.dtype)
+        else:
+            tensor = torch.frombuffer(self._map, dtype=info.dtype, count=info.numel,
+                                      offset=info.start).view(info.shape)
+        return tensor if start is None and stop is None else tensor.reshape(-1)[start:stop]
+
+    def close(self) -> None:
+        self._map = None  # unmapped when the last view is gone
+
+
+def open_readable(ref: str) -> Checkpoint:
+    """Single safetensors files (members) are mapped; anything else is read lazily."""
+    p = Path(ref)
+    if p.suffix == ".safetensors" and p.is_file():
+        return MappedCheckpoint(p)
+    return open_checkpoint(ref)
+
+
+__all__ = ["MappedCheckpoint", "open_readable"]

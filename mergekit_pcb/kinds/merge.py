@@ -1,0 +1,85 @@
+"""The merge kind: a recipe of one merge method over checkpoints, run by the streaming
+merge engine (`mergekit_pcb.engine`)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from mergekit_pcb.engine import MergePlan, build_plan, run_plan
+from mergekit_pcb.kinds.base import MethodInfo, RecipeKind, RunOptions
+from mergekit_pcb.methods import REGISTRY
+from mergekit_pcb.recipe.schema import MergeRecipe, parse_recipe
+
+
+class MergeKind(RecipeKind):
+    name = "merge"
+    flags = frozenset({"--device", "--shard-size", "--threads", "--allow-pickle"})
+
+    def methods(self) -> list[MethodInfo]:
+        return [
+            MethodInfo(name, self.name, cls.summary, [
+                {"name": p.name, "default": p.default, "type": p.kind.__name__,
+                 "where": "models[].parameters" if p.per_model else "parameters",
+                 "choices": list(p.choices or []), "doc": p.doc}
+                for p in cls.params])
+            for name, cls in REGISTRY.items()
+        ]
+
+    def load(self, data: Any, text: str, source: Path) -> tuple[MergeRecipe, str]:
+        return parse_recipe(data, str(source)), text
+
+    def _build(self, recipe: tuple[MergeRecipe, str], options: RunOptions) -> MergePlan:
+        parsed, text = recipe
+        return build_plan(parsed, text, seed=options.seed, allow_pickle=options.allow_pickle)
+
+    def plan(self, recipe: tuple[MergeRecipe, str], source: Path, options: RunOptions
+             ) -> dict[str, Any]:
+        plan = self._build(recipe, options)
+        try:
+            return plan_info(plan)
+        finally:
+            plan.close()
+
+    def describe(self, plan: dict[str, Any]) -> list[str]:
+        lines = [f"recipe OK: {plan['method']} over {len(plan['models'])} model(s), "
+                 f"{plan['tensors']} tensors",
+                 f"reads {plan['read_bytes'] / 1e6:.1f} MB in {plan['passes']} pass(es) "
+                 f"({', '.join(plan['pass_names'])}), writes "
+                 f"{plan['output_bytes'] / 1e6:.1f} MB"]
+        lines += [f"  {r['rule']}: {r['tensors']} tensors" for r in plan["rules"]]
+        return lines
+
+    def run(self, recipe: tuple[MergeRecipe, str], source: Path, options: RunOptions
+            ) -> dict[str, Any]:
+        assert options.output is not None
+        plan = self._build(recipe, options)
+        try:
+            result = run_plan(plan, options.output, force=options.force,
+                              shard_size=options.shard_size, device=options.device,
+                              quiet=options.quiet)
+        finally:
+            plan.close()
+        return {
+            "kind": self.name, "output": str(result.output), "method": plan.recipe.merge_method,
+            "tensors": result.tensors, "shards": result.shards,
+            "read_bytes": result.read_bytes, "written_bytes": result.written_bytes,
+            "seconds": round(result.seconds, 3),
+        }
+
+
+def plan_info(plan: MergePlan) -> dict[str, Any]:
+    return {
+        "valid": True,
+        "kind": "merge",
+        "method": plan.recipe.merge_method,
+        "base_model": plan.base_key,
+        "models": [m.model for m in plan.recipe.models],
+        "tensors": len(plan.tasks),
+        "passes": plan.passes,
+        "pass_names": [n for r in plan.routes for n in r.stat_passes] + ["merge"],
+        "read_bytes": plan.read_bytes,
+        "output_bytes": plan.write_bytes,
+        "seed": plan.seed,
+        "rules": [{"rule": r.label, "tensors": len(r.tensor_names)} for r in plan.routes],
+    }
