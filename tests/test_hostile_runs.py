@@ -190,3 +190,23 @@ def test_resume_refuses_changed_fitness_code_and_base(pop_dir: Path) -> None:
     assert "--resume: 'base_weights' differs" in line
     save_file(weights, str(base))
     assert cli(*resume).exit_code == 0
+
+
+def test_a_model_name_too_long_for_the_file_system(tmp_path: Path) -> None:
+    recipe = write_yaml(tmp_path / "r.yaml", {"merge_method": "linear", "models": [
+        {"model": "m" * 300}, {"model": "n" * 300}]})
+    line = one_line(cli("run", recipe, "-o", tmp_path / "out", "--quiet"))
+    assert "not a usable path (File name too long)" in line and "300 characters" in line
+
+
+@pytest.mark.parametrize(("flag", "value", "message"), [
+    ("--pop", "1", "--pop"), ("--generations", "-1", "--generations"),
+    ("--workers", "0", "--workers must be at least 1"), ("--threads", "0", "--threads"),
+    ("--shard-size", "inf", "--shard-size"),
+])
+def test_out_of_range_command_line_values(pop_dir: Path, flag: str, value: str,
+                                          message: str) -> None:
+    recipe = write_recipe(pop_dir, recipe_dict(pop_dir))
+    line = one_line(cli("evolve", recipe, "-o", pop_dir / "o", flag, value, "--trust-code"))
+    assert message in line
+    assert not (pop_dir / "o").exists() and not (pop_dir / "o.run").exists()

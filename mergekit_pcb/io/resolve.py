@@ -31,7 +31,12 @@ def resolve_model_path(ref: str, *, base_dir: Path | None = None,
     candidate = Path(ref).expanduser()
     if not candidate.is_absolute() and base_dir is not None:
         candidate = base_dir / candidate
-    if candidate.exists():
+    try:
+        exists = candidate.exists()
+    except OSError as e:  # a name too long for the file system, a loop of links
+        shown = ref if len(ref) <= 80 else f"{ref[:60]}...({len(ref)} characters)"
+        raise CheckpointError(f"model {shown!r}: not a usable path ({e.strerror or e})") from None
+    if exists:
         return candidate
     if HUB_ID.match(ref) and not ref.startswith((".", "/", "~")):
         return _resolve_hub(ref, allow_pickle=allow_pickle)
