@@ -93,7 +93,7 @@ class TensorInfo:
         return n
 
 
-def require_regular(path: Path) -> os.stat_result:
+def require_regular(path: Path) -> None:
     """Stat `path`; refuse anything but a regular file before it is ever opened.
 
     Opening a FIFO blocks forever and a device such as /dev/zero reads without end.
@@ -105,7 +105,6 @@ def require_regular(path: Path) -> os.stat_result:
     if not stat.S_ISREG(st.st_mode):
         kind = FILE_KINDS.get(stat.S_IFMT(st.st_mode), "a special file")
         raise CheckpointError(f"cannot read {path}: it is {kind}, not a regular file")
-    return st
 
 
 def open_regular(path: Path) -> BinaryIO:
@@ -124,7 +123,7 @@ def open_regular(path: Path) -> BinaryIO:
 
 
 class _DuplicateKey(ValueError):
-    pass
+    """Raised from inside json.loads; the message is the reason, as for decode_json."""
 
 
 def _unique_keys(pairs: list[tuple[str, object]]) -> dict[str, object]:
