@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import sys
 import traceback
 from collections.abc import Callable
@@ -66,12 +67,12 @@ def handle_errors(fn: F) -> F:
 
 
 def _setup_torch(device: Device, threads: int | None) -> None:
+    """Check the device and thread flags; the engines set torch's thread count themselves
+    (a merge by its thread policy, a search per scoring process)."""
     import torch
 
-    if threads is not None:
-        if threads < 1:
-            raise UserError(f"--threads must be at least 1, got {threads}")
-        torch.set_num_threads(threads)
+    if threads is not None and threads < 1:
+        raise UserError(f"--threads must be at least 1, got {threads}")
     if device is Device.cuda and not torch.cuda.is_available():
         raise UserError("--device cuda: no CUDA device is available (torch.cuda.is_available() "
                         "is False)")
@@ -318,6 +319,9 @@ def eval_command(
 
 
 def main() -> None:
+    # Idle OpenMP threads sleep instead of spinning: a spinning thread takes a core that
+    # another process (or our reader and writer threads) needs. Set before torch loads.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     app()
 
 

@@ -119,6 +119,8 @@ class ShardedSafetensorsWriter:
         )
         self._current: Shard | None = None
         self._handle: BinaryIO | None = None
+        self._open_tensor: tuple[Shard, OutputTensor] | None = None
+        self._written = 0
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
         shard, expected = next(self._queue)
@@ -132,19 +134,37 @@ class ShardedSafetensorsWriter:
 
     def write_chunks(self, name: str, chunks: Iterable[torch.Tensor]) -> None:
         """Write one tensor from consecutive flat slices (large tensors stream in parts)."""
-        shard, expected = next(self._queue)
-        written = 0
+        self.begin(name)
         for chunk in chunks:
-            if name != expected.name or chunk.dtype != expected.dtype:
-                raise RuntimeError(f"writer expected {expected.name} {expected.dtype}, "
-                                   f"got {name} {chunk.dtype}")
-            self._append(shard, chunk)
-            written += chunk.numel()
-        if written * expected.dtype.itemsize != expected.nbytes:
-            raise RuntimeError(f"writer got {written} elements for {name}, "
+            self.add(chunk)
+        self.end()
+
+    def begin(self, name: str) -> None:
+        """Start the next planned tensor; `add` its slices in order, then `end` it."""
+        shard, expected = next(self._queue)
+        if name != expected.name:
+            raise RuntimeError(f"writer expected {expected.name}, got {name}")
+        self._open_tensor = (shard, expected)
+        self._written = 0
+
+    def add(self, chunk: torch.Tensor) -> None:
+        assert self._open_tensor is not None, "add() outside begin()/end()"
+        shard, expected = self._open_tensor
+        if chunk.dtype != expected.dtype:
+            raise RuntimeError(f"writer expected {expected.name} {expected.dtype}, "
+                               f"got {chunk.dtype}")
+        self._append(shard, chunk)
+        self._written += chunk.numel()
+
+    def end(self) -> None:
+        assert self._open_tensor is not None, "end() outside begin()"
+        shard, expected = self._open_tensor
+        if self._written * expected.dtype.itemsize != expected.nbytes:
+            raise RuntimeError(f"writer got {self._written} elements for {expected.name}, "
                                f"expected shape {expected.shape}")
-        if written == 0 and shard is not self._current:
+        if self._written == 0 and shard is not self._current:
             self._open(shard)
+        self._open_tensor = None
 
     def _append(self, shard: Shard, tensor: torch.Tensor) -> None:
         if shard is not self._current:

@@ -57,7 +57,7 @@ class MergeKind(RecipeKind):
         try:
             result = run_plan(plan, options.output, force=options.force,
                               shard_size=options.shard_size, device=options.device,
-                              quiet=options.quiet)
+                              quiet=options.quiet, threads=options.threads)
         finally:
             plan.close()
         return {

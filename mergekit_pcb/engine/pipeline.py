@@ -1,0 +1,68 @@
+"""Overlapping read, compute and write: a reader thread runs ahead of the merge and a writer
+thread runs behind it, each a fixed number of items deep.
+
+File reads (`readinto`) and torch kernels release the GIL, so Python threads overlap
+them for real. Each stage is a single thread, so order is kept and the file handles and the
+shard writer are only ever used by one thread at a time. Memory stays bounded: at most
+`depth` items wait in each stage.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+
+def read_ahead(items: Iterable[T], read: Callable[[T], R], depth: int = 1
+               ) -> Iterator[tuple[T, R]]:
+    """(item, read(item)) in order, with up to `depth` reads done ahead in a thread."""
+    pool = ThreadPoolExecutor(1, thread_name_prefix="pcbmerge-read")
+    pending: deque[tuple[T, Future[R]]] = deque()
+    source = iter(items)
+    try:
+        for item in source:
+            pending.append((item, pool.submit(read, item)))
+            if len(pending) > depth:
+                first, future = pending.popleft()
+                yield first, future.result()
+        while pending:
+            first, future = pending.popleft()
+            yield first, future.result()
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+class WriteBehind:
+    """Calls run in submission order on one thread, at most `depth` waiting; an error in
+    the thread is raised in the caller at its next `submit` or at `drain`."""
+
+    def __init__(self, depth: int = 4) -> None:
+        self.depth = depth
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="pcbmerge-write")
+        self._pending: deque[Future[Any]] = deque()
+
+    def submit(self, fn: Callable[..., Any], *args: Any) -> None:
+        while self._pending and (self._pending[0].done() or len(self._pending) >= self.depth):
+            self._pending.popleft().result()
+        self._pending.append(self._pool.submit(fn, *args))
+
+    def drain(self) -> None:
+        while self._pending:
+            self._pending.popleft().result()
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=True)
+
+    def __enter__(self) -> WriteBehind:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+__all__ = ["WriteBehind", "read_ahead"]
