@@ -80,13 +80,19 @@ PRESETS: dict[str, ModelShape] = {
     "30M": ModelShape(hidden=512, layers=7, intermediate=1376, vocab=8192, heads=8),
     "120M": ModelShape(hidden=768, layers=13, intermediate=2048, vocab=16384, heads=12),
     "500M": ModelShape(hidden=1280, layers=21, intermediate=3456, vocab=32000, heads=20),
+    "1B": ModelShape(hidden=2048, layers=16, intermediate=5632, vocab=32000, heads=16),
 }
 
 
 def build_checkpoints(
-    shape: ModelShape, root: Path, shard_size: str, seed: int, delta_scale: float
+    shape: ModelShape, root: Path, shard_size: str, seed: int, delta_scale: float,
+    save_dtype: str = "fp32",
 ) -> tuple[Path, list[Path]]:
-    """Save ``base`` and ``ft0..ft2`` under ``root``; return their directories."""
+    """Save ``base`` and ``ft0..ft2`` under ``root``; return their directories.
+
+    Deltas are drawn one parameter at a time (from generators keyed by the parameter's
+    position), so building a 1B model holds the model and one copy of its base, not four.
+    """
     from transformers import LlamaConfig, LlamaForCausalLM
     from transformers.utils import logging as hf_logging
 
@@ -103,34 +109,30 @@ def build_checkpoints(
         tie_word_embeddings=False,
     )
     torch.manual_seed(seed)
-    model = LlamaForCausalLM(config).float()
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[save_dtype]
+    model = LlamaForCausalLM(config).to(dtype)
     base_dir = root / "base"
     model.save_pretrained(base_dir, safe_serialization=True, max_shard_size=shard_size)
     base_state = {name: p.detach().clone() for name, p in model.named_parameters()}
-    common = _random_like(base_state, seed + 1)
 
     ft_dirs = []
     for index in range(N_FINETUNED):
-        noise = _random_like(base_state, seed + 100 + index)
         with torch.no_grad():
-            for name, param in model.named_parameters():
+            for k, (name, param) in enumerate(model.named_parameters()):
                 # Shared direction + larger independent noise: signs agree on average but
                 # disagree for a sizeable fraction of elements.
-                delta = 0.6 * common[name] + noise[name]
-                param.copy_(base_state[name] + delta_scale * delta)
+                common = _randn(param.shape, seed + 1, k)
+                delta = 0.6 * common + _randn(param.shape, seed + 100 + index, k)
+                param.copy_(base_state[name].float() + delta_scale * delta)
         ft_dir = root / f"ft{index}"
         model.save_pretrained(ft_dir, safe_serialization=True, max_shard_size=shard_size)
         ft_dirs.append(ft_dir)
-        del noise
     return base_dir, ft_dirs
 
 
-def _random_like(state: dict[str, torch.Tensor], seed: int) -> dict[str, torch.Tensor]:
-    generator = torch.Generator().manual_seed(seed)
-    return {
-        name: torch.randn(t.shape, generator=generator, dtype=torch.float32)
-        for name, t in state.items()
-    }
+def _randn(shape: torch.Size, seed: int, position: int) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed * 100_003 + position)
+    return torch.randn(shape, generator=generator, dtype=torch.float32)
 
 
 # --------------------------------------------------------------------------- recipes
@@ -247,8 +249,11 @@ RECIPES: dict[str, RecipeBuilder] = {
 
 
 def write_recipe(recipe: Recipe, directory: Path, dtype: str | None = None) -> Path:
-    """Write the recipe as YAML, optionally overriding its compute ``dtype``."""
+    """Write the recipe as YAML, optionally overriding its compute ``dtype`` ("none" drops
+    the key)."""
     body = {**recipe.body, "dtype": dtype} if dtype else recipe.body
+    if dtype == "none":
+        body = {k: v for k, v in body.items() if k != "dtype"}
     path = directory / f"{recipe.method}.yml"
     path.write_text(yaml.safe_dump(body, sort_keys=False), encoding="utf-8")
     return path
@@ -442,6 +447,7 @@ class Row:
     mergekit: RunResult | None = None
     comparison: Comparison | None = None
     runs: dict[str, list[RunResult]] = dataclasses.field(default_factory=dict)
+    floor_s: float | None = None  # read the inputs once + write one output
 
     def speedup(self) -> float | None:
         if self.ours and self.mergekit:
@@ -463,9 +469,10 @@ def render_table(rows: list[Row]) -> str:
         "| method | ours wall s | mergekit wall s | speed-up (mk/ours) | ours peak RSS MB "
         "| mergekit peak RSS MB | RSS ratio (ours/mk) "
         "| max rel diff: max over tensors of max abs(ours-mk) / max abs(mk) | identical tensors "
-        "| ours wall / ours ties wall |"
+        "| ours wall / ours ties wall | floor s (read inputs once, write output) "
+        "| ours wall / floor |"
     )
-    lines = [header, "|" + "---|" * 10]
+    lines = [header, "|" + "---|" * 12]
     ties = next((r.ours for r in rows if r.method == "ties" and r.ours), None)
     for row in rows:
         vs_ties = row.ours.wall_s / ties.wall_s if row.ours and ties else None
@@ -484,6 +491,9 @@ def render_table(rows: list[Row]) -> str:
                     _fmt(cmp.max_rel_diff if cmp else None, ".3g"),
                     f"{cmp.identical}/{cmp.tensors}" if cmp else "n/a",
                     _fmt(vs_ties, ".2f"),
+                    _fmt(row.floor_s, ".2f"),
+                    _fmt(row.ours.wall_s / row.floor_s if row.ours and row.floor_s else None,
+                         ".2f"),
                 ]
             )
             + " |"
@@ -630,8 +640,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--dtype",
-        choices=["float32", "bfloat16", "float16"],
-        help="override the recipes' dtype (default: float32 as written by each recipe)",
+        choices=["float32", "bfloat16", "float16", "none"],
+        help="override the recipes' dtype (default: float32 as written by each recipe; "
+        "none: no dtype key, so each tool computes in the inputs' dtype as mergekit does)",
     )
     parser.add_argument("--threads", type=int, help="OMP_NUM_THREADS for both tools")
     parser.add_argument("--workdir", type=Path, help="default: a fresh temp dir")
@@ -639,6 +650,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--shard-size", default="50MB", help="input shard size")
     parser.add_argument("--out-shard-size", default="5B", help="mergekit --out-shard-size")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--save-dtype", choices=["fp32", "bf16", "fp16"], default="fp32",
+                        help="dtype the checkpoints are stored in (1B runs use bf16)")
+    parser.add_argument("--busy", action="store_true",
+                        help="keep one core at 100 %% with another process during the runs")
     parser.add_argument("--delta-scale", type=float, default=0.005)
     parser.add_argument("--timeout", type=float, default=3600.0, help="seconds per run")
     parser.add_argument("--mergekit-venv", type=Path, default=DEFAULT_VENV)
@@ -703,19 +718,72 @@ def bench_method(
             mergekit_command(mergekit, recipe_path, out, args.out_shard_size), out, log
         )
     results: dict[str, list[RunResult]] = {tool: [] for tool in jobs}
-    for _ in range(args.repeats):
-        for tool, job in jobs.items():
-            shutil.rmtree(job.out, ignore_errors=True)
-            results[tool].append(run_measured(job.cmd, job.log, args.timeout, thread_env(args)))
+    floors: list[float] = []
+    with BusyCore(args.busy):
+        for _ in range(args.repeats):
+            for tool, job in jobs.items():
+                shutil.rmtree(job.out, ignore_errors=True)
+                results[tool].append(run_measured(job.cmd, job.log, args.timeout,
+                                                  thread_env(args)))
+            any_out = next((j.out for j in jobs.values() if j.out.is_dir()), None)
+            if any_out is not None:
+                inputs = [Path(m["model"]) for m in recipe.body["models"]]
+                if recipe.body.get("base_model"):
+                    inputs.append(Path(recipe.body["base_model"]))
+                floors.append(measure_floor(inputs, any_out, workdir))
     row = Row(
         recipe.method,
         summarize(results.get("ours", [])),
         summarize(results.get("mergekit", [])),
         runs=results,
+        floor_s=min(floors) if floors else None,
     )
     if row.ours and row.mergekit:
         row.comparison = compare_outputs(jobs["ours"].out, jobs["mergekit"].out)
     return row
+
+
+def measure_floor(inputs: list[Path], output: Path, workdir: Path) -> float:
+    """Seconds to read every input file once and write (and fsync) one file the size of
+    the output: what any merge of these models must at least spend on I/O."""
+    block = bytearray(16 << 20)
+    view = memoryview(block)
+    start = time.perf_counter()
+    for directory in inputs:
+        for path in sorted(directory.glob("*.safetensors")):
+            with open(path, "rb", buffering=0) as f:
+                while f.readinto(view):
+                    pass
+    out_bytes = sum(p.stat().st_size for p in output.glob("*.safetensors"))
+    target = workdir / "floor.bin"
+    with open(target, "wb", buffering=0) as f:
+        left = out_bytes
+        while left > 0:
+            n = min(left, len(block))
+            f.write(view[:n])
+            left -= n
+        os.fsync(f.fileno())
+    elapsed = time.perf_counter() - start
+    target.unlink()
+    return elapsed
+
+
+class BusyCore:
+    """A child process that keeps one core at 100 % while the block runs (`--busy`)."""
+
+    def __init__(self, enabled: bool) -> None:
+        self.enabled = enabled
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def __enter__(self) -> BusyCore:
+        if self.enabled:
+            self.proc = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.proc is not None:
+            self.proc.kill()
+            self.proc.wait()
 
 
 def bench_meta(args: argparse.Namespace, shape: ModelShape, load_before: float) -> dict[str, Any]:
@@ -725,6 +793,8 @@ def bench_meta(args: argparse.Namespace, shape: ModelShape, load_before: float) 
         "repeats": args.repeats,
         "threads": args.threads,
         "dtype": args.dtype,
+        "save_dtype": args.save_dtype,
+        "busy": args.busy,
         "torch": torch.__version__,
         "cpus": os.cpu_count(),
         "loadavg_before": load_before,
@@ -737,7 +807,8 @@ def run_benchmark(
 ) -> list[Row]:
     start = time.perf_counter()
     base, ft_dirs = build_checkpoints(
-        shape, workdir / "models", args.shard_size, args.seed, args.delta_scale
+        shape, workdir / "models", args.shard_size, args.seed, args.delta_scale,
+        args.save_dtype,
     )
     print(f"checkpoints built in {time.perf_counter() - start:.1f}s", flush=True)
     rows = []

@@ -15,6 +15,15 @@ def write_artifacts(plan: MergePlan, out: Path) -> None:
     write_card_and_recipe(out, merge_card(plan), plan.recipe_text)
 
 
+def _dtype_name(plan: MergePlan) -> str:
+    if plan.compute_dtype is not None:
+        return str(plan.compute_dtype).removeprefix("torch.")
+    used = sorted({str(t.compute_dtype).removeprefix("torch.") for t in plan.tasks
+                   if t.route.kind in ("merge", "average")})
+    return ", ".join(used) + " (no `dtype` in the recipe: mergekit's methods compute in the "\
+        "inputs' dtype, the others in float32)"
+
+
 def merge_card(plan: MergePlan) -> str:
     recipe = plan.recipe
     inputs = ["| role | model | parameters |", "|---|---|---|"]
@@ -37,5 +46,5 @@ def merge_card(plan: MergePlan) -> str:
         title=recipe.name or "Merged model", tags=[recipe.merge_method],
         base_model=recipe.base_model,
         summary=f"Merged using the **{recipe.merge_method}** method (seed {plan.seed}, "
-                f"compute dtype {str(plan.compute_dtype).removeprefix('torch.')})",
+                f"compute dtype {_dtype_name(plan)})",
         sections=sections, recipe_text=plan.recipe_text)

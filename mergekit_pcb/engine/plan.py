@@ -36,6 +36,14 @@ DTYPES: dict[str, torch.dtype] = {
     "float64": torch.float64,
 }
 RUNNING_STATS = ("running_mean", "running_var")
+# mergekit 0.1.5's methods. A recipe without `dtype` computes them as mergekit does: in the
+# inputs' dtype (a half-precision TIES keeps other entries than a float32 one). Methods
+# mergekit lacks (pcb) compute in float32.
+MERGEKIT_METHODS = frozenset({
+    "linear", "task_arithmetic", "ties", "dare_linear", "dare_ties", "slerp", "nuslerp",
+    "multislerp", "karcher", "model_stock", "della", "della_linear", "breadcrumbs",
+    "breadcrumbs_ties", "sce", "passthrough", "nearswap", "arcee_fusion", "ram", "ramplus_tl",
+})
 
 
 @dataclass
@@ -72,6 +80,7 @@ class TensorTask:
     route: Route
     global_params: dict[str, Any] = field(default_factory=dict)
     model_params: list[dict[str, Any]] = field(default_factory=list)
+    compute_dtype: torch.dtype = torch.float32
 
     def reads(self, base_key: str | None) -> list[str]:
         """Model keys whose copy of this tensor must be read, in order."""
@@ -93,7 +102,7 @@ class MergePlan:
     base_key: str | None
     tasks: list[TensorTask]
     routes: list[Route]
-    compute_dtype: torch.dtype
+    compute_dtype: torch.dtype | None  # the recipe's `dtype`; None: chosen per tensor
     seed: int
     owned: frozenset[str] = frozenset()  # checkpoints this plan opened (and closes)
     # Inputs are checked finite as they are read; a caller whose inputs were checked when
@@ -233,7 +242,7 @@ def _plan_tensors(recipe: MergeRecipe, recipe_text: str, method: MergeMethod,
                   checkpoints: dict[str, Checkpoint], seed: int | None) -> MergePlan:
     base_key = recipe.base_model
     reference = checkpoints[base_key or recipe.models[0].model]
-    compute_dtype = DTYPES[recipe.dtype] if recipe.dtype else torch.float32
+    compute_dtype = DTYPES[recipe.dtype] if recipe.dtype else None
     out_dtype_override = DTYPES.get(recipe.out_dtype or recipe.dtype or "")
 
     main_route = _merge_route(method, recipe.parameters, recipe, label=f"{method.name}")
@@ -272,13 +281,31 @@ def _plan_tensors(recipe: MergeRecipe, recipe_text: str, method: MergeMethod,
                 route = average_route
             else:
                 route = main_route
-        tasks.append(_task(name, route, checkpoints, base_key, num_layers, out_dtype_override))
+        task = _task(name, route, checkpoints, base_key, num_layers, out_dtype_override)
+        task.compute_dtype = compute_dtype or _default_compute_dtype(task, checkpoints, base_key)
+        tasks.append(task)
 
     routes = [r for r in [*rule_routes, copy_route, average_route, main_route] if r.tensor_names]
     for route in routes:
         _attach_global_stats(route, [t for t in tasks if t.route is route])
     return MergePlan(recipe, recipe_text, method, checkpoints, base_key, tasks, routes,
                      compute_dtype, seed if seed is not None else (recipe.seed or 0))
+
+
+def _default_compute_dtype(task: TensorTask, checkpoints: dict[str, Checkpoint],
+                           base_key: str | None) -> torch.dtype:
+    """Without a recipe `dtype`: a mergekit method computes in its inputs' dtype (as
+    mergekit loads them), anything else in float32 (float64 inputs stay float64)."""
+    route = task.route
+    if route.kind in ("take", "copy"):
+        return torch.float32  # nothing is computed
+    first = checkpoints[task.reads(base_key)[0]].info(task.name).dtype
+    if first == torch.float64:
+        return torch.float64
+    if route.kind == "merge" and route.method is not None \
+            and route.method.name in MERGEKIT_METHODS and first.itemsize >= 2:
+        return first
+    return torch.float32
 
 
 def _attach_global_stats(route: Route, tasks: list[TensorTask]) -> None:

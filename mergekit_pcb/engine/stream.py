@@ -117,7 +117,7 @@ def _read_inputs(plan: MergePlan, task: TensorTask, device: torch.device,
         tensor = plan.checkpoints[key].read(task.name, start, stop)
         if plan.check_finite and not all_finite(tensor):
             raise CheckpointError(f"tensor '{task.name}' of model {key} contains NaN or Inf")
-        values[key] = tensor.to(device=device, dtype=plan.compute_dtype)
+        values[key] = tensor.to(device=device, dtype=task.compute_dtype)
     return values
 
 
