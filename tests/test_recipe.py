@@ -56,7 +56,8 @@ def test_parameters_per_tensor_hand_computed(tmp_path: Path) -> None:
     t = depth_position(name, 41)
     assert t == 0.25
     glob, per_model = resolve_params(Ties, recipe.parameters, entries, name, t, "")
-    assert glob == {"lambda": 1.0, "normalize": True, "int8_mask": True, "scope": "tensor"}
+    assert glob == {"lambda": 1.0, "normalize": True, "int8_mask": True, "scope": "tensor",
+                    "rescale": False}
     # density [1, .7, .1] at t=.25: scaled .5 -> 1*.5 + .7*.5 = .85
     assert per_model[0] == {"weight": 1.0, "density": pytest.approx(0.85)}
     # weight [0, .3, .7, 1] at t=.25: scaled .75 -> 0*.25 + .3*.75 = .225

@@ -56,7 +56,7 @@ class _Dare(MergeMethod):
 class DareLinear(_Dare):
     name = "dare_linear"
     summary = "DARE drop-and-rescale, then task arithmetic"
-    params = (WEIGHT, DENSITY, LAMBDA, NORMALIZE_DARE, RESCALE)
+    params = (WEIGHT, DENSITY, LAMBDA, NORMALIZE_DARE, RESCALE, INT8_MASK)
 
 
 class DareTies(_Dare):

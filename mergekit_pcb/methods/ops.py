@@ -86,3 +86,108 @@ def combine_task_vectors(
     if lambda_ != 1:
         mixed.mul_(lambda_)
     return mixed.add_(base)
+
+
+# ---------------------------------------------------------------------------------------
+# mergekit 0.1.5 sparsifiers and helpers for the methods ported from it. Each mirrors the
+# operation order of mergekit's `sparsify.py` so that results match it bit for bit.
+# ---------------------------------------------------------------------------------------
+
+L1_RESCALE_EPS = 1e-7  # mergekit's `rescaled_masked_tensor` tolerance
+
+
+def l1_rescale(delta: torch.Tensor, masked: torch.Tensor) -> torch.Tensor:
+    """`masked` scaled so that its L1 norm equals `delta`'s (mergekit's `rescale`).
+
+    Either norm below 1e-7 leaves `masked` as it is, as mergekit does.
+    """
+    before = delta.abs().sum()
+    after = masked.abs().sum()
+    if before < L1_RESCALE_EPS or after < L1_RESCALE_EPS:
+        return masked
+    return masked * (before / after)
+
+
+def ranking_magnitudes(delta: torch.Tensor) -> torch.Tensor:
+    """|delta| flattened as mergekit ranks it: upcast to float32 on the CPU (float64 too)."""
+    w = delta.abs().reshape(-1)
+    return w.float() if w.device.type == "cpu" else w
+
+
+def magnitude_outliers_mask(delta: torch.Tensor, density: float, gamma: float) -> torch.Tensor:
+    """Model Breadcrumbs: keep ⌊density·n⌋ entries after dropping the ⌊gamma·n⌋ largest.
+
+    The kept entries are ranks [n_bot, n_bot + target) of |delta| in ascending order, with
+    n_bot = max(0, n − target − ⌊gamma·n⌋) (so the outlier cut shrinks when the two do not
+    fit). The window's ends are exact order statistics; only when equal magnitudes straddle
+    an end does the choice fall back to mergekit's own `torch.sort` order.
+    """
+    n = delta.numel()
+    target = int(density * n)
+    n_top = int(gamma * n)
+    n_bot = max(0, n - target - n_top)
+    keep = torch.zeros(n, dtype=torch.bool, device=delta.device)
+    if target == 0:
+        return keep.reshape(delta.shape)
+    w = ranking_magnitudes(delta)
+    low = torch.kthvalue(w, n_bot + 1).values
+    high = torch.kthvalue(w, n_bot + target).values
+    keep = (w >= low) & (w <= high)
+    if int(keep.sum()) != target:  # ties at an end of the window
+        keep = torch.zeros(n, dtype=torch.bool, device=delta.device)
+        keep[torch.sort(w, descending=False).indices[n_bot:n_bot + target]] = True
+    return keep.reshape(delta.shape)
+
+
+def magnitude_outliers(delta: torch.Tensor, density: float, gamma: float,
+                       rescale: bool = False) -> torch.Tensor:
+    """mergekit's `magnitude_outliers` sparsifier (density ≥ 1 keeps everything, gamma too)."""
+    if density >= 1:
+        return delta
+    masked = delta * magnitude_outliers_mask(delta, density, gamma).to(delta.dtype)
+    return l1_rescale(delta, masked) if rescale else masked
+
+
+def della_probabilities(delta: torch.Tensor, density: float, epsilon: float) -> torch.Tensor:
+    """DELLA's keep probabilities: density − ε + 2ε·(rank − 1)/(m − 1) along dim 1.
+
+    As mergekit: a 1-D tensor is one row; ranks of |delta| run along dim 1 (the input
+    features of a 2-D weight), ties broken by `argsort` order; computed in float32 on the
+    CPU (bfloat16 stays bfloat16).
+    """
+    work = delta.dtype if delta.device.type != "cpu" or delta.dtype == torch.bfloat16 \
+        else torch.float32
+    rows = delta.unsqueeze(0) if delta.dim() < 2 else delta
+    ranks = torch.argsort(rows.abs(), dim=1, descending=False).argsort(dim=1).to(work) + 1
+    low = ranks.min(dim=1, keepdim=True).values
+    high = ranks.max(dim=1, keepdim=True).values
+    rank_norm = ((ranks - low) / (high - low)).clamp(0, 1)
+    return (density - epsilon) + rank_norm * 2 * epsilon
+
+
+def della_magprune(delta: torch.Tensor, density: float, epsilon: float,
+                   generator: torch.Generator, rescale: bool = True) -> torch.Tensor:
+    """mergekit's `della_magprune`, with the Bernoulli draws taken from `generator`.
+
+    Each entry survives with its `della_probabilities` probability (one float32 uniform per
+    entry, drawn on the CPU, so the mask does not depend on the device); survivors are then
+    L1-rescaled when `rescale`, as mergekit does (not by 1/p as in the DELLA paper).
+    """
+    if density >= 1:
+        return delta
+    probs = della_probabilities(delta, density, epsilon)
+    draws = torch.rand(probs.shape, generator=generator, dtype=torch.float32)
+    mask = (draws.to(probs.device) < probs).to(probs.dtype)
+    rows = delta.unsqueeze(0) if delta.dim() < 2 else delta
+    work = rows.to(probs.dtype)
+    masked = work * mask
+    out = l1_rescale(work, masked) if rescale else masked
+    return out.to(delta.dtype).reshape(delta.shape)
+
+
+def uniform_mean(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+    """The one "other" operand of a two-model method given several models: their uniform
+    mean (a single model is returned as it is, so mergekit's own case stays exact)."""
+    if len(tensors) == 1:
+        return tensors[0]
+    return torch.stack(list(tensors), dim=0).mean(dim=0)

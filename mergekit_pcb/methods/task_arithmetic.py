@@ -9,6 +9,7 @@ import torch
 
 from mergekit_pcb.methods.base import LAMBDA, WEIGHT, MergeMethod, ParamSpec, TensorInputs
 from mergekit_pcb.methods.ops import combine_task_vectors
+from mergekit_pcb.methods.ties import INT8_MASK
 
 
 def task_arithmetic_merge(base: torch.Tensor, tensors: Sequence[torch.Tensor],
@@ -25,6 +26,7 @@ class TaskArithmetic(MergeMethod):
         WEIGHT,
         LAMBDA,
         ParamSpec("normalize", False, "divide the sum by the sum of the weights", kind=bool),
+        INT8_MASK,  # mergekit accepts it for every task-arithmetic method
     )
 
     def elementwise(self, params: Mapping[str, Any]) -> bool:

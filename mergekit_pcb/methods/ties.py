@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 
+from mergekit_pcb.errors import RecipeError
 from mergekit_pcb.methods.base import (
     DENSITY,
     LAMBDA,
@@ -23,16 +24,23 @@ from mergekit_pcb.methods.base import (
     ParamSpec,
     TensorInputs,
 )
-from mergekit_pcb.methods.ops import combine_task_vectors, magnitude_trim
+from mergekit_pcb.methods.ops import combine_task_vectors, l1_rescale, magnitude_trim
 from mergekit_pcb.methods.selection import StreamingSelect
 
 
 def ties_merge(base: torch.Tensor, tensors: Sequence[torch.Tensor], weights: Sequence[float],
                densities: Sequence[float], lambda_: float = 1.0,
-               normalize: bool = True) -> torch.Tensor:
-    deltas = [magnitude_trim(t - base, d) for t, d in zip(tensors, densities, strict=True)]
+               normalize: bool = True, rescale: bool = False) -> torch.Tensor:
+    deltas = [_trim(t - base, d, rescale) for t, d in zip(tensors, densities, strict=True)]
     return combine_task_vectors(base, deltas, weights, lambda_=lambda_, normalize=normalize,
                                 sign_consensus=True)
+
+
+def _trim(delta: torch.Tensor, density: float, rescale: bool) -> torch.Tensor:
+    """The TIES trim; with `rescale`, mergekit's L1 rescale of the survivors (its
+    `magnitude` sparsifier returns density ≥ 1 untouched, so no rescale there either)."""
+    trimmed = magnitude_trim(delta, density)
+    return l1_rescale(delta, trimmed) if rescale and density < 1 else trimmed
 
 
 def ties_merge_thresholds(base: torch.Tensor, tensors: Sequence[torch.Tensor],
@@ -92,8 +100,12 @@ class TiesGlobalStats(GlobalStats):
 
 NORMALIZE_TIES = ParamSpec("normalize", True, "divide by the sum of the agreeing weights",
                            kind=bool)
+# mergekit computes the sign-consensus mask in int8 instead of the compute dtype; the mask's
+# values (and so the result) are the same, and methods without a consensus never use it.
 INT8_MASK = ParamSpec("int8_mask", False, "accepted for mergekit recipes; no effect on results",
                       kind=bool)
+RESCALE_L1 = ParamSpec("rescale", False, "scale each trimmed task vector back to the L1 norm "
+                       "it had before trimming (mergekit's rescale)", kind=bool)
 
 
 class Ties(MergeMethod):
@@ -101,7 +113,17 @@ class Ties(MergeMethod):
     summary = "TIES: trim, elect sign, disjoint merge"
     params = (WEIGHT, DENSITY, LAMBDA, NORMALIZE_TIES, INT8_MASK,
               ParamSpec("scope", "tensor", "trim per tensor (mergekit) or over the whole "
-                        "model (TIES paper)", kind=str, choices=SCOPE))
+                        "model (TIES paper)", kind=str, choices=SCOPE),
+              RESCALE_L1)
+
+    @classmethod
+    def check_params(cls, params: Mapping[str, Any], model_params: Sequence[Mapping[str, Any]],
+                     tensor: str) -> None:
+        # The L1 ratio is a sum over the tensor: with a whole-model trim (streamed in
+        # slices) there is no per-tensor pass to take it in.
+        if params.get("rescale") and params.get("scope") == "global":
+            raise RecipeError("ties: parameters.rescale: true needs scope: tensor (mergekit's "
+                              "rescale is per tensor)")
 
     def global_stats(self, num_models: int, total_numel: int, params: Mapping[str, Any],
                      model_params: Sequence[Mapping[str, Any]]) -> GlobalStats | None:
@@ -123,4 +145,4 @@ class Ties(MergeMethod):
                                          params["normalize"])
         return ties_merge(inputs.base, inputs.models, weights,
                           [p["density"] for p in inputs.model_params],
-                          params["lambda"], params["normalize"])
+                          params["lambda"], params["normalize"], params["rescale"])

@@ -1,0 +1,226 @@
+"""Parity with mergekit 0.1.5: the same recipes through both tools, tensor by tensor.
+
+    python scripts/mergekit_parity.py                  # every case
+    python scripts/mergekit_parity.py --cases slerp,sce --keep /tmp/parity
+
+Builds a tiny Llama (4 layers, float32) and three fine-tuned copies, then runs each case's
+recipe through mergekit (`mergekit-yaml` from the venv at `.bench/mergekit-venv`, created
+as `scripts/bench_merge.py` creates it when missing) and through ours (`python -m
+mergekit_pcb run`), each as a child process, and prints one row per case: both exit codes,
+the largest relative difference over tensors (max|ours − mergekit| / max|mergekit|), and
+how many tensors are bit-identical. Random cases (DELLA with density < 1) cannot match
+bits (mergekit draws from torch's global generator); their rows compare the fraction of
+task-vector entries kept instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from safetensors.torch import load_file
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_VENV = REPO_ROOT / ".bench" / "mergekit-venv"
+MERGEKIT_VERSION = "0.1.5"
+TORCH_PIN = "torch==2.13.0"
+
+
+@dataclass
+class Case:
+    name: str
+    method: str
+    models: list[tuple[str, dict[str, Any]]]  # (model key, per-model parameters)
+    base: str | None = "base"
+    params: dict[str, Any] = field(default_factory=dict)
+    random: bool = False  # compare keep fractions, not bits
+
+
+def cases() -> list[Case]:
+    three = [("ft0", {}), ("ft1", {}), ("ft2", {})]
+    weighted = [("ft0", {"weight": 1.0}), ("ft1", {"weight": 2.0}), ("ft2", {"weight": 0.5})]
+    crumbs = [(k, {"weight": w, "density": 0.5, "gamma": 0.05})
+              for k, w in (("ft0", 1.0), ("ft1", 0.7), ("ft2", 0.4))]
+    return [
+        Case("slerp t=0.3", "slerp", [("ft0", {})], params={"t": 0.3}),
+        Case("slerp t gradient", "slerp", [("ft0", {})], params={"t": [0, 0.5, 0.3, 1]}),
+        Case("slerp base listed", "slerp", [("base", {}), ("ft1", {})], params={"t": 0.7}),
+        Case("passthrough", "passthrough", [("ft0", {})], base=None),
+        Case("passthrough scale", "passthrough", [("ft1", {"scale": 0.5})], base=None),
+        Case("breadcrumbs", "breadcrumbs", crumbs),
+        Case("breadcrumbs rescale+normalize", "breadcrumbs", crumbs,
+             params={"rescale": True, "normalize": True}),
+        Case("breadcrumbs_ties", "breadcrumbs_ties", crumbs, params={"lambda": 0.8}),
+        Case("della density 1", "della", weighted),
+        Case("della_linear density 1", "della_linear", weighted),
+        Case("della (random)", "della",
+             [("ft0", {"weight": 1.0, "density": 0.4, "epsilon": 0.2})], random=True),
+        Case("della_linear (random)", "della_linear",
+             [("ft0", {"weight": 1.0, "density": 0.7, "epsilon": 0.1})],
+             params={"rescale": False}, random=True),
+        Case("model_stock", "model_stock", three),
+        Case("model_stock filter_wise", "model_stock", three, params={"filter_wise": True}),
+        Case("sce", "sce", three),
+        Case("sce select_topk=0.3", "sce", three, params={"select_topk": 0.3}),
+        Case("nearswap t=0.01", "nearswap", [("ft0", {})], params={"t": 0.01}),
+        Case("multislerp", "multislerp", weighted),
+        Case("multislerp raw weights", "multislerp", weighted,
+             params={"normalize_weights": False}),
+        Case("karcher", "karcher", three, base=None),
+        Case("karcher base listed", "karcher", [("base", {}), *three], base="base"),
+        Case("nuslerp", "nuslerp", [("ft0", {"weight": 0.3}), ("ft1", {"weight": 0.7})]),
+        Case("nuslerp row-wise", "nuslerp", [("ft0", {"weight": 1.0}), ("ft1", {"weight": 2.0})],
+             params={"nuslerp_flatten": False, "nuslerp_row_wise": True}),
+        Case("arcee_fusion", "arcee_fusion", [("ft0", {})]),
+        Case("ram", "ram", three),
+        Case("ramplus_tl", "ramplus_tl", three, params={"r": 0.5, "alpha": 0.4}),
+        Case("ties rescale", "ties", [(k, {"weight": 1.0, "density": 0.4}) for k, _ in three],
+             params={"rescale": True}),
+        Case("task_arithmetic int8_mask", "task_arithmetic", weighted,
+             params={"int8_mask": True, "lambda": 0.7}),
+        Case("dare_linear int8_mask density 1", "dare_linear", weighted,
+             params={"int8_mask": True}),
+    ]
+
+
+def build_models(root: Path) -> dict[str, Path]:
+    """A tiny Llama base and three fine-tuned copies (float32, random task vectors). One
+    fine-tune leaves the embeddings untouched, as frozen layers would."""
+    import transformers as tf
+
+    torch.manual_seed(0)
+    cfg = tf.LlamaConfig(vocab_size=96, hidden_size=32, intermediate_size=64,
+                         num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+                         max_position_embeddings=64, torch_dtype="float32")
+    base = tf.LlamaForCausalLM(cfg)
+    paths = {"base": root / "base"}
+    base.save_pretrained(paths["base"], safe_serialization=True)
+    for i in range(3):
+        tuned = tf.LlamaForCausalLM(cfg)
+        tuned.load_state_dict(base.state_dict())
+        g = torch.Generator().manual_seed(10 + i)
+        with torch.no_grad():
+            for name, p in tuned.named_parameters():
+                if i == 2 and "embed_tokens" in name:
+                    continue
+                p.add_(torch.randn(p.shape, generator=g) * 0.02)
+        paths[f"ft{i}"] = root / f"ft{i}"
+        tuned.save_pretrained(paths[f"ft{i}"], safe_serialization=True)
+    return paths
+
+
+def recipe(case: Case, paths: dict[str, Path]) -> dict[str, Any]:
+    out: dict[str, Any] = {"merge_method": case.method, "dtype": "float32", "models": [
+        {"model": str(paths[k]), **({"parameters": p} if p else {})} for k, p in case.models]}
+    if case.base is not None:
+        out["base_model"] = str(paths[case.base])
+    if case.params:
+        out["parameters"] = case.params
+    return out
+
+
+def ensure_mergekit(venv: Path) -> Path:
+    exe = venv / "bin" / "mergekit-yaml"
+    if not exe.exists():
+        subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+        pip = str(venv / "bin" / "pip")
+        subprocess.run([pip, "install", "-q", TORCH_PIN], check=True)
+        subprocess.run([pip, "install", "-q", f"mergekit=={MERGEKIT_VERSION}"], check=True)
+    return exe
+
+
+def load_dir(path: Path) -> dict[str, torch.Tensor]:
+    tensors: dict[str, torch.Tensor] = {}
+    for f in sorted(path.glob("*.safetensors")):
+        tensors.update(load_file(str(f)))
+    return tensors
+
+
+def run(cmd: list[str], log: Path) -> int:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    log.write_text(proc.stdout + proc.stderr)
+    return proc.returncode
+
+
+def compare(ours: dict[str, torch.Tensor], theirs: dict[str, torch.Tensor]
+            ) -> tuple[float, int, int]:
+    """(max relative difference, identical tensors, tensors compared)."""
+    worst, same = 0.0, 0
+    names = sorted(set(ours) & set(theirs))
+    for n in names:
+        a, b = ours[n].double(), theirs[n].double()
+        if a.shape != b.shape:
+            return float("inf"), same, len(names)
+        same += int(torch.equal(ours[n], theirs[n]))
+        scale = b.abs().max().item() or 1.0
+        worst = max(worst, (a - b).abs().max().item() / scale)
+    return worst, same, len(names)
+
+
+def kept_fraction(out: dict[str, torch.Tensor], base: dict[str, torch.Tensor]) -> float:
+    changed = total = 0
+    for n, t in out.items():
+        if n in base and t.dim() == 2:  # weights (rows ranked by DELLA)
+            changed += int((t != base[n]).sum())
+            total += t.numel()
+    return changed / max(total, 1)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--cases", help="comma-separated substrings of case names")
+    ap.add_argument("--keep", type=Path, help="work directory to keep (default: a temp dir)")
+    ap.add_argument("--mergekit-venv", type=Path, default=DEFAULT_VENV)
+    args = ap.parse_args()
+    mergekit = ensure_mergekit(args.mergekit_venv)
+    work = args.keep or Path(tempfile.mkdtemp(prefix="mk-parity-"))
+    work.mkdir(parents=True, exist_ok=True)
+    paths = build_models(work / "models")
+    base = load_dir(paths["base"])
+    selected = [c for c in cases() if not args.cases
+                or any(s in c.name for s in args.cases.split(","))]
+    rows = []
+    for i, case in enumerate(selected):
+        d = work / f"case{i:02d}"
+        shutil.rmtree(d, ignore_errors=True)
+        d.mkdir()
+        rec = d / "recipe.yaml"
+        rec.write_text(yaml.safe_dump(recipe(case, paths), sort_keys=False))
+        mk = run([str(mergekit), str(rec), str(d / "mk"), "--quiet", "--random-seed", "0"],
+                 d / "mk.log")
+        ours = run([sys.executable, "-m", "mergekit_pcb", "run", str(rec), "-o",
+                    str(d / "ours"), "--quiet"], d / "ours.log")
+        row = [case.name, str(mk), str(ours), "—", "—"]
+        if mk == 0 and ours == 0:
+            a, b = load_dir(d / "ours"), load_dir(d / "mk")
+            if case.random:
+                row[3] = f"kept {kept_fraction(a, base):.3f} vs {kept_fraction(b, base):.3f}"
+            else:
+                worst, same, n = compare(a, b)
+                row[3] = "0" if worst == 0 else f"{worst:.2e}"
+                row[4] = f"{same}/{n}" + ("" if set(a) == set(b) else " (names differ)")
+        rows.append(row)
+        print(" | ".join(row), flush=True)
+    header = ["case", "mergekit exit", "ours exit", "max rel diff", "identical tensors"]
+    print()
+    print("| " + " | ".join(header) + " |")
+    print("|" + "---|" * len(header))
+    for row in rows:
+        print("| " + " | ".join(row) + " |")
+    if not args.keep:
+        shutil.rmtree(work, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
