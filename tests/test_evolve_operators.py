@@ -113,7 +113,9 @@ def test_schedules() -> None:
     assert isinstance(s, Constant) and s.value(0, 100) == 0.7 and s.value(99, 100) == 0.7
     s = make_schedule({"schedule": "constant", "value": 0.2}, "parameters.CR", high=1.0)
     assert s.value(3, 10) == 0.2
-    with pytest.raises(RecipeError, match=r"parameters.F.schedule: unknown schedule 'cosine'"):
+    with pytest.raises(RecipeError, match=r"parameters.F.schedule: unknown schedule 'nope'"):
+        make_schedule({"schedule": "nope"}, "parameters.F")
+    with pytest.raises(RecipeError, match=r"parameters.F.max: required by schedule 'cosine'"):
         make_schedule({"schedule": "cosine"}, "parameters.F")
     with pytest.raises(RecipeError, match=r"parameters.CR: must be between 0.0 and 1.0"):
         make_schedule(1.5, "parameters.CR", high=1.0)

@@ -7,8 +7,10 @@ An evolution recipe shares mergekit's top-level keys (`merge_method`, `base_mode
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -82,10 +84,45 @@ class FitnessSpec(StrictModel):
         return self.metric_name not in LOWER_IS_BETTER
 
 
+class AncestorGlob(StrictModel):
+    """`ancestors: {glob: runs/epoch-*, last: 8}`: the last N matches in natural order."""
+
+    glob: str
+    last: int | None = Field(None, ge=1)
+
+
+def natural_key(text: str) -> list[Any]:
+    """Sort key that orders digit runs as numbers: epoch-2 before epoch-10."""
+    return [(0, int(part), "") if part.isdigit() else (1, 0, part)
+            for part in re.split(r"(\d+)", text) if part]
+
+
+def expand_ancestors(spec: str | list[str] | AncestorGlob, where: str = "ancestors"
+                     ) -> list[str]:
+    """Checkpoints named by a glob or a list (entries may be globs), in natural order per
+    pattern; relative patterns are read from the working directory, as models are."""
+    patterns = [spec.glob] if isinstance(spec, AncestorGlob) else \
+        [spec] if isinstance(spec, str) else list(spec)
+    out: list[str] = []
+    for pattern in patterns:
+        if glob.has_magic(pattern):
+            found = sorted(glob.glob(pattern), key=natural_key)
+            if not found:
+                raise RecipeError(f"{where}: '{pattern}' matches no checkpoint")
+            out += found
+        else:
+            out.append(pattern)
+    if isinstance(spec, AncestorGlob) and spec.last is not None:
+        out = out[-spec.last:]
+    return out
+
+
 class EvolutionRecipe(StrictModel):
     merge_method: str
     base_model: str | None = None
     models: list[ModelEntry] = Field(default_factory=list)
+    # one run's checkpoints (de-ancestor): a glob, a list, or {glob, last}; instead of models
+    ancestors: str | list[str] | AncestorGlob | None = None
     # validated by the strategy's own schema (`SearchStrategy.parameters_model`)
     parameters: dict[str, Any] = Field(default_factory=dict)
     merge: InnerMerge | None = None
@@ -97,6 +134,8 @@ class EvolutionRecipe(StrictModel):
 
     def population_refs(self) -> list[str]:
         """The input models the population starts from (the base is never a member)."""
+        if self.ancestors is not None:
+            return expand_ancestors(self.ancestors)
         return [m.model for m in self.models if m.model != self.base_model]
 
 
@@ -131,15 +170,23 @@ def load_evolution_recipe(path: Path) -> tuple[EvolutionRecipe, str]:
 def check_recipe(recipe: EvolutionRecipe, source: str) -> None:
     strategy = strategy_of(recipe, source)
     name = recipe.merge_method
-    refs = recipe.population_refs()
+    if recipe.ancestors is not None and recipe.models:
+        raise RecipeError(f"{source}: ancestors: give the population as models or as "
+                          "ancestors, not both")
+    try:
+        refs = recipe.population_refs()
+    except RecipeError as e:
+        raise RecipeError(f"{source}: {e}") from None
     if len(refs) < 2:
-        raise RecipeError(f"{source}: models: {name} needs at least two models besides the base")
+        key = "ancestors" if recipe.ancestors is not None else "models"
+        raise RecipeError(f"{source}: {key}: {name} needs at least two models besides the base")
     for i, m in enumerate(recipe.models):
         if m.parameters:
             key = next(iter(m.parameters))
             raise RecipeError(f"{source}: models[{i}].parameters.{key}: {name} members take no "
                               "parameters; put the inner merge's under merge.parameters")
     strategy.check(recipe.merge is not None, f"{source}: ")
+    strategy.check_fitness(recipe.fitness.type, f"{source}: ")
     if recipe.merge is not None:
         cls = REGISTRY.get(recipe.merge.merge_method)
         if cls is None:

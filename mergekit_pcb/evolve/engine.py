@@ -9,7 +9,13 @@ Steps are sequential by definition (an accepted trial changes what later steps s
 K workers the engine scores the next K steps at once against the committed population and
 commits their results in order; a result whose inputs were changed by an earlier accepted
 step in the same batch is discarded and recomputed. The committed sequence is therefore
-exactly the serial one, whatever K is.
+exactly the serial one, whatever K is (which is also what gives immediate selection: a kept
+trial is a donor for the steps after it).
+
+A strategy may keep a state in the run state (`search`, updated after each generation from
+the steps' `outcomes`), and may draw a mini-batch of the select data per generation: the
+members are then rescored on it before the first step (committed with the plan), and the
+result is the member best on the whole select data (`final_select`).
 """
 
 from __future__ import annotations
@@ -207,6 +213,7 @@ class EvolutionRun:
             self._state["generations"] = self.settings.generations
             if existing["phase"] == "done" and existing["generation"] < self.settings.generations:
                 self._state["phase"] = "evolve"  # more generations asked for: go on
+                self._state.pop("final_select", None)  # the result is chosen again at the end
             self._check_resumable(existing)
             if existing["phase"] == "init":
                 self._initialize()
@@ -222,7 +229,18 @@ class EvolutionRun:
             set_rng_state(self._rng, existing["rng"]["controller"])
             if existing["phase"] != "init" and len(existing["members"]) != pop:
                 raise ValueError(f"{len(existing['members'])} members for a population of {pop}")
+            strategy = self.settings.strategy
+            if strategy.initial_state() is not None:
+                if not isinstance(existing.get("search"), dict) \
+                        or not isinstance(existing.get("outcomes"), list):
+                    raise ValueError("no strategy state ('search', 'outcomes')")
+                strategy.check_state(existing["search"])
             if existing["plan"] is not None:
+                batch = strategy.batch(existing["plan"])
+                if batch is not None and not all(
+                        isinstance(batch.get(k), int) and batch[k] >= lo
+                        for k, lo in (("seed", 0), ("size", 1))):
+                    raise ValueError("the plan's mini-batch is not {seed, size}")
                 for position in range(pop):
                     step = self.settings.strategy.step(existing["plan"], position)
                     if not all(0 <= i < pop for i in (step.slot, *step.donors)):
@@ -272,6 +290,9 @@ class EvolutionRun:
             "current": _fresh_counters(), "history": [], "evaluations": 0, "discarded": 0,
             "fitness_s": 0.0, "checksums": {},
         }
+        search = s.strategy.initial_state()
+        if search is not None:  # only strategies with a state add these keys
+            self._state.update({"search": search, "outcomes": []})
         self.run_dir.create()
         self._commit()
         refs = self.recipe.population_refs()
@@ -346,7 +367,21 @@ class EvolutionRun:
         """The strategy's plan of a generation, from the controller RNG, drawn before any
         step runs (what lets steps be scored speculatively)."""
         s = self.settings
-        return s.strategy.draw_generation(self._rng, generation, s.generations, s.pop)
+        return s.strategy.draw_generation(self._rng, generation, s.generations, s.pop,
+                                          self._state.get("search"))
+
+    def _rescore_on_batch(self) -> None:
+        """A generation with its own mini-batch of the select data starts by scoring every
+        member on it, so that a trial and its parent are compared on the same rows (the
+        scores are committed with the plan: a resume never redoes them)."""
+        st = self._state
+        batch = self.settings.strategy.batch(st["plan"])
+        if batch is None:
+            return
+        jobs = [ScoreJob((self._path(n),), False, "select", batch) for n in st["members"]]
+        st["fitness"] = [r.score for r in self._score(jobs)]
+        st["objective"] = self._best(st["fitness"])[1]
+        st["evaluations"] += len(jobs)
 
     def _tidy(self) -> None:
         """Keep one spare member file per worker for accepted trials to overwrite."""
@@ -366,6 +401,7 @@ class EvolutionRun:
             threshold=st["objective"] if merged else st["fitness"][step.slot],
             out_path=self._path(f"g{gen + 1:04d}-s{position:04d}.safetensors"),
             spare=self._path(spare) if spare else None,
+            batch=self.settings.strategy.batch(st["plan"]),
         )
 
     def _reads(self, job: TrialJob) -> set[int]:
@@ -380,6 +416,7 @@ class EvolutionRun:
         while st["phase"] == "evolve" and st["generation"] < st["generations"]:
             if st["plan"] is None:
                 st["plan"] = self._draw_plan(st["generation"])
+                self._rescore_on_batch()
                 self._commit()
             end = min(st["step"] + self.executor.workers, pop)
             spares = self._spares + [None] * (end - st["step"])
@@ -396,6 +433,9 @@ class EvolutionRun:
                 st["current"]["evaluated"] += 1
                 st["evaluations"] += 1
                 slot = job.plan.slot
+                if "outcomes" in st:  # what the strategy adapts to at the generation's end
+                    st["outcomes"].append({"accepted": res.accepted, "parent": job.threshold,
+                                           "trial": res.score})
                 if res.accepted:
                     old, new = st["members"][slot], Path(job.out_path).name
                     st["members"][slot] = new
@@ -419,11 +459,21 @@ class EvolutionRun:
                 st["history"].append(self._record(st["generation"], accepted=cur["accepted"],
                                                   evaluated=cur["evaluated"], F=plan["F"],
                                                   CR=plan["CR"]))
+                if "search" in st:
+                    st["search"] = self.settings.strategy.end_generation(
+                        st["search"], plan, st["outcomes"])
+                    st["outcomes"] = []
                 st["step"], st["plan"] = 0, None
                 st["current"] = _fresh_counters()
                 self._commit(durable=True)
         if st["phase"] == "evolve":
             st["phase"] = "done"
+            self._commit()
+        if self.settings.strategy.batched and "final_select" not in st:
+            # members were compared on mini-batches: the result is the best on all of select
+            jobs = [ScoreJob((self._path(n),), False, "select") for n in st["members"]]
+            st["final_select"] = [r.score for r in self._score(jobs)]
+            st["evaluations"] += len(jobs)
             self._commit()
         self.run_dir.collect_garbage([*st["members"], *st["initial"]["members"]])  # spares
 
@@ -451,7 +501,7 @@ class EvolutionRun:
         st = self._state
         if self.settings.merged:
             return [self._path(n) for n in st["members"]], True
-        best, _ = self._best(st["fitness"])
+        best, _ = self._best(st.get("final_select", st["fitness"]))
         return [self._path(st["members"][best])], False
 
 

@@ -28,6 +28,7 @@ from mergekit_pcb.io.files import resolve_data_file
 from mergekit_pcb.usercode import check_plain_data, import_object
 
 State = Mapping[str, torch.Tensor]
+Batch = Mapping[str, int]  # {"seed": ..., "size": ...}: a mini-batch of a split
 SPLITS = ("select", "report")
 
 
@@ -35,9 +36,26 @@ class Evaluator(Protocol):
     metric: str
     maximize: bool
 
-    def score(self, state: State, split: str) -> float:
-        """The metric of `state` on the split's data."""
+    def score(self, state: State, split: str, batch: Batch | None = None) -> float:
+        """The metric of `state` on the split's data, or on the seeded mini-batch `batch`
+        ({"seed", "size"}) of it."""
         ...
+
+
+def no_batches(batch: Batch | None, kind: str) -> None:
+    if batch is not None:
+        raise UserError(f"fitness.type: {kind} cannot score a mini-batch (parameters."
+                        "batch_size); use fitness type torch or the whole select data")
+
+
+def batch_indices(n: int, batch: Batch) -> torch.Tensor | None:
+    """The rows of a seeded mini-batch of `n` examples (None: all of them): a function of
+    the seed alone, so that every process draws the same rows."""
+    size = int(batch["size"])
+    if size >= n:
+        return None
+    g = torch.Generator().manual_seed(int(batch["seed"]))
+    return torch.randperm(n, generator=g)[:size].sort().values
 
 
 def better(a: float, b: float, maximize: bool) -> bool:
@@ -68,7 +86,8 @@ class CallableEvaluator:
         self.fn: Callable[..., Any] = import_object(spec.function, root, "fitness.function")
         self._data: dict[str, str | None] = {}
 
-    def score(self, state: State, split: str) -> float:
+    def score(self, state: State, split: str, batch: Batch | None = None) -> float:
+        no_batches(batch, "callable")
         if split not in self._data:
             ref = getattr(self.spec, split)
             if ref is None and split == "report":
@@ -148,8 +167,11 @@ class TorchModuleEvaluator:
         return self._data[split]
 
     @torch.inference_mode()
-    def score(self, state: State, split: str) -> float:
+    def score(self, state: State, split: str, batch: Batch | None = None) -> float:
         x, y = self.data(split)
+        rows = batch_indices(len(y), batch) if batch is not None else None
+        if rows is not None:
+            x, y = x[rows], y[rows]
         load_into(self.module, state, "fitness.arch")
         self.module.eval()
         correct, loss_sum = 0, 0.0
@@ -276,7 +298,8 @@ class HFClassificationEvaluator(_HFEvaluator):
         return out
 
     @torch.inference_mode()
-    def score(self, state: State, split: str) -> float:
+    def score(self, state: State, split: str, batch: Batch | None = None) -> float:
+        no_batches(batch, self.spec.type)
         batches = self.batches(split)
         self.load(state)
         preds, gold, loss_sum = [], [], 0.0
@@ -321,7 +344,8 @@ class CausalLMEvaluator(_HFEvaluator):
         return out
 
     @torch.inference_mode()
-    def score(self, state: State, split: str) -> float:
+    def score(self, state: State, split: str, batch: Batch | None = None) -> float:
+        no_batches(batch, self.spec.type)
         batches = self.batches(split)
         self.load(state)
         nll, tokens = 0.0, 0
@@ -356,4 +380,5 @@ def build_evaluator(spec: FitnessSpec, root: Path, model_ref: str | None = None)
     return CausalLMEvaluator(spec, root, model_ref)
 
 
-__all__ = ["SPLITS", "Evaluator", "better", "build_evaluator", "code_refs", "macro_f1"]
+__all__ = ["SPLITS", "Batch", "Evaluator", "batch_indices", "better", "build_evaluator",
+           "code_refs", "macro_f1"]

@@ -75,6 +75,7 @@ class TrialJob:
     threshold: float  # what the trial must beat: merged fitness or the parent's fitness
     out_path: str  # where the trial is written when it beats the threshold
     spare: str | None = None  # a dead member file to overwrite in place instead
+    batch: dict[str, int] | None = None  # the generation's mini-batch of the select data
 
 
 @dataclass(frozen=True)
@@ -82,6 +83,7 @@ class ScoreJob:
     members: tuple[str, ...]  # one model, or the members to merge
     merged: bool
     split: str
+    batch: dict[str, int] | None = None  # a mini-batch of the split (None: all of it)
 
 
 @dataclass
@@ -131,10 +133,11 @@ class Runtime:
             plan.close()
         self.plans.clear()
 
-    def score(self, state: dict[str, torch.Tensor], split: str) -> float:
+    def score(self, state: dict[str, torch.Tensor], split: str,
+              batch: dict[str, int] | None = None) -> float:
         start = time.perf_counter()
         try:
-            return self.evaluator.score(state, split)
+            return self.evaluator.score(state, split, batch)
         finally:
             self.fitness_s += time.perf_counter() - start
 
@@ -219,7 +222,7 @@ def run_trial(item: tuple[WorkContext, TrialJob]) -> JobResult:
         if accepted:
             member_score = rt.score(trial, "select")
     else:
-        score = rt.score(trial, "select")
+        score = rt.score(trial, "select", job.batch)
         accepted = better(score, job.threshold, maximize)
         member_score = score
     t_scored = time.perf_counter()
@@ -242,7 +245,7 @@ def run_score(item: tuple[WorkContext, ScoreJob]) -> JobResult:
         state = rt.merge([rt.cache.get(p) for p in job.members])
     else:
         state = rt.load(job.members[0])
-    score = rt.score(state, job.split)
+    score = rt.score(state, job.split, job.batch)
     return JobResult(score, fitness_s=rt.fitness_s, total_s=time.perf_counter() - start)
 
 

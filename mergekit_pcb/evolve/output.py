@@ -56,7 +56,10 @@ def evolution_document(state: dict[str, Any], *, recipe_name: str | None, method
         "merge_method": merge_method, "metric": metric, "maximize": maximize,
         "initial": state["initial"],
         "final": {"objective": state["objective"], "members": state["members"],
-                  "fitness": state["fitness"]},
+                  "fitness": state["fitness"],
+                  # batched searches: every final member on the whole select data
+                  **({"select": state["final_select"]} if "final_select" in state else {}),
+                  **({"search_state": state["search"]} if "search" in state else {})},
         "history": history,
         "scores": [{"label": r.label, "model": r.model, "select": r.select,
                     "report": r.report} for r in scores],

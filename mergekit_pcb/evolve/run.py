@@ -191,7 +191,7 @@ def _finish(run: EvolutionRun, recipe: EvolutionRecipe, text: str, output: Path,
         inner = recipe.merge.merge_method if recipe.merge else "linear"
         rows = [ScoreRow(f"input {Path(ref).name or ref}", ref, sel, rep) for ref, sel, rep in
                 zip(refs, st["initial"]["select"], reports, strict=False)]
-        rows.append(ScoreRow(f"plain merge ({inner})", "merge of the inputs",
+        rows.append(ScoreRow(settings.strategy.merge_row_label(inner), "merge of the inputs",
                              st["initial"]["merge_select"], reports[len(refs)]))
         mode = "merged" if settings.merged else "standalone"
         name = settings.strategy.name
@@ -308,8 +308,9 @@ def plan_evolution(recipe: EvolutionRecipe, text: str, recipe_path: Path, *,
     else:
         evaluation = {"what": "one member", "passes": 1, "read_bytes": member_bytes}
     initial = size + 1 + (1 if settings.merged and size > n else 0)
-    final = 1 + ((n + 2) if spec.report is not None else 0)
-    per_generation = size * (2 if settings.merged else 1)
+    batched = settings.strategy.batched  # members rescored per generation and at the end
+    final = 1 + ((n + 2) if spec.report is not None else 0) + (size if batched else 0)
+    per_generation = size * (2 if settings.merged else 1) + (size if batched else 0)
     return {
         "valid": True, "kind": "search", "method": settings.strategy.name,
         "search": settings.strategy.describe(),

@@ -7,6 +7,7 @@ registered in `SCHEDULES`.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
@@ -38,7 +39,44 @@ def _constant(options: Mapping[str, Any], where: str) -> Schedule:
     return Constant(_number(options["value"], f"{where}.value"))
 
 
-SCHEDULES: dict[str, Callable[[Mapping[str, Any], str], Schedule]] = {"constant": _constant}
+@dataclass(frozen=True)
+class Cosine:
+    """Cosine annealing from `high` (t = 0) to `low` (t = T):
+    low + ½(high − low)(1 + cos(π t / T)), with T = `period`, or the run's generations when
+    no period is given. Past T the cosine goes on (back up to `high` at 2T), as in CADE's
+    code (T = 40 over 99 generations)."""
+
+    high: float
+    low: float
+    period: float | None = None
+
+    def value(self, generation: int, generations: int) -> float:
+        T = self.period if self.period is not None else max(generations, 1)
+        return self.low + 0.5 * (self.high - self.low) * (1.0 + math.cos(math.pi * generation / T))
+
+
+def _cosine(options: Mapping[str, Any], where: str) -> Schedule:
+    unknown = set(options) - {"max", "min", "period"}
+    if unknown:
+        raise RecipeError(f"{where}.{sorted(unknown)[0]}: unknown key for schedule 'cosine' "
+                          "(keys: max, min, period)")
+    for key in ("max", "min"):
+        if key not in options:
+            raise RecipeError(f"{where}.{key}: required by schedule 'cosine'")
+    high, low = _number(options["max"], f"{where}.max"), _number(options["min"], f"{where}.min")
+    if not (math.isfinite(high) and math.isfinite(low)) or low < 0 or low > high:
+        raise RecipeError(f"{where}: schedule 'cosine' needs 0 <= min <= max, got min {low}, "
+                          f"max {high}")
+    period = options.get("period")
+    if period is not None:
+        period = _number(period, f"{where}.period")
+        if not math.isfinite(period) or period <= 0:
+            raise RecipeError(f"{where}.period: must be a positive number, got {period}")
+    return Cosine(high, low, period)
+
+
+SCHEDULES: dict[str, Callable[[Mapping[str, Any], str], Schedule]] = {
+    "constant": _constant, "cosine": _cosine}
 
 
 def _number(value: object, where: str) -> float:
@@ -56,7 +94,10 @@ def make_schedule(setting: object, where: str, *, low: float = 0.0,
         if name not in SCHEDULES:
             known = ", ".join(sorted(SCHEDULES))
             raise RecipeError(f"{where}.schedule: unknown schedule {name!r} (known: {known})")
-        return SCHEDULES[name](options, where)
+        schedule = SCHEDULES[name](options, where)
+        if isinstance(schedule, Cosine) and high is not None and schedule.high > high:
+            raise RecipeError(f"{where}.max: must be at most {high}, got {schedule.high}")
+        return schedule
     value = _number(setting, where)
     if value < low or (high is not None and value > high):
         bound = f"between {low} and {high}" if high is not None else f"at least {low}"
@@ -64,4 +105,4 @@ def make_schedule(setting: object, where: str, *, low: float = 0.0,
     return Constant(value)
 
 
-__all__ = ["SCHEDULES", "Constant", "Schedule", "make_schedule"]
+__all__ = ["SCHEDULES", "Constant", "Cosine", "Schedule", "make_schedule"]

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 from mergekit_pcb.errors import RecipeError
 from mergekit_pcb.evolve.strategies.base import SearchParameters, SearchStrategy, Step
+from mergekit_pcb.evolve.strategies.cade import CADE
+from mergekit_pcb.evolve.strategies.de_ancestor import DEAncestor
 from mergekit_pcb.evolve.strategies.evolver import Evolver
 
-STRATEGIES: dict[str, type[SearchStrategy]] = {s.name: s for s in (Evolver,)}
+STRATEGIES: dict[str, type[SearchStrategy]] = {s.name: s for s in (Evolver, DEAncestor, CADE)}
 
 
 def get_strategy(name: str, where: str = "merge_method") -> type[SearchStrategy]:

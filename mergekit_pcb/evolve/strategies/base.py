@@ -4,8 +4,12 @@ The engine owns what every population search shares: the members on disk, the ru
 and its resume, checksums, the executor, scoring, and the outputs. A strategy supplies the
 rest: its `parameters:` schema, how each generation's steps are drawn (visiting order,
 donors, schedules), how a trial tensor is made from the members, and whether the objective
-is the merge of the population or the members themselves. A new search is one module with
-a `SearchStrategy` subclass and one entry in `mergekit_pcb.evolve.strategies.STRATEGIES`.
+is the merge of the population or the members themselves. Optional hooks: a strategy state
+carried in the run state and updated after each generation from the steps' outcomes
+(adaptive F/CR), and a mini-batch of the select data drawn per generation (then members are
+rescored on it when the generation starts, and the result is chosen on the full select
+data). A new search is one module with a `SearchStrategy` subclass and one entry in
+`mergekit_pcb.evolve.strategies.STRATEGIES`.
 """
 
 from __future__ import annotations
@@ -71,16 +75,52 @@ class SearchStrategy(ABC):
         """What the plan, `evolution.json` and the model card say about the search."""
         return {}
 
+    def check_fitness(self, fitness_type: str, where: str) -> None:  # noqa: B027 - optional
+        """Checks of the fitness block this search needs (e.g. mini-batches need `torch`)."""
+
+    def merge_row_label(self, inner: str) -> str:
+        """The closing table's label for the merge of the inputs."""
+        return f"plain merge ({inner})"
+
+    @property
+    def batched(self) -> bool:
+        """True when each generation draws a mini-batch of the select data (`batch(plan)`):
+        the engine then rescores the members on it when the generation starts, and chooses
+        the result on the full select data at the end."""
+        return False
+
     # ------------------------------------------------------------------ the controller
+
+    def initial_state(self) -> dict[str, Any] | None:
+        """The strategy's own state (JSON), kept in the run state under `search` and handed
+        to `draw_generation` and `end_generation`; None (the default) keeps no state."""
+        return None
+
+    def check_state(self, state: dict[str, Any]) -> None:  # noqa: B027 - optional hook
+        """Raise ValueError when a resumed run's strategy state is not what this strategy
+        writes (a state edited by hand must fail before the run goes on)."""
 
     @abstractmethod
     def draw_generation(self, rng: random.Random, generation: int, generations: int,
-                        pop: int) -> dict[str, Any]:
+                        pop: int, state: dict[str, Any] | None = None) -> dict[str, Any]:
         """The generation's plan (JSON data, stored in the run state), drawn before any step
-        runs so that steps can be scored ahead of their turn."""
+        runs so that steps can be scored ahead of their turn. `plan["F"]` and `plan["CR"]`
+        are what the history records for the generation."""
 
     @abstractmethod
     def step(self, plan: dict[str, Any], position: int) -> Step: ...
+
+    def end_generation(self, state: dict[str, Any], plan: dict[str, Any],
+                       outcomes: Sequence[dict[str, Any]]) -> dict[str, Any]:
+        """The state after a generation; `outcomes[position]` is {"accepted", "parent",
+        "trial"} (the scores of the step's parent and trial). Only called when
+        `initial_state()` is not None."""
+        return state
+
+    def batch(self, plan: dict[str, Any]) -> dict[str, Any] | None:
+        """The generation's mini-batch of the select data ({"seed", "size"}), or None for
+        the whole select data."""
+        return None
 
     def reads(self, step: Step) -> set[int]:
         """The slots a step's trial is made from (the engine redoes a step computed ahead

@@ -72,7 +72,7 @@ class Evolver(SearchStrategy):
         return {"mode": self.params.mode, "mutation": self.params.mutation}
 
     def draw_generation(self, rng: random.Random, generation: int, generations: int,
-                        pop: int) -> dict[str, Any]:
+                        pop: int, state: dict[str, Any] | None = None) -> dict[str, Any]:
         # Donors are slot indices drawn before any step runs, so they do not depend on
         # which trials are accepted.
         order = rng.sample(range(pop), pop)
