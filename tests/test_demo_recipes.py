@@ -21,12 +21,12 @@ import pytest
 import torch
 import yaml
 
-from mergekit_pcb.evolve.strategies import STRATEGIES
+from mergekit_pcb.kinds import kind_of
 
 REPO = Path(__file__).resolve().parent.parent
 # Plain merge recipes; evolution recipes need fitness data and are tested elsewhere.
 RECIPES = sorted(p for p in (REPO / "recipes").glob("*.yaml")
-                 if yaml.safe_load(p.read_text())["merge_method"] not in STRATEGIES)
+                 if kind_of(yaml.safe_load(p.read_text()), p)[0].name == "merge")
 CHECKPOINTS = ("base", "orig", "flip", "transpose", "rot90")
 PREFIX = "pcbmerge-demo/checkpoints/"
 RUNNING_STATS = ("running_mean", "running_var")

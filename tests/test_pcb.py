@@ -180,9 +180,10 @@ def test_pcb_clip_zero_and_global_differs_from_tensor(tmp_path: Path) -> None:
 def test_ties_global_scope_matches_dense_reference(tmp_path: Path, quantized: bool) -> None:
     base_dir, tuned_dirs, base, tuned = make_models(tmp_path, 3, quantized=quantized, seed=1)
     densities, weights = [0.2, 0.5, 0.3], [1.0, 0.5, 2.0]
-    recipe = {
-        "merge_method": "ties", "base_model": str(base_dir), "out_dtype": "float32",
-        "parameters": {"scope": "global"},
+    recipe = {  # the dense reference computes in float32 (without `dtype`, half-precision
+        # inputs would be merged in their own dtype, as mergekit does)
+        "merge_method": "ties", "base_model": str(base_dir), "dtype": "float32",
+        "out_dtype": "float32", "parameters": {"scope": "global"},
         "models": [{"model": str(t), "parameters": {"weight": w, "density": d}}
                    for t, w, d in zip(tuned_dirs, weights, densities, strict=True)],
     }

@@ -11,7 +11,7 @@ from mergekit_pcb.io.artifacts import copy_model_files, model_card, write_card_a
 
 def write_artifacts(plan: MergePlan, out: Path) -> None:
     copy_model_files(out, plan.config_source.root, plan.tokenizer_root(),
-                     plan.recipe.out_dtype or plan.recipe.dtype)
+                     plan.recipe.out_dtype or plan.recipe.dtype, plan.config_overrides)
     write_card_and_recipe(out, merge_card(plan), plan.recipe_text)
 
 
@@ -33,6 +33,11 @@ def merge_card(plan: MergePlan) -> str:
         role = "base (listed)" if m.model == recipe.base_model else "merged"
         params = ", ".join(f"{k}: {v}" for k, v in m.parameters.items())
         inputs.append(f"| {role} | `{m.model}` | {params} |")
+    for i, sl in enumerate(recipe.slices):
+        for s in sl.sources:
+            params = ", ".join(f"{k}: {v}" for k, v in s.parameters.items())
+            inputs.append(f"| slices[{i}] layers {s.layer_range[0]}–{s.layer_range[1] - 1} "
+                          f"| `{s.model}` | {params} |")
     sections: list[tuple[str, list[str]]] = [("Inputs", inputs)]
     if recipe.parameters:
         sections.append(("Parameters", [f"- `{k}`: {v}" for k, v in recipe.parameters.items()]))

@@ -8,6 +8,7 @@ names, shapes and dtypes across inputs, evaluates parameters, and fixes the outp
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,6 +16,15 @@ from typing import Any
 
 import torch
 
+from mergekit_pcb.engine.slices import (
+    PRE_LAYER,
+    check_range,
+    check_slices,
+    layer_count_overrides,
+    layer_templates,
+    slice_inputs,
+    with_layer,
+)
 from mergekit_pcb.errors import CheckpointError, RecipeError
 from mergekit_pcb.io.artifacts import model_dir
 from mergekit_pcb.io.reader import Checkpoint, open_checkpoint
@@ -81,6 +91,11 @@ class TensorTask:
     global_params: dict[str, Any] = field(default_factory=dict)
     model_params: list[dict[str, Any]] = field(default_factory=list)
     compute_dtype: torch.dtype = torch.float32
+    # model key -> the tensor that feeds this output there (slices map layers); default: name
+    source_names: dict[str, str] = field(default_factory=dict)
+
+    def source(self, key: str) -> str:
+        return self.source_names.get(key, self.name)
 
     def reads(self, base_key: str | None) -> list[str]:
         """Model keys whose copy of this tensor must be read, in order."""
@@ -105,6 +120,7 @@ class MergePlan:
     compute_dtype: torch.dtype | None  # the recipe's `dtype`; None: chosen per tensor
     seed: int
     owned: frozenset[str] = frozenset()  # checkpoints this plan opened (and closes)
+    config_overrides: dict[str, Any] = field(default_factory=dict)  # e.g. the layer count
     # Inputs are checked finite as they are read; a caller whose inputs were checked when
     # they were made (an evolution's members) turns it off.
     check_finite: bool = True
@@ -130,7 +146,8 @@ class MergePlan:
             route.reset_statistics()
 
     def task_read_bytes(self, task: TensorTask) -> int:
-        return sum(self.checkpoints[k].info(task.name).nbytes for k in task.reads(self.base_key))
+        return sum(self.checkpoints[k].info(task.source(k)).nbytes
+                   for k in task.reads(self.base_key))
 
     @property
     def read_bytes(self) -> int:
@@ -148,7 +165,8 @@ class MergePlan:
 
     @property
     def config_source(self) -> Checkpoint:
-        key = self.base_key or self.recipe.models[0].model
+        key = self.base_key or (self.recipe.models[0].model if self.recipe.models
+                                else self.recipe.slices[0].sources[0].model)
         return self.checkpoints[key]
 
     def input_paths(self) -> list[Path]:
@@ -196,6 +214,9 @@ def build_plan(recipe: MergeRecipe, recipe_text: str, *, seed: int | None = None
     _check_recipe_shape(recipe, method)
     check_parameter_keys(type(method), recipe.parameters,
                          [m.parameters for m in recipe.models])
+    for i, sl in enumerate(recipe.slices):
+        check_parameter_keys(type(method), sl.parameters,
+                             [s.parameters for s in sl.sources], prefix=f"slices[{i}].")
     for i, rule in enumerate(recipe.tensors):
         if rule.method is not None:
             sub = type(get_method(rule.method, where=f"tensors[{i}].method"))
@@ -210,7 +231,8 @@ def build_plan(recipe: MergeRecipe, recipe_text: str, *, seed: int | None = None
             checkpoints[ref] = open_checkpoint(ref, allow_pickle=allow_pickle,
                                                base_dir=base_dir)
             owned.append(ref)
-        plan = _plan_tensors(recipe, recipe_text, method, checkpoints, seed)
+        plan = (_plan_slices(recipe, recipe_text, method, checkpoints, seed) if recipe.slices
+                else _plan_tensors(recipe, recipe_text, method, checkpoints, seed))
         plan.owned = frozenset(owned)
         if sources is None:
             plan.tokenizer_root()  # a bad tokenizer_source fails now, not after the merge
@@ -222,6 +244,11 @@ def build_plan(recipe: MergeRecipe, recipe_text: str, *, seed: int | None = None
 
 
 def _check_recipe_shape(recipe: MergeRecipe, method: MergeMethod) -> None:
+    if recipe.slices:
+        check_slices(recipe, method)
+        if recipe.tensors:
+            raise RecipeError("tensors: routing rules do not combine with slices")
+        return
     if not recipe.models:
         raise RecipeError("models: a merge needs at least one model")
     if method.requires_base:
@@ -292,6 +319,79 @@ def _plan_tensors(recipe: MergeRecipe, recipe_text: str, method: MergeMethod,
                      compute_dtype, seed if seed is not None else (recipe.seed or 0))
 
 
+def _plan_slices(recipe: MergeRecipe, recipe_text: str, method: MergeMethod,
+                 checkpoints: dict[str, Checkpoint], seed: int | None) -> MergePlan:
+    """Tasks for `slices:` (see `engine.slices`): outside tensors from the first and last
+    slices, then each slice's layers in order, renumbered."""
+    base_key = recipe.base_model
+    compute_dtype = DTYPES[recipe.dtype] if recipe.dtype else None
+    out_dtype_override = DTYPES.get(recipe.out_dtype or recipe.dtype or "")
+    first = recipe.slices[0].sources[0]
+    reference = checkpoints[first.model]
+    templates = layer_templates(reference, first.layer_range[0])
+    outside = [n for n in reference.names() if layer_index(n) is None]
+    last = len(recipe.slices) - 1
+
+    def route_for(i: int, part: str) -> Route:
+        sl = recipe.slices[i]
+        models, per_model = slice_inputs(recipe, sl, method)
+        return Route(f"slices[{i}]{part}: {method.name} over {', '.join(models)}", "merge",
+                     method=method, recipe_params={**recipe.parameters, **sl.parameters},
+                     model_params=per_model, inputs=models)
+
+    def add(name: str, route: Route, sources: dict[str, str], t: float,
+            copy_from: str) -> None:
+        info = checkpoints[copy_from].info(sources[copy_from])
+        if not info.dtype.is_floating_point:  # integer buffers: copied, not merged
+            route = Route(f"copied from {copy_from} (integer or boolean buffers)", "copy",
+                          source=copy_from)
+            routes.append(route)
+        task = _task(name, route, checkpoints, base_key, 1, out_dtype_override,
+                     source_names=sources, t=t)
+        task.compute_dtype = compute_dtype or _default_compute_dtype(task, checkpoints, base_key)
+        tasks.append(task)
+
+    tasks: list[TensorTask] = []
+    pre, post = route_for(0, " (before the layers)"), route_for(last, " (after the layers)")
+    routes: list[Route] = [pre]
+    for name in outside:
+        if PRE_LAYER.search(name):
+            add(name, pre, {s.model: name for s in recipe.slices[0].sources}, 0.0, first.model)
+    out_layer = 0
+    for i, sl in enumerate(recipe.slices):
+        for j, s in enumerate(sl.sources):
+            check_range(checkpoints[s.model], *s.layer_range, f"slices[{i}].sources[{j}]")
+        route = route_for(i, "")
+        routes.append(route)
+        n = sl.sources[0].layer_range[1] - sl.sources[0].layer_range[0]
+        for offset in range(n):
+            t = offset / (n - 1) if n > 1 else 1.0
+            for template in templates:
+                sources = {s.model: with_layer(template, s.layer_range[0] + offset)
+                           for s in sl.sources}
+                add(with_layer(template, out_layer), route, sources, t, sl.sources[0].model)
+            out_layer += 1
+    routes.append(post)
+    for name in outside:
+        if not PRE_LAYER.search(name):
+            add(name, post, {s.model: name for s in recipe.slices[last].sources}, 0.0,
+                recipe.slices[last].sources[0].model)
+    routes = [r for r in routes if r.tensor_names]
+    for route in routes:
+        _attach_global_stats(route, [t for t in tasks if t.route is route])
+    plan = MergePlan(recipe, recipe_text, method, checkpoints, base_key, tasks, routes,
+                     compute_dtype, seed if seed is not None else (recipe.seed or 0))
+    config = plan.config_source.root / "config.json"
+    if config.is_file():
+        try:
+            loaded = json.loads(config.read_text())
+        except ValueError as e:
+            raise CheckpointError(f"{config}: not JSON ({e})") from None
+        if isinstance(loaded, dict):
+            plan.config_overrides = layer_count_overrides(loaded, out_layer)
+    return plan
+
+
 def _default_compute_dtype(task: TensorTask, checkpoints: dict[str, Checkpoint],
                            base_key: str | None) -> torch.dtype:
     """Without a recipe `dtype`: a mergekit method computes in its inputs' dtype (as
@@ -299,7 +399,8 @@ def _default_compute_dtype(task: TensorTask, checkpoints: dict[str, Checkpoint],
     route = task.route
     if route.kind in ("take", "copy"):
         return torch.float32  # nothing is computed
-    first = checkpoints[task.reads(base_key)[0]].info(task.name).dtype
+    key = task.reads(base_key)[0]
+    first = checkpoints[key].info(task.source(key)).dtype
     if first == torch.float64:
         return torch.float64
     if route.kind == "merge" and route.method is not None \
@@ -353,15 +454,19 @@ def _rule_route(i: int, rule: Any, recipe: MergeRecipe) -> Route:
 
 
 def _task(name: str, route: Route, checkpoints: dict[str, Checkpoint], base_key: str | None,
-          num_layers: int, out_dtype_override: torch.dtype | None) -> TensorTask:
+          num_layers: int, out_dtype_override: torch.dtype | None,
+          source_names: dict[str, str] | None = None, t: float | None = None) -> TensorTask:
+    """The task for output `name`; `source_names` map model keys to the tensors that feed it
+    (slices), `t` overrides its depth position for gradient parameters."""
     route.tensor_names.append(name)
+    sources = dict(source_names or {})
     if route.kind in ("take", "copy"):
         assert route.source is not None
-        info = checkpoints[route.source].info(name)
-        return TensorTask(name, info.shape, info.dtype, route)
-    task = TensorTask(name, (), torch.float32, route)
+        info = checkpoints[route.source].info(sources.get(route.source, name))
+        return TensorTask(name, info.shape, info.dtype, route, source_names=sources)
+    task = TensorTask(name, (), torch.float32, route, source_names=sources)
     keys = task.reads(base_key)
-    infos = [(k, checkpoints[k].info(name)) for k in keys]
+    infos = [(k, checkpoints[k].info(task.source(k))) for k in keys]
     first_key, first = infos[0]
     for key, info in infos[1:]:
         if info.shape != first.shape:
@@ -383,7 +488,8 @@ def _task(name: str, route: Route, checkpoints: dict[str, Checkpoint], base_key:
     task.out_dtype = out_dtype_override or first.dtype
     if route.kind == "merge":
         assert route.method is not None
-        t = depth_position(name, num_layers)
+        if t is None:
+            t = depth_position(name, num_layers)
         task.global_params, task.model_params = resolve_params(
             type(route.method), route.recipe_params, route.model_params, name, t, where=""
         )

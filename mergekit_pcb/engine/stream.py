@@ -114,7 +114,7 @@ def _read_inputs(plan: MergePlan, task: TensorTask, device: torch.device,
     dtype."""
     values = {}
     for key in task.reads(plan.base_key):
-        tensor = plan.checkpoints[key].read(task.name, start, stop)
+        tensor = plan.checkpoints[key].read(task.source(key), start, stop)
         if plan.check_finite and not all_finite(tensor):
             raise CheckpointError(f"tensor '{task.name}' of model {key} contains NaN or Inf")
         values[key] = tensor.to(device=device, dtype=task.compute_dtype)
@@ -151,7 +151,7 @@ def read_part(plan: MergePlan, task: TensorTask, device: torch.device,
     route = task.route
     if route.kind in ("take", "copy"):
         assert route.source is not None
-        return plan.checkpoints[route.source].read(task.name, start, stop)
+        return plan.checkpoints[route.source].read(task.source(route.source), start, stop)
     return _read_inputs(plan, task, device, start, stop)
 
 

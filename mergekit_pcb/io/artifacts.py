@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import json
 import shutil
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import yaml
 
@@ -35,15 +36,17 @@ def model_dir(ref: str) -> Path:
 
 
 def copy_model_files(out: Path, config_root: Path, tokenizer_root: Path | None,
-                     out_dtype: str | None = None) -> None:
-    """config.json / generation_config.json (with `torch_dtype` set to `out_dtype`) and the
-    tokenizer files."""
+                     out_dtype: str | None = None,
+                     overrides: Mapping[str, Any] | None = None) -> None:
+    """config.json / generation_config.json (with `torch_dtype` set to `out_dtype` and
+    `overrides` applied, e.g. a sliced model's layer count) and the tokenizer files."""
     for path in iter_config_files(config_root):
-        if path.name == "config.json" and out_dtype:
+        if path.name == "config.json" and (out_dtype or overrides):
             config = json.loads(path.read_text())
             for key in ("torch_dtype", "dtype"):
-                if key in config:
+                if key in config and out_dtype:
                     config[key] = DTYPE_NAMES[out_dtype]
+            config.update(overrides or {})
             (out / path.name).write_text(json.dumps(config, indent=2) + "\n")
         else:
             shutil.copyfile(path, out / path.name)

@@ -69,10 +69,34 @@ class TensorRule(StrictModel):
         return self
 
 
+class SliceSource(StrictModel):
+    """One input of a slice: layers [start, end) of `model`, with per-model parameters."""
+
+    model: str
+    layer_range: tuple[int, int]
+    parameters: dict[str, ParameterValue] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _ordered(self) -> SliceSource:
+        start, end = self.layer_range
+        if not 0 <= start < end:
+            raise ValueError("layer_range must be [start, end) with 0 <= start < end")
+        return self
+
+
+class SliceDef(StrictModel):
+    """mergekit's output slice: its sources' layers are merged layer by layer, in order."""
+
+    sources: list[SliceSource] = Field(min_length=1)
+    base_model: str | None = None
+    parameters: dict[str, ParameterValue] = Field(default_factory=dict)
+
+
 class MergeRecipe(StrictModel):
     merge_method: str
     base_model: str | None = None
     models: list[ModelEntry] = Field(default_factory=list)
+    slices: list[SliceDef] = Field(default_factory=list)
     parameters: dict[str, ParameterValue] = Field(default_factory=dict)
     dtype: DTypeName | None = None
     out_dtype: DTypeName | None = None
@@ -85,6 +109,7 @@ class MergeRecipe(StrictModel):
         """Every model the recipe reads, base first, without repeats."""
         refs = [self.base_model] if self.base_model else []
         refs += [m.model for m in self.models]
+        refs += [s.model for sl in self.slices for s in sl.sources]
         refs += [r.take for r in self.tensors if r.take and r.take != "base"]
         return list(dict.fromkeys(refs))
 
