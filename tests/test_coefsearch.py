@@ -57,7 +57,7 @@ def build_population(root: Path, n: int = 3) -> Path:
     """A base MLP and `n` fine-tuned-like copies (shared direction plus noise), a 3-class
     task with select/report splits."""
     root.mkdir(parents=True, exist_ok=True)
-    (root / "tinynet.py").write_text(NET_MODULE)
+    (root / "coefnet.py").write_text(NET_MODULE)
     torch.manual_seed(0)
     net = torch.nn.Sequential(torch.nn.Linear(6, 12), torch.nn.ReLU(), torch.nn.Linear(12, 3))
     base = {k: v.detach().clone().contiguous() for k, v in net.state_dict().items()}
@@ -89,7 +89,7 @@ def recipe_dict(root: Path, *, n: int = 3, merge: dict[str, Any] | None = None,
                            "parameters": {"density": 0.5, "lambda": 1.0}},
         "search": search or {"weight": [0.5, 1.5], "lambda": [0.5, 2.0]},
         "parameters": {"optimizer": "NGOpt", "budget": 8, **params},
-        "fitness": {"type": "callable", "function": "tinynet:loss", "select": "select.npz",
+        "fitness": {"type": "callable", "function": "coefnet:loss", "select": "select.npz",
                     "report": "report.npz", "minimize": True},
         "seed": 0,
     }

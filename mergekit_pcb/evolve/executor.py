@@ -9,9 +9,10 @@ only needs `map` and `close`.
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing
-from collections.abc import Callable, Sequence
-from typing import Any, Protocol, TypeVar
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any, Generic, Protocol, TypeVar
 
 from mergekit_pcb.threads import torch_threads
 
@@ -67,10 +68,61 @@ class ProcessExecutor:
         self._pool.join()
 
 
+@contextlib.contextmanager
+def executor_scope(workers: int, threads: int | None) -> Iterator[Executor]:
+    """An executor for a run: closed when the run ends, terminated when it fails (a killed
+    run must not leave workers behind)."""
+    from mergekit_pcb.errors import UserError
+
+    if workers < 1:
+        raise UserError(f"--workers must be at least 1, got {workers}")
+    if threads is not None and threads < 1:
+        raise UserError(f"--threads must be at least 1, got {threads}")
+    ex = make_executor(workers, threads)
+    try:
+        yield ex
+    except BaseException:
+        terminate = getattr(ex, "terminate", None)
+        if terminate is not None:
+            terminate()
+        raise
+    ex.close()
+
+
+class Closable(Protocol):
+    def close(self) -> None: ...
+
+
+C = TypeVar("C", bound=Closable)
+
+
+class ProcessLocal(Generic[C]):
+    """One object per process for the run a job belongs to (its evaluator, caches, open
+    files), built on first use and closed when a job of another run arrives."""
+
+    def __init__(self) -> None:
+        self._key: str | None = None
+        self._value: C | None = None
+
+    def get(self, key: str, build: Callable[[], C]) -> C:
+        if self._value is None or self._key != key:
+            if self._value is not None:
+                self._value.close()
+            self._value, self._key = build(), key
+        return self._value
+
+    def release(self, key: str) -> None:
+        """Close the object of run `key`, if it is this process's."""
+        if self._value is not None and self._key == key:
+            self._value.close()
+            self._value, self._key = None, None
+
+
 def make_executor(workers: int, threads: int | None = 1) -> Executor:
     if workers <= 1:
         return SerialExecutor(threads)
     return ProcessExecutor(workers, threads)
 
 
-__all__ = ["Executor", "ProcessExecutor", "SerialExecutor", "make_executor"]
+__all__ = ["Executor", "ProcessExecutor", "ProcessLocal", "SerialExecutor", "executor_scope",
+           "make_executor"]

@@ -23,6 +23,7 @@ from mergekit_pcb.engine.rng import tensor_generator
 from mergekit_pcb.engine.stream import all_finite
 from mergekit_pcb.errors import UserError
 from mergekit_pcb.evolve.config import FitnessSpec, InnerMerge
+from mergekit_pcb.evolve.executor import ProcessLocal
 from mergekit_pcb.evolve.fitness import Evaluator, better, build_evaluator
 from mergekit_pcb.evolve.operators import Scratch
 from mergekit_pcb.evolve.store import CheckpointCache, TensorSpec
@@ -160,18 +161,11 @@ class Runtime:
         return {s.name: ckpt.read(s.name) for s in self.ctx.layout}
 
 
-_RUNTIMES: dict[str, Runtime] = {}
+_RUNTIME: ProcessLocal[Runtime] = ProcessLocal()
 
 
 def runtime(ctx: WorkContext) -> Runtime:
-    rt = _RUNTIMES.get(ctx.key)
-    if rt is None:
-        for old in _RUNTIMES.values():  # one run per process at a time
-            old.close()
-        _RUNTIMES.clear()
-        rt = Runtime(ctx)
-        _RUNTIMES[ctx.key] = rt
-    return rt
+    return _RUNTIME.get(ctx.key, lambda: Runtime(ctx))
 
 
 def mask_generator(seed: int, generation: int, step: int, name: str) -> torch.Generator:

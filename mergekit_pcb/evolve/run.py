@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,7 +21,7 @@ from mergekit_pcb.evolve.config import (
     read_yaml,
 )
 from mergekit_pcb.evolve.engine import EvolutionRun, Progress
-from mergekit_pcb.evolve.executor import Executor, make_executor
+from mergekit_pcb.evolve.executor import executor_scope, make_executor
 from mergekit_pcb.evolve.fitness import SPLITS, build_evaluator, code_refs
 from mergekit_pcb.evolve.jobs import ScoreJob, member_key, population_recipe, run_score
 from mergekit_pcb.evolve.output import (
@@ -105,23 +103,6 @@ def _f(v: float | None) -> str:
     return "—" if v is None else f"{v:.4f}"
 
 
-@contextmanager
-def _executor(workers: int, threads: int | None) -> Iterator[Executor]:
-    if workers < 1:
-        raise UserError(f"--workers must be at least 1, got {workers}")
-    if threads is not None and threads < 1:
-        raise UserError(f"--threads must be at least 1, got {threads}")
-    ex = make_executor(workers, threads)
-    try:
-        yield ex
-    except BaseException:
-        terminate = getattr(ex, "terminate", None)
-        if terminate is not None:
-            terminate()
-        raise
-    ex.close()
-
-
 def evolve(recipe_path: Path, output: Path | None = None, *, pop: int | None = None,
            generations: int | None = None, workers: int = 1, resume: bool = False,
            seed: int | None = None, force: bool = False, quiet: bool = True,
@@ -144,7 +125,7 @@ def evolve(recipe_path: Path, output: Path | None = None, *, pop: int | None = N
     rdir = RunDir((run_dir or default_run_dir(output)).resolve())
     console = console or Console(stderr=True)
     root = recipe_path.resolve().parent
-    with _executor(workers, threads) as executor:
+    with executor_scope(workers, threads) as executor:
         view = None if quiet else LiveView(console, recipe.fitness.metric_name,
                                            settings.strategy.name)
         run = EvolutionRun(recipe, text, root, settings, rdir, executor, on_progress=view,

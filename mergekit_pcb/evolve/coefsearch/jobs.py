@@ -16,6 +16,7 @@ import torch
 from mergekit_pcb.engine import MergePlan, build_plan, merge_in_memory
 from mergekit_pcb.errors import UserError
 from mergekit_pcb.evolve.config import FitnessSpec
+from mergekit_pcb.evolve.executor import ProcessLocal
 from mergekit_pcb.evolve.fitness import Evaluator, build_evaluator
 from mergekit_pcb.io.reader import Checkpoint, open_checkpoint
 
@@ -102,18 +103,11 @@ class Runtime:
         self.parts = None
 
 
-_RUNTIMES: dict[str, Runtime] = {}
+_RUNTIME: ProcessLocal[Runtime] = ProcessLocal()
 
 
 def runtime(ctx: SearchContext) -> Runtime:
-    rt = _RUNTIMES.get(ctx.key)
-    if rt is None:
-        for old in _RUNTIMES.values():  # one run per process at a time
-            old.close()
-        _RUNTIMES.clear()
-        rt = Runtime(ctx)
-        _RUNTIMES[ctx.key] = rt
-    return rt
+    return _RUNTIME.get(ctx.key, lambda: Runtime(ctx))
 
 
 def install_parts(ctx: SearchContext, parts: Parts) -> None:
@@ -122,9 +116,7 @@ def install_parts(ctx: SearchContext, parts: Parts) -> None:
 
 
 def release(ctx: SearchContext) -> None:
-    rt = _RUNTIMES.pop(ctx.key, None)
-    if rt is not None:
-        rt.close()
+    _RUNTIME.release(ctx.key)
 
 
 def run_point(item: tuple[SearchContext, PointJob]) -> Outcome:

@@ -8,8 +8,6 @@ import hashlib
 import json
 import math
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -20,8 +18,9 @@ from rich.table import Table
 
 from mergekit_pcb.engine import MergePlan, build_plan, write_plan
 from mergekit_pcb.errors import RecipeError, UserError
-from mergekit_pcb.evolve.executor import Executor, make_executor
+from mergekit_pcb.evolve.executor import Executor, executor_scope
 from mergekit_pcb.evolve.fitness import better, code_refs
+from mergekit_pcb.evolve.output import clean, fmt
 from mergekit_pcb.io.artifacts import model_card, write_card_and_recipe
 from mergekit_pcb.io.files import atomic_write_json
 from mergekit_pcb.io.writer import atomic_output_dir, check_destination, prepare_run_dir
@@ -179,19 +178,6 @@ def describe_plan(plan: dict[str, Any]) -> list[str]:
 # ---------------------------------------------------------------------------- run
 
 
-@contextmanager
-def _executor(workers: int, threads: int | None) -> Iterator[Executor]:
-    ex = make_executor(workers, threads)
-    try:
-        yield ex
-    except BaseException:
-        terminate = getattr(ex, "terminate", None)
-        if terminate is not None:
-            terminate()
-        raise
-    ex.close()
-
-
 def _identity(recipe: CoefficientSearchRecipe, space: SearchSpace, seed: int) -> dict[str, Any]:
     """What a resumed run must agree on."""
     p = recipe.parameters
@@ -293,7 +279,7 @@ def run_search(loaded: Loaded, source: Path, output: Path, *, force: bool = Fals
     evals: list[dict[str, Any]] = st["evaluations"]
     batch = st["batch"]
     try:
-        with _executor(workers, threads) as ex:
+        with executor_scope(workers, threads) as ex:
             if parts is not None:
                 install_parts(ctx, parts)
                 del parts
@@ -434,26 +420,10 @@ def _finish(ctx: SearchContext, ex: Executor, space: SearchSpace,
                        "fitness_s": round(sum(e["fitness_s"] for e in evals), 3),
                        "evaluation_s": round(sum(e["seconds"] for e in evals), 3)},
         }
-        (tmp / SEARCH_JSON).write_text(json.dumps(_clean(doc), indent=1) + "\n")
+        (tmp / SEARCH_JSON).write_text(json.dumps(clean(doc), indent=1) + "\n")
         write_curve(evals, spec.metric_name, spec.maximize, tmp / CURVE_PNG)
         write_card_and_recipe(tmp, _card(recipe, text, space, best, rows, best_text), text)
     return rows, check
-
-
-def _clean(value: Any) -> Any:
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: _clean(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_clean(v) for v in value]
-    return value
-
-
-def _fmt(value: float | None) -> str:
-    if value is None:
-        return "—"
-    return f"{value:.4f}" if abs(value) < 1e4 else f"{value:.4g}"
 
 
 def scores_table(rows: list[Row], metric: str, maximize: bool) -> Table:
@@ -461,7 +431,7 @@ def scores_table(rows: list[Row], metric: str, maximize: bool) -> Table:
                   title=f"Scores ({'higher' if maximize else 'lower'} is better; the search "
                   "saw only select)", title_justify="left")
     for r in rows:
-        table.add_row(r.label, _fmt(r.select), _fmt(r.report))
+        table.add_row(r.label, fmt(r.select), fmt(r.report))
     return table
 
 
@@ -501,7 +471,7 @@ def _card(recipe: CoefficientSearchRecipe, text: str, space: SearchSpace,
     searched += [f"| {v.label} | [{v.low:g}, {v.high:g}] | {v.default:g} | "
                  f"{best['point'][v.label]:.6g} |" for v in space.variables]
     table = ["| model | select | report |", "|---|---|---|"]
-    table += [f"| {r.label} | {_fmt(r.select)} | {_fmt(r.report)} |" for r in rows]
+    table += [f"| {r.label} | {fmt(r.select)} | {fmt(r.report)} |" for r in rows]
     p = recipe.parameters
     return model_card(
         title=recipe.name or "Merged model (coefficient search)",
