@@ -459,9 +459,10 @@ def tag(point: dict[str, float]) -> str:
     return "-".join(f"{k[:3]}{v:g}" for k, v in point.items()) or "default"
 
 
-def pcbmerge(recipe: Path, out: Path, extra: tuple[str, ...] = ()) -> float:
+def pcbmerge(recipe: Path, out: Path, extra: tuple[str, ...] = (),
+             env_extra: dict[str, str] | None = None) -> float:
     """`python -m mergekit_pcb run RECIPE -o OUT --force --quiet`; returns the wall time."""
-    env = dict(os.environ)
+    env = {**os.environ, **(env_extra or {})}
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(SCRIPTS), env.get("PYTHONPATH")) if p)
     cmd = [sys.executable, "-m", "mergekit_pcb", "run", str(recipe), "-o", str(out), "--force",
            "--quiet", *extra]
@@ -492,10 +493,9 @@ def run_grid(work: Work, spec: MethodSpec) -> dict[str, Any]:
         path = rdir / f"{tag(point)}.yaml"
         atomic_write(path, yaml.safe_dump(recipe, sort_keys=False))
         merge_s = pcbmerge(path, cand)
-        t0 = time.perf_counter()
-        acc = qf.evaluate(qf.load_checkpoint(cand), work.select)
+        acc, eval_s = qf.evaluate_timed(qf.load_checkpoint(cand), work.select)
         trial = {"params": point, "select": acc, "select_mean": mean(acc.values()),
-                 "merge_s": merge_s, "eval_s": time.perf_counter() - t0, "recipe": str(path)}
+                 "merge_s": merge_s, "eval_s": eval_s, "recipe": str(path)}
         trials.append(trial)
         mark = ""
         if best is None or trial["select_mean"] > best["select_mean"]:
@@ -511,7 +511,9 @@ def run_grid(work: Work, spec: MethodSpec) -> dict[str, Any]:
     return {"label": spec.label, "slug": spec.slug, "merge_method": spec.merge_method,
             "fixed": spec.fixed, "grid": spec.grid, "trials": trials, "chosen": best["params"],
             "select": best["select"], "test": test, "merge_s": best["merge_s"],
-            "tuning_s": time.perf_counter() - t_all, "recipe": best["recipe"],
+            # merges as run now + select scoring as first computed (the cache keeps that time)
+            "tuning_s": sum(tr["merge_s"] + tr["eval_s"] for tr in trials),
+            "wall_s": time.perf_counter() - t_all, "recipe": best["recipe"],
             "output": str(best_dir)}
 
 
@@ -538,7 +540,9 @@ def run_evolver(work: Work, label: str, slug: str, inner: dict[str, Any],
     shutil.rmtree(out.with_name(f"{out.name}.run"), ignore_errors=True)  # a fresh search
     log(f"  {label}: {args.generations} generations, pop {args.pop} (inner {inner['label']} "
         f"{tag(inner_params)})")
-    wall = pcbmerge(path, out, ("--trust-code", "--threads", str(torch.get_num_threads())))
+    # The search scores afresh (no evaluation cache), so its wall time is a cold one.
+    wall = pcbmerge(path, out, ("--trust-code", "--threads", str(torch.get_num_threads())),
+                    {"QUALITY_FITNESS_NO_CACHE": "1"})
     select = qf.evaluate(qf.load_checkpoint(out), work.select)
     test = qf.evaluate(qf.load_checkpoint(out), work.test)
     history = None
@@ -553,14 +557,52 @@ def run_evolver(work: Work, label: str, slug: str, inner: dict[str, Any],
             "recipe": str(path), "output": str(out), "evolution": history}
 
 
-# HOOK: PCB + coefficient search ---------------------------------------------------------
-# A coefficient-search method (one λᵢ per task, "PCB + ES" in the paper) is being written
-# separately. When it lands, make this function write its recipe (the chosen PCB values from
-# `pcb`, `fitness:` as in `run_evolver`, select/report data as there), run it with
-# `pcbmerge(path, out, ("--trust-code",))`, and return a row shaped like `run_evolver`'s.
-# Returning None leaves the row out of the table.
+# PCB + coefficient search ("PCB + ES" in the paper) -------------------------------------
+# `merge_method: coefficient-search` with PCB (global, at its grid choice) as the inner merge:
+# nevergrad searches one weight per task (λᵢ; λ stays at the grid's value) on the select
+# split. Off with `--coef-budget 0`, or when nevergrad is not installed. To compare another
+# searched merge, add a function like this one and call it from `main` where this one is.
 def run_pcb_coefficient_search(work: Work, pcb: dict[str, Any]) -> dict[str, Any] | None:
-    return None
+    args = work.args
+    if args.coef_budget <= 0:
+        return None
+    if importlib.util.find_spec("nevergrad") is None:
+        log("PCB + coefficient search: skipped (pip install nevergrad)")
+        return None
+    low, high = args.coef_bounds
+    recipe = {
+        "merge_method": "coefficient-search",
+        "base_model": str(work.base),
+        "models": [{"model": str(work.model(t))} for t in TASKS],
+        "merge": {"merge_method": "pcb", "parameters": {**pcb["fixed"], **pcb["chosen"]},
+                  "tensors": [dict(r) for r in FROZEN_RULES]},
+        "search": {"weight": [low, high]},
+        "parameters": {"optimizer": "NGOpt", "budget": args.coef_budget},
+        "fitness": {"type": "callable", "function": "quality_fitness:score",
+                    "select": str(work.select), "report": str(work.test)},
+        "seed": args.seed,
+    }
+    slug = "coefsearch_pcb_global"
+    path = work.root / "recipes" / f"{slug}.yaml"
+    atomic_write(path, yaml.safe_dump(recipe, sort_keys=False))
+    out = work.root / "merges" / slug
+    shutil.rmtree(out.with_name(f"{out.name}.run"), ignore_errors=True)  # a fresh search
+    log(f"  PCB + coefficient search: NGOpt, budget {args.coef_budget}, weight in "
+        f"[{low:g}, {high:g}] per task (inner PCB (global) {tag(pcb['chosen'])})")
+    wall = pcbmerge(path, out, ("--trust-code", "--threads", str(torch.get_num_threads())),
+                    {"QUALITY_FITNESS_NO_CACHE": "1"})
+    shutil.rmtree(out.with_name(f"{out.name}.run"), ignore_errors=True)
+    best = yaml.safe_load((out / "best_recipe.yaml").read_text())
+    weights = [round(float(m.get("parameters", {}).get("weight", 1.0)), 3)
+               for m in best["models"]]
+    select = qf.evaluate(qf.load_checkpoint(out), work.select)
+    test = qf.evaluate(qf.load_checkpoint(out), work.test)
+    log(f"  PCB + coefficient search: weights {weights}, select {mean(select.values()):.4f}, "
+        f"{wall:.0f}s")
+    return {"label": "PCB + coefficient search", "slug": slug, "merge_method": "pcb+search",
+            "chosen": {**pcb["chosen"], "weights": weights, "budget": args.coef_budget},
+            "select": select, "test": test, "merge_s": wall, "tuning_s": wall,
+            "recipe": str(path), "output": str(out)}
 
 
 # --------------------------------------------------------------------------------- report
@@ -581,7 +623,7 @@ def reference_rows(work: Work, metas: dict[str, Any]) -> dict[str, Any]:
 def fmt_params(chosen: dict[str, Any]) -> str:
     if not chosen:
         return "—"
-    names = {"lambda": "λ", "density": "d", "generations": "gens"}
+    names = {"lambda": "λ", "density": "d", "generations": "gens", "weights": "λᵢ"}
     return ", ".join(f"{names.get(k, k)} {v}" for k, v in chosen.items())
 
 
@@ -629,8 +671,9 @@ def render(work: Work, refs: dict[str, Any], methods: list[dict[str, Any]],
         f"test split {work.args.test} per task. Fine-tuning: {work.args.steps} steps, batch "
         f"{BATCH}, length {MAX_LEN}, embeddings frozen. `merge s`: wall time of one "
         f"`pcbmerge run` at the chosen values (a child process, interpreter start included; "
-        f"for evolver the whole search); `tuning s`: the grid's merges and select "
-        f"evaluations (for the fine-tuned row: training time of the four). Run "
+        f"for evolver the whole search, scored without the cache); `tuning s`: the grid's "
+        f"merges plus its select evaluations as first computed (re-runs take them from the "
+        f"cache); for the fine-tuned row: training time of the four. Run "
         f"{time.strftime('%Y-%m-%d')} on {os.cpu_count()} shared cores.",
         "",
         *lines,
@@ -749,10 +792,28 @@ def task_vector_stats(work: Work, outputs: dict[str, Path]) -> list[str]:
         lines.append(f"| {label} | {float(tv.norm() / ta.norm()):.3f} | "
                      f"{float((tv != 0).float().mean()):.3f} | {cos:.3f} | {cos_t:.3f} | "
                      f"{agree:.3f} |")
-    norms = [float(t.norm()) for t in tuned]
-    lines.append("")
-    lines.append("Task-vector norms: " + ", ".join(f"{t} {n:.2f}" for t, n in zip(TASKS, norms,
-                                                                              strict=True)))
+    lines += ["", "The four task vectors τᵢ over the same entries (what TIES and PCB work on):", "",
+              "| task | ‖τ‖ | median \\|τ\\| | q99 / median | max / median | top 20% of entries' "
+              "share of ‖τ‖² (Gaussian: 0.650) | " + " | ".join(f"cos with {u}" for u in TASKS)
+              + " |", "|" + "---|" * (6 + len(TASKS))]
+    stack = torch.stack(tuned)
+    unit = stack.double() / stack.double().norm(dim=1, keepdim=True)
+    cosm = (unit @ unit.T).tolist()
+    for i, t in enumerate(TASKS):
+        srt = torch.sort(stack[i].abs()).values
+        med, q99 = float(srt[len(srt) // 2]), float(srt[int(0.99 * len(srt))])
+        top = srt[int(0.8 * len(srt)):]
+        share = float((top.double() ** 2).sum() / (srt.double() ** 2).sum())
+        lines.append(f"| {t} | {float(stack[i].norm()):.2f} | {med:.2e} | {q99 / med:.1f} | "
+                     f"{float(srt[-1]) / med:.1f} | {share:.3f} | "
+                     + " | ".join(f"{cosm[i][j]:.3f}" for j in range(len(TASKS))) + " |")
+    signs = torch.sign(stack).sum(0).abs()
+    n = len(TASKS)
+    lines += ["", "Sign patterns over the entries (how many of the four τᵢ share the majority "
+              "sign), against independent random signs: " + ", ".join(
+                  f"{(n + k) // 2}–{(n - k) // 2}: {float((signs == k).float().mean()):.3f} "
+                  f"(random {math.comb(n, (n + k) // 2) * (2 if k else 1) / 2 ** n:.3f})"
+                  for k in range(n, -1, -2))]
     return lines
 
 
@@ -863,6 +924,10 @@ def main(argv: list[str] | None = None) -> None:
                         "wider λ × density sweep of TIES and PCB (select and test)")
     p.add_argument("--sweep-lambdas", type=parse_floats, default=[0.5, 1.0, 1.5, 2.0])
     p.add_argument("--sweep-densities", type=parse_floats, default=[0.05, 0.1, 0.2, 0.5])
+    p.add_argument("--coef-budget", type=int, default=40,
+                   help="PCB + coefficient search: NGOpt evaluations (0: skip)")
+    p.add_argument("--coef-bounds", type=parse_floats, default=[0.5, 2.0],
+                   help="bounds of each task's weight in the coefficient search")
     p.add_argument("--prepare-only", action="store_true")
     args = p.parse_args(argv)
 
@@ -904,7 +969,7 @@ def main(argv: list[str] | None = None) -> None:
                 res = run_evolver(work, label, f"evolver_{slug}", inner, by_slug[slug]["chosen"])
                 methods.append(res)
     if "pcb_global" in by_slug:
-        res = run_pcb_coefficient_search(work, by_slug["pcb_global"])  # HOOK (returns None)
+        res = run_pcb_coefficient_search(work, by_slug["pcb_global"])
         if res is not None:
             methods.append(res)
 
@@ -915,7 +980,7 @@ def main(argv: list[str] | None = None) -> None:
         if "pcb_global" in by_slug:
             extra += dense_check(work, by_slug["pcb_global"])
         outputs = {m["label"]: Path(m["output"]) for m in methods
-                   if m["merge_method"] != "evolver"}
+                   if m["merge_method"] not in ("evolver", "pcb+search")}
         extra += task_vector_stats(work, outputs)
         sweep_specs = [s for s in specs if s.slug in ("ties", "pcb_global", "pcb_tensor")]
         lines, diag["sweep"] = sweep(work, sweep_specs, args.sweep_lambdas, args.sweep_densities)

@@ -17,6 +17,7 @@ As an evolver fitness (`type: callable`, run with `--trust-code` and `scripts/` 
 returns the accuracy per task. Results are cached on disk (beside the data, in
 `cache/eval/`) under the SHA-256 of the state's bytes, the data file and the heads, so the
 same weights are never scored twice on the same data, by the benchmark or by a search.
+Set QUALITY_FITNESS_NO_CACHE=1 to score everything afresh.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -33,7 +35,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 # Bump when the way a state is scored changes: it is part of every cache key.
-EVAL_VERSION = "quality-eval-1"
+EVAL_VERSION = "quality-eval-2"
 EVAL_BATCH = 64
 USE_DISK_CACHE = os.environ.get("QUALITY_FITNESS_NO_CACHE", "") == ""
 
@@ -152,13 +154,14 @@ def _read_cache(path: Path) -> dict[str, Any] | None:
 
 
 def _compute(d: Data, state: Mapping[str, torch.Tensor], path: Path) -> dict[str, Any]:
+    t0 = time.perf_counter()
     model = encoder_for(d.config_dir)
     load_state(model, state)
     right = {t: correct(model, d.heads[t], *d.inputs[t]) for t in d.tasks}
     entry = {"acc": {t: int(r.sum()) / max(1, len(r)) for t, r in right.items()},
              "correct": {t: "".join("1" if x else "0" for x in r.tolist())
                          for t, r in right.items()},
-             "data": str(d.path)}
+             "eval_s": time.perf_counter() - t0, "data": str(d.path)}
     if USE_DISK_CACHE:
         d.cache_dir.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
@@ -167,14 +170,21 @@ def _compute(d: Data, state: Mapping[str, torch.Tensor], path: Path) -> dict[str
     return entry
 
 
-def evaluate(state: Mapping[str, torch.Tensor], data: str | Path) -> dict[str, float]:
-    """Accuracy per task of the encoder `state` (each task with its own head)."""
+def evaluate_timed(state: Mapping[str, torch.Tensor],
+                   data: str | Path) -> tuple[dict[str, float], float]:
+    """`evaluate`, and the seconds the scoring took when it was computed (a cache hit
+    returns the recorded cold time, so timings do not depend on the cache)."""
     d = load_data(data)
     path = _cache_path(d, state)
     entry = _read_cache(path)
     if entry is None or "acc" not in entry:
         entry = _compute(d, state, path)
-    return entry["acc"]
+    return entry["acc"], float(entry.get("eval_s", float("nan")))
+
+
+def evaluate(state: Mapping[str, torch.Tensor], data: str | Path) -> dict[str, float]:
+    """Accuracy per task of the encoder `state` (each task with its own head)."""
+    return evaluate_timed(state, data)[0]
 
 
 def correctness(state: Mapping[str, torch.Tensor], data: str | Path) -> dict[str, torch.Tensor]:
@@ -202,5 +212,5 @@ def load_checkpoint(directory: str | Path) -> dict[str, torch.Tensor]:
     return state
 
 
-__all__ = ["EVAL_VERSION", "correctness", "evaluate", "load_checkpoint", "mean_pool", "score",
-           "state_digest"]
+__all__ = ["EVAL_VERSION", "correctness", "evaluate", "evaluate_timed", "load_checkpoint",
+           "mean_pool", "score", "state_digest"]
