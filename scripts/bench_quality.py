@@ -3,7 +3,7 @@ the rest, on four text-classification tasks, all offline.
 
     python scripts/bench_quality.py                 # prepare (cached), merge, evaluate, report
     python scripts/bench_quality.py --diagnose      # also: PCB vs a dense reference, wider sweep
-    python scripts/bench_quality.py --skip-evolver  # grid methods only
+    python scripts/bench_quality.py --skip-evolver --coef-budget 0   # grid methods only
 
 What it does (everything under the work dir, default `.bench/quality/`):
 
@@ -26,7 +26,9 @@ What it does (everything under the work dir, default `.bench/quality/`):
    routed to the base (`tensors: take: base`), so whole-model (`scope: global`) statistics
    cover the trained weights only. Evolver runs the same engine as a search, with TIES and
    with PCB (at their chosen values) as the inner merge and `quality_fitness:score` as the
-   fitness.
+   fitness; `coefficient-search` (PCB + ES) searches one weight per task around PCB's
+   chosen values (`--coef-budget`, needs nevergrad). Searches score without the cache, so
+   their wall times are cold ones.
 4. Report: `results.md`, `results.json` and `quality.png` (normalized accuracy per method).
 
 Accuracy evaluations are cached on disk by the SHA-256 of the merged weights
@@ -702,7 +704,7 @@ def plot(work: Work, refs: dict[str, Any], methods: list[dict[str, Any]], path: 
 
     own = {t: refs["finetuned"][t]["test"][t] for t in TASKS}
     rows = [("pretrained\n+ heads", refs["pretrained"]["test"])] + \
-        [(m["label"].replace(" (", "\n("), m["test"]) for m in methods]
+        [(m["label"].replace(" (", "\n(").replace(" + ", "\n+ "), m["test"]) for m in methods]
     fig, ax = plt.subplots(figsize=(max(8, 1.1 * len(rows) + 2), 4.8))
     width = 0.8 / (len(TASKS) + 1)
     for j, t in enumerate(TASKS):
