@@ -95,8 +95,13 @@ def scores_table(rows: Sequence[ScoreRow], metric: str, maximize: bool) -> Table
     return table
 
 
-def write_curve(history: Sequence[dict[str, Any]], metric: str, path: Path) -> bool:
-    """The fitness curve as a PNG; False when matplotlib is not installed."""
+Series = tuple[Sequence[float], str, str]  # values, matplotlib style, label
+
+
+def plot_png(path: Path, xs: Sequence[float], series: Sequence[Series], xlabel: str,
+             ylabel: str) -> bool:
+    """Line plots of `series` against `xs` as a PNG; False when matplotlib is not installed.
+    Every search's curve goes through here."""
     try:
         import matplotlib
 
@@ -104,19 +109,25 @@ def write_curve(history: Sequence[dict[str, Any]], metric: str, path: Path) -> b
         import matplotlib.pyplot as plt
     except ImportError:
         return False
-    gens = [h["generation"] for h in history]
     fig, ax = plt.subplots(figsize=(6, 4))
-    for key, style in (("objective", "-o"), ("best", "--"), ("mean", ":")):
-        values = [h[key] if h[key] is not None else math.nan for h in history]
-        ax.plot(gens, values, style, label=key)
-    ax.set_xlabel("generation")
-    ax.set_ylabel(f"select {metric}")
+    for values, style, label in series:
+        ax.plot(xs, values, style, label=label, **({"alpha": 0.5} if style == "." else {}))
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
     ax.legend()
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return True
+
+
+def write_curve(history: Sequence[dict[str, Any]], metric: str, path: Path) -> bool:
+    """The fitness curve as a PNG; False when matplotlib is not installed."""
+    gens = [h["generation"] for h in history]
+    series = [([h[key] if h[key] is not None else math.nan for h in history], style, key)
+              for key, style in (("objective", "-o"), ("best", "--"), ("mean", ":"))]
+    return plot_png(path, gens, series, "generation", f"select {metric}")
 
 
 def search_card(*, recipe_text: str, recipe_name: str | None, base_model: str | None,
@@ -145,5 +156,15 @@ def write_json(path: Path, data: Any) -> None:
     path.write_text(json.dumps(data, indent=2) + "\n")
 
 
-__all__ = ["CURVE_PNG", "EVOLUTION_JSON", "ScoreRow", "evolution_document", "history_table",
-           "scores_table", "search_card", "write_curve", "write_json"]
+__all__ = [
+    "CURVE_PNG",
+    "EVOLUTION_JSON",
+    "ScoreRow",
+    "evolution_document",
+    "history_table",
+    "plot_png",
+    "scores_table",
+    "search_card",
+    "write_curve",
+    "write_json",
+]

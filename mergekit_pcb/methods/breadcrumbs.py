@@ -20,7 +20,7 @@ from mergekit_pcb.methods.base import (
     Range,
     TensorInputs,
 )
-from mergekit_pcb.methods.ops import combine_task_vectors, magnitude_outliers
+from mergekit_pcb.methods.ops import combine_weighted, magnitude_outliers
 from mergekit_pcb.methods.ties import INT8_MASK, RESCALE_L1
 
 GAMMA = ParamSpec("gamma", 0.01, "fraction of the largest-magnitude entries dropped as "
@@ -38,10 +38,7 @@ class _Breadcrumbs(MergeMethod):
         rescale = bool(inputs.params["rescale"])
         deltas = [magnitude_outliers(m - inputs.base, p["density"], p["gamma"], rescale)
                   for m, p in zip(inputs.models, inputs.model_params, strict=True)]
-        return combine_task_vectors(
-            inputs.base, deltas, [p["weight"] for p in inputs.model_params],
-            lambda_=inputs.params["lambda"], normalize=inputs.params["normalize"],
-            sign_consensus=self.sign_consensus)
+        return combine_weighted(inputs, deltas, sign_consensus=self.sign_consensus)
 
 
 class Breadcrumbs(_Breadcrumbs):

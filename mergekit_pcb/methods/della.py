@@ -25,7 +25,7 @@ from mergekit_pcb.methods.base import (
     Range,
     TensorInputs,
 )
-from mergekit_pcb.methods.ops import combine_task_vectors, della_magprune
+from mergekit_pcb.methods.ops import combine_weighted, della_magprune
 from mergekit_pcb.methods.ties import INT8_MASK
 
 # One range for every method with an `epsilon` (test_hostile_recipes: one rule per name).
@@ -65,10 +65,7 @@ class _Della(MergeMethod):
                     f"shape {list(delta.shape)} has one per row; route it to another "
                     "method with a tensors: rule")
             deltas.append(della_magprune(delta, p["density"], p["epsilon"], g, rescale))
-        return combine_task_vectors(
-            inputs.base, deltas, [p["weight"] for p in inputs.model_params],
-            lambda_=inputs.params["lambda"], normalize=inputs.params["normalize"],
-            sign_consensus=self.sign_consensus)
+        return combine_weighted(inputs, deltas, sign_consensus=self.sign_consensus)
 
 
 class Della(_Della):

@@ -6,6 +6,7 @@ from collections.abc import Sequence
 
 import torch
 
+from mergekit_pcb.methods.base import TensorInputs
 from mergekit_pcb.methods.selection import kth_smallest
 
 
@@ -50,6 +51,17 @@ def random_drop(delta: torch.Tensor, density: float, generator: torch.Generator,
     keep = torch.rand(delta.shape, generator=generator, dtype=torch.float32) < density
     out = delta * keep.to(device=delta.device, dtype=delta.dtype)
     return out / density if rescale and density > 0 else out
+
+
+def combine_weighted(inputs: TensorInputs, deltas: Sequence[torch.Tensor], *,
+                     sign_consensus: bool) -> torch.Tensor:
+    """`combine_task_vectors` with the per-model `weight` and the `lambda` and `normalize`
+    parameters of `inputs`: the last step of every sparsify-then-combine method."""
+    assert inputs.base is not None
+    return combine_task_vectors(
+        inputs.base, deltas, [p["weight"] for p in inputs.model_params],
+        lambda_=inputs.params["lambda"], normalize=inputs.params["normalize"],
+        sign_consensus=sign_consensus)
 
 
 def combine_task_vectors(

@@ -20,7 +20,7 @@ from mergekit_pcb.engine import MergePlan, build_plan, write_plan
 from mergekit_pcb.errors import RecipeError, UserError
 from mergekit_pcb.evolve.executor import Executor, executor_scope
 from mergekit_pcb.evolve.fitness import better, code_refs
-from mergekit_pcb.evolve.output import clean, fmt
+from mergekit_pcb.evolve.output import clean, fmt, plot_png
 from mergekit_pcb.io.artifacts import model_card, write_card_and_recipe
 from mergekit_pcb.io.files import atomic_write_json
 from mergekit_pcb.io.writer import atomic_output_dir, check_destination, prepare_run_dir
@@ -437,30 +437,14 @@ def scores_table(rows: list[Row], metric: str, maximize: bool) -> Table:
 
 def write_curve(evals: list[dict[str, Any]], metric: str, maximize: bool, path: Path) -> bool:
     """Each evaluation's select score and the best so far, against the evaluation count."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return False
     xs = list(range(1, len(evals) + 1))
     scores = [e["select"] if e["select"] is not None else math.nan for e in evals]
     best: list[float] = []
     for v in scores:
         prev = best[-1] if best else math.nan
         best.append(v if better(v, prev, maximize) else prev)
-    fig, ax = plt.subplots(figsize=(6, 4))
-    ax.plot(xs, scores, ".", alpha=0.5, label="evaluation")
-    ax.plot(xs, best, "-", label="best so far")
-    ax.set_xlabel("evaluations")
-    ax.set_ylabel(f"select {metric}")
-    ax.legend()
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return True
+    return plot_png(path, xs, [(scores, ".", "evaluation"), (best, "-", "best so far")],
+                    "evaluations", f"select {metric}")
 
 
 def _card(recipe: CoefficientSearchRecipe, text: str, space: SearchSpace,
