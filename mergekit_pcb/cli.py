@@ -43,6 +43,11 @@ class Device(str, Enum):
     cuda = "cuda"
 
 
+class ExecutorName(str, Enum):
+    local = "local"
+    ray = "ray"
+
+
 def handle_errors(fn: F) -> F:
     """Bad input -> one line and exit 2; anything else is a bug -> traceback and exit 1."""
 
@@ -79,6 +84,38 @@ def _setup_torch(device: Device, threads: int | None) -> None:
 
 
 RecipeArg = Annotated[Path, typer.Argument(help="YAML recipe", show_default=False)]
+ExecutorOpt = Annotated[ExecutorName | None, typer.Option(
+    help="searches: where candidates are scored: local processes or a Ray cluster "
+         "[default: local]")]
+RayAddressOpt = Annotated[str | None, typer.Option(
+    help="--executor ray: the cluster to join ('auto': the running one) [default: start a "
+         "local Ray]")]
+CpusOpt = Annotated[float | None, typer.Option(
+    help="--executor ray: CPUs each worker asks for [default: 1]")]
+GpusOpt = Annotated[float | None, typer.Option(
+    help="--executor ray: GPUs each worker asks for [default: 0]")]
+SharedOpt = Annotated[bool, typer.Option(
+    help="--executor ray: every node mounts the run directory at the same path (workers "
+         "read members there instead of keeping their own copy)")]
+
+
+def _ray_settings(executor: ExecutorName | None, address: str | None, cpus: float | None,
+                  gpus: float | None, shared: bool) -> Any:
+    """The Ray settings of `--executor ray`; its options without it are refused."""
+    from mergekit_pcb.evolve.ray_executor import RaySettings, import_ray
+
+    if executor is not ExecutorName.ray:
+        for flag, value in (("--ray-address", address), ("--cpus-per-worker", cpus),
+                            ("--gpus-per-worker", gpus), ("--shared-run-dir", shared or None)):
+            if value is not None:
+                raise UserError(f"{flag}: only used with --executor ray")
+        return None
+    for flag, value in (("--cpus-per-worker", cpus), ("--gpus-per-worker", gpus)):
+        if value is not None and value < 0:
+            raise UserError(f"{flag} must be at least 0, got {value}")
+    import_ray()  # refused now, with what to install, if Ray is missing
+    return RaySettings(address=address, cpus_per_worker=1.0 if cpus is None else cpus,
+                       gpus_per_worker=gpus or 0.0, shared_run_dir=shared)
 JsonOpt = Annotated[bool, typer.Option("--json", help="print JSON")]
 PickleOpt = Annotated[bool, typer.Option(help="allow pickled .bin checkpoints")]
 TrustOpt = Annotated[bool, typer.Option(
@@ -116,6 +153,11 @@ def run(
     resume: Annotated[bool, typer.Option(
         help="searches: continue a stopped or killed run")] = False,
     trust_code: TrustOpt = False,
+    executor: ExecutorOpt = None,
+    ray_address: RayAddressOpt = None,
+    cpus_per_worker: CpusOpt = None,
+    gpus_per_worker: GpusOpt = None,
+    shared_run_dir: SharedOpt = False,
 ) -> None:
     """Run a recipe of any kind (a merge or a search) and write the resulting model."""
     from mergekit_pcb.io.writer import parse_size
@@ -125,16 +167,22 @@ def run(
     given = {flag for flag, value in (
         ("--device", device), ("--shard-size", shard_size), ("--threads", threads),
         ("--allow-pickle", allow_pickle or None), ("--workers", workers),
-        ("--resume", resume or None), ("--trust-code", trust_code or None))
+        ("--resume", resume or None), ("--trust-code", trust_code or None),
+        ("--executor", executor), ("--ray-address", ray_address),
+        ("--cpus-per-worker", cpus_per_worker), ("--gpus-per-worker", gpus_per_worker),
+        ("--shared-run-dir", shared_run_dir or None))
         if value is not None}
     kind.refuse_flags(given, recipe, method)
     if workers is not None and workers < 1:
         raise UserError(f"--workers must be at least 1, got {workers}")
+    ray = _ray_settings(executor, ray_address, cpus_per_worker, gpus_per_worker,
+                        shared_run_dir)
     options = RunOptions(
         output=output, force=force, seed=seed, dry_run=dry_run, quiet=quiet or json_out,
         device=(device or Device.cpu).value, shard_size=parse_size(shard_size or "5GB"),
-        threads=threads, allow_pickle=allow_pickle, workers=workers or 1, resume=resume,
-        trust_code=trust_code)
+        threads=threads, allow_pickle=allow_pickle,
+        workers=workers if workers is not None or ray is not None else 1, resume=resume,
+        trust_code=trust_code, ray=ray)
     _setup_torch(Device(options.device), threads)
     if dry_run:
         _print_plan(kind, kind.plan(loaded, recipe, options), json_out, dry_run=True)
@@ -252,7 +300,9 @@ def evolve_command(
     pop: Annotated[int | None, typer.Option(help="population size (overrides the recipe)")]
     = None,
     generations: Annotated[int | None, typer.Option(help="generations (overrides)")] = None,
-    workers: Annotated[int, typer.Option(help="processes scoring candidates")] = 1,
+    workers: Annotated[int | None, typer.Option(
+        help="processes (or Ray workers) scoring candidates [default: 1; with --executor "
+             "ray, as many as the cluster holds]")] = None,
     resume: Annotated[bool, typer.Option(help="continue a stopped or killed run")] = False,
     seed: Annotated[int | None, typer.Option(help="seed (overrides the recipe)")] = None,
     output: Annotated[Path | None, typer.Option(
@@ -267,6 +317,11 @@ def evolve_command(
     shard_size: Annotated[str, typer.Option(help="largest output shard, e.g. 5GB")] = "5GB",
     allow_pickle: PickleOpt = False,
     trust_code: TrustOpt = False,
+    executor: ExecutorOpt = None,
+    ray_address: RayAddressOpt = None,
+    cpus_per_worker: CpusOpt = None,
+    gpus_per_worker: GpusOpt = None,
+    shared_run_dir: SharedOpt = False,
 ) -> None:
     """Evolve a population of checkpoints with a search recipe (e.g. evolver)."""
     from mergekit_pcb.errors import RecipeError
@@ -281,10 +336,15 @@ def evolve_command(
     if kind.name != "search":
         raise RecipeError(f"{recipe}: merge_method '{method}' is a {kind.name}, not a search; "
                           "run it with `pcbmerge run`")
-    summary = evolve(recipe, output, pop=pop, generations=generations, workers=workers,
+    if workers is not None and workers < 1:
+        raise UserError(f"--workers must be at least 1, got {workers}")
+    ray = _ray_settings(executor, ray_address, cpus_per_worker, gpus_per_worker,
+                        shared_run_dir)
+    summary = evolve(recipe, output, pop=pop, generations=generations,
+                     workers=workers if workers is not None or ray is not None else 1,
                      resume=resume, seed=seed, force=force, quiet=quiet, threads=threads,
                      run_dir=run_dir, shard_size=parse_size(shard_size),
-                     allow_pickle=allow_pickle, trust_code=trust_code, loaded=loaded)
+                     allow_pickle=allow_pickle, trust_code=trust_code, loaded=loaded, ray=ray)
     if not quiet:
         stderr.print(f"wrote {summary.output} in {summary.seconds:.1f}s "
                      f"(run state in {summary.run_dir})")

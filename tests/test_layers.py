@@ -13,7 +13,7 @@ PACKAGE = Path(mergekit_pcb.__file__).parent
 LAYERS: list[set[str]] = [
     {"__main__", "cli"},
     {"kinds"},
-    {"evolve"},  # the search engine (merges through the merge engine below)
+    {"evolve", "reprogram"},  # the search and reprogramming engines (beside each other)
     {"engine"},  # the merge engine
     {"recipe"},
     {"methods", "io"},

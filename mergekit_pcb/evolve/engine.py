@@ -40,12 +40,15 @@ from mergekit_pcb.evolve.jobs import (
     ScoreJob,
     TrialJob,
     WorkContext,
+    build_trial,
     member_key,
     population_recipe,
     run_score,
     run_trial,
+    runtime,
 )
 from mergekit_pcb.evolve.operators import interpolate
+from mergekit_pcb.evolve.replica import PopulationLog
 from mergekit_pcb.evolve.store import RunDir, TensorSpec, layout_of
 from mergekit_pcb.io.files import resolve_data_file
 from mergekit_pcb.io.mapped import open_readable
@@ -92,6 +95,8 @@ class EvolutionRun:
     _rng: random.Random = field(default_factory=random.Random)
     _mark: float = 0.0
     _spares: list[str] = field(default_factory=list)
+    # what workers without a shared filesystem need to hold the members the driver holds
+    population: PopulationLog = field(default_factory=PopulationLog)
 
     # ------------------------------------------------------------------ setup
 
@@ -201,6 +206,7 @@ class EvolutionRun:
 
     def start(self, *, resume: bool, force: bool) -> None:
         prepare_run_dir(self.run_dir.root, force=force, inputs=self.inputs, resume=resume)
+        self.executor.track(self.population, self.run_dir.members)
         existing = self.run_dir.load_state()
         self._mark = time.perf_counter()
         if resume:
@@ -217,6 +223,8 @@ class EvolutionRun:
             self._check_resumable(existing)
             if existing["phase"] == "init":
                 self._initialize()
+            else:
+                self.population.reset(self._live(), self._state["checksums"])
             return
         self._initialize()
 
@@ -321,6 +329,7 @@ class EvolutionRun:
                     ((t.name, interpolate(pa.read(t.name), pb.read(t.name), alpha)
                       if t.dtype.is_floating_point else pa.read(t.name)) for t in self.layout))
             names.append(name)
+        self.population.reset(names, checksums)
         paths = tuple(self._path(n) for n in names)
         jobs = [ScoreJob((p,), False, "select") for p in paths]
         merged_mode = s.merged
@@ -404,6 +413,23 @@ class EvolutionRun:
             batch=self.settings.strategy.batch(st["plan"]),
         )
 
+    def _live(self) -> list[str]:
+        """The member files the run keeps: the population and the initial members."""
+        st = self._state
+        return list(dict.fromkeys([*st["members"], *st["initial"]["members"]]))
+
+    def _write_trial(self, job: TrialJob, checksum: int | None) -> None:
+        """An accepted trial scored on a worker's own copy: the driver builds it from the
+        same members and seeds and stores it; its bytes must be the worker's."""
+        trial = build_trial(runtime(self.ctx), job)
+        crc = write_safetensors(Path(job.out_path), self.layout, trial.items(),
+                                reuse=Path(job.spare) if job.spare else None)
+        if crc != checksum:
+            raise CheckpointError(
+                f"generation {job.generation + 1}, step {job.step}: the trial built on the "
+                f"driver differs from the worker's (CRC-32 {crc:#010x} against "
+                f"{checksum!r}); the trial's build is not deterministic across machines")
+
     def _reads(self, job: TrialJob) -> set[int]:
         if job.merged:
             return set(range(self.settings.pop))
@@ -438,6 +464,8 @@ class EvolutionRun:
                                            "trial": res.score})
                 if res.accepted:
                     old, new = st["members"][slot], Path(job.out_path).name
+                    if not self.executor.shares_files:
+                        self._write_trial(job, res.checksum)
                     st["members"][slot] = new
                     st["checksums"][new] = res.checksum
                     if old not in st["initial"]["members"]:
@@ -448,6 +476,7 @@ class EvolutionRun:
                                        else self._best(st["fitness"])[1])
                     st["current"]["accepted"] += 1
                     changed.add(slot)
+                    self.population.accept(job, res.checksum, self._live())
                 st["step"] += 1
                 self._commit()
             st["discarded"] += len(jobs) - used

@@ -3,8 +3,8 @@
 Two implementations: in this process (`SerialExecutor`) and in K processes
 (`ProcessExecutor`, started with the "spawn" context so that workers share no torch or
 RNG state with the parent). Both set the same torch thread count around each job, which is
-what makes a score bit-identical whichever process computes it. A cluster executor (Ray)
-only needs `map` and `close`.
+what makes a score bit-identical whichever process computes it. The Ray executor
+(`ray_executor`) adds workers on other machines, which keep their own copy of the population.
 """
 
 from __future__ import annotations
@@ -12,9 +12,14 @@ from __future__ import annotations
 import contextlib
 import multiprocessing
 from collections.abc import Callable, Iterator, Sequence
-from typing import Any, Generic, Protocol, TypeVar
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 from mergekit_pcb.threads import torch_threads
+
+if TYPE_CHECKING:
+    from mergekit_pcb.evolve.ray_executor import RaySettings
+    from mergekit_pcb.evolve.replica import PopulationLog
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -22,6 +27,10 @@ R = TypeVar("R")
 
 class Executor(Protocol):
     workers: int
+    # Workers read the driver's member files and write accepted trials beside them. When
+    # False (Ray without a shared run directory) each worker keeps its own copy, and the
+    # driver writes accepted trials itself.
+    shares_files: bool
 
     def map(self, fn: Callable[[T], R], items: Sequence[T]) -> list[R]:
         """fn over items, results in the order of items."""
@@ -29,11 +38,21 @@ class Executor(Protocol):
 
     def close(self) -> None: ...
 
+    def track(self, population: PopulationLog, member_dir: Path) -> None:
+        """Keep the workers' copies of the population in step (only where files are not
+        shared)."""
+        ...
+
 
 class SerialExecutor:
+    shares_files = True
+
     def __init__(self, threads: int | None = 1) -> None:
         self.workers = 1
         self.threads = threads
+
+    def track(self, population: PopulationLog, member_dir: Path) -> None:
+        pass
 
     def map(self, fn: Callable[[T], R], items: Sequence[T]) -> list[R]:
         with torch_threads(self.threads):
@@ -50,6 +69,8 @@ def _init_worker(threads: int | None) -> None:
 
 
 class ProcessExecutor:
+    shares_files = True
+
     def __init__(self, workers: int, threads: int | None = 1,
                  context: str = "spawn") -> None:
         self.workers = workers
@@ -67,18 +88,29 @@ class ProcessExecutor:
         self._pool.terminate()
         self._pool.join()
 
+    def track(self, population: PopulationLog, member_dir: Path) -> None:
+        pass
+
 
 @contextlib.contextmanager
-def executor_scope(workers: int, threads: int | None) -> Iterator[Executor]:
+def executor_scope(workers: int | None, threads: int | None,
+                   ray: RaySettings | None = None) -> Iterator[Executor]:
     """An executor for a run: closed when the run ends, terminated when it fails (a killed
-    run must not leave workers behind)."""
+    run must not leave workers behind). `ray` set: a Ray executor (`workers` None: as many
+    as the cluster holds)."""
     from mergekit_pcb.errors import UserError
 
-    if workers < 1:
+    if workers is not None and workers < 1:
         raise UserError(f"--workers must be at least 1, got {workers}")
     if threads is not None and threads < 1:
         raise UserError(f"--threads must be at least 1, got {threads}")
-    ex = make_executor(workers, threads)
+    ex: Executor
+    if ray is not None:
+        from mergekit_pcb.evolve.ray_executor import RayExecutor
+
+        ex = RayExecutor(workers, threads, ray)
+    else:
+        ex = make_executor(workers or 1, threads)
     try:
         yield ex
     except BaseException:
@@ -89,40 +121,10 @@ def executor_scope(workers: int, threads: int | None) -> Iterator[Executor]:
     ex.close()
 
 
-class Closable(Protocol):
-    def close(self) -> None: ...
-
-
-C = TypeVar("C", bound=Closable)
-
-
-class ProcessLocal(Generic[C]):
-    """One object per process for the run a job belongs to (its evaluator, caches, open
-    files), built on first use and closed when a job of another run arrives."""
-
-    def __init__(self) -> None:
-        self._key: str | None = None
-        self._value: C | None = None
-
-    def get(self, key: str, build: Callable[[], C]) -> C:
-        if self._value is None or self._key != key:
-            if self._value is not None:
-                self._value.close()
-            self._value, self._key = build(), key
-        return self._value
-
-    def release(self, key: str) -> None:
-        """Close the object of run `key`, if it is this process's."""
-        if self._value is not None and self._key == key:
-            self._value.close()
-            self._value, self._key = None, None
-
-
 def make_executor(workers: int, threads: int | None = 1) -> Executor:
     if workers <= 1:
         return SerialExecutor(threads)
     return ProcessExecutor(workers, threads)
 
 
-__all__ = ["Executor", "ProcessExecutor", "ProcessLocal", "SerialExecutor", "executor_scope",
-           "make_executor"]
+__all__ = ["Executor", "ProcessExecutor", "SerialExecutor", "executor_scope", "make_executor"]

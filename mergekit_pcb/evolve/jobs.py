@@ -23,9 +23,9 @@ from mergekit_pcb.engine.rng import tensor_generator
 from mergekit_pcb.engine.stream import all_finite
 from mergekit_pcb.errors import UserError
 from mergekit_pcb.evolve.config import FitnessSpec, InnerMerge
-from mergekit_pcb.evolve.executor import ProcessLocal
 from mergekit_pcb.evolve.fitness import Evaluator, better, build_evaluator
 from mergekit_pcb.evolve.operators import Scratch
+from mergekit_pcb.evolve.process_local import ProcessLocal
 from mergekit_pcb.evolve.store import CheckpointCache, TensorSpec
 from mergekit_pcb.evolve.strategies import SearchStrategy, Step
 from mergekit_pcb.io.memory import MemoryCheckpoint
@@ -168,6 +168,12 @@ def runtime(ctx: WorkContext) -> Runtime:
     return _RUNTIME.get(ctx.key, lambda: Runtime(ctx))
 
 
+def opened_paths() -> set[str]:
+    """The member files this process's current runtime has opened."""
+    rt = _RUNTIME.current()
+    return set(rt.cache.opened) if rt is not None else set()
+
+
 def mask_generator(seed: int, generation: int, step: int, name: str) -> torch.Generator:
     """Crossover masks keyed by (seed, generation, step, tensor): no state to carry over."""
     return tensor_generator(seed, name, f"trial/{generation}/{step}")
@@ -243,5 +249,5 @@ def run_score(item: tuple[WorkContext, ScoreJob]) -> JobResult:
     return JobResult(score, fitness_s=rt.fitness_s, total_s=time.perf_counter() - start)
 
 
-__all__ = ["JobResult", "ScoreJob", "TrialJob", "WorkContext", "member_key",
-           "population_recipe", "run_score", "run_trial"]
+__all__ = ["JobResult", "ScoreJob", "TrialJob", "WorkContext", "build_trial", "member_key",
+           "opened_paths", "population_recipe", "run_score", "run_trial", "runtime"]

@@ -35,6 +35,7 @@ from mergekit_pcb.evolve.output import (
     write_curve,
     write_json,
 )
+from mergekit_pcb.evolve.ray_executor import RaySettings
 from mergekit_pcb.evolve.store import CheckpointCache, RunDir
 from mergekit_pcb.io.artifacts import copy_model_files, model_dir, write_card_and_recipe
 from mergekit_pcb.io.reader import Checkpoint, open_checkpoint
@@ -104,16 +105,18 @@ def _f(v: float | None) -> str:
 
 
 def evolve(recipe_path: Path, output: Path | None = None, *, pop: int | None = None,
-           generations: int | None = None, workers: int = 1, resume: bool = False,
+           generations: int | None = None, workers: int | None = 1, resume: bool = False,
            seed: int | None = None, force: bool = False, quiet: bool = True,
            threads: int | None = 1, run_dir: Path | None = None,
            console: Console | None = None, shard_size: int = DEFAULT_SHARD_SIZE,
            allow_pickle: bool = False, trust_code: bool = False,
-           loaded: tuple[EvolutionRecipe, str] | None = None) -> EvolveSummary:
+           loaded: tuple[EvolutionRecipe, str] | None = None,
+           ray: RaySettings | None = None) -> EvolveSummary:
     """Run (or resume) an evolution recipe and write the result to `output`.
 
     `loaded` is the recipe already read and validated (the command line reads it once);
-    `trust_code` is the user's consent to import and run the code the fitness names.
+    `trust_code` is the user's consent to import and run the code the fitness names;
+    `ray` scores candidates on a Ray cluster (`workers` None: as many as it holds).
     """
     start = time.perf_counter()
     recipe, text = loaded if loaded is not None else load_evolution_recipe(recipe_path)
@@ -125,7 +128,7 @@ def evolve(recipe_path: Path, output: Path | None = None, *, pop: int | None = N
     rdir = RunDir((run_dir or default_run_dir(output)).resolve())
     console = console or Console(stderr=True)
     root = recipe_path.resolve().parent
-    with executor_scope(workers, threads) as executor:
+    with executor_scope(workers, threads, ray) as executor:
         view = None if quiet else LiveView(console, recipe.fitness.metric_name,
                                            settings.strategy.name)
         run = EvolutionRun(recipe, text, root, settings, rdir, executor, on_progress=view,
@@ -139,7 +142,7 @@ def evolve(recipe_path: Path, output: Path | None = None, *, pop: int | None = N
         else:
             run.start(resume=resume, force=force)
             run.run()
-        rows = _finish(run, recipe, text, output, force=force, workers=workers,
+        rows = _finish(run, recipe, text, output, force=force, workers=executor.workers,
                        shard_size=shard_size, inputs=inputs)
     if not quiet:
         Console().print(scores_table(rows, recipe.fitness.metric_name, run.maximize))
@@ -160,12 +163,14 @@ def _finish(run: EvolutionRun, recipe: EvolutionRecipe, text: str, output: Path,
     with atomic_output_dir(output, force=force, inputs=[*inputs, run.run_dir.root],
                            kind="search") as tmp:
         _write_result(run, members, merged, tmp, shard_size)
-        result = tmp  # scored as a model directory, however many shards it has
-        jobs = [ScoreJob((str(result),), False, "select")]
+        # The result is scored as a model directory, however many shards it has; workers
+        # that cannot read the driver's files score the same tensors from their members.
+        result = ((str(tmp),), False) if run.executor.shares_files else (tuple(members), merged)
+        jobs = [ScoreJob(*result, "select")]
         if has_report:
             jobs += [ScoreJob((str(p),), False, "report") for p in initial]
             jobs.append(ScoreJob(tuple(str(p) for p in initial), True, "report"))
-            jobs.append(ScoreJob((str(result),), False, "report"))
+            jobs.append(ScoreJob(*result, "report"))
         results = [r.score for r in run.executor.map(run_score, [(run.ctx, j) for j in jobs])]
         result_select = results[0]
         reports: list[float | None] = results[1:] if has_report else [None] * (len(refs) + 2)

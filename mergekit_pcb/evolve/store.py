@@ -104,12 +104,14 @@ class CheckpointCache:
 
     def __init__(self) -> None:
         self._open: dict[str, Checkpoint] = {}
+        self.opened: set[str] = set()  # every path this cache has opened
 
     def get(self, path: str) -> Checkpoint:
         ckpt = self._open.get(path)
         if ckpt is None:
             ckpt = open_readable(path)
             self._open[path] = ckpt
+            self.opened.add(path)
         return ckpt
 
     def keep_only(self, paths: Iterable[str]) -> None:

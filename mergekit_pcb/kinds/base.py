@@ -10,12 +10,18 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from mergekit_pcb.errors import UserError
 
+if TYPE_CHECKING:
+    from mergekit_pcb.evolve.ray_executor import RaySettings
+
 # Flags every kind takes.
 COMMON_FLAGS = frozenset({"--output", "--force", "--seed", "--dry-run", "--json", "--quiet"})
+# Flags of the kinds that score candidates (searches): where they are scored.
+RAY_FLAGS = frozenset({"--executor", "--ray-address", "--cpus-per-worker", "--gpus-per-worker",
+                       "--shared-run-dir"})
 
 
 @dataclass(frozen=True)
@@ -31,9 +37,10 @@ class RunOptions:
     shard_size: int = 5 * 10**9
     threads: int | None = None
     allow_pickle: bool = False
-    workers: int = 1
+    workers: int | None = 1  # None: as many as the Ray cluster holds
     resume: bool = False
     trust_code: bool = False
+    ray: RaySettings | None = None  # searches: score on a Ray cluster (`--executor ray`)
 
 
 @dataclass(frozen=True)

@@ -20,14 +20,14 @@ from mergekit_pcb.evolve.coefsearch.run import (
     plan_search,
     run_search,
 )
-from mergekit_pcb.kinds.base import MethodInfo, RecipeKind, RunOptions
+from mergekit_pcb.kinds.base import RAY_FLAGS, MethodInfo, RecipeKind, RunOptions
 
 
 class CoefficientSearchKind(RecipeKind):
     # Its own kind name: `pcbmerge evolve` takes only population searches ("search").
     name = "coefficient-search"
     flags = frozenset({"--shard-size", "--threads", "--allow-pickle", "--workers", "--resume",
-                       "--trust-code"})
+                       "--trust-code", *RAY_FLAGS})
 
     def methods(self) -> list[MethodInfo]:
         params: list[dict[str, Any]] = []
@@ -50,7 +50,7 @@ class CoefficientSearchKind(RecipeKind):
 
     def plan(self, recipe: Loaded, source: Path, options: RunOptions) -> dict[str, Any]:
         return plan_search(recipe, source, output=options.output, seed=options.seed,
-                           allow_pickle=options.allow_pickle, workers=options.workers)
+                           allow_pickle=options.allow_pickle, workers=options.workers or 1)
 
     def describe(self, plan: dict[str, Any]) -> list[str]:
         return describe_plan(plan)
@@ -61,7 +61,7 @@ class CoefficientSearchKind(RecipeKind):
                           seed=options.seed, quiet=options.quiet, workers=options.workers,
                           resume=options.resume, threads=options.threads or 1,
                           shard_size=options.shard_size, allow_pickle=options.allow_pickle,
-                          trust_code=options.trust_code)
+                          trust_code=options.trust_code, ray=options.ray)
 
 
 _DOCS = {

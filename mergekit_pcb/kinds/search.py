@@ -9,13 +9,13 @@ from typing import Any
 from mergekit_pcb.evolve.config import EvolutionRecipe, parse_evolution_recipe
 from mergekit_pcb.evolve.run import describe_plan, evolve, plan_evolution
 from mergekit_pcb.evolve.strategies import STRATEGIES
-from mergekit_pcb.kinds.base import MethodInfo, RecipeKind, RunOptions
+from mergekit_pcb.kinds.base import RAY_FLAGS, MethodInfo, RecipeKind, RunOptions
 
 
 class SearchKind(RecipeKind):
     name = "search"
     flags = frozenset({"--shard-size", "--threads", "--allow-pickle", "--workers", "--resume",
-                       "--trust-code"})
+                       "--trust-code", *RAY_FLAGS})
 
     def methods(self) -> list[MethodInfo]:
         out = []
@@ -49,7 +49,7 @@ class SearchKind(RecipeKind):
                          quiet=options.quiet, workers=options.workers, resume=options.resume,
                          threads=options.threads or 1, shard_size=options.shard_size,
                          allow_pickle=options.allow_pickle, trust_code=options.trust_code,
-                         loaded=recipe)
+                         loaded=recipe, ray=options.ray)
         history = summary.history
         return {
             "kind": self.name, "output": str(summary.output), "method": recipe[0].merge_method,

@@ -16,12 +16,12 @@ import torch
 from mergekit_pcb.engine import MergePlan, build_plan, merge_in_memory
 from mergekit_pcb.errors import UserError
 from mergekit_pcb.evolve.config import FitnessSpec
-from mergekit_pcb.evolve.executor import ProcessLocal
 from mergekit_pcb.evolve.fitness import Evaluator, build_evaluator
+from mergekit_pcb.evolve.process_local import ProcessLocal
 from mergekit_pcb.io.reader import Checkpoint, open_checkpoint
 
 from .config import SearchSpace
-from .fastpath import Parts, fast_merge, matches
+from .fastpath import Parts, build_parts, fast_merge, matches
 
 
 @dataclass(frozen=True)
@@ -34,6 +34,7 @@ class SearchContext:
     seed: int
     parts_file: str | None  # where the parts are, or None: installed in this process
     allow_pickle: bool = False
+    build_parts: bool = False  # each process builds the parts itself (no shared files)
 
 
 @dataclass(frozen=True)
@@ -87,6 +88,8 @@ class Runtime:
         if not job.engine:
             if self.parts is None and self.ctx.parts_file is not None:
                 self.parts = Parts.load(Path(self.ctx.parts_file))
+            elif self.parts is None and self.ctx.build_parts:
+                self.parts = build_parts(self.plan(None))
             if self.parts is not None and matches(plan, self.parts):
                 return fast_merge(plan, self.parts), True
         return merge_in_memory(plan), False

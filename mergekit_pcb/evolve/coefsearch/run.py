@@ -27,6 +27,7 @@ from mergekit_pcb.io.writer import atomic_output_dir, check_destination, prepare
 from mergekit_pcb.recipe.schema import parse_recipe
 from mergekit_pcb.usercode import require_consent
 
+from ..ray_executor import RaySettings, ray_worker_count
 from .config import CoefficientSearchRecipe, SearchSpace, recipe_text
 from .fastpath import Parts, build_parts, parts_bytes, supported, verify
 from .jobs import (
@@ -218,13 +219,17 @@ def _best(evals: list[dict[str, Any]], maximize: bool) -> dict[str, Any] | None:
 
 
 def run_search(loaded: Loaded, source: Path, output: Path, *, force: bool = False,
-               seed: int | None = None, quiet: bool = True, workers: int = 1,
+               seed: int | None = None, quiet: bool = True, workers: int | None = 1,
                resume: bool = False, threads: int | None = 1,
                shard_size: int = 5 * 10**9, allow_pickle: bool = False,
-               trust_code: bool = False, run_dir: Path | None = None) -> dict[str, Any]:
+               trust_code: bool = False, run_dir: Path | None = None,
+               ray: RaySettings | None = None) -> dict[str, Any]:
     start = time.perf_counter()
     recipe, space, text = loaded
     require_consent(code_refs(recipe.fitness), trust_code)  # before anything imports it
+    if workers is None:  # Ray without --workers: as many as the cluster holds
+        assert ray is not None
+        workers = ray_worker_count(ray)
     if workers < 1:
         raise UserError(f"--workers must be at least 1, got {workers}")
     if threads is not None and threads < 1:
@@ -271,15 +276,17 @@ def run_search(loaded: Loaded, source: Path, output: Path, *, force: bool = Fals
                               f"'{mismatch}'; every candidate is a full merge[/yellow]")
     finally:
         plan.close()
+    # Ray workers that cannot read the run directory build the same parts themselves.
+    remote = ray is not None and not ray.shared_run_dir
     ctx = SearchContext(
         key=f"{_fingerprint(identity)}-{rdir}-{time.time_ns()}", space=space, fitness=spec,
         root=str(source.resolve().parent), model_ref=recipe.base_model or recipe.models[0].model,
-        seed=s, parts_file=str(rdir / PARTS) if where == "file" else None,
-        allow_pickle=allow_pickle)
+        seed=s, parts_file=str(rdir / PARTS) if where == "file" and not remote else None,
+        allow_pickle=allow_pickle, build_parts=where == "file" and remote)
     evals: list[dict[str, Any]] = st["evaluations"]
     batch = st["batch"]
     try:
-        with executor_scope(workers, threads) as ex:
+        with executor_scope(workers, threads, ray) as ex:
             if parts is not None:
                 install_parts(ctx, parts)
                 del parts
@@ -388,9 +395,15 @@ def _finish(ctx: SearchContext, ex: Executor, space: SearchSpace,
             jobs.append(("default", PointJob(None, "report", engine=True)))
             if grid_best is not None:
                 jobs.append(("grid", PointJob(tuple(grid_best["x"]), "report", engine=True)))
-        point_jobs = [(ctx, j) for _, j in jobs if isinstance(j, PointJob)]
-        model_jobs = [(ctx, j) for _, j in jobs if isinstance(j, ModelJob)]
-        model_outs = ex.map(run_model, model_jobs)
+        if not ex.shares_files:
+            # workers that cannot read the output score the engine's merge of the same
+            # point (`engine_check` then compares the search's merge with the engine's)
+            x = tuple(best["x"]) if best_x is not None else None
+            jobs = [(w, PointJob(x, j.split, engine=True) if isinstance(j, ModelJob) else j)
+                    for w, j in jobs]
+        point_jobs = [(ctx, j) for w, j in jobs if w != "result"]
+        model_jobs = [(ctx, j) for w, j in jobs if w == "result"]
+        model_outs = ex.map(run_model if ex.shares_files else run_point, model_jobs)
         point_outs = ex.map(run_point, point_jobs) if point_jobs else []
         result_select = model_outs[0].score
         result_report = model_outs[1].score if len(model_outs) > 1 else None
