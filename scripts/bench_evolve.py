@@ -17,6 +17,11 @@ table separates the inner merge from the rest of the engine.
     python scripts/bench_evolve.py                      # 30M parameters, pop 16, 2 generations
     python scripts/bench_evolve.py --mode merged --inner ties
     python scripts/bench_evolve.py --mode merged --inner pcb --params 5e6 --pop 8
+    python scripts/bench_evolve.py --executor ray --workers 2   # Ray beside the process pool
+
+With `--executor ray` every column is run twice, on the process pool and on a local Ray
+(actors keeping their own copy of the population, as on a cluster without a shared
+filesystem), and the table adds Ray's cost per candidate over the pool's.
 """
 
 from __future__ import annotations
@@ -78,11 +83,13 @@ def build_inputs(root: Path, params: float, inputs: int) -> int:
     return sum(t.numel() for t in base.values())
 
 
-def bench_once(root: Path, args: argparse.Namespace, batch: int) -> dict[str, str]:
+def bench_once(root: Path, args: argparse.Namespace, batch: int,
+               executor: str = "local") -> dict[str, str]:
     """One evolution run with a fitness of `batch` rows; the table's column for it."""
     import os
 
     os.environ["BENCH_EVOLVE_BATCH"] = str(batch)
+    from mergekit_pcb.evolve import ray_executor
     from mergekit_pcb.evolve.run import evolve
 
     recipe = {
@@ -98,10 +105,24 @@ def bench_once(root: Path, args: argparse.Namespace, batch: int) -> dict[str, st
         recipe["merge"] = {"merge_method": args.inner, "parameters": INNER_PARAMS[args.inner]}
     path = root / "inputs" / f"bench-{batch}.yaml"
     path.write_text(yaml.safe_dump(recipe, sort_keys=False))
-    out = root / f"out-{batch}"
+    out = root / f"out-{batch}-{executor}"
+    ray_stats: list[dict] = []
+    if executor == "ray":  # what the workers did, read before the executor closes
+        close = ray_executor.RayExecutor.close
+
+        def keep_stats(self: ray_executor.RayExecutor) -> None:
+            ray_stats.extend(self.stats())
+            close(self)
+
+        ray_executor.RayExecutor.close = keep_stats  # type: ignore[method-assign]
     start = time.perf_counter()
-    summary = evolve(path, out, workers=args.workers, threads=args.threads, force=True,
-                     trust_code=True)
+    try:
+        summary = evolve(path, out, workers=args.workers, threads=args.threads, force=True,
+                         trust_code=True, ray=ray_executor.RaySettings()
+                         if executor == "ray" else None)
+    finally:
+        if executor == "ray":
+            ray_executor.RayExecutor.close = close  # type: ignore[method-assign]
     wall = time.perf_counter() - start
     doc = json.loads((out / "evolution.json").read_text())
     gens = doc["history"][1:]
@@ -120,6 +141,11 @@ def bench_once(root: Path, args: argparse.Namespace, batch: int) -> dict[str, st
             "generations: engine without the merges":
                 f"{100 * engine_s / gen_wall:.1f} %",
         }
+    if executor == "ray":
+        row["ray: member bytes sent to workers"] = \
+            f"{sum(s['received_bytes'] for s in ray_stats) / 1e6:.0f} MB"
+        row["ray: trials rebuilt / adopted by workers"] = \
+            f"{sum(s['rebuilt'] for s in ray_stats)} / {sum(s['adopted'] for s in ray_stats)}"
     return {
         "candidates scored (generations)": str(gen_evals),
         "fitness per candidate": f"{1000 * gen_fit / gen_evals:.0f} ms",
@@ -188,6 +214,8 @@ def main() -> None:
     ap.add_argument("--mode", choices=["standalone", "merged"], default="standalone")
     ap.add_argument("--inner", choices=sorted(INNER_PARAMS), default="ties",
                     help="merged mode: the population's merge")
+    ap.add_argument("--executor", choices=["local", "ray"], default="local",
+                    help="ray: run each column on the process pool and on a local Ray")
     ap.add_argument("--workdir", type=Path, default=None, help="kept when given")
     ap.add_argument("--json", action="store_true", help="print a JSON summary")
     args = ap.parse_args()
@@ -197,7 +225,16 @@ def main() -> None:
     root.mkdir(parents=True, exist_ok=True)
     try:
         n_params = build_inputs(root / "inputs", args.params, inputs=4)
-        columns = {b: bench_once(root, args, b) for b in batches}
+        runs = ["local", "ray"] if args.executor == "ray" else ["local"]
+        columns = {f"fitness batch {b}" + (f", {e}" if len(runs) > 1 else ""):
+                   bench_once(root, args, b, e) for b in batches for e in runs}
+        if len(runs) > 1:
+            for b in batches:
+                pool, ray = columns[f"fitness batch {b}, local"], columns[f"fitness batch {b}, ray"]
+                n = int(ray["candidates scored (generations)"])
+                extra = (float(ray["generations: wall s"])
+                         - float(pool["generations: wall s"])) / n
+                ray["ray: cost per candidate over the pool"] = f"{1000 * extra:.0f} ms"
     finally:
         if args.workdir is None:
             shutil.rmtree(root, ignore_errors=True)
@@ -212,11 +249,12 @@ def main() -> None:
     if args.json:
         print(json.dumps({**head, "by_batch": columns}))
         return
-    table = Table("measure", *(f"fitness batch {b}" for b in batches), title="bench_evolve",
+    table = Table("measure", *columns, title="bench_evolve",
                   caption=" · ".join(f"{k}: {v}" for k, v in head.items()),
                   title_justify="left")
-    for key in columns[batches[0]]:
-        table.add_row(key, *(columns[b][key] for b in batches))
+    keys = list(dict.fromkeys(k for c in columns.values() for k in c))
+    for key in keys:
+        table.add_row(key, *(c.get(key, "") for c in columns.values()))
     Console().print(table)
 
 

@@ -52,11 +52,16 @@ def loss(state, data):
 '''
 
 
+# A small object store per node: CI machines have little shared memory, and the members
+# here are kilobytes.
+NODE = {"object_store_memory": 100 * 2**20}
+
+
 @pytest.fixture(scope="module")
 def cluster() -> Any:
     c = Cluster(initialize_head=True, connect=False,
-                head_node_args={"num_cpus": 1, "include_dashboard": False})
-    c.add_node(num_cpus=1)
+                head_node_args={"num_cpus": 1, "include_dashboard": False, **NODE})
+    c.add_node(num_cpus=1, **NODE)
     c.wait_for_nodes()
     ray.init(address=c.address, include_dashboard=False, log_to_driver=False,
              configure_logging=False)
@@ -137,7 +142,7 @@ def test_removing_a_node_mid_run_does_not_change_the_result(cluster: Any,
     data["fitness"]["function"] = "slowfit:loss"
     recipe = write_recipe(pop, data)
     evolve(recipe, pop / "pool", trust_code=True)
-    cluster.add_node(num_cpus=1)  # room for the replacement worker
+    cluster.add_node(num_cpus=1, **NODE)  # room for the replacement worker
     cluster.wait_for_nodes()
     (pop / "slow").touch()
     state = pop / "ray.run" / "state.json"
