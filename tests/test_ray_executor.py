@@ -247,6 +247,9 @@ def test_ray_flags_are_refused_where_they_do_not_apply(tmp_path: Path,
     assert "--gpus-per-worker must be at least 0" in _line(
         _cli("run", recipe, "-o", pop / "o", "--executor", "ray", "--gpus-per-worker", "-1",
              "--trust-code"))
+    assert "a worker must ask for some CPU or GPU" in _line(
+        _cli("evolve", recipe, "-o", pop / "o", "--executor", "ray", "--cpus-per-worker", "0",
+             "--trust-code"))
     monkeypatch.setitem(sys.modules, "ray", None)  # as if Ray were not installed
     line = _line(_cli("evolve", recipe, "-o", pop / "o", "--executor", "ray",
                       "--trust-code"))

@@ -40,6 +40,11 @@ class RaySettings:
     gpus_per_worker: float = 0.0
     shared_run_dir: bool = False  # every node mounts the run directory at the same path
 
+    def __post_init__(self) -> None:
+        if self.cpus_per_worker <= 0 and self.gpus_per_worker <= 0:
+            raise UserError("--cpus-per-worker and --gpus-per-worker: a worker must ask for "
+                            "some CPU or GPU")
+
 
 def import_ray() -> Any:
     try:
@@ -125,9 +130,6 @@ class RayExecutor:
     def __init__(self, workers: int | None, threads: int | None = 1,
                  settings: RaySettings | None = None) -> None:
         self.settings = settings = settings or RaySettings()
-        if settings.cpus_per_worker <= 0 and settings.gpus_per_worker <= 0:
-            raise UserError("--cpus-per-worker and --gpus-per-worker: a worker must ask for "
-                            "some CPU or GPU")
         self._ray = ray = connect(settings)
         self.threads = threads
         self.workers = workers if workers is not None else ray_worker_count(settings)
