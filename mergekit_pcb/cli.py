@@ -199,6 +199,8 @@ def _summary_line(summary: dict[str, Any]) -> str:
         return (f"wrote {summary['output']} ({summary['tensors']} tensors, {summary['shards']} "
                 f"shard(s), {summary['written_bytes'] / 1e6:.1f} MB) in "
                 f"{summary['seconds']:.1f}s")
+    if "run_dir" not in summary:  # a kind without run state (reprogram)
+        return f"wrote {summary['output']} in {summary['seconds']:.1f}s"
     return (f"wrote {summary['output']} in {summary['seconds']:.1f}s (run state in "
             f"{summary['run_dir']})")
 
@@ -376,6 +378,39 @@ def eval_command(
     for name, value in scores.items():
         table.add_row(name, f"{value:.6g}")
     stdout.print(table)
+
+
+@app.command()
+@handle_errors
+def restore(
+    in_dir: Annotated[Path, typer.Argument(help="folder of degraded PNG/JPEG images")],
+    out_dir: Annotated[Path, typer.Argument(help="folder to write the restored PNGs to")],
+    model: Annotated[Path, typer.Option(
+        help="the frozen model: an osr-reprogram recipe (its model: block), a Hugging Face "
+             "model directory, or .safetensors weights with --arch")],
+    module: Annotated[Path, typer.Option(
+        help="the trained module: module.safetensors or the run's output directory")],
+    arch: Annotated[str | None, typer.Option(
+        help="with .safetensors --model: package.module:factory building the model")] = None,
+    arch_kwargs: Annotated[str | None, typer.Option(
+        help="with --arch: keyword arguments of the factory, as a JSON object")] = None,
+    force: Annotated[bool, typer.Option(help="replace an OUT_DIR a previous run wrote")]
+    = False,
+    device: Annotated[Device, typer.Option(help="device for the model")] = Device.cpu,
+    json_out: JsonOpt = False,
+    trust_code: TrustOpt = False,
+) -> None:
+    """Restore images with a frozen model and its osr-reprogram module (any image size)."""
+    from mergekit_pcb.reprogram.restore import restore_folder
+
+    _setup_torch(device, None)
+    summary = restore_folder(model, module, in_dir, out_dir, arch=arch, arch_kwargs=arch_kwargs,
+                             force=force, trust_code=trust_code, device=device.value)
+    if json_out:
+        print(json.dumps(summary))
+    else:
+        stderr.print(f"wrote {summary['images']} image(s) to {summary['output']} in "
+                     f"{summary['seconds']:.1f}s")
 
 
 def main() -> None:

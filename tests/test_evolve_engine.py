@@ -474,7 +474,8 @@ def test_methods_lists_every_kind() -> None:
     res = cli("methods", "--json")
     assert res.exit_code == 0, res.output
     listed = json.loads(res.output)
-    assert set(listed) == set(REGISTRY) | set(STRATEGIES) | {"coefficient-search"}
+    assert set(listed) == set(REGISTRY) | set(STRATEGIES) | {"coefficient-search",
+                                                              "osr-reprogram"}
     assert listed["evolver"]["kind"] == "search" and listed["ties"]["kind"] == "merge"
     evolver = {p["name"]: p for p in listed["evolver"]["parameters"]}
     assert evolver["generations"]["default"] == 15 and evolver["F"]["default"] == 0.5

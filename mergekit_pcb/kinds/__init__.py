@@ -10,10 +10,11 @@ from mergekit_pcb.errors import RecipeError
 from mergekit_pcb.kinds.base import COMMON_FLAGS, MethodInfo, RecipeKind, RunOptions
 from mergekit_pcb.kinds.coefsearch import CoefficientSearchKind
 from mergekit_pcb.kinds.merge import MergeKind
+from mergekit_pcb.kinds.reprogram import ReprogramKind
 from mergekit_pcb.kinds.search import SearchKind
 
 KINDS: dict[str, RecipeKind] = {k.name: k for k in (MergeKind(), SearchKind(),
-                                                    CoefficientSearchKind())}
+                                                    CoefficientSearchKind(), ReprogramKind())}
 
 
 def all_methods() -> list[MethodInfo]:
