@@ -268,3 +268,18 @@ def test_cli_evolve_on_the_cluster(cluster: Any, tmp_path: Path) -> None:
     # no --workers: one per CPU of the cluster
     workers = json.loads((pop / "ray" / "evolution.json").read_text())["workers"]
     assert workers == int(ray.cluster_resources()["CPU"])
+
+
+def test_gpus_per_worker_places_one_worker_per_gpu(cluster: Any) -> None:
+    """`--gpus-per-worker 1` is a Ray resource request: a node declaring a GPU (Ray counts
+    it; this machine has none to use) gets the only worker, and Ray hands it that GPU."""
+    node = cluster.add_node(num_cpus=1, num_gpus=1, **NODE)
+    cluster.wait_for_nodes()
+    with executor_scope(None, 1, RaySettings(cpus_per_worker=0, gpus_per_worker=1)) as ex:
+        assert ex.workers == 1
+        assert [s["node"] for s in ex.stats()] == [node.node_id]
+
+        def gpu_ids(_: int) -> list[int]:  # a local function: Ray sends it by value
+            return [int(i) for i in ray.get_gpu_ids()]
+
+        assert ex.map(gpu_ids, [0]) == [[0]]
