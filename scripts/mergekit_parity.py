@@ -11,6 +11,12 @@ the largest relative difference over tensors (max|ours − mergekit| / max|merge
 how many tensors are bit-identical. Random cases (DELLA with density < 1) cannot match
 bits (mergekit draws from torch's global generator); their rows compare the fraction of
 task-vector entries kept instead.
+
+Tokenizer cases run on three other tiny Llamas with word-level tokenizers that number the
+same tokens differently and have tokens of their own (`build_tok_models`). Vocabulary rows
+are compared by token string (mergekit orders a union's new tokens by dict hash order, we
+by id), and the last column adds whether both output vocabularies hold the same tokens
+(and, with a chat template, whether both render a conversation alike).
 """
 
 from __future__ import annotations
@@ -43,6 +49,8 @@ class Case:
     base: str | None = "base"
     params: dict[str, Any] = field(default_factory=dict)
     random: bool = False  # compare keep fractions, not bits
+    extra: dict[str, Any] = field(default_factory=dict)  # tokenizer keys, "@m" is model m
+    tok_models: bool = False  # the tokenizer models (tk-a, tk-b, tk-c) instead
 
 
 def cases() -> list[Case]:
@@ -89,7 +97,112 @@ def cases() -> list[Case]:
              params={"int8_mask": True, "lambda": 0.7}),
         Case("dare_linear int8_mask density 1", "dare_linear", weighted,
              params={"int8_mask": True}),
+        *tokenizer_cases(),
     ]
+
+
+def tokenizer_cases() -> list[Case]:
+    abc = [("tk-a", {"weight": 1.0}), ("tk-b", {"weight": 2.0}), ("tk-c", {"weight": 0.5})]
+    dens = [(k, {**p, "density": 0.6}) for k, p in abc]
+    tokens = {
+        "hello": {"source": "@tk-b", "force": True},
+        "w0": {"source": {"kind": "zero"}, "force": True},
+        "<think>": {"source": {"kind": "model_token", "model": "@tk-c", "token": "cee1"}},
+        "bee1": {"source": {"kind": "zero"}},
+    }
+    return [
+        Case("tokenizer_source base, ids differ", "linear", abc[:2], base="tk-a",
+             extra={"tokenizer_source": "base"}, tok_models=True),
+        Case("tokenizer_source model", "ties", dens, base="tk-a",
+             extra={"tokenizer_source": "@tk-b"}, tok_models=True),
+        Case("tokenizer_source union", "task_arithmetic", abc, base="tk-a",
+             extra={"tokenizer_source": "union"}, tok_models=True),
+        Case("union, base lacks a token", "ties", [dens[2], dens[1], dens[0]], base="tk-c",
+             extra={"tokenizer_source": "union"}, tok_models=True),
+        # `source: base` with new tokens stops mergekit 0.1.5 (KeyError in embed.py: it adds
+        # them to the base's own tokenizer, whose permutation then lacks them); union runs.
+        Case("tokenizer: tokens + pad_to_multiple_of", "linear", abc, base="tk-a",
+             extra={"tokenizer": {"source": "union", "tokens": tokens,
+                                  "pad_to_multiple_of": 16}}, tok_models=True),
+        Case("tokenizer: union + chat_template chatml", "linear", abc, base="tk-a",
+             extra={"tokenizer": {"source": "union"}, "chat_template": "chatml"},
+             tok_models=True),
+    ]
+
+
+TOK_WORDS = [f"w{i}" for i in range(36)]
+TOK_VOCABS = {
+    "tk-a": ["[UNK]", "[PAD]", "hello", "world", *TOK_WORDS],
+    "tk-b": ["[UNK]", "[PAD]", "world", "hello", *TOK_WORDS, "bee1", "bee2"],
+    "tk-c": ["[UNK]", "[PAD]", "hello", *TOK_WORDS, "cee1"],
+}
+VOCAB_TENSORS = ("model.embed_tokens.weight", "lm_head.weight")
+
+
+def build_tok_models(root: Path) -> dict[str, Path]:
+    """Three tiny Llamas (hidden 16, 2 layers) with word-level tokenizers: tk-b swaps the ids
+    of "hello" and "world" and has two tokens more; tk-c lacks "world" and has one of its
+    own, every shared word one id lower."""
+    import transformers as tf
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    paths = {}
+    for seed, (key, tokens) in enumerate(TOK_VOCABS.items()):
+        torch.manual_seed(seed)
+        cfg = tf.LlamaConfig(vocab_size=len(tokens), hidden_size=16, intermediate_size=32,
+                             num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
+                             max_position_embeddings=32, tie_word_embeddings=False,
+                             torch_dtype="float32")
+        paths[key] = root / key
+        tf.LlamaForCausalLM(cfg).save_pretrained(paths[key], safe_serialization=True)
+        tok = Tokenizer(models.WordLevel({t: i for i, t in enumerate(tokens)},
+                                         unk_token="[UNK]"))
+        tok.pre_tokenizer = pre_tokenizers.Whitespace()
+        tf.PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]",
+                                   pad_token="[PAD]").save_pretrained(paths[key])
+    return paths
+
+
+def _models_in(value: Any, paths: dict[str, Path]) -> Any:
+    """`value` with every "@key" string replaced by that model's path."""
+    if isinstance(value, str) and value.startswith("@"):
+        return str(paths[value[1:]])
+    if isinstance(value, dict):
+        return {k: _models_in(v, paths) for k, v in value.items()}
+    return value
+
+
+def vocab_of(path: Path) -> dict[str, int]:
+    from transformers import AutoTokenizer
+
+    return dict(AutoTokenizer.from_pretrained(str(path)).get_vocab())
+
+
+def by_our_ids(theirs: dict[str, torch.Tensor], ours_dir: Path, mk_dir: Path
+               ) -> tuple[dict[str, torch.Tensor], bool]:
+    """mergekit's vocabulary rows re-ordered to our token ids (padding rows stay), and
+    whether both vocabularies hold the same tokens."""
+    ours, mk = vocab_of(ours_dir), vocab_of(mk_dir)
+    if set(ours) != set(mk):
+        return theirs, False
+    order = torch.tensor([mk[t] for t in sorted(ours, key=ours.__getitem__)])
+    out = dict(theirs)
+    for name in VOCAB_TENSORS:
+        if name in out:
+            t = out[name].clone()
+            t[: len(order)] = out[name][order]
+            out[name] = t
+    return out, True
+
+
+def same_chat(ours_dir: Path, mk_dir: Path) -> bool:
+    from transformers import AutoTokenizer
+
+    chat = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hello"},
+            {"role": "assistant", "content": "world"}, {"role": "user", "content": "w1"}]
+    texts = [AutoTokenizer.from_pretrained(str(d)).apply_chat_template(
+        chat, tokenize=False, add_generation_prompt=True) for d in (ours_dir, mk_dir)]
+    return texts[0] == texts[1]
 
 
 def build_models(root: Path) -> dict[str, Path]:
@@ -125,6 +238,7 @@ def recipe(case: Case, paths: dict[str, Path]) -> dict[str, Any]:
         out["base_model"] = str(paths[case.base])
     if case.params:
         out["parameters"] = case.params
+    out.update(_models_in(case.extra, paths))
     return out
 
 
@@ -186,6 +300,7 @@ def main() -> int:
     work = args.keep or Path(tempfile.mkdtemp(prefix="mk-parity-"))
     work.mkdir(parents=True, exist_ok=True)
     paths = build_models(work / "models")
+    paths.update(build_tok_models(work / "tok-models"))
     base = load_dir(paths["base"])
     selected = [c for c in cases() if not args.cases
                 or any(s in c.name for s in args.cases.split(","))]
@@ -206,9 +321,17 @@ def main() -> int:
             if case.random:
                 row[3] = f"kept {kept_fraction(a, base):.3f} vs {kept_fraction(b, base):.3f}"
             else:
+                vocab_note = ""
+                if case.tok_models:
+                    b, same_vocab = by_our_ids(b, d / "ours", d / "mk")
+                    vocab_note = "; same vocabulary" if same_vocab else "; VOCABULARY DIFFERS"
+                    if "chat_template" in case.extra:
+                        vocab_note += ("; same chat rendering" if same_chat(d / "ours", d / "mk")
+                                       else "; chat rendering differs")
                 worst, same, n = compare(a, b)
                 row[3] = "0" if worst == 0 else f"{worst:.2e}"
-                row[4] = f"{same}/{n}" + ("" if set(a) == set(b) else " (names differ)")
+                row[4] = (f"{same}/{n}" + ("" if set(a) == set(b) else " (names differ)")
+                          + vocab_note)
         rows.append(row)
         print(" | ".join(row), flush=True)
     header = ["case", "mergekit exit", "ours exit", "max rel diff", "identical tensors"]

@@ -52,10 +52,12 @@ def save_hf(model: torch.nn.Module, path: Path, shard_size: str = "20KB") -> Pat
 
 
 def write_tokenizer_files(path: Path) -> None:
-    """A minimal word-level tokenizer, enough for AutoTokenizer and for the copy check."""
+    """A minimal word-level tokenizer, enough for AutoTokenizer and for the copy check. Its
+    96 tokens cover the tiny models' 96 embedding rows: a recipe that builds the output
+    tokenizer (`tokenizer_source`) keeps as many rows as the tokenizer has tokens."""
     from tokenizers import Tokenizer, models, pre_tokenizers
 
-    vocab = {"[UNK]": 0, "[PAD]": 1, **{f"w{i}": i + 2 for i in range(20)}}
+    vocab = {"[UNK]": 0, "[PAD]": 1, **{f"w{i}": i + 2 for i in range(94)}}
     tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     tok.save(str(path / "tokenizer.json"))

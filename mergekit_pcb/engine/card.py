@@ -7,11 +7,21 @@ from pathlib import Path
 
 from mergekit_pcb.engine.plan import MergePlan
 from mergekit_pcb.io.artifacts import copy_model_files, model_card, write_card_and_recipe
+from mergekit_pcb.io.tokenizer import load_tokenizer, save_tokenizer
 
 
 def write_artifacts(plan: MergePlan, out: Path) -> None:
-    copy_model_files(out, plan.config_source.root, plan.tokenizer_root(),
+    """Config and tokenizer: a built tokenizer (`plan.vocab`) is saved, with the config's
+    `vocab_size` set to the merged embedding's rows; otherwise the files are copied, or
+    saved again with the recipe's `chat_template` (as mergekit does)."""
+    copied = plan.vocab is None and plan.chat_template is None
+    copy_model_files(out, plan.config_source.root, plan.tokenizer_root() if copied else None,
                      plan.recipe.out_dtype or plan.recipe.dtype, plan.config_overrides)
+    if plan.vocab is not None:
+        save_tokenizer(plan.vocab.tokenizer, out, plan.chat_template)
+    elif plan.chat_template is not None:
+        tok = load_tokenizer(plan.tokenizer_root(), "chat_template")
+        save_tokenizer(tok, out, plan.chat_template)
     write_card_and_recipe(out, merge_card(plan), plan.recipe_text)
 
 

@@ -25,10 +25,18 @@ from mergekit_pcb.engine.slices import (
     slice_inputs,
     with_layer,
 )
+from mergekit_pcb.engine.vocab import (
+    Alignment,
+    VocabPlan,
+    build_vocab_plan,
+    is_vocabulary_tensor,
+    resolve_chat_template,
+)
 from mergekit_pcb.errors import CheckpointError, RecipeError
 from mergekit_pcb.io.artifacts import model_dir
 from mergekit_pcb.io.reader import Checkpoint, open_checkpoint
 from mergekit_pcb.io.resolve import resolve_model_path
+from mergekit_pcb.io.tokenizer import has_tokenizer
 from mergekit_pcb.methods import REGISTRY, MergeMethod, get_method
 from mergekit_pcb.methods.base import GlobalStats
 from mergekit_pcb.recipe.params import (
@@ -93,6 +101,9 @@ class TensorTask:
     compute_dtype: torch.dtype = torch.float32
     # model key -> the tensor that feeds this output there (slices map layers); default: name
     source_names: dict[str, str] = field(default_factory=dict)
+    # A vocabulary-indexed tensor whose rows move to the output tokenizer's order (read and
+    # merged whole); None: streamed as stored.
+    vocab: Alignment | None = None
 
     def source(self, key: str) -> str:
         return self.source_names.get(key, self.name)
@@ -101,10 +112,13 @@ class TensorTask:
         """Model keys whose copy of this tensor must be read, in order."""
         if self.route.kind in ("take", "copy"):
             assert self.route.source is not None
-            return [self.route.source]
-        needs_base = (self.route.kind == "merge" and self.route.method is not None
-                      and self.route.method.requires_base)
-        keys = ([base_key] if needs_base and base_key else []) + self.route.inputs
+            keys = [self.route.source]
+        else:
+            needs_base = (self.route.kind == "merge" and self.route.method is not None
+                          and self.route.method.requires_base)
+            keys = ([base_key] if needs_base and base_key else []) + self.route.inputs
+        if self.vocab is not None:  # every model whose rows feed a missing token's default
+            keys += self.vocab.keys
         return list(dict.fromkeys(keys))
 
 
@@ -124,6 +138,10 @@ class MergePlan:
     # Inputs are checked finite as they are read; a caller whose inputs were checked when
     # they were made (an evolution's members) turns it off.
     check_finite: bool = True
+    # The output tokenizer and each model's permutation (`tokenizer_source` or `tokenizer:`);
+    # None: the tokenizer files are copied and no row moves.
+    vocab: VocabPlan | None = None
+    chat_template: str | None = None  # the resolved `chat_template`, written into the tokenizer
 
     def rebind(self, sources: Mapping[str, Checkpoint]) -> MergePlan:
         """Read model keys from other checkpoints of the same layout (swapped in, not owned).
@@ -173,20 +191,17 @@ class MergePlan:
         """Where the models this plan opened live (directories, or single files): an output
         must never be, contain or lie inside one of them."""
         paths = [resolve_model_path(ref, allow_pickle=True) for ref in sorted(self.owned)]
-        source = self.recipe.tokenizer_source
+        source = self.recipe.vocabulary_source
         if source not in (None, "base", "union") and source not in self.checkpoints:
             paths.append(model_dir(source))
         return paths
 
     def tokenizer_root(self) -> Path:
-        """Where tokenizer files come from: `tokenizer_source` (a model or `base`), else the
-        base (or first model)."""
-        source = self.recipe.tokenizer_source
-        if source in (None, "base"):
+        """Where tokenizer files are copied from when no tokenizer is built: the base (or
+        first model); a built one (`plan.vocab`) is saved instead."""
+        source = self.recipe.vocabulary_source
+        if source in (None, "base", "union"):
             return self.config_source.root
-        if source == "union":
-            raise RecipeError("tokenizer_source: 'union' (vocabulary merging) is not "
-                              "supported; name a model or 'base'")
         ckpt = self.checkpoints.get(source)
         return ckpt.root if ckpt is not None else model_dir(source)
 
@@ -231,16 +246,86 @@ def build_plan(recipe: MergeRecipe, recipe_text: str, *, seed: int | None = None
             checkpoints[ref] = open_checkpoint(ref, allow_pickle=allow_pickle,
                                                base_dir=base_dir)
             owned.append(ref)
-        plan = (_plan_slices(recipe, recipe_text, method, checkpoints, seed) if recipe.slices
-                else _plan_tensors(recipe, recipe_text, method, checkpoints, seed))
+        vocab = _vocab_plan(recipe, checkpoints)
+        plan = (_plan_slices(recipe, recipe_text, method, checkpoints, seed, vocab)
+                if recipe.slices
+                else _plan_tensors(recipe, recipe_text, method, checkpoints, seed, vocab))
         plan.owned = frozenset(owned)
         if sources is None:
             plan.tokenizer_root()  # a bad tokenizer_source fails now, not after the merge
+        _finish_vocab(plan, vocab)
     except BaseException:
         for ref in owned:
             checkpoints[ref].close()
         raise
     return plan
+
+
+def _first_model(recipe: MergeRecipe) -> str:
+    return recipe.base_model or (recipe.models[0].model if recipe.models
+                                 else recipe.slices[0].sources[0].model)
+
+
+def _vocab_plan(recipe: MergeRecipe, checkpoints: dict[str, Checkpoint]) -> VocabPlan | None:
+    source = recipe.vocabulary_source
+    if source is None:
+        return None
+    source_root = None
+    if source not in ("base", "union") and source not in checkpoints:
+        source_root = model_dir(source)
+    return build_vocab_plan(recipe, {k: c.root for k, c in checkpoints.items()},
+                            _first_model(recipe), source_root)
+
+
+def _finish_vocab(plan: MergePlan, vocab: VocabPlan | None) -> None:
+    """The output's vocabulary size, the chat template, and a line saying what moved."""
+    recipe = plan.recipe
+    plan.vocab = vocab
+    plan.chat_template = resolve_chat_template(recipe, [c.root for c in
+                                                        plan.checkpoints.values()])
+    if recipe.chat_template is not None and vocab is None \
+            and not has_tokenizer(plan.tokenizer_root()):
+        raise RecipeError(f"chat_template: no tokenizer to hold it ({plan.tokenizer_root()} "
+                          "has no tokenizer files)")
+    if vocab is None:
+        return
+    plan.config_overrides["vocab_size"] = vocab.rows
+    names = [t.name for t in plan.tasks if is_vocabulary_tensor(t.name)]
+    plan.routes.insert(0, Route(vocab.label(), "align", tensor_names=names))
+
+
+def _vocab_group(task: TensorTask, recipe: MergeRecipe, base_key: str | None) -> list[str]:
+    """The models whose rows feed the defaults of `task`'s missing tokens, in mergekit's
+    order: the merged models as listed (a slice's sources), the base after them."""
+    if recipe.slices:
+        keys = list(task.source_names)
+    else:
+        keys = [m.model for m in recipe.models]
+        if base_key is not None and base_key not in keys:
+            keys.append(base_key)
+    return list(dict.fromkeys([*keys, *task.reads(base_key)]))
+
+
+def _attach_vocab(task: TensorTask, vocab: VocabPlan, checkpoints: dict[str, Checkpoint],
+                  group: list[str]) -> None:
+    """Align `task`'s rows to the output tokenizer, unless that moves nothing."""
+    infos = {k: checkpoints[k].info(task.source(k)) for k in group}
+    first_key, first = next(iter(infos.items()))
+    for key, info in infos.items():
+        if len(info.shape) == 0 or info.shape[1:] != first.shape[1:]:
+            raise CheckpointError(
+                f"shape mismatch for tensor '{task.name}': {first_key} has {list(first.shape)}, "
+                f"{key} has {list(info.shape)} (only the vocabulary axis may differ)")
+    alignment = vocab.alignment(group)
+    for key, need in alignment.needs_rows().items():
+        if infos[key].shape[0] < need:
+            raise CheckpointError(
+                f"tensor '{task.name}' of model {key} has {infos[key].shape[0]} rows, but its "
+                f"tokenizer uses token id {need - 1}")
+    if alignment.is_identity({k: info.shape[0] for k, info in infos.items()}):
+        return
+    task.vocab = alignment
+    task.shape = (alignment.rows, *first.shape[1:])
 
 
 def _check_recipe_shape(recipe: MergeRecipe, method: MergeMethod) -> None:
@@ -266,7 +351,8 @@ def _check_recipe_shape(recipe: MergeRecipe, method: MergeMethod) -> None:
 
 
 def _plan_tensors(recipe: MergeRecipe, recipe_text: str, method: MergeMethod,
-                  checkpoints: dict[str, Checkpoint], seed: int | None) -> MergePlan:
+                  checkpoints: dict[str, Checkpoint], seed: int | None,
+                  vocab: VocabPlan | None = None) -> MergePlan:
     base_key = recipe.base_model
     reference = checkpoints[base_key or recipe.models[0].model]
     compute_dtype = DTYPES[recipe.dtype] if recipe.dtype else None
@@ -308,7 +394,12 @@ def _plan_tensors(recipe: MergeRecipe, recipe_text: str, method: MergeMethod,
                 route = average_route
             else:
                 route = main_route
-        task = _task(name, route, checkpoints, base_key, num_layers, out_dtype_override)
+        aligned = vocab is not None and is_vocabulary_tensor(name)
+        task = _task(name, route, checkpoints, base_key, num_layers, out_dtype_override,
+                     rows_free=aligned)
+        if aligned:
+            assert vocab is not None
+            _attach_vocab(task, vocab, checkpoints, _vocab_group(task, recipe, base_key))
         task.compute_dtype = compute_dtype or _default_compute_dtype(task, checkpoints, base_key)
         tasks.append(task)
 
@@ -320,7 +411,8 @@ def _plan_tensors(recipe: MergeRecipe, recipe_text: str, method: MergeMethod,
 
 
 def _plan_slices(recipe: MergeRecipe, recipe_text: str, method: MergeMethod,
-                 checkpoints: dict[str, Checkpoint], seed: int | None) -> MergePlan:
+                 checkpoints: dict[str, Checkpoint], seed: int | None,
+                 vocab: VocabPlan | None = None) -> MergePlan:
     """Tasks for `slices:` (see `engine.slices`): outside tensors from the first and last
     slices, then each slice's layers in order, renumbered."""
     base_key = recipe.base_model
@@ -346,8 +438,12 @@ def _plan_slices(recipe: MergeRecipe, recipe_text: str, method: MergeMethod,
             route = Route(f"copied from {copy_from} (integer or boolean buffers)", "copy",
                           source=copy_from)
             routes.append(route)
+        aligned = vocab is not None and is_vocabulary_tensor(name)
         task = _task(name, route, checkpoints, base_key, 1, out_dtype_override,
-                     source_names=sources, t=t)
+                     source_names=sources, t=t, rows_free=aligned)
+        if aligned:
+            assert vocab is not None
+            _attach_vocab(task, vocab, checkpoints, _vocab_group(task, recipe, base_key))
         task.compute_dtype = compute_dtype or _default_compute_dtype(task, checkpoints, base_key)
         tasks.append(task)
 
@@ -455,9 +551,11 @@ def _rule_route(i: int, rule: Any, recipe: MergeRecipe) -> Route:
 
 def _task(name: str, route: Route, checkpoints: dict[str, Checkpoint], base_key: str | None,
           num_layers: int, out_dtype_override: torch.dtype | None,
-          source_names: dict[str, str] | None = None, t: float | None = None) -> TensorTask:
+          source_names: dict[str, str] | None = None, t: float | None = None,
+          rows_free: bool = False) -> TensorTask:
     """The task for output `name`; `source_names` map model keys to the tensors that feed it
-    (slices), `t` overrides its depth position for gradient parameters."""
+    (slices), `t` overrides its depth position for gradient parameters. With `rows_free`
+    (a tensor aligned to the output vocabulary) the inputs' first axes may differ."""
     route.tensor_names.append(name)
     sources = dict(source_names or {})
     if route.kind in ("take", "copy"):
@@ -469,10 +567,14 @@ def _task(name: str, route: Route, checkpoints: dict[str, Checkpoint], base_key:
     infos = [(k, checkpoints[k].info(task.source(k))) for k in keys]
     first_key, first = infos[0]
     for key, info in infos[1:]:
+        if rows_free and info.shape[1:] == first.shape[1:]:
+            continue  # the vocabulary axis: aligned by `_attach_vocab`
         if info.shape != first.shape:
+            hint = ("; set tokenizer_source to align the vocabularies"
+                    if is_vocabulary_tensor(name) and not rows_free else "")
             raise CheckpointError(
                 f"shape mismatch for tensor '{name}': {first_key} has {list(first.shape)}, "
-                f"{key} has {list(info.shape)}"
+                f"{key} has {list(info.shape)}{hint}"
             )
         if info.dtype.is_floating_point != first.dtype.is_floating_point:
             raise CheckpointError(

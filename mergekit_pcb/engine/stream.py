@@ -30,6 +30,7 @@ from mergekit_pcb.engine.card import write_artifacts
 from mergekit_pcb.engine.pipeline import WriteBehind, read_ahead
 from mergekit_pcb.engine.plan import MergePlan, TensorTask
 from mergekit_pcb.engine.rng import tensor_generator
+from mergekit_pcb.engine.vocab import align_rows
 from mergekit_pcb.errors import CheckpointError
 from mergekit_pcb.io.writer import (
     OutputTensor,
@@ -99,6 +100,8 @@ CHUNK_ELEMENTS = 1 << 20
 def slices(plan: MergePlan, task: TensorTask) -> list[tuple[int | None, int | None]]:
     """[start, stop) element ranges to process `task` in; (None, None) is the whole tensor."""
     route = task.route
+    if task.vocab is not None:  # rows move across the whole tensor
+        return [(None, None)]
     elementwise = route.kind != "merge" or (
         route.method is not None and route.method.elementwise(task.global_params))
     numel = math.prod(task.shape)
@@ -118,6 +121,8 @@ def _read_inputs(plan: MergePlan, task: TensorTask, device: torch.device,
         if plan.check_finite and not all_finite(tensor):
             raise CheckpointError(f"tensor '{task.name}' of model {key} contains NaN or Inf")
         values[key] = tensor.to(device=device, dtype=task.compute_dtype)
+    if task.vocab is not None:  # whole tensors: rows in the output tokenizer's order
+        values.update(align_rows(values, task.vocab))
     return values
 
 
@@ -151,6 +156,9 @@ def read_part(plan: MergePlan, task: TensorTask, device: torch.device,
     route = task.route
     if route.kind in ("take", "copy"):
         assert route.source is not None
+        if task.vocab is not None:
+            aligned = _read_inputs(plan, task, device)[route.source]
+            return aligned.to(device="cpu", dtype=task.out_dtype)
         return plan.checkpoints[route.source].read(task.source(route.source), start, stop)
     return _read_inputs(plan, task, device, start, stop)
 

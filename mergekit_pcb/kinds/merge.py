@@ -82,4 +82,6 @@ def plan_info(plan: MergePlan) -> dict[str, Any]:
         "output_bytes": plan.write_bytes,
         "seed": plan.seed,
         "rules": [{"rule": r.label, "tensors": len(r.tensor_names)} for r in plan.routes],
+        # the output tokenizer, and per model how many tokens were re-mapped and are new
+        "tokenizer": plan.vocab.summary() if plan.vocab is not None else None,
     }

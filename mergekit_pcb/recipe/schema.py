@@ -2,8 +2,8 @@
 
 mergekit's keys mean what they mean in mergekit (`merge_method`, `base_model`,
 `models[].model`, `models[].parameters`, `parameters`, `dtype`, `out_dtype`,
-`tokenizer_source`), so a mergekit recipe for the methods we share runs unchanged.
-Our additions: `seed`, `tensors` (routing rules) and `name`.
+`tokenizer_source`, `tokenizer`, `chat_template`, `slices`), so a mergekit recipe runs
+unchanged. Our additions: `seed`, `tensors` (routing rules) and `name`.
 """
 
 from __future__ import annotations
@@ -92,6 +92,44 @@ class SliceDef(StrictModel):
     parameters: dict[str, ParameterValue] = Field(default_factory=dict)
 
 
+class ModelTokenSource(StrictModel):
+    """A token's embedding taken from one row of a model: by id, or by that model's token."""
+
+    kind: Literal["model_token"]
+    model: str
+    token_id: int | None = Field(default=None, ge=0)
+    token: str | None = None
+
+    @model_validator(mode="after")
+    def _one_of(self) -> ModelTokenSource:
+        if (self.token_id is None) == (self.token is None):
+            raise ValueError("a model_token source needs exactly one of 'token_id' or 'token'")
+        return self
+
+
+class ZeroSource(StrictModel):
+    """A token's embedding set to zeros."""
+
+    kind: Literal["zero"]
+
+
+class TokenEmbedding(StrictModel):
+    """mergekit's per-token setting: where a token's row comes from when a model lacks the
+    token (or for every model, with `force`). A bare string names a model of the recipe."""
+
+    source: ModelTokenSource | ZeroSource | str | None = None
+    force: bool = False
+
+
+class TokenizerSpec(StrictModel):
+    """mergekit's `tokenizer:` block: the output vocabulary (`source`: `union`, `base` or a
+    model), extra `tokens` and their embeddings, rows padded to `pad_to_multiple_of`."""
+
+    source: str = "union"
+    tokens: dict[str, TokenEmbedding] = Field(default_factory=dict)
+    pad_to_multiple_of: int | None = Field(default=None, ge=1)
+
+
 class MergeRecipe(StrictModel):
     merge_method: str
     base_model: str | None = None
@@ -101,9 +139,23 @@ class MergeRecipe(StrictModel):
     dtype: DTypeName | None = None
     out_dtype: DTypeName | None = None
     tokenizer_source: str | None = None
+    tokenizer: TokenizerSpec | None = None
+    chat_template: str | None = None
     seed: int | None = None
     tensors: list[TensorRule] = Field(default_factory=list)
     name: str | None = None
+
+    @model_validator(mode="after")
+    def _one_tokenizer_key(self) -> MergeRecipe:
+        if self.tokenizer_source is not None and self.tokenizer is not None:
+            raise ValueError("give 'tokenizer_source' or a 'tokenizer' block, not both")
+        return self
+
+    @property
+    def vocabulary_source(self) -> str | None:
+        """Where the output vocabulary comes from (`union`, `base` or a model), or None:
+        then the tokenizer files are copied and no embedding row moves."""
+        return self.tokenizer.source if self.tokenizer is not None else self.tokenizer_source
 
     def model_refs(self) -> list[str]:
         """Every model the recipe reads, base first, without repeats."""

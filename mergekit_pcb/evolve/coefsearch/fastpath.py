@@ -122,8 +122,9 @@ def structure_of(plan: MergePlan, task: TensorTask) -> str:
 
 
 def supported(plan: MergePlan) -> bool:
+    # the parts are read straight from the inputs: rows a tokenizer re-orders are not
     return all(r.method is None or r.method.name in SUPPORTED for r in plan.routes
-               if r.kind == "merge")
+               if r.kind == "merge") and all(t.vocab is None for t in plan.tasks)
 
 
 def parts_bytes(plan: MergePlan) -> int:
