@@ -20,6 +20,7 @@ from mergekit_pcb.errors import CheckpointError, RecipeError, UserError
 from mergekit_pcb.io.reader import open_checkpoint
 from mergekit_pcb.io.safetensors_format import tensor_bytes
 from mergekit_pcb.reprogram.config import ModelSpec, resolve_path
+from mergekit_pcb.reprogram.store import load_strict
 from mergekit_pcb.usercode import check_plain_data, import_object, require_consent
 
 PROBE = 24  # side of the blank image that finds f's output scale
@@ -124,14 +125,9 @@ def load_frozen(spec: ModelSpec, root: Path, *, trust_code: bool, channels: int,
 
 
 def _load_weights(module: nn.Module, path: Path) -> None:
-    with open_checkpoint(str(path)) as ckpt:
-        state = {name: ckpt.read(name) for name in ckpt.names()}
-    try:
-        module.load_state_dict(state, strict=True)
-    except RuntimeError as e:
-        first = " ".join(str(e).strip().splitlines()[:2])[:300]
-        raise CheckpointError(f"model.weights: {path} does not fit the model ({first})"
-                              ) from None
+    problem = load_strict(module, path)
+    if problem is not None:
+        raise CheckpointError(f"model.weights: {path} does not fit the model ({problem})")
 
 
 def _load_hf(path: Path) -> nn.Module:

@@ -17,6 +17,18 @@ from mergekit_pcb.reprogram import FORMAT_VERSION, METHOD, MODULE_FILE
 from mergekit_pcb.reprogram.modules import ReprogramModule, build_module
 
 
+def load_strict(module: torch.nn.Module, path: Path) -> str | None:
+    """Load a safetensors file into `module` (every tensor, nothing more): None when it
+    fits, else the first lines of why not."""
+    with open_checkpoint(str(path)) as ckpt:
+        state = {n: ckpt.read(n) for n in ckpt.names()}
+    try:
+        module.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        return " ".join(str(e).strip().splitlines()[:2])[:300]
+    return None
+
+
 def module_metadata(module: ReprogramModule, frozen_sha256: str,
                     extra: dict[str, Any] | None = None) -> dict[str, str]:
     return {"method": METHOD, "osr_format_version": FORMAT_VERSION, "mode": module.mode,
@@ -66,13 +78,9 @@ def load_module(path: Path) -> tuple[ReprogramModule, dict[str, str]]:
     if not isinstance(config, dict):
         raise UserError(f"--module: {path}: its config metadata is not a JSON object")
     module = build_module(config)
-    with open_checkpoint(str(path)) as ckpt:
-        state = {n: ckpt.read(n) for n in ckpt.names()}
-    try:
-        module.load_state_dict(state, strict=True)
-    except RuntimeError as e:
-        first = " ".join(str(e).strip().splitlines()[:2])[:300]
-        raise UserError(f"--module: {path}: tensors do not fit its config ({first})") from None
+    problem = load_strict(module, path)
+    if problem is not None:
+        raise UserError(f"--module: {path}: tensors do not fit its config ({problem})")
     module.eval()
     return module, meta
 
