@@ -337,15 +337,17 @@ def _check_recipe_shape(recipe: MergeRecipe, method: MergeMethod) -> None:
     if not recipe.models:
         raise RecipeError("models: a merge needs at least one model")
     if method.requires_base:
-        if recipe.base_model is None:
+        if recipe.base_model is None and not method.optional_base:
             raise RecipeError(f"base_model: required by {method.name}")
         if not [m for m in recipe.models if m.model != recipe.base_model]:
             raise RecipeError(f"models: {method.name} needs at least one model besides the base")
     for i, rule in enumerate(recipe.tensors):
         if rule.take == "base" and recipe.base_model is None:
             raise RecipeError(f"tensors[{i}].take: 'base' but the recipe has no base_model")
-        if rule.method is not None and recipe.base_model is None \
-                and get_method(rule.method, where=f"tensors[{i}].method").requires_base:
+        rule_method = (get_method(rule.method, where=f"tensors[{i}].method")
+                       if rule.method is not None else None)
+        if rule_method is not None and recipe.base_model is None \
+                and rule_method.requires_base and not rule_method.optional_base:
             raise RecipeError(f"tensors[{i}].method: {rule.method} needs a base model, but the "
                               "recipe has no base_model")
 

@@ -54,7 +54,7 @@ def check_slices(recipe: MergeRecipe, method: MergeMethod) -> None:
         if sl.base_model is not None and sl.base_model != recipe.base_model:
             raise RecipeError(f"slices[{i}].base_model: a slice base other than the recipe's "
                               "base_model is not supported")
-        if method.requires_base:
+        if method.requires_base and (base is not None or not method.optional_base):
             if base is None:
                 raise RecipeError(f"base_model: required by {method.name}")
             if base not in models:

@@ -116,6 +116,9 @@ class MergeMethod(ABC):
     params: ClassVar[tuple[ParamSpec, ...]] = ()
     # Task-vector methods need the base and exclude it from `models`; `linear` does not.
     requires_base: ClassVar[bool] = True
+    # mergekit's optional base (multislerp, nuslerp): held apart when the recipe names one;
+    # without one, `inputs.base` is None and the models themselves are merged.
+    optional_base: ClassVar[bool] = False
     uses_rng: ClassVar[bool] = False
 
     @abstractmethod

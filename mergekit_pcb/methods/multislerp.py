@@ -5,12 +5,10 @@ mean direction is the tangent point; the weighted tangent vectors are mapped bac
 exponential map and scaled by the weighted mean norm; the base is added back. Weights are
 normalized to sum 1 unless `normalize_weights: false`. One model returns that model.
 
-Plan mapping: mergekit's base is optional (with a base it interpolates task vectors,
-without one the models themselves). The engine has no optional base, so here the base is
-required (`requires_base`) and the baseless form is not available: a recipe without
-`base_model` is refused, never merged differently. (An all-zero base gives the baseless
-result.) As in mergekit, when the weighted mean direction vanishes (antipodal inputs) two
-models fall back to linear interpolation and more are an error.
+Plan mapping: the base is optional, as in mergekit (`optional_base`): with a base it
+interpolates task vectors, without one the models themselves. As in mergekit, when the
+weighted mean direction vanishes (antipodal inputs) two models fall back to linear
+interpolation and more are an error.
 """
 
 from __future__ import annotations
@@ -62,7 +60,8 @@ def multislerp(models: Sequence[torch.Tensor], weights: Sequence[float],
 
 class Multislerp(MergeMethod):
     name = "multislerp"
-    summary = "weighted spherical interpolation of several task vectors"
+    summary = "weighted spherical interpolation of several task vectors (or models)"
+    optional_base = True
     params = (WEIGHT,
               ParamSpec("normalize_weights", True, "divide the weights by their sum",
                         kind=bool),
@@ -78,7 +77,6 @@ class Multislerp(MergeMethod):
                               "normalize_weights: true divides by their sum")
 
     def merge(self, inputs: TensorInputs) -> torch.Tensor:
-        assert inputs.base is not None
         return multislerp(inputs.models, [p["weight"] for p in inputs.model_params],
                           inputs.base, bool(inputs.params["normalize_weights"]),
                           float(inputs.params["eps"]), inputs.name)

@@ -6,9 +6,8 @@ or row by row along the last axis, or along the first axis with `nuslerp_row_wis
 (and `nuslerp_flatten: false`). Nearly collinear rows (1 − cos² ≤ 1e-16) interpolate
 linearly.
 
-Plan mapping: mergekit's base is optional (without one it interpolates the models
-themselves). The engine has no optional base, so here it is required (`requires_base`);
-a baseless recipe is refused, never merged differently. mergekit takes exactly two models
+Plan mapping: the base is optional, as in mergekit (`optional_base`): without one the
+models themselves are interpolated. mergekit takes exactly two models
 besides the base; extension (not mergekit): k models fold left to right,
 r ← nuslerp(wᵢ/(W + wᵢ), r, τᵢ) with W the weight folded so far (which is the two-model
 rule for k = 2, and returns the model itself for k = 1).
@@ -49,22 +48,37 @@ def pair_t(w0: float, w1: float) -> float:
     return 0.5 if abs(total) < 1e-6 else w1 / total
 
 
-def nuslerp_merge(base: torch.Tensor, models: Sequence[torch.Tensor], weights: Sequence[float],
-                  row_wise: bool = False, flatten: bool = True) -> torch.Tensor:
+def nuslerp_merge(base: torch.Tensor | None, models: Sequence[torch.Tensor],
+                  weights: Sequence[float], row_wise: bool = False, flatten: bool = True
+                  ) -> torch.Tensor:
+    """The fold of `models` (their task vectors when a base is given)."""
     dim = 0 if row_wise else -1
+    if base is None:
+        result = models[0]
+        for m, w, folded in zip(models[1:], weights[1:], _folded(weights), strict=True):
+            result = nuslerp(pair_t(folded, w), result, m, dim=dim, flatten=flatten)
+        return result
     result = models[0] - base
     if len(models) == 1:
         return base + result
-    folded = weights[0]
-    for m, w in zip(models[1:], weights[1:], strict=True):
+    for m, w, folded in zip(models[1:], weights[1:], _folded(weights), strict=True):
         result = nuslerp(pair_t(folded, w), result, m - base, dim=dim, flatten=flatten)
-        folded += w
     return base + result
+
+
+def _folded(weights: Sequence[float]) -> list[float]:
+    """The weight folded before each model after the first."""
+    out, total = [], weights[0]
+    for w in weights[1:]:
+        out.append(total)
+        total += w
+    return out
 
 
 class Nuslerp(MergeMethod):
     name = "nuslerp"
-    summary = "weighted spherical interpolation of two task vectors"
+    summary = "weighted spherical interpolation of two task vectors (or models)"
+    optional_base = True
     params = (WEIGHT,
               ParamSpec("nuslerp_row_wise", False, "interpolate along the first axis (with "
                         "nuslerp_flatten: false)", kind=bool),
@@ -72,7 +86,6 @@ class Nuslerp(MergeMethod):
                         kind=bool))
 
     def merge(self, inputs: TensorInputs) -> torch.Tensor:
-        assert inputs.base is not None
         return nuslerp_merge(inputs.base, inputs.models,
                              [p["weight"] for p in inputs.model_params],
                              bool(inputs.params["nuslerp_row_wise"]),
