@@ -41,3 +41,28 @@ def test_chunks_give_the_whole_tensor_bits(threads: int, consensus: bool, normal
         out = combine_task_vectors(b, d, [1.0, 1.0, 1.0], normalize=True,
                                    sign_consensus=True)
         assert out[-1] == pytest.approx((0.5 + 0.25) / 2)  # + wins; the − entry is left out
+
+
+@pytest.mark.parametrize("models", [1, 2, 3, 5])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("weights", [(0.7, 1.3, 0.9, 0.2, 1.1), (0.7, -0.4, 0.0, 1.2, -1.0)])
+def test_the_search_fast_path_gives_the_consensus_bits(models: int, dtype: torch.dtype,
+                                                       weights: tuple[float, ...]) -> None:
+    """The coefficient search's fused TIES combine (int8 signs, a divisor table) equals
+    `combine_task_vectors` bit for bit: negative and zero weights, signed zeros, chunk
+    tails, half precision."""
+    from mergekit_pcb.evolve.coefsearch.fastpath import consensus_combine
+
+    g = torch.Generator().manual_seed(models)
+    size = 2 * ops.COMBINE_CHUNK * torch.get_num_threads() + 4099
+    base = torch.randn(size, generator=g).to(dtype)
+    base[::50] = -0.0
+    deltas = [magnitude_trim((0.01 * torch.randn(size, generator=g)).to(dtype), 0.4)
+              for _ in range(models)]
+    signs = [d.sign().to(torch.int8) for d in deltas]
+    bits = torch.int16 if dtype != torch.float32 else torch.int32
+    for lambda_, normalize in ((1.0, True), (0.8, False), (1.3, True)):
+        want = combine_task_vectors(base, deltas, list(weights[:models]), lambda_=lambda_,
+                                    normalize=normalize, sign_consensus=True)
+        got = consensus_combine(base, deltas, signs, weights[:models], lambda_, normalize)
+        assert torch.equal(got.view(bits), want.view(bits))
