@@ -99,3 +99,18 @@ def test_no_import_cycles() -> None:
 def test_the_cycle_finder_finds_cycles() -> None:
     assert strongly_connected({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) != []
     assert strongly_connected({"a": {"b"}, "b": set()}) == []
+
+
+def test_the_command_line_loads_no_optional_heavy_library() -> None:
+    """Every `pcbmerge` command imports the CLI and the kinds registry: libraries that only
+    some recipes use (Ray, nevergrad, torchmetrics and, through it, scipy and matplotlib)
+    are imported where they are used, not at start-up (torchmetrics alone cost 2.3 s)."""
+    import subprocess
+    import sys
+
+    code = ("import sys, mergekit_pcb.cli, mergekit_pcb.kinds; "
+            "print(' '.join(m for m in ('ray', 'nevergrad', 'torchmetrics', 'scipy', "
+            "'matplotlib', 'skimage') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True).stdout.strip()
+    assert out == "", f"imported at start-up: {out}"
