@@ -19,6 +19,8 @@ from test_coefsearch import recipe_dict as coef_recipe_dict
 from test_coefsearch import record as coef_record
 from test_coefsearch import search as coef_search
 from test_coefsearch import write_recipe as write_coef_recipe
+from test_de_ancestor import recipe as de_recipe
+from test_de_ancestor import training_run  # noqa: F401 (a fixture)
 from test_evolve_engine import (
     build_population,
     recipe_dict,
@@ -183,6 +185,17 @@ def test_removing_a_node_mid_run_does_not_change_the_result(cluster: Any,
     assert removed and executors[0].replaced >= 1  # a worker died and was replaced
     assert same_tensors(pop / "pool", pop / "ray")
     assert search_record(pop / "pool") == search_record(pop / "ray")
+
+
+def test_de_ancestor_on_ray_equals_the_serial_run(cluster: Any, training_run: Path,  # noqa: F811
+                                                   tmp_path: Path) -> None:
+    """A strategy with its own state (SaDE's adaptation) and a mini-batch per generation:
+    members rescored on each batch, the result chosen on all of select."""
+    path = de_recipe(training_run, "ray", generations=3)
+    evolve(path, tmp_path / "serial", trust_code=True)
+    evolve(path, tmp_path / "ray", workers=2, trust_code=True, ray=settings())
+    assert same_tensors(tmp_path / "serial", tmp_path / "ray")
+    assert search_record(tmp_path / "serial") == search_record(tmp_path / "ray")
 
 
 def test_resume_on_ray_continues_a_run(cluster: Any, tmp_path: Path) -> None:
