@@ -337,22 +337,25 @@ def consensus_combine(base: torch.Tensor, deltas: Sequence[torch.Tensor],
         total = weighted[0].to(acc, copy=True)
         for x in weighted[1:]:
             total.add_(x.to(acc))
-        majority = (total >= 0).to(torch.int8).mul_(2).sub_(1)
-        pattern = torch.zeros(majority.shape, dtype=torch.uint8)
+        # (bool tensors are viewed as uint8: torch's bool kernels are several times slower)
+        majority = (total >= 0).view(torch.int8).mul(2).sub_(1)
+        pattern: torch.Tensor | None = None
         mixed: torch.Tensor | None = None
         for i, x in enumerate(weighted):
             if direction[i] == 0:
-                agree = torch.zeros(majority.shape, dtype=torch.bool)
+                agree = torch.zeros(majority.shape, dtype=torch.uint8)
             else:
-                agree = flat_signs[i][cut] == (majority if direction[i] > 0 else -majority)
-            pattern.bitwise_or_(agree.to(torch.uint8).bitwise_left_shift_(i))
+                agree = (flat_signs[i][cut] == (majority if direction[i] > 0 else -majority)
+                         ).view(torch.uint8)
+            pattern = agree.clone() if pattern is None else pattern.add_(agree, alpha=1 << i)
             term = x.mul_(agree).to(acc)
             # a sum starts from +0, so an all-zero sum is +0 whatever the zeros' signs
             mixed = term.add_(0.0) if mixed is None else mixed.add_(term)
         assert mixed is not None
         merged = mixed.to(dtype)
         if normalize:
-            merged.div_(table[pattern.int()])
+            assert pattern is not None
+            merged.div_(table.index_select(0, pattern.int()))
         if lambda_ != 1:
             merged.mul_(lambda_)
         out[cut] = merged.add_(flat_base[cut])
