@@ -23,6 +23,7 @@ from mergekit_pcb import __version__
 from mergekit_pcb.errors import UserError
 
 if TYPE_CHECKING:
+    from mergekit_pcb.evolve.ray_executor import RaySettings
     from mergekit_pcb.kinds import RecipeKind
 
 app = typer.Typer(
@@ -100,7 +101,7 @@ SharedOpt = Annotated[bool, typer.Option(
 
 
 def _ray_settings(executor: ExecutorName | None, address: str | None, cpus: float | None,
-                  gpus: float | None, shared: bool) -> Any:
+                  gpus: float | None, shared: bool) -> RaySettings | None:
     """The Ray settings of `--executor ray`; its options without it are refused."""
     from mergekit_pcb.evolve.ray_executor import RaySettings, import_ray
 

@@ -224,7 +224,7 @@ class EvolutionRun:
             if existing["phase"] == "init":
                 self._initialize()
             else:
-                self.population.reset(self._live(), self._state["checksums"])
+                self.population.reset(self._state["checksums"])
             return
         self._initialize()
 
@@ -329,7 +329,7 @@ class EvolutionRun:
                     ((t.name, interpolate(pa.read(t.name), pb.read(t.name), alpha)
                       if t.dtype.is_floating_point else pa.read(t.name)) for t in self.layout))
             names.append(name)
-        self.population.reset(names, checksums)
+        self.population.reset(checksums)
         paths = tuple(self._path(n) for n in names)
         jobs = [ScoreJob((p,), False, "select") for p in paths]
         merged_mode = s.merged
@@ -413,11 +413,6 @@ class EvolutionRun:
             batch=self.settings.strategy.batch(st["plan"]),
         )
 
-    def _live(self) -> list[str]:
-        """The member files the run keeps: the population and the initial members."""
-        st = self._state
-        return list(dict.fromkeys([*st["members"], *st["initial"]["members"]]))
-
     def _write_trial(self, job: TrialJob, checksum: int | None) -> None:
         """An accepted trial scored on a worker's own copy: the driver builds it from the
         same members and seeds and stores it; its bytes must be the worker's."""
@@ -476,7 +471,7 @@ class EvolutionRun:
                                        else self._best(st["fitness"])[1])
                     st["current"]["accepted"] += 1
                     changed.add(slot)
-                    self.population.accept(job, res.checksum, self._live())
+                    self.population.accept(job, st["checksums"])
                 st["step"] += 1
                 self._commit()
             st["discarded"] += len(jobs) - used

@@ -171,17 +171,10 @@ class RayExecutor:
 
     def map(self, fn: Callable[[T], R], items: Sequence[T]) -> list[R]:
         ray = self._ray
-        from ray.exceptions import (
-            ActorDiedError,
-            ActorUnavailableError,
-            NodeDiedError,
-            RayActorError,
-            RayTaskError,
-            WorkerCrashedError,
-        )
+        from ray.exceptions import NodeDiedError, RayActorError, RayTaskError, WorkerCrashedError
 
-        lost = (ActorDiedError, ActorUnavailableError, RayActorError, NodeDiedError,
-                WorkerCrashedError)
+        # RayActorError covers a dead or unreachable actor (ActorDiedError, ...Unavailable)
+        lost = (RayActorError, NodeDiedError, WorkerCrashedError)
         results: list[Any] = [None] * len(items)
         queue = collections.deque(range(len(items)))
         free = collections.deque(range(len(self.actors)))

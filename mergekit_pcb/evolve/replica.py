@@ -20,7 +20,7 @@ import dataclasses
 import os
 import shutil
 import tempfile
-from collections.abc import Iterable
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -51,25 +51,25 @@ class PopulationLog:
 
     epoch: int = 0
     events: list[MemberEvent] = field(default_factory=list)
-    live: tuple[str, ...] = ()  # the member files the driver keeps now
-    checksums: dict[str, int] = field(default_factory=dict)  # CRC-32 of every member
+    # the member files the driver keeps now and their CRC-32s (the run state's `checksums`)
+    checksums: dict[str, int] = field(default_factory=dict)
 
-    def reset(self, live: Iterable[str], checksums: dict[str, int]) -> None:
+    def reset(self, checksums: Mapping[str, int]) -> None:
         """A new epoch: the driver holds exactly these members."""
         self.epoch += 1
         self.events = []
-        self.live = tuple(live)
         self.checksums = dict(checksums)
 
-    def accept(self, job: TrialJob, checksum: int, live: Iterable[str]) -> None:
+    def accept(self, job: TrialJob, checksums: Mapping[str, int]) -> None:
+        """`job`'s trial was kept; `checksums`: the members the driver keeps after it."""
         name = Path(job.out_path).name
-        self.events.append(MemberEvent(name, checksum, job.generation, job.step, job.plan,
-                                       tuple(Path(p).name for p in job.members)))
-        self.checksums[name] = checksum
-        self.live = tuple(live)
+        self.events.append(MemberEvent(name, checksums[name], job.generation, job.step,
+                                       job.plan, tuple(Path(p).name for p in job.members)))
+        self.checksums = dict(checksums)
 
-    def set_live(self, live: Iterable[str]) -> None:
-        self.live = tuple(live)
+    @property
+    def live(self) -> tuple[str, ...]:
+        return tuple(self.checksums)
 
     @property
     def version(self) -> int:
@@ -97,7 +97,6 @@ class Replica:
         self.epoch = 0
         self.version = 0
         self.names: set[str] = set()
-        self.checksums: dict[str, int] = {}
         self.rebuilt = 0  # trials rebuilt from their seeds
         self.adopted = 0  # trials this worker wrote and the driver accepted
         self.received_bytes = 0
@@ -122,7 +121,6 @@ class Replica:
         for name in list(self.names):
             self.path(name).unlink(missing_ok=True)
         self.names.clear()
-        self.checksums.clear()
         for name, blob in blobs.items():
             data = fetch(blob) if fetch is not None else blob
             path = self.path(name)
@@ -136,7 +134,6 @@ class Replica:
                 raise CheckpointError(f"member {name} arrived damaged (CRC-32 {crc:#010x}, "
                                       f"the driver's is {checksums[name]:#010x})")
             self.names.add(name)
-            self.checksums[name] = crc
         self.epoch, self.version = epoch, version
 
     def _apply(self, event: MemberEvent, ctx: WorkContext) -> None:
@@ -162,14 +159,12 @@ class Replica:
                     "is not deterministic here")
             self.rebuilt += 1
         self.names.add(event.name)
-        self.checksums[event.name] = event.checksum
         self.version += 1
 
     def _drop(self, live: set[str]) -> None:
         for name in [n for n in self.names if n not in live]:
             self.path(name).unlink(missing_ok=True)
             self.names.discard(name)
-            self.checksums.pop(name, None)
         for stray in self.directory.glob(PENDING_PREFIX + "*"):
             if stray.name.removeprefix(PENDING_PREFIX) not in live:
                 stray.unlink(missing_ok=True)
@@ -201,7 +196,7 @@ def make_sync(log: PopulationLog, epoch: int, version: int,
     if epoch != log.epoch:
         assert blob is not None
         return Sync(log.epoch, log.version, (), log.live, {n: blob(n) for n in log.live},
-                    {n: log.checksums[n] for n in log.live if n in log.checksums})
+                    dict(log.checksums))
     return Sync(epoch, version, tuple(log.events[version:]), log.live)
 
 

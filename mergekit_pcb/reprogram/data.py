@@ -32,10 +32,6 @@ class PairSet:
     def __len__(self) -> int:
         return len(self.names)
 
-    def subset(self, rows: list[int]) -> PairSet:
-        return PairSet([self.names[i] for i in rows], [self.degraded[i] for i in rows],
-                       [self.clean[i] for i in rows])
-
 
 def image_files(folder: Path, key: str) -> dict[str, Path]:
     """stem -> file, for the PNG/JPEG files of `folder` (hidden files skipped)."""
