@@ -30,9 +30,10 @@ from mergekit_pcb.errors import RecipeError
 from mergekit_pcb.methods import REGISTRY, TensorInputs, get_method
 from mergekit_pcb.methods.dare import DareLinear, DareTies, dare_merge
 from mergekit_pcb.methods.linear import Linear, linear_merge
-from mergekit_pcb.methods.ops import magnitude_trim, random_drop
+from mergekit_pcb.methods.ops import magnitude_trim, magnitude_trim_all, random_drop
 from mergekit_pcb.methods.task_arithmetic import TaskArithmetic, task_arithmetic_merge
 from mergekit_pcb.methods.ties import Ties, ties_merge
+from mergekit_pcb.threads import torch_threads
 
 DTYPES = [torch.float32, torch.float64]
 SHAPES = [(), (1,), (7,), (5, 6), (2, 3, 4), (17, 9)]
@@ -269,6 +270,27 @@ def test_trim_keeps_at_least_one_entry_unless_density_zero():
     # In TIES: θ₀ = [1, 1, 1], one model τ = t, λ = 2 -> [1, 1 − 4, 1]
     out = ties_merge(torch.ones(3), [torch.ones(3) + t], [1.0], [0.2], lambda_=2.0)
     assert out.tolist() == [1.0, -3.0, 1.0]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_trims_side_by_side_are_mergekits_rule_one_at_a_time(dtype):
+    # Magnitudes on a coarse grid: every cut falls among equal magnitudes, so each model
+    # takes the sort fallback, and the three sorts run side by side on two threads. Each
+    # must keep exactly mergekit's choice: argsort(|τ| as float32, descending)[:k].
+    g = torch.Generator().manual_seed(3)
+    deltas = [(torch.randint(-50, 51, (200_000,), generator=g).float() / 100).to(dtype)
+              for _ in range(3)]
+    densities = [0.5, 0.7, 0.3]
+    with torch_threads(2):
+        together = magnitude_trim_all(deltas, densities)
+    for delta, density, trimmed in zip(deltas, densities, together, strict=True):
+        k = int(density * delta.numel())
+        w = delta.abs().float()
+        assert int((w >= w.sort(descending=True).values[k - 1]).sum()) != k  # ties at the cut
+        keep = torch.zeros(delta.numel(), dtype=torch.bool)
+        keep[torch.argsort(w, descending=True)[:k]] = True
+        assert torch.equal(trimmed, delta * keep.to(dtype))
+        assert torch.equal(trimmed, magnitude_trim(delta, density))
 
 
 def test_linear_hand_computed():

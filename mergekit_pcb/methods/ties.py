@@ -24,23 +24,26 @@ from mergekit_pcb.methods.base import (
     ParamSpec,
     TensorInputs,
 )
-from mergekit_pcb.methods.ops import combine_task_vectors, l1_rescale, magnitude_trim
+from mergekit_pcb.methods.ops import combine_task_vectors, l1_rescale, magnitude_trim_all
 from mergekit_pcb.methods.selection import StreamingSelect
 
 
 def ties_merge(base: torch.Tensor, tensors: Sequence[torch.Tensor], weights: Sequence[float],
                densities: Sequence[float], lambda_: float = 1.0,
                normalize: bool = True, rescale: bool = False) -> torch.Tensor:
-    deltas = [_trim(t - base, d, rescale) for t, d in zip(tensors, densities, strict=True)]
+    deltas = trim_task_vectors([t - base for t in tensors], densities, rescale)
     return combine_task_vectors(base, deltas, weights, lambda_=lambda_, normalize=normalize,
                                 sign_consensus=True)
 
 
-def _trim(delta: torch.Tensor, density: float, rescale: bool) -> torch.Tensor:
-    """The TIES trim; with `rescale`, mergekit's L1 rescale of the survivors (its
-    `magnitude` sparsifier returns density ≥ 1 untouched, so no rescale there either)."""
-    trimmed = magnitude_trim(delta, density)
-    return l1_rescale(delta, trimmed) if rescale and density < 1 else trimmed
+def trim_task_vectors(deltas: Sequence[torch.Tensor], densities: Sequence[float],
+                      rescale: bool) -> list[torch.Tensor]:
+    """The TIES trim of each task vector; with `rescale`, mergekit's L1 rescale of the
+    survivors (its `magnitude` sparsifier returns density ≥ 1 untouched, so no rescale
+    there either)."""
+    trimmed = magnitude_trim_all(deltas, densities)
+    return [l1_rescale(d, t) if rescale and density < 1 else t
+            for d, t, density in zip(deltas, trimmed, densities, strict=True)]
 
 
 def ties_merge_thresholds(base: torch.Tensor, tensors: Sequence[torch.Tensor],

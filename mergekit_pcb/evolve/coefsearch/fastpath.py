@@ -34,13 +34,11 @@ from mergekit_pcb.methods.linear import Linear, linear_merge
 from mergekit_pcb.methods.ops import (
     COMBINE_CHUNK,
     combine_task_vectors,
-    l1_rescale,
-    magnitude_trim,
     random_drop,
 )
 from mergekit_pcb.methods.pcb import PcbGlobalStats, RowStats, clip_indices, drop_index, minmax
 from mergekit_pcb.methods.selection import kth_smallest
-from mergekit_pcb.methods.ties import TiesGlobalStats
+from mergekit_pcb.methods.ties import TiesGlobalStats, trim_task_vectors
 
 from .config import COEFFICIENTS
 
@@ -210,14 +208,8 @@ def decompose(method: str, task: TensorTask, base: torch.Tensor | None,
                 delta = t - base
                 deltas.append(delta * (delta.abs().float() >= thr).to(delta.dtype))
         else:
-            deltas = []
-            for t, p in zip(models, mp, strict=True):
-                delta = t - base
-                trimmed = magnitude_trim(delta, p["density"])
-                # mergekit's L1 rescale, as `ties_merge` applies it
-                if params.get("rescale") and p["density"] < 1:
-                    trimmed = l1_rescale(delta, trimmed)
-                deltas.append(trimmed)
+            deltas = trim_task_vectors([t - base for t in models],
+                                       [p["density"] for p in mp], bool(params.get("rescale")))
     elif method in ("dare_linear", "dare_ties"):
         assert generators is not None
         deltas = [random_drop(t - base, p["density"], g, rescale=params["rescale"])

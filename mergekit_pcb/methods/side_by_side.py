@@ -1,0 +1,40 @@
+"""Run a few independent single-threaded torch calls at once, one per torch thread.
+
+Some steps of a method stay on one core whatever torch's thread count: a full `argsort`
+(the tie-break mergekit's trims use) is the main one. When several models of one tensor
+need it, their sorts run side by side on threads of a small pool; the results are the
+same as one after another, since each call is deterministic on its own.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import TypeVar
+
+import torch
+
+T = TypeVar("T")
+
+_POOL: tuple[int, int, ThreadPoolExecutor] | None = None  # (pid, size, pool)
+
+
+def _pool(size: int) -> ThreadPoolExecutor:
+    """The pool of this process (a forked worker must not reuse its parent's threads)."""
+    global _POOL
+    pid = os.getpid()
+    if _POOL is None or _POOL[0] != pid or _POOL[1] != size:
+        _POOL = (pid, size, ThreadPoolExecutor(size, thread_name_prefix="side-by-side"))
+    return _POOL[2]
+
+
+def side_by_side(calls: Sequence[Callable[[], T]]) -> list[T]:
+    """`[c() for c in calls]`, run on up to `torch.get_num_threads()` threads at once."""
+    threads = min(len(calls), torch.get_num_threads())
+    if threads <= 1:
+        return [c() for c in calls]
+    return list(_pool(threads).map(lambda c: c(), calls))
+
+
+__all__ = ["side_by_side"]
