@@ -448,6 +448,15 @@ class Row:
     comparison: Comparison | None = None
     runs: dict[str, list[RunResult]] = dataclasses.field(default_factory=dict)
     floor_s: float | None = None  # read the inputs once + write one output
+    startup_s: float | None = None  # start Python and import torch and the engine
+    arithmetic_s: float | None = None  # the merge's own compute, inputs in memory
+
+    def bound_ratio(self) -> float | None:
+        """Our wall time over floor + start-up + arithmetic (the issue's bound: ≤ 1.5)."""
+        parts = (self.floor_s, self.startup_s, self.arithmetic_s)
+        if self.ours is None or any(p is None for p in parts):
+            return None
+        return self.ours.wall_s / sum(p for p in parts if p is not None)
 
     def speedup(self) -> float | None:
         if self.ours and self.mergekit:
@@ -470,9 +479,10 @@ def render_table(rows: list[Row]) -> str:
         "| mergekit peak RSS MB | RSS ratio (ours/mk) "
         "| max rel diff: max over tensors of max abs(ours-mk) / max abs(mk) | identical tensors "
         "| ours wall / ours ties wall | floor s (read inputs once, write output) "
-        "| ours wall / floor |"
+        "| ours wall / floor | start-up s | arithmetic s (inputs in memory) "
+        "| ours wall / (floor + start-up + arithmetic) |"
     )
-    lines = [header, "|" + "---|" * 12]
+    lines = [header, "|" + "---|" * 15]
     ties = next((r.ours for r in rows if r.method == "ties" and r.ours), None)
     for row in rows:
         vs_ties = row.ours.wall_s / ties.wall_s if row.ours and ties else None
@@ -494,6 +504,9 @@ def render_table(rows: list[Row]) -> str:
                     _fmt(row.floor_s, ".2f"),
                     _fmt(row.ours.wall_s / row.floor_s if row.ours and row.floor_s else None,
                          ".2f"),
+                    _fmt(row.startup_s, ".2f"),
+                    _fmt(row.arithmetic_s, ".2f"),
+                    _fmt(row.bound_ratio(), ".2f"),
                 ]
             )
             + " |"
@@ -652,6 +665,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--save-dtype", choices=["fp32", "bf16", "fp16"], default="fp32",
                         help="dtype the checkpoints are stored in (1B runs use bf16)")
+    parser.add_argument("--no-arithmetic", dest="arithmetic", action="store_false",
+                        help="skip timing start-up and the merge's compute alone")
     parser.add_argument("--busy", action="store_true",
                         help="keep one core at 100 %% with another process during the runs")
     parser.add_argument("--delta-scale", type=float, default=0.005)
@@ -731,12 +746,18 @@ def bench_method(
                 if recipe.body.get("base_model"):
                     inputs.append(Path(recipe.body["base_model"]))
                 floors.append(measure_floor(inputs, any_out, workdir))
+        startup = arithmetic = None
+        if not args.no_ours and args.arithmetic:
+            startup = measure_startup(thread_env(args))
+            arithmetic = measure_arithmetic(recipe_path, thread_env(args), args.timeout)
     row = Row(
         recipe.method,
         summarize(results.get("ours", [])),
         summarize(results.get("mergekit", [])),
         runs=results,
         floor_s=min(floors) if floors else None,
+        startup_s=startup,
+        arithmetic_s=arithmetic,
     )
     if row.ours and row.mergekit:
         row.comparison = compare_outputs(jobs["ours"].out, jobs["mergekit"].out)
@@ -766,6 +787,49 @@ def measure_floor(inputs: list[Path], output: Path, workdir: Path) -> float:
     elapsed = time.perf_counter() - start
     target.unlink()
     return elapsed
+
+
+STARTUP_CODE = "import torch, safetensors.torch, mergekit_pcb.engine.stream"
+
+# The merge's own compute: the engine's statistics passes and every part's merge, as
+# `pcbmerge run` does them, on inputs already in the page cache, results dropped unwritten.
+ARITHMETIC_CODE = """
+import sys, time
+from mergekit_pcb.engine.plan import build_plan
+from mergekit_pcb.engine.stream import compute_part, gather_statistics, slices
+from mergekit_pcb.recipe.schema import load_recipe
+import torch
+plan = build_plan(load_recipe(sys.argv[1]), "")
+dev = torch.device("cpu")
+for task in plan.tasks:  # warm the page cache, untimed
+    for key in task.reads(plan.base_key):
+        plan.checkpoints[key].read(task.source(key))
+start = time.perf_counter()
+gather_statistics(plan, dev)
+for task in plan.tasks:
+    for a, b in slices(plan, task):
+        compute_part(plan, task, dev, a, b)
+print(time.perf_counter() - start)
+"""
+
+
+def measure_startup(env: dict[str, str], repeats: int = 3) -> float:
+    """Best wall time of a Python process that imports torch and the engine, then exits."""
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        subprocess.run([sys.executable, "-c", STARTUP_CODE], check=True,
+                       env={**os.environ, **env})
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
+def measure_arithmetic(recipe: Path, env: dict[str, str], timeout: float) -> float:
+    """Seconds of the merge's compute alone (`ARITHMETIC_CODE`), in a fresh process."""
+    done = subprocess.run([sys.executable, "-c", ARITHMETIC_CODE, str(recipe)], check=True,
+                          capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, **env})
+    return float(done.stdout.strip().splitlines()[-1])
 
 
 class BusyCore:

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
 from mergekit_pcb.methods.base import TensorInputs
 from mergekit_pcb.methods.selection import kth_smallest
-from mergekit_pcb.methods.side_by_side import side_by_side
+from mergekit_pcb.methods.side_by_side import start as start_side_by_side
 
 
 def magnitude_trim(delta: torch.Tensor, density: float) -> torch.Tensor:
@@ -25,11 +25,12 @@ def magnitude_trim(delta: torch.Tensor, density: float) -> torch.Tensor:
 
 def magnitude_trim_all(deltas: Sequence[torch.Tensor], densities: Sequence[float]
                        ) -> list[torch.Tensor]:
-    """`magnitude_trim` of each delta. The sort fallbacks run side by side: torch sorts a
-    tensor on one core, and equal magnitudes at the cut are common in large tensors (two
-    of three models' 4M-entry embeddings in the 30M bench; most bf16 tensors)."""
+    """`magnitude_trim` of each delta. The sort fallbacks run side by side, each started as
+    soon as its model needs it: torch sorts a tensor on one core, and equal magnitudes at
+    the cut are common in large tensors (two of three models' 4M-entry embeddings in the
+    30M bench; most bf16 tensors)."""
     out: list[torch.Tensor | None] = []
-    tied: list[tuple[int, torch.Tensor, int]] = []
+    tied: list[tuple[int, torch.Tensor, Callable[[], torch.Tensor]]] = []
     for delta, density in zip(deltas, densities, strict=True):
         if density >= 1.0:
             out.append(delta)
@@ -48,15 +49,14 @@ def magnitude_trim_all(deltas: Sequence[torch.Tensor], densities: Sequence[float
             threshold = torch.kthvalue(magnitude, n - k + 1).values
         keep = magnitude >= threshold
         if int(keep.sum()) != k:  # ties straddle the threshold: mergekit's sort decides
-            tied.append((len(out), magnitude, k))
+            top = start_side_by_side(lambda m=magnitude, k=k: torch.argsort(m, descending=True)[:k])
+            tied.append((len(out), magnitude, top))
             out.append(None)
             continue
         out.append(delta * keep.reshape(delta.shape).to(delta.dtype))
-    sorted_top = side_by_side([lambda m=m, k=k: torch.argsort(m, descending=True)[:k]
-                               for _, m, k in tied])
-    for (i, magnitude, _), top in zip(tied, sorted_top, strict=True):
+    for i, magnitude, top in tied:
         keep = torch.zeros_like(magnitude, dtype=torch.bool)
-        keep[top] = True
+        keep[top()] = True
         delta = deltas[i]
         out[i] = delta * keep.reshape(delta.shape).to(delta.dtype)
     return [t for t in out if t is not None]

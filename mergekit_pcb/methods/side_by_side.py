@@ -9,7 +9,7 @@ same as one after another, since each call is deterministic on its own.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import TypeVar
 
@@ -29,12 +29,15 @@ def _pool(size: int) -> ThreadPoolExecutor:
     return _POOL[2]
 
 
-def side_by_side(calls: Sequence[Callable[[], T]]) -> list[T]:
-    """`[c() for c in calls]`, run on up to `torch.get_num_threads()` threads at once."""
-    threads = min(len(calls), torch.get_num_threads())
+def start(call: Callable[[], T]) -> Callable[[], T]:
+    """Start `call` on a pool thread when torch may use more than one thread (else run it
+    now); the returned function waits for its result. The caller goes on meanwhile: a
+    sort started here overlaps the work that finds whether the next model needs one."""
+    threads = torch.get_num_threads()
     if threads <= 1:
-        return [c() for c in calls]
-    return list(_pool(threads).map(lambda c: c(), calls))
+        result = call()
+        return lambda: result
+    return _pool(threads).submit(call).result
 
 
-__all__ = ["side_by_side"]
+__all__ = ["start"]
