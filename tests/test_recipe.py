@@ -114,3 +114,18 @@ def test_yaml_syntax_error_names_line(tmp_path: Path) -> None:
     path.write_text("merge_method: ties\nmodels: [\n  - a: b\n")
     with pytest.raises(RecipeError, match=r"bad\.yaml: line \d+ not valid YAML"):
         load_recipe(path)
+
+
+def test_exponent_without_a_dot_is_a_number(tmp_path: Path) -> None:
+    # PyYAML (YAML 1.1) reads `5e-1` as a string; mergekit's pydantic coerces it, so the
+    # same recipe must work here. Quoted, it stays a string (and the schema refuses it).
+    path = tmp_path / "ties.yml"
+    path.write_text("merge_method: ties\nbase_model: b\nmodels:\n"
+                    "  - model: m\n    parameters: {density: 5e-1, weight: 1E0}\n"
+                    "parameters: {lambda: 2.5e+0, epsilon: .5e-1}\n")
+    recipe = load_recipe(path)
+    assert recipe.models[0].parameters == {"density": 0.5, "weight": 1.0}
+    assert recipe.parameters == {"lambda": 2.5, "epsilon": 0.05}
+    path.write_text("merge_method: ties\nbase_model: b\nmodels:\n"
+                    "  - model: m\n    parameters: {density: '5e-1'}\n")
+    assert load_recipe(path).models[0].parameters == {"density": "5e-1"}

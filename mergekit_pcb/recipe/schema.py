@@ -9,6 +9,7 @@ unchanged. Our additions: `seed`, `tensors` (routing rules) and `name`.
 from __future__ import annotations
 
 import os
+import re
 import stat
 from pathlib import Path
 from typing import Any, Literal, TypeVar, Union
@@ -276,7 +277,7 @@ class _Refused(Exception):
 
 class _BoundedLoader(yaml.SafeLoader):
     """SafeLoader that refuses nesting deeper than MAX_YAML_DEPTH while composing, before
-    the composer's recursion could exhaust the stack."""
+    the composer's recursion could exhaust the stack, and reads `1e-3` as a number."""
 
     def __init__(self, stream: str) -> None:
         super().__init__(stream)
@@ -291,6 +292,14 @@ class _BoundedLoader(yaml.SafeLoader):
             return super().compose_node(parent, index)  # type: ignore[no-any-return]
         finally:
             self._depth -= 1
+
+
+# YAML 1.1 (PyYAML) wants a dot and a signed exponent, so `1e-3` would be a string; mergekit's
+# pydantic models coerce it to a number, and YAML 1.2 reads it as one. Read it as a float.
+_BoundedLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9][0-9_]*)[eE][-+]?[0-9]+$"),
+    list("-+.0123456789"))
 
 
 def _children(node: yaml.Node) -> list[yaml.Node]:
