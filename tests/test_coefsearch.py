@@ -14,11 +14,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pytest
 import torch
 import yaml
 from safetensors.torch import load_file, save_file
+from tiny_mlp import write_mlp_population
 from typer.testing import CliRunner
 
 from mergekit_pcb.engine import build_plan, merge_in_memory
@@ -56,27 +56,7 @@ def loss(state, data):
 def build_population(root: Path, n: int = 3) -> Path:
     """A base MLP and `n` fine-tuned-like copies (shared direction plus noise), a 3-class
     task with select/report splits."""
-    root.mkdir(parents=True, exist_ok=True)
-    (root / "coefnet.py").write_text(NET_MODULE)
-    torch.manual_seed(0)
-    net = torch.nn.Sequential(torch.nn.Linear(6, 12), torch.nn.ReLU(), torch.nn.Linear(12, 3))
-    base = {k: v.detach().clone().contiguous() for k, v in net.state_dict().items()}
-    (root / "base").mkdir()
-    save_file(base, str(root / "base" / "model.safetensors"))
-    shared = {k: torch.randn(v.shape, generator=torch.Generator().manual_seed(7))
-              for k, v in base.items()}
-    for i in range(n):
-        g = torch.Generator().manual_seed(100 + i)
-        tuned = {k: (v + 0.3 * shared[k] + 0.3 * torch.randn(v.shape, generator=g))
-                 .contiguous() for k, v in base.items()}
-        (root / f"m{i}").mkdir()
-        save_file(tuned, str(root / f"m{i}" / "model.safetensors"))
-    g = torch.Generator().manual_seed(5)
-    x = torch.randn(240, 6, generator=g)
-    y = (x[:, 0] > 0).long() + (x[:, 1] > 0.3).long()
-    np.savez(root / "select.npz", inputs=x[:120].numpy(), labels=y[:120].numpy())
-    np.savez(root / "report.npz", inputs=x[120:].numpy(), labels=y[120:].numpy())
-    return root
+    return write_mlp_population(root, n, "coefnet", NET_MODULE, shared=0.3)
 
 
 def recipe_dict(root: Path, *, n: int = 3, merge: dict[str, Any] | None = None,
