@@ -9,6 +9,7 @@ import torch
 from mergekit_pcb.methods.base import TensorInputs
 from mergekit_pcb.methods.selection import kth_smallest
 from mergekit_pcb.methods.side_by_side import start as start_side_by_side
+from mergekit_pcb.methods.sort_order import descending_top
 
 
 def magnitude_trim(delta: torch.Tensor, density: float) -> torch.Tensor:
@@ -16,19 +17,19 @@ def magnitude_trim(delta: torch.Tensor, density: float) -> torch.Tensor:
 
     Bit-compatible with mergekit: the threshold is an exact order statistic (histogram
     selection, no full sort), and only when equal magnitudes straddle it does the choice
-    among them fall back to mergekit's own rule, `argsort(descending=True)[:k]` (torch's
-    sort order: deterministic for a given input, not index order). float64 magnitudes are
-    ranked in float64.
+    among them follow mergekit's own rule, `argsort(descending=True)[:k]` (torch's sort
+    order: deterministic for a given input, not index order), found by `sort_order` without
+    a full sort. float64 magnitudes are ranked in float64.
     """
     return magnitude_trim_all([delta], [density])[0]
 
 
 def magnitude_trim_all(deltas: Sequence[torch.Tensor], densities: Sequence[float]
                        ) -> list[torch.Tensor]:
-    """`magnitude_trim` of each delta. The sort fallbacks run side by side, each started as
-    soon as its model needs it: torch sorts a tensor on one core, and equal magnitudes at
-    the cut are common in large tensors (two of three models' 4M-entry embeddings in the
-    30M bench; most bf16 tensors)."""
+    """`magnitude_trim` of each delta. The tie-breaks run side by side, each started as soon
+    as its model needs it (each runs on one core), and equal magnitudes at the cut are
+    common in large tensors (two of three models' 4M-entry embeddings in the 30M bench;
+    most bf16 tensors)."""
     out: list[torch.Tensor | None] = []
     tied: list[tuple[int, torch.Tensor, Callable[[], torch.Tensor]]] = []
     for delta, density in zip(deltas, densities, strict=True):
@@ -49,7 +50,7 @@ def magnitude_trim_all(deltas: Sequence[torch.Tensor], densities: Sequence[float
             threshold = torch.kthvalue(magnitude, n - k + 1).values
         keep = magnitude >= threshold
         if int(keep.sum()) != k:  # ties straddle the threshold: mergekit's sort decides
-            top = start_side_by_side(lambda m=magnitude, k=k: torch.argsort(m, descending=True)[:k])
+            top = start_side_by_side(lambda m=magnitude, k=k: descending_top(m, k))
             tied.append((len(out), magnitude, top))
             out.append(None)
             continue
