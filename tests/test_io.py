@@ -71,6 +71,28 @@ def test_writer_output_loads_with_safetensors_library(tmp_path: Path) -> None:
     ckpt.close()
 
 
+def test_writer_flushes_to_disk_as_it_goes(tmp_path: Path, monkeypatch) -> None:
+    # Every SYNC_EVERY_BYTES written, the shard is flushed to disk (so the closing fsync does
+    # not wait for all of it); the bytes are those of one write at the end.
+    from mergekit_pcb.io import writer as writer_module
+
+    synced: list[int] = []
+    real_fdatasync = os.fdatasync
+    monkeypatch.setattr(writer_module, "SYNC_EVERY_BYTES", 1000)
+    monkeypatch.setattr(writer_module.os, "fdatasync",
+                        lambda fd: synced.append(os.fstat(fd).st_size) or real_fdatasync(fd))
+    tensors = {f"t{i}": torch.full((100,), float(i)) for i in range(7)}  # 400 bytes each
+    specs = [OutputTensor(n, t.dtype, tuple(t.shape)) for n, t in tensors.items()]
+    writer = ShardedSafetensorsWriter(tmp_path, plan_shards(specs, shard_size=10**9))
+    for name, t in tensors.items():
+        writer.write(name, t)
+    writer.close()
+    header = (tmp_path / "model.safetensors").stat().st_size - 7 * 400
+    assert synced == [header + 1200, header + 2400]  # after the 3rd and 6th tensors
+    loaded = load_file(tmp_path / "model.safetensors")
+    assert all(torch.equal(loaded[n], t) for n, t in tensors.items())
+
+
 def test_single_file_reference(tmp_path: Path) -> None:
     save_file({"a": torch.arange(6.0).reshape(2, 3)}, tmp_path / "weights.safetensors")
     ckpt = open_checkpoint(str(tmp_path / "weights.safetensors"))

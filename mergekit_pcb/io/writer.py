@@ -106,6 +106,10 @@ def parse_size(text: str | int) -> int:
     return int(value)
 
 
+# Output bytes written between flushes to disk (see `ShardedSafetensorsWriter._append`).
+SYNC_EVERY_BYTES = 256 << 20
+
+
 class ShardedSafetensorsWriter:
     """Writes tensors, in plan order, into pre-planned shards under `directory`."""
 
@@ -121,6 +125,7 @@ class ShardedSafetensorsWriter:
         self._handle: BinaryIO | None = None
         self._open_tensor: tuple[Shard, OutputTensor] | None = None
         self._written = 0
+        self._unsynced = 0  # bytes written since the last flush to disk
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
         shard, expected = next(self._queue)
@@ -170,8 +175,17 @@ class ShardedSafetensorsWriter:
         if shard is not self._current:
             self._open(shard)
         assert self._handle is not None
+        data = tensor_bytes(tensor)
         with disk_errors(self.directory.parent):
-            self._handle.write(tensor_bytes(tensor))
+            self._handle.write(data)
+            self._unsynced += len(data)
+            if self._unsynced >= SYNC_EVERY_BYTES:
+                # The kernel would hold a whole shard's dirty pages until the closing fsync,
+                # which then waits for all of them; flushing as we go overlaps the disk with
+                # the merge (this runs on the write-behind thread).
+                self._handle.flush()
+                os.fdatasync(self._handle.fileno())
+                self._unsynced = 0
 
     def _open(self, shard: Shard) -> None:
         self._close_handle()
@@ -188,6 +202,7 @@ class ShardedSafetensorsWriter:
                 os.fsync(self._handle.fileno())
                 self._handle.close()
             self._handle = None
+            self._unsynced = 0
 
     def close(self) -> None:
         """Finish the last shard and write the index (sharded output only)."""
