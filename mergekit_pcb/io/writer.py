@@ -175,8 +175,8 @@ class ShardedSafetensorsWriter:
         if shard is not self._current:
             self._open(shard)
         assert self._handle is not None
-        data = tensor_bytes(tensor)
         with disk_errors(self.directory.parent):
+            data = tensor_bytes(tensor)
             self._handle.write(data)
             self._unsynced += len(data)
             if self._unsynced >= SYNC_EVERY_BYTES:
