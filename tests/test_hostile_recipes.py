@@ -245,7 +245,7 @@ def test_yaml_number_spellings(models: dict[str, Path], model_files: dict[Path, 
                                tmp_path: Path) -> None:
     base = yaml.safe_dump(base_recipe(REGISTRY["task_arithmetic"], models), sort_keys=False)
     for spelling, shown in ((".NaN", "nan"), ("-.Inf", "-inf"), ("1.0e+400", "inf"),
-                            ("1e400", "'1e400'"), ("9" * 5000, "not valid YAML")):
+                            ("1e400", "inf"), ("'1e-3'", "'1e-3'"), ("9" * 5000, "not valid YAML")):
         path = write(tmp_path, base + f"parameters:\n  lambda: {spelling}\n")
         line = assert_refused(tmp_path, path, shown, model_files)
         assert "parameters.lambda" in line or "not valid YAML" in line
