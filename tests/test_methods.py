@@ -272,7 +272,7 @@ def test_trim_keeps_at_least_one_entry_unless_density_zero():
     assert out.tolist() == [1.0, -3.0, 1.0]
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_trims_side_by_side_are_mergekits_rule_one_at_a_time(dtype):
     # Magnitudes on a coarse grid: every cut falls among equal magnitudes, so each model
     # takes the sort fallback, and the three sorts run side by side on two threads. Each

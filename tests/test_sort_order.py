@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from mergekit_pcb.methods import sort_order
-from mergekit_pcb.methods.sort_order import descending_top, introsort_top
+from mergekit_pcb.methods.sort_order import descending_top, descending_top_bits, introsort_top
 
 
 def torch_top(values: torch.Tensor, k: int) -> np.ndarray:
@@ -72,3 +72,15 @@ def test_exhausted_depth_and_unknown_sorts_use_torchs_sort(monkeypatch) -> None:
     monkeypatch.setattr(sort_order, "_emulation_matches_torch", lambda: False)
     assert np.array_equal(np.sort(descending_top(values, 1234).numpy()),
                           torch_top(values, 1234))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_bits_rank_as_their_float32_values(dtype: torch.dtype) -> None:
+    # mergekit ranks bf16/fp16 magnitudes upcast to float32; the emulation ranks their bits.
+    g = torch.Generator().manual_seed(5)
+    for n, scale in ((1000, 1.0), (70_001, 0.002), (300_000, 0.01)):
+        values = (scale * torch.randn(n, generator=g)).to(dtype).abs()
+        bits = values.view(torch.int16)
+        for k in (1, n // 3, n - 1):
+            got = descending_top_bits(bits, dtype, k)
+            assert np.array_equal(np.sort(got.numpy()), torch_top(values.float(), k)), (n, k)

@@ -46,6 +46,18 @@ def descending_top(values: torch.Tensor, k: int) -> torch.Tensor:
     return torch.argsort(values, descending=True)[:k]
 
 
+def descending_top_bits(bits: torch.Tensor, dtype: torch.dtype, k: int) -> torch.Tensor:
+    """`descending_top` of the float16/bfloat16 magnitudes whose bits are `bits` (int16, no
+    sign bit set), ranked as mergekit ranks them, upcast to float32. The bits order them as
+    their values do, and the sort compares nothing else: the emulation runs on the bits."""
+    n = bits.numel()
+    if bits.dim() == 1 and 0 < k < n and _emulation_matches_torch():
+        top = introsort_top(bits.numpy(), k)
+        if top is not None:
+            return torch.from_numpy(top)
+    return torch.argsort(bits.view(dtype).float(), descending=True)[:k]
+
+
 def introsort_top(values: np.ndarray, k: int, depth_limit: int | None = None
                   ) -> np.ndarray | None:
     """The indices libstdc++'s `std::sort` (descending by value) places in [0, k), or None
@@ -135,4 +147,4 @@ def _emulation_matches_torch() -> bool:
     return True
 
 
-__all__ = ["descending_top", "introsort_top"]
+__all__ = ["descending_top", "descending_top_bits", "introsort_top"]
