@@ -73,12 +73,20 @@ def introsort_top(values: np.ndarray, k: int, depth_limit: int | None = None
         if depth == 0:
             return None
         depth -= 1
-        cut = _partition(keys, index)
+        cut, to_right, to_left = _partition(keys, index)
+        # Each side needs only its own half of the swaps: the other side is dropped, or
+        # kept whole, and then only its indices matter.
         if place <= cut:  # the range right of the cut lies past the k-th place
+            keys[to_right] = keys[to_left]
+            index[to_right] = index[to_left]
             keys, index = keys[:cut], index[:cut]
             if place == cut:
                 return np.concatenate([*kept, index]).astype(np.int64)
         else:  # the range left of the cut lies before it: all kept
+            moved = index[to_right]
+            index[to_right] = index[to_left]
+            keys[to_left] = keys[to_right]
+            index[to_left] = moved
             kept.append(index[:cut])
             keys, index = keys[cut:], index[cut:]
             place -= cut
@@ -87,9 +95,11 @@ def introsort_top(values: np.ndarray, k: int, depth_limit: int | None = None
     return np.concatenate([*kept, index[order[:place]]]).astype(np.int64)
 
 
-def _partition(keys: np.ndarray, index: np.ndarray) -> int:
+def _partition(keys: np.ndarray, index: np.ndarray) -> tuple[int, np.ndarray, np.ndarray]:
     """libstdc++'s `__unguarded_partition_pivot` with `greater` as the comparison, on views
-    of the current range; returns the cut (the start of the right-hand range)."""
+    of the current range: moves the median of three to the front, and returns the cut (the
+    start of the right-hand range) and the positions the scans swap, pair by pair (the
+    caller applies the swaps it needs)."""
     size = keys.size
     mid = size // 2
     a, b, c = keys[1], keys[mid], keys[size - 1]
@@ -118,18 +128,13 @@ def _partition(keys: np.ndarray, index: np.ndarray) -> int:
             hi = t
     swaps = lo
     if swaps == 0:
-        return int(left[0])
+        return int(left[0]), left[:0], left[:0]
     # After the last swap the left scan stops at the next entry ≤ pivot, or at the last
     # right stop, which now holds one.
     cut = int(right[n_right - swaps])
     if swaps < n_left:
         cut = min(cut, int(left[swaps]))
-    to_right = left[:swaps]
-    to_left = right[n_right - swaps:][::-1]
-    moved_keys, moved_index = keys[to_right], index[to_right]
-    keys[to_right], index[to_right] = keys[to_left], index[to_left]
-    keys[to_left], index[to_left] = moved_keys, moved_index
-    return cut
+    return cut, left[:swaps], right[n_right - swaps:][::-1]
 
 
 @functools.cache
