@@ -48,7 +48,7 @@ def magnitude_trim_all(deltas: Sequence[torch.Tensor], densities: Sequence[float
             magnitude = magnitude.contiguous().view(torch.int16)
             cum = torch.bincount(magnitude, minlength=1 << 15).cumsum(0)
             threshold: torch.Tensor | float = int(
-                torch.searchsorted(cum, torch.tensor(n - k), right=True))
+                torch.searchsorted(cum, torch.tensor(n - k, device=cum.device), right=True))
         elif magnitude.dtype == torch.float32:
             threshold = kth_smallest(magnitude, n - k, nonnegative=True)
         else:
@@ -64,8 +64,8 @@ def magnitude_trim_all(deltas: Sequence[torch.Tensor], densities: Sequence[float
             continue
         out.append(delta * _as_mask(keep, delta))
     for i, top in tied:
-        keep = torch.zeros(deltas[i].numel(), dtype=torch.bool)
-        keep[top()] = True
+        keep = torch.zeros(deltas[i].numel(), dtype=torch.bool, device=deltas[i].device)
+        keep[top().to(keep.device)] = True
         delta = deltas[i]
         out[i] = delta * _as_mask(keep, delta)
     return [t for t in out if t is not None]

@@ -51,7 +51,8 @@ def descending_top_bits(bits: torch.Tensor, dtype: torch.dtype, k: int) -> torch
     sign bit set), ranked as mergekit ranks them, upcast to float32. The bits order them as
     their values do, and the sort compares nothing else: the emulation runs on the bits."""
     n = bits.numel()
-    if bits.dim() == 1 and 0 < k < n and _emulation_matches_torch():
+    if bits.device.type == "cpu" and bits.dim() == 1 and 0 < k < n \
+            and _emulation_matches_torch():
         top = introsort_top(bits.numpy(), k)
         if top is not None:
             return torch.from_numpy(top)
