@@ -25,6 +25,8 @@ def _pool(size: int) -> ThreadPoolExecutor:
     global _POOL
     pid = os.getpid()
     if _POOL is None or _POOL[0] != pid or _POOL[1] != size:
+        if _POOL is not None and _POOL[0] == pid:  # a new thread count: its calls are done
+            _POOL[2].shutdown(wait=False)
         _POOL = (pid, size, ThreadPoolExecutor(size, thread_name_prefix="side-by-side"))
     return _POOL[2]
 

@@ -23,6 +23,7 @@ limit (its heapsort is not emulated).
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -37,26 +38,28 @@ def descending_top(values: torch.Tensor, k: int) -> torch.Tensor:
 
     `values` is a 1-D CPU tensor without NaN (magnitudes of finite task vectors).
     """
-    n = values.numel()
-    if (values.dtype in (torch.float32, torch.float64) and values.device.type == "cpu"
-            and values.dim() == 1 and 0 < k < n and _emulation_matches_torch()):
-        top = introsort_top(values.numpy(), k)
-        if top is not None:
-            return torch.from_numpy(top)
-    return torch.argsort(values, descending=True)[:k]
+    emulated = values.dtype in (torch.float32, torch.float64)
+    return _top(values if emulated else None, k, lambda: values)
 
 
 def descending_top_bits(bits: torch.Tensor, dtype: torch.dtype, k: int) -> torch.Tensor:
     """`descending_top` of the float16/bfloat16 magnitudes whose bits are `bits` (int16, no
     sign bit set), ranked as mergekit ranks them, upcast to float32. The bits order them as
     their values do, and the sort compares nothing else: the emulation runs on the bits."""
-    n = bits.numel()
-    if bits.device.type == "cpu" and bits.dim() == 1 and 0 < k < n \
-            and _emulation_matches_torch():
-        top = introsort_top(bits.numpy(), k)
+    return _top(bits, k, lambda: bits.view(dtype).float())
+
+
+def _top(keys: torch.Tensor | None, k: int, ranked: Callable[[], torch.Tensor]
+         ) -> torch.Tensor:
+    """The emulated top k of `keys` (ordered as `ranked()`), or torch's own sort of
+    `ranked()` where the emulation does not apply: no keys, not on the CPU, k outside
+    (0, n), another sort than libstdc++'s, or introsort's depth limit reached."""
+    if (keys is not None and keys.device.type == "cpu" and keys.dim() == 1
+            and 0 < k < keys.numel() and _emulation_matches_torch()):
+        top = introsort_top(keys.numpy(), k)
         if top is not None:
             return torch.from_numpy(top)
-    return torch.argsort(bits.view(dtype).float(), descending=True)[:k]
+    return torch.argsort(ranked(), descending=True)[:k]
 
 
 def introsort_top(values: np.ndarray, k: int, depth_limit: int | None = None
