@@ -4,6 +4,7 @@ of the serial one, for every registered method and scope, with tensors cut in ma
 from __future__ import annotations
 
 import hashlib
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -11,11 +12,14 @@ import pytest
 import torch
 
 from mergekit_pcb.engine import stream
-from mergekit_pcb.engine.pipeline import WriteBehind, read_ahead
+from mergekit_pcb.engine.pipeline import InOrder, WriteBehind, read_ahead
 from mergekit_pcb.engine.plan import build_plan
 from mergekit_pcb.errors import RecipeError
 from mergekit_pcb.methods import REGISTRY
+from mergekit_pcb.methods.pcb import PcbGlobalStats
+from mergekit_pcb.methods.ties import TiesGlobalStats
 from mergekit_pcb.recipe.schema import parse_recipe
+from mergekit_pcb.threads import torch_threads
 
 
 def _cases() -> list[tuple[str, dict[str, Any]]]:
@@ -63,6 +67,53 @@ def test_pipelined_equals_serial(hf_models: Any, tmp_path: Path, method: str,
     assert outs[0] == outs[1]
 
 
+@pytest.mark.parametrize(("method", "params"), [
+    ("pcb", {"scope": "global"}), ("ties", {"scope": "global"}), ("ties", {}),
+    ("dare_ties", {}), ("linear", {})])
+def test_parts_side_by_side_equal_serial(hf_models: Any, tmp_path: Path, method: str,
+                                         params: dict[str, Any],
+                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """Three part workers (whatever this machine's cores) give the serial bytes, and the
+    statistics passes and the merge pass really ran on them."""
+    base, tuned = hf_models("llama", 3)
+    monkeypatch.setattr(stream, "CHUNK_ELEMENTS", 100)
+    cls = REGISTRY[method]
+    density = {"density": 0.5} if cls.param_spec("density") is not None else {}
+    recipe = parse_recipe({
+        "merge_method": method, "base_model": str(base),
+        "models": [{"model": str(t), "parameters": density} for t in tuned],
+        "parameters": params, "seed": 5}, "test")
+    computed_on: set[str] = set()
+    observed_on: set[str] = set()
+
+    def spy(record: set[str], fn: Any) -> Any:
+        def call(*args: Any, **kwargs: Any) -> Any:
+            record.add(threading.current_thread().name.split("_")[0])
+            return fn(*args, **kwargs)
+        return call
+
+    monkeypatch.setattr(stream, "compute_part", spy(computed_on, stream.compute_part))
+    global_stats = {"pcb": PcbGlobalStats, "ties": TiesGlobalStats}.get(method)
+    if params.get("scope") == "global" and global_stats is not None:
+        monkeypatch.setattr(global_stats, "observe", spy(observed_on, global_stats.observe))
+    outs = []
+    for pipeline in (False, True):
+        plan = build_plan(recipe, "")
+        out = tmp_path / f"out-{pipeline}"
+        out.mkdir()
+        try:
+            with torch_threads(3):
+                stream.write_plan(plan, out, shard_size=40_000, artifacts=False,
+                                  pipeline=pipeline)
+        finally:
+            plan.close()
+        outs.append(_digest(out))
+    assert outs[0] == outs[1]
+    assert "pcbmerge-part" in computed_on
+    if params.get("scope") == "global":
+        assert "pcbmerge-part" in observed_on
+
+
 def test_read_ahead_keeps_order_and_raises_in_the_caller() -> None:
     assert list(read_ahead(range(10), lambda i: i * i, depth=2)) == [(i, i * i)
                                                                     for i in range(10)]
@@ -95,3 +146,29 @@ def test_write_behind_runs_in_order_and_reports_errors() -> None:
         for _ in range(5):
             behind.submit(lambda: torch.zeros(1))
         behind.drain()
+
+
+def test_in_order_hands_results_back_in_submission_order() -> None:
+    import time
+
+    got: list[int] = []
+    with InOrder(3) as workers:
+        for i in range(12):
+            # later calls finish first: order must come from submission, not completion
+            workers.submit(lambda i: (time.sleep(0.002 * (3 - i % 3)), i)[1], got.append, i)
+            assert len(got) >= i + 1 - 6  # never more than 2 × width in flight
+        workers.run_here(lambda: 99, got.append)
+        workers.drain()
+    assert got == [*range(12), 99]
+
+    def bad(i: int) -> int:
+        if i == 2:
+            raise ValueError("bad part")
+        return i
+
+    seen: list[int] = []
+    with InOrder(2) as workers, pytest.raises(ValueError, match="bad part"):
+        for i in range(6):
+            workers.submit(bad, seen.append, i)
+        workers.drain()
+    assert seen == [0, 1]

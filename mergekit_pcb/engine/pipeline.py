@@ -4,7 +4,8 @@ thread runs behind it, each a fixed number of items deep.
 File reads (`readinto`) and torch kernels release the GIL, so Python threads overlap
 them for real. Each stage is a single thread, so order is kept and the file handles and the
 shard writer are only ever used by one thread at a time. Memory stays bounded: at most
-`depth` items wait in each stage.
+`depth` items wait in each stage. Between them, `InOrder` can spread the merge itself over
+a few single-threaded workers and hand their results on in order.
 """
 
 from __future__ import annotations
@@ -65,4 +66,57 @@ class WriteBehind:
         self.close()
 
 
-__all__ = ["WriteBehind", "read_ahead"]
+class InOrder:
+    """Calls run on `width` worker threads (or at once in the caller when `width` is 1) and
+    their results are taken back in submission order, at most `2 × width` in flight.
+
+    `initializer` runs once in each worker thread (the engine pins torch to one thread
+    there). `take` hands each finished result, oldest first, to the `done` callback given
+    at its submission; an error raised by a call is raised in the caller there.
+    """
+
+    def __init__(self, width: int, initializer: Callable[[], None] | None = None) -> None:
+        self.width = max(1, width)
+        # Twice as many in flight as workers: a worker slowed by a busy core holds up the
+        # hand-over, not the other workers, which go on with the next parts meanwhile.
+        self.depth = 2 * self.width
+        self._pool = None if self.width == 1 else ThreadPoolExecutor(
+            self.width, thread_name_prefix="pcbmerge-part", initializer=initializer)
+        self._pending: deque[tuple[Future[Any], Callable[[Any], None]]] = deque()
+
+    def submit(self, fn: Callable[..., R], done: Callable[[R], None], *args: Any) -> None:
+        if self._pool is None:
+            done(fn(*args))
+            return
+        self._pending.append((self._pool.submit(fn, *args), done))
+        while self._pending and (len(self._pending) > self.depth or self._pending[0][0].done()):
+            self._take_first()
+
+    def run_here(self, fn: Callable[..., R], done: Callable[[R], None], *args: Any) -> None:
+        """Run `fn` in the caller once every earlier call is handed over (work that needs
+        all the threads to itself)."""
+        self.drain()
+        done(fn(*args))
+
+    def drain(self) -> None:
+        """Wait for every call in flight and hand over its result."""
+        while self._pending:
+            self._take_first()
+
+    def _take_first(self) -> None:
+        future, done = self._pending.popleft()
+        done(future.result())
+
+    def close(self) -> None:
+        self._pending.clear()
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+
+    def __enter__(self) -> InOrder:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+__all__ = ["InOrder", "WriteBehind", "read_ahead"]

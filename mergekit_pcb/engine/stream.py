@@ -8,6 +8,7 @@ is one tensor's inputs plus the method's scratch, whatever the model size.
 from __future__ import annotations
 
 import ctypes
+import functools
 import math
 import time
 from collections.abc import Callable, Iterator
@@ -21,13 +22,14 @@ from rich.progress import (
     BarColumn,
     DownloadColumn,
     Progress,
+    TaskID,
     TextColumn,
     TimeElapsedColumn,
     TimeRemainingColumn,
 )
 
 from mergekit_pcb.engine.card import write_artifacts
-from mergekit_pcb.engine.pipeline import WriteBehind, read_ahead
+from mergekit_pcb.engine.pipeline import InOrder, WriteBehind, read_ahead
 from mergekit_pcb.engine.plan import MergePlan, TensorTask
 from mergekit_pcb.engine.rng import tensor_generator
 from mergekit_pcb.engine.vocab import align_rows
@@ -40,6 +42,7 @@ from mergekit_pcb.io.writer import (
     plan_shards,
 )
 from mergekit_pcb.methods import TensorInputs
+from mergekit_pcb.methods.base import GlobalStats
 
 
 @dataclass
@@ -195,14 +198,20 @@ Part = tuple[int, TensorTask, int | None, int | None, bool]  # index, task, slic
 # torch threads per part. Slices of 1M elements are memory-bound: a parallel region each
 # buys little when the cores are free and costs several times the work when another process
 # holds one (measured: ties at 30M parameters took 18 s with 2 threads on a 2-core machine
-# with one core busy, 4.6 s with 1). So parts run on one thread, next to the reader and
-# writer threads, and only whole-tensor work on a large tensor (a per-tensor ranking) gets
-# every thread.
+# with one core busy, 4.6 s with 1). So parts run on one thread each, several parts side by
+# side on as many worker threads as torch has threads (plain threads, no barrier to spin
+# at: a busy core slows one worker, not all), next to the reader and writer threads. Only
+# whole-tensor work on a large tensor (a per-tensor ranking) gets every thread, alone.
 LARGE_PART_ELEMENTS = 1 << 22
 
 
+def _one_torch_thread() -> None:
+    torch.set_num_threads(1)  # per thread: the caller's own count is left alone
+
+
 class ThreadPolicy:
-    """`fixed` threads for everything (the `--threads` flag), or the rule above."""
+    """`fixed` threads for everything, one part at a time (the `--threads` flag), or the
+    rule above."""
 
     def __init__(self, fixed: int | None = None) -> None:
         self.fixed = fixed
@@ -210,12 +219,19 @@ class ThreadPolicy:
         self._current = torch.get_num_threads()
         self._initial = self._current
 
+    def solo(self, task: TensorTask, start: int | None) -> bool:
+        """Whether this part runs alone in the calling thread (else on a part worker)."""
+        if self.fixed is not None or self.most == 1:
+            return True
+        return start is None and math.prod(task.shape) >= LARGE_PART_ELEMENTS
+
+    def workers(self, device: torch.device, pipeline: bool) -> InOrder:
+        """Part workers: one per torch thread on the CPU when pipelined, else none."""
+        side_by_side = pipeline and self.fixed is None and device.type == "cpu"
+        return InOrder(self.most if side_by_side else 1, initializer=_one_torch_thread)
+
     def enter(self, task: TensorTask, start: int | None) -> None:
-        if self.fixed is not None:
-            want = self.fixed
-        else:
-            whole_and_large = start is None and math.prod(task.shape) >= LARGE_PART_ELEMENTS
-            want = self.most if whole_and_large else 1
+        want = self.fixed or (self.most if self.solo(task, start) else 1)
         if want != self._current:
             torch.set_num_threads(want)
             self._current = want
@@ -233,14 +249,15 @@ def _parts(plan: MergePlan, tasks: list[TensorTask]) -> Iterator[Part]:
             yield i, task, start, stop, k == len(parts) - 1
 
 
-def _reads(plan: MergePlan, tasks: list[TensorTask], device: torch.device, pipeline: bool
-           ) -> Iterator[tuple[Part, Inputs]]:
-    """Every part of `tasks` with its inputs, read ahead in a thread when `pipeline`."""
+def _reads(plan: MergePlan, tasks: list[TensorTask], device: torch.device, pipeline: bool,
+           depth: int = 1) -> Iterator[tuple[Part, Inputs]]:
+    """Every part of `tasks` with its inputs, read up to `depth` parts ahead in a thread
+    when `pipeline`."""
     def read(part: Part) -> Inputs:
         return read_part(plan, part[1], device, part[2], part[3])
 
     if pipeline:
-        yield from read_ahead(_parts(plan, tasks), read)
+        yield from read_ahead(_parts(plan, tasks), read, depth)
     else:
         for part in _parts(plan, tasks):
             yield part, read(part)
@@ -250,28 +267,54 @@ def gather_statistics(plan: MergePlan, device: torch.device,
                       progress: Progress | None = None, pipeline: bool = False,
                       threads: ThreadPolicy | None = None) -> None:
     """Run every statistics pass of every route that has them, in order, from fresh
-    statistics (a plan may be executed more than once)."""
+    statistics (a plan may be executed more than once).
+
+    With a thread policy, statistics that allow it (`GlobalStats.concurrent`) observe parts
+    side by side on the policy's part workers."""
     plan.reset_statistics()
     for route in plan.routes:
-        if route.stats is None:
+        stats = route.stats
+        if stats is None:
             continue
         tasks = [t for t in plan.tasks if t.route is route]
-        for p, name in enumerate(route.stats.pass_names):
-            bar = None if progress is None else progress.add_task(
-                name, total=sum(plan.task_read_bytes(t) for t in tasks),
-                tensors=f"0/{len(tasks)}")
-            for (i, task, start, _, last), values in _reads(plan, tasks, device, pipeline):
-                assert isinstance(values, dict)
-                if threads is not None:
-                    threads.enter(task, start)
-                route.stats.observe(p, _method_inputs(plan, task, values))
-                release_freed_memory(sum(v.numel() * v.element_size()
-                                         for v in values.values()))
-                del values
-                if last and progress is not None and bar is not None:
-                    progress.update(bar, advance=plan.task_read_bytes(task),
-                                    tensors=f"{i + 1}/{len(tasks)}")
-            route.stats.finish(p)
+        with (threads.workers(device, pipeline) if threads is not None and stats.concurrent
+              else InOrder(1)) as workers:
+            for p, name in enumerate(stats.pass_names):
+                bar = None if progress is None else progress.add_task(
+                    name, total=sum(plan.task_read_bytes(t) for t in tasks),
+                    tensors=f"0/{len(tasks)}")
+                _statistics_pass(plan, stats, p, tasks, device, pipeline, threads, workers,
+                                 progress, bar)
+                stats.finish(p)
+
+
+def _statistics_pass(plan: MergePlan, stats: GlobalStats, p: int, tasks: list[TensorTask],
+                     device: torch.device, pipeline: bool, threads: ThreadPolicy | None,
+                     workers: InOrder, progress: Progress | None, bar: TaskID | None) -> None:
+    def observe(task: TensorTask, values: dict[str, torch.Tensor]) -> int:
+        stats.observe(p, _method_inputs(plan, task, values))
+        return sum(v.numel() * v.element_size() for v in values.values())
+
+    def observed(part: Part, nbytes: int) -> None:
+        i, task, _, _, last = part
+        release_freed_memory(nbytes)
+        if last and progress is not None and bar is not None:
+            progress.update(bar, advance=plan.task_read_bytes(task),
+                            tensors=f"{i + 1}/{len(tasks)}")
+
+    for part, values in _reads(plan, tasks, device, pipeline, workers.width):
+        assert isinstance(values, dict)
+        task, start = part[1], part[2]
+        done = functools.partial(observed, part)
+        if threads is None or workers.width == 1 or threads.solo(task, start):
+            workers.drain()  # a large whole tensor gets every thread, alone
+            if threads is not None:
+                threads.enter(task, start)
+            workers.run_here(observe, done, task, values)
+        else:
+            workers.submit(observe, done, task, values)
+        del values
+    workers.drain()
 
 
 def merge_in_memory(plan: MergePlan, device: str = "cpu") -> dict[str, torch.Tensor]:
@@ -330,28 +373,43 @@ def _write(plan: MergePlan, directory: Path, dev: torch.device, shards: list[Sha
         else:
             behind.submit(fn, *args)
 
+    def computed(part: Part, out: torch.Tensor) -> None:
+        """A part's output, handed over in order: into the writer."""
+        i, task, start, _, last = part
+        if start is None or start == 0:
+            write(writer.begin, task.name)
+        write(writer.add, out)
+        if last:
+            write(writer.end)
+            release_freed_memory(plan.task_read_bytes(task))
+            if progress is not None and bar is not None:
+                progress.update(bar, advance=plan.task_read_bytes(task),
+                                tensors=f"{i + 1}/{len(plan.tasks)}")
+
+    workers = policy.workers(dev, pipeline)
     try:
-        for (i, task, start, stop, last), inputs in _reads(plan, plan.tasks, dev, pipeline):
-            if start is None or start == 0:
-                write(writer.begin, task.name)
-            policy.enter(task, start)
-            write(writer.add, compute_part(plan, task, dev, start, stop, inputs))
+        for part, inputs in _reads(plan, plan.tasks, dev, pipeline, workers.width):
+            _, task, start, stop, _ = part
+            done = functools.partial(computed, part)
+            if workers.width == 1 or policy.solo(task, start):
+                workers.drain()  # a large whole tensor gets every thread, alone
+                policy.enter(task, start)
+                workers.run_here(compute_part, done, plan, task, dev, start, stop, inputs)
+            else:
+                workers.submit(compute_part, done, plan, task, dev, start, stop, inputs)
             del inputs
-            if last:
-                write(writer.end)
-                release_freed_memory(plan.task_read_bytes(task))
-                if progress is not None and bar is not None:
-                    progress.update(bar, advance=plan.task_read_bytes(task),
-                                    tensors=f"{i + 1}/{len(plan.tasks)}")
+        workers.drain()
         write(writer.close)
         if behind is not None:
             behind.drain()
     except BaseException:
+        workers.close()
         if behind is not None:
             behind.close()  # the writer thread finishes what it holds before the abort
         writer.abort()
         raise
     finally:
+        workers.close()
         if behind is not None:
             behind.close()
     if artifacts:

@@ -102,6 +102,10 @@ class GlobalStats(ABC):
     """
 
     pass_names: tuple[str, ...] = ()
+    # True when `observe` may run for different inputs on several threads at once and what
+    # it gathers does not depend on their order (counts, minima, maxima): the engine then
+    # spreads a pass over its part workers. Sums of floats depend on order: keep False.
+    concurrent: ClassVar[bool] = False
 
     @abstractmethod
     def observe(self, pass_index: int, inputs: TensorInputs) -> None: ...

@@ -13,6 +13,7 @@ row statistics. `scope: tensor` finds the statistics with `kthvalue` per tensor;
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
@@ -141,8 +142,11 @@ class PcbGlobalStats(GlobalStats):
 
     Passes: |τ| histograms (and min/max), |τ| refinement, score histograms (and max),
     score refinement. With `clip: 0` the bounds are the min and max and the first
-    refinement pass is skipped.
+    refinement pass is skipped. Every pass gathers counts, minima and maxima, so tensors
+    may be observed on several threads at once.
     """
+
+    concurrent = True
 
     def __init__(self, num_models: int, total: int, clip: float, inter: str,
                  densities: Sequence[float]) -> None:
@@ -155,6 +159,7 @@ class PcbGlobalStats(GlobalStats):
         self._abs_min = [float("inf")] * num_models
         self._abs_max = [float("-inf")] * num_models
         self._score_max = [float("-inf")] * num_models
+        self._lock = threading.Lock()
         self.rows: list[RowStats] = []
         steps = [("pcb: |τ| histograms", self._observe_abs, self._finish_abs)]
         if clip > 0:
@@ -176,8 +181,10 @@ class PcbGlobalStats(GlobalStats):
         for i, t in enumerate(tau):
             a = t.abs()
             if a.numel():
-                self._abs_min[i] = min(self._abs_min[i], float(a.min()))
-                self._abs_max[i] = max(self._abs_max[i], float(a.max()))
+                low, high = (float(x) for x in torch.aminmax(a))
+                with self._lock:
+                    self._abs_min[i] = min(self._abs_min[i], low)
+                    self._abs_max[i] = max(self._abs_max[i], high)
             if self.clip > 0:
                 self._clip_select[i].observe_high(a)
 
@@ -207,7 +214,9 @@ class PcbGlobalStats(GlobalStats):
                                                                         self.inter),
                                          strict=True)):
             if b.numel():
-                self._score_max[i] = max(self._score_max[i], float(b.max()))
+                top = float(b.max())
+                with self._lock:
+                    self._score_max[i] = max(self._score_max[i], top)
             sel.observe_high(b)
 
     def _finish_scores_high(self) -> None:

@@ -10,6 +10,8 @@ number of values.
 
 from __future__ import annotations
 
+import threading
+
 import torch
 
 BINS = 1 << 16
@@ -45,6 +47,8 @@ class StreamingSelect:
     Call `observe_high` on every chunk, `finish_high`, `observe_low` on every chunk (same
     values, any order), then `finish_low`; `values[j]` is the ks[j]-th smallest value and
     `counts_below[j]` / `counts_equal[j]` how many stream values are below / equal to it.
+    Chunks may be observed from several threads at once: each one's histogram is counted
+    outside the lock and only added under it (integer counts: any order, same result).
     """
 
     def __init__(self, ks: list[int]) -> None:
@@ -58,11 +62,14 @@ class StreamingSelect:
         self.values: list[float] = []
         self.counts_below: list[int] = []
         self.counts_equal: list[int] = []
+        self._lock = threading.Lock()
 
     def observe_high(self, values: torch.Tensor) -> None:
         keys = float_keys(values)
-        self.total += keys.numel()
-        self._hist_high += torch.bincount(_high(keys), minlength=BINS).cpu()
+        counts = torch.bincount(_high(keys), minlength=BINS).cpu()
+        with self._lock:
+            self.total += keys.numel()
+            self._hist_high += counts
 
     def finish_high(self) -> None:
         for k in self.ks:
@@ -83,7 +90,9 @@ class StreamingSelect:
         for b, hist in self._hist_low.items():
             inside = keys[high == b] & _LOW
             if inside.numel():
-                hist += torch.bincount(inside, minlength=BINS).cpu()
+                counts = torch.bincount(inside, minlength=BINS).cpu()
+                with self._lock:
+                    hist += counts
 
     def finish_low(self) -> None:
         for b, rank, below in zip(self._bins, self._ranks, self._below_bin, strict=True):

@@ -71,6 +71,7 @@ class TiesGlobalStats(GlobalStats):
     """
 
     pass_names = ("ties: |τ| histograms", "ties: threshold refinement")
+    concurrent = True  # counts only (StreamingSelect adds them under its lock)
 
     def __init__(self, total: int, densities: Sequence[float]) -> None:
         self._selects: list[StreamingSelect | None] = [
