@@ -12,8 +12,9 @@ N workers add up, so the share is of worker time (wall × N), not of wall time.
 
 In merged mode (`--mode merged --inner ties|pcb|...`) every candidate is a merge of the whole
 population through the merge engine, then one fitness call. The merge is timed on its own as
-well (the median of a few merges of the final population, the same engine calls), so the
-table separates the inner merge from the rest of the engine.
+well (the median of a few merges of the final population with one member replaced by an
+in-memory trial, the same engine calls as a candidate's), so the table separates the inner
+merge from the rest of the engine.
 
     python scripts/bench_evolve.py                      # 30M parameters, pop 16, 2 generations
     python scripts/bench_evolve.py --mode merged --inner ties
@@ -183,6 +184,7 @@ def time_inner_merge(out: Path, recipe: dict, args: argparse.Namespace) -> float
     from mergekit_pcb.evolve.strategies import STRATEGIES
     from mergekit_pcb.evolve.strategies.evolver import EvolverParameters
     from mergekit_pcb.io.mapped import open_readable
+    from mergekit_pcb.io.memory import MemoryCheckpoint
     from mergekit_pcb.threads import torch_threads
 
     run_dir = RunDir(out.parent / f"{out.name}.run")
@@ -199,9 +201,14 @@ def time_inner_merge(out: Path, recipe: dict, args: argparse.Namespace) -> float
     rt = Runtime(ctx)
     times = []
     with torch_threads(args.threads):
+        # as a candidate: the members on file (their kept trims warm from an earlier merge,
+        # as in a run), slot 0 a trial in memory, prepared anew each time
+        population = [rt.cache.get(m) for m in members]
+        rt.merge(population)
+        trial = MemoryCheckpoint("trial", rt.load(members[0]))
         for _ in range(3):
             start = time.perf_counter()
-            rt.merge([rt.cache.get(m) for m in members])
+            rt.merge([trial, *population[1:]])
             times.append(time.perf_counter() - start)
     rt.close()
     return sorted(times)[1]

@@ -132,3 +132,65 @@ def test_every_registered_method_is_covered() -> None:
     assert {m for m, _ in _parameter_sets()} == set(REGISTRY)
     scoped = [m for m, p in _parameter_sets() if "scope" in p]
     assert sorted(scoped) == ["pcb", "pcb", "ties", "ties"]
+
+
+def _separable_sets() -> list[tuple[str, dict[str, Any]]]:
+    return [(m, p) for m, p in _parameter_sets()
+            if REGISTRY[m]().separable({**_defaults(m), **p})]
+
+
+def _defaults(method: str) -> dict[str, Any]:
+    return {s.name: s.default for s in REGISTRY[method].params}
+
+
+def test_separable_methods_are_the_expected_ones() -> None:
+    assert sorted(m for m, _ in _separable_sets()) == ["dare_linear", "dare_ties", "ties"]
+
+
+@pytest.mark.parametrize(("method", "params"), _separable_sets(),
+                         ids=[f"{m}-{p.get('scope', '')}" for m, p in _separable_sets()])
+def test_kept_member_steps_give_the_bits_of_a_fresh_merge(
+        population: tuple[Path, list[Path]], tmp_path: Path, method: str,
+        params: dict[str, Any]) -> None:
+    """Candidate after candidate, a separable method reuses the members' prepared task
+    vectors (trimmed, dropped) and still gives the bits a fresh merge gives; a member that
+    is replaced (a new file) is prepared anew and the old one's tensors are let go."""
+    root, members = population
+    rt = _runtime(root, method, params, members, seed=3)
+    fresh = _runtime(root, method, params, members, seed=3)
+    fresh.prepared.budget_bytes = 0  # keeps nothing: every merge prepares every member
+    try:
+        base = load_file(str(members[0]))
+        accepted = tmp_path / "accepted.safetensors"
+        save_file(_state(77, base), str(accepted))
+        candidates = [(2, "trial", 99), (0, "trial", 98), (1, "file", 0), (3, "trial", 97)]
+        paths = [str(m) for m in members]
+        prepared_before: set[tuple[int, str]] = set()  # (slot, file) prepared by now
+        for step, (slot, kind, seed) in enumerate(candidates):
+            if kind == "file":
+                paths[slot] = str(accepted)
+            on_file = {(i, p) for i, p in enumerate(paths) if not (kind == "trial" and i == slot)}
+            hits_before = rt.prepared.hits
+            for runtime_ in (rt, fresh):
+                runtime_.cache.keep_only(paths)  # the population's files, as a trial's build
+                sources = [runtime_.cache.get(p) for p in paths]
+                if kind == "trial":
+                    sources[slot] = MemoryCheckpoint("trial", _state(seed, base))
+                got = runtime_.merge(sources)
+                if runtime_ is rt:
+                    kept = got
+            for name in got:
+                assert torch.equal(kept[name], got[name]), (step, name)
+            # each member file already prepared at its slot is taken from the memo, for
+            # each of the 3 tensors the method merges (the norm buffers are averaged)
+            assert rt.prepared.hits - hits_before == 3 * len(on_file & prepared_before), step
+            prepared_before |= on_file
+        assert fresh.prepared.hits == 0
+        # the population's members are held (slot 3's too: its trial was not kept), the
+        # replaced member-1 is let go
+        held = {k[0][0] for k in rt.prepared._entries}
+        assert held == {str(Path(p).resolve()) for p in paths}
+        assert str(members[1].resolve()) not in held
+    finally:
+        rt.close()
+        fresh.close()

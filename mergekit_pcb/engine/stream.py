@@ -13,7 +13,7 @@ import math
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -29,6 +29,7 @@ from rich.progress import (
 )
 
 from mergekit_pcb.engine.card import write_artifacts
+from mergekit_pcb.engine.memo import PreparedKey, PreparedMemo
 from mergekit_pcb.engine.pipeline import InOrder, WriteBehind, read_ahead
 from mergekit_pcb.engine.plan import MergePlan, TensorTask
 from mergekit_pcb.engine.rng import tensor_generator
@@ -114,12 +115,12 @@ def slices(plan: MergePlan, task: TensorTask) -> list[tuple[int | None, int | No
 
 
 def _read_inputs(plan: MergePlan, task: TensorTask, device: torch.device,
-                 start: int | None = None, stop: int | None = None
-                 ) -> dict[str, torch.Tensor]:
-    """The task's inputs (or a slice of them), checked finite, on `device` in the compute
-    dtype."""
+                 start: int | None = None, stop: int | None = None,
+                 keys: list[str] | None = None) -> dict[str, torch.Tensor]:
+    """The task's inputs (or a slice of them; or only `keys` of them), checked finite, on
+    `device` in the compute dtype."""
     values = {}
-    for key in task.reads(plan.base_key):
+    for key in task.reads(plan.base_key) if keys is None else keys:
         tensor = plan.checkpoints[key].read(task.source(key), start, stop)
         if plan.check_finite and not all_finite(tensor):
             raise CheckpointError(f"tensor '{task.name}' of model {key} contains NaN or Inf")
@@ -129,20 +130,21 @@ def _read_inputs(plan: MergePlan, task: TensorTask, device: torch.device,
     return values
 
 
-def _method_inputs(plan: MergePlan, task: TensorTask, values: dict[str, torch.Tensor]
-                   ) -> TensorInputs:
+def _method_inputs(plan: MergePlan, task: TensorTask, values: dict[str, torch.Tensor],
+                   models: list[int] | None = None) -> TensorInputs:
+    """The method's view of a part: every model, or only those at positions `models`."""
     route = task.route
     assert route.method is not None
+    positions = range(len(route.inputs)) if models is None else models
     generators = None
     if route.method.uses_rng:
         # Keyed by the model's position, not its path: moving checkpoints changes nothing.
-        generators = [tensor_generator(plan.seed, task.name, str(i))
-                      for i in range(len(route.inputs))]
+        generators = [tensor_generator(plan.seed, task.name, str(i)) for i in positions]
     return TensorInputs(
         name=task.name,
         base=values.get(plan.base_key) if plan.base_key else None,
-        models=[values[k] for k in route.inputs],
-        model_params=task.model_params,
+        models=[values[route.inputs[i]] for i in positions],
+        model_params=[task.model_params[i] for i in positions],
         params=task.global_params,
         generators=generators,
         stats=route.stats,
@@ -168,10 +170,16 @@ def read_part(plan: MergePlan, task: TensorTask, device: torch.device,
 
 def compute_part(plan: MergePlan, task: TensorTask, device: torch.device,
                  start: int | None = None, stop: int | None = None,
-                 inputs: Inputs | None = None) -> torch.Tensor:
+                 inputs: Inputs | None = None, memo: PreparedMemo | None = None
+                 ) -> torch.Tensor:
     """The output for `task` (or its flat elements [start, stop)), in its output dtype, on
-    the CPU; `inputs` are what `read_part` gave, or are read now."""
+    the CPU; `inputs` are what `read_part` gave, or are read now. With a `memo`, a separable
+    method's per-model step is taken from it where it holds it (those models are not even
+    read) and kept there otherwise."""
     route = task.route
+    if (memo is not None and inputs is None and route.kind == "merge" and task.vocab is None
+            and route.method is not None and route.method.separable(task.global_params)):
+        return _output(plan, task, _compute_separable(plan, task, device, start, stop, memo))
     if inputs is None:
         inputs = read_part(plan, task, device, start, stop)
     if isinstance(inputs, torch.Tensor):
@@ -182,6 +190,38 @@ def compute_part(plan: MergePlan, task: TensorTask, device: torch.device,
     else:
         assert route.method is not None
         out = route.method.merge(_method_inputs(plan, task, values))
+    return _output(plan, task, out)
+
+
+def _compute_separable(plan: MergePlan, task: TensorTask, device: torch.device,
+                       start: int | None, stop: int | None, memo: PreparedMemo
+                       ) -> torch.Tensor:
+    route = task.route
+    method = route.method
+    assert method is not None
+    keys: list[PreparedKey | None] = []
+    for i, key in enumerate(route.inputs):
+        identity = plan.checkpoints[key].identity
+        keys.append(None if identity is None else (identity, i, task.name, start))
+    prepared = [None if k is None else memo.get(k) for k in keys]
+    missing = [i for i, p in enumerate(prepared) if p is None]
+    base_keys = [plan.base_key] if method.requires_base and plan.base_key else []
+    values = _read_inputs(plan, task, device, start, stop, list(dict.fromkeys(
+        base_keys + [route.inputs[i] for i in missing])))
+    subset = _method_inputs(plan, task, values, missing)
+    if missing:
+        for i, tensor in zip(missing, method.prepare(subset), strict=True):
+            prepared[i] = tensor
+            key = keys[i]
+            if key is not None:
+                memo.put(key, tensor)
+    every = replace(subset, models=(), model_params=task.model_params, generators=None)
+    return method.combine(every, [p for p in prepared if p is not None])
+
+
+def _output(plan: MergePlan, task: TensorTask, out: torch.Tensor) -> torch.Tensor:
+    """A part's merge result in the output dtype on the CPU, checked finite."""
+    route = task.route
     out = out.to(device="cpu", dtype=task.out_dtype)
     if not all_finite(out):
         # Finite inputs, so the parameters (or the output dtype's range) are at fault.
@@ -317,21 +357,23 @@ def _statistics_pass(plan: MergePlan, stats: GlobalStats, p: int, tasks: list[Te
     workers.drain()
 
 
-def merge_in_memory(plan: MergePlan, device: str = "cpu") -> dict[str, torch.Tensor]:
+def merge_in_memory(plan: MergePlan, device: str = "cpu", memo: PreparedMemo | None = None
+                    ) -> dict[str, torch.Tensor]:
     """Execute `plan` into a state dict: the same passes and slices as `write_plan`, so the
-    tensors are bit-identical to what `pcbmerge run` writes."""
+    tensors are bit-identical to what `pcbmerge run` writes. A `memo` carries separable
+    methods' per-model steps over to the next merge of the same checkpoints."""
     dev = torch.device(device)
     gather_statistics(plan, dev)
     out: dict[str, torch.Tensor] = {}
     for task in plan.tasks:
         parts = slices(plan, task)
         if len(parts) == 1:
-            out[task.name] = compute_part(plan, task, dev).reshape(task.shape)
+            out[task.name] = compute_part(plan, task, dev, memo=memo).reshape(task.shape)
             continue
         merged = torch.empty(task.shape, dtype=task.out_dtype)
         flat = merged.view(-1)
         for a, b in parts:
-            flat[a:b] = compute_part(plan, task, dev, a, b)
+            flat[a:b] = compute_part(plan, task, dev, a, b, memo=memo)
         out[task.name] = merged
     return out
 

@@ -12,6 +12,7 @@ from disk when it does not) and the trial joins as an in-memory checkpoint.
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,6 +20,7 @@ from pathlib import Path
 import torch
 
 from mergekit_pcb.engine import MergePlan, build_plan, merge_in_memory
+from mergekit_pcb.engine.memo import PreparedMemo
 from mergekit_pcb.engine.rng import tensor_generator
 from mergekit_pcb.engine.stream import all_finite
 from mergekit_pcb.errors import UserError
@@ -111,6 +113,9 @@ class Runtime:
         # to the next: fresh model-sized allocations cost more than the math.
         self._buffers: dict[str, torch.Tensor] = {}
         self.scratch = Scratch()
+        # Each member's trimmed (or dropped) task vectors, kept for the next candidate's
+        # merge, which differs by one member.
+        self.prepared = PreparedMemo(prepared_budget())
 
     @property
     def evaluator(self) -> Evaluator:
@@ -129,6 +134,7 @@ class Runtime:
         return buf
 
     def close(self) -> None:
+        self.prepared.clear()
         self.cache.close()
         for plan in self.plans.values():
             plan.close()
@@ -154,11 +160,25 @@ class Runtime:
             # members were checked finite when they were written (inputs and trials alike)
             plan.check_finite = False
             self.plans[n] = plan
-        return merge_in_memory(plan.rebind(sources))
+        merged = merge_in_memory(plan.rebind(sources), memo=self.prepared)
+        # Keep what the population's members (the open files) prepared: a rejected trial's
+        # parent merges again in a later candidate.
+        self.prepared.keep_only([m.identity for m in members]
+                                + [c.identity for c in self.cache.checkpoints()])
+        return merged
 
     def load(self, path: str) -> dict[str, torch.Tensor]:
         ckpt = self.cache.get(path)
         return {s.name: ckpt.read(s.name) for s in self.ctx.layout}
+
+
+def prepared_budget() -> int:
+    """Bytes of prepared tensors one process keeps: an eighth of the machine's memory (a
+    population that needs more is partly prepared again, least recently used first)."""
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // 8
+    except (ValueError, OSError, AttributeError):
+        return 1 << 30
 
 
 _RUNTIME: ProcessLocal[Runtime] = ProcessLocal()

@@ -114,6 +114,9 @@ class CheckpointCache:
             self.opened.add(path)
         return ckpt
 
+    def checkpoints(self) -> list[Checkpoint]:
+        return list(self._open.values())
+
     def keep_only(self, paths: Iterable[str]) -> None:
         keep = set(paths)
         for p in [p for p in self._open if p not in keep]:

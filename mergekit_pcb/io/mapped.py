@@ -26,7 +26,9 @@ class MappedCheckpoint(Checkpoint):
     def __init__(self, path: Path) -> None:
         super().__init__(str(path), path.parent, read_header(path)[0])
         with open(path, "rb") as f:
-            size = os.fstat(f.fileno()).st_size
+            st = os.fstat(f.fileno())
+            size = st.st_size
+            self.identity = (str(path.resolve()), st.st_dev, st.st_ino, st.st_mtime_ns, size)
             self._map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY) if size else None
 
     def read(self, name: str, start: int | None = None, stop: int | None = None

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Hashable, Iterator
 from pathlib import Path
 from typing import BinaryIO
 
@@ -42,6 +42,9 @@ class Checkpoint:
                  pickle_files: dict[Path, None] | None = None) -> None:
         self.ref = ref
         self.root = root  # a directory (config, tokenizer) or the single file's directory
+        # What a reader may key derived values by, across merges: a file's (path, device,
+        # inode, mtime, size) when it was opened; None when no such key is safe.
+        self.identity: Hashable | None = None
         self.tensors = tensors
         self._handles: dict[Path, BinaryIO] = {}
         self._pickled: dict[Path, dict[str, torch.Tensor]] = {}

@@ -135,6 +135,23 @@ class MergeMethod(ABC):
         slices. Methods that rank within a tensor, or draw random masks per tensor, are not."""
         return False
 
+    def separable(self, params: Mapping[str, Any]) -> bool:
+        """True when `merge(inputs)` is `combine(inputs, prepare(inputs))`, where `prepare`
+        treats each model on its own (its tensor, the base, its parameters and generator).
+        An engine merging the same models again and again (an evolution's population, one
+        member replaced per candidate) may then keep each model's prepared tensor."""
+        return False
+
+    def prepare(self, inputs: TensorInputs) -> list[torch.Tensor]:
+        """One prepared tensor per model of `inputs` (a separable method's per-model step,
+        e.g. a trimmed task vector); never modified afterwards."""
+        raise NotImplementedError(f"{self.name} is not separable")
+
+    def combine(self, inputs: TensorInputs, prepared: Sequence[torch.Tensor]) -> torch.Tensor:
+        """The merge from every model's prepared tensor; `inputs.models` may be empty (the
+        models were not read)."""
+        raise NotImplementedError(f"{self.name} is not separable")
+
     def global_stats(self, num_models: int, total_numel: int, params: Mapping[str, Any],
                      model_params: Sequence[Mapping[str, Any]]) -> GlobalStats | None:
         """Statistics over all the tensors this method serves, or None (per-tensor methods).

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 
@@ -14,7 +15,7 @@ from mergekit_pcb.methods.base import (
     ParamSpec,
     TensorInputs,
 )
-from mergekit_pcb.methods.ops import combine_task_vectors, random_drop
+from mergekit_pcb.methods.ops import combine_task_vectors, combine_weighted, random_drop
 from mergekit_pcb.methods.ties import INT8_MASK
 
 
@@ -39,18 +40,21 @@ class _Dare(MergeMethod):
     uses_rng = True
     sign_consensus = False
 
+    def separable(self, params: Mapping[str, Any]) -> bool:
+        return True  # each model's mask comes from its own generator
+
+    def prepare(self, inputs: TensorInputs) -> list[torch.Tensor]:
+        base = inputs.base
+        assert base is not None and inputs.generators is not None
+        return [random_drop(m - base, p["density"], g, rescale=inputs.params["rescale"])
+                for m, p, g in zip(inputs.models, inputs.model_params, inputs.generators,
+                                   strict=True)]
+
+    def combine(self, inputs: TensorInputs, prepared: Sequence[torch.Tensor]) -> torch.Tensor:
+        return combine_weighted(inputs, prepared, sign_consensus=self.sign_consensus)
+
     def merge(self, inputs: TensorInputs) -> torch.Tensor:
-        assert inputs.base is not None and inputs.generators is not None
-        return dare_merge(
-            inputs.base, inputs.models,
-            [p["weight"] for p in inputs.model_params],
-            [p["density"] for p in inputs.model_params],
-            inputs.generators,
-            sign_consensus=self.sign_consensus,
-            lambda_=inputs.params["lambda"],
-            normalize=inputs.params["normalize"],
-            rescale=inputs.params["rescale"],
-        )
+        return self.combine(inputs, self.prepare(inputs))  # = dare_merge
 
 
 class DareLinear(_Dare):

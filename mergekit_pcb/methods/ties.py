@@ -138,15 +138,30 @@ class Ties(MergeMethod):
     def elementwise(self, params: Mapping[str, Any]) -> bool:
         return params["scope"] == "global"
 
+    def separable(self, params: Mapping[str, Any]) -> bool:
+        return params["scope"] == "tensor"  # each task vector's trim is its own
+
+    def prepare(self, inputs: TensorInputs) -> list[torch.Tensor]:
+        base = inputs.base
+        assert base is not None
+        return trim_task_vectors([m - base for m in inputs.models],
+                                 [p["density"] for p in inputs.model_params],
+                                 inputs.params["rescale"])
+
+    def combine(self, inputs: TensorInputs, prepared: Sequence[torch.Tensor]) -> torch.Tensor:
+        assert inputs.base is not None
+        return combine_task_vectors(inputs.base, prepared,
+                                    [p["weight"] for p in inputs.model_params],
+                                    lambda_=inputs.params["lambda"],
+                                    normalize=inputs.params["normalize"], sign_consensus=True)
+
     def merge(self, inputs: TensorInputs) -> torch.Tensor:
         assert inputs.base is not None
-        weights = [p["weight"] for p in inputs.model_params]
         params = inputs.params
         if params["scope"] == "global":
             assert isinstance(inputs.stats, TiesGlobalStats)
-            return ties_merge_thresholds(inputs.base, inputs.models, weights,
+            return ties_merge_thresholds(inputs.base, inputs.models,
+                                         [p["weight"] for p in inputs.model_params],
                                          inputs.stats.thresholds, params["lambda"],
                                          params["normalize"])
-        return ties_merge(inputs.base, inputs.models, weights,
-                          [p["density"] for p in inputs.model_params],
-                          params["lambda"], params["normalize"], params["rescale"])
+        return self.combine(inputs, self.prepare(inputs))  # = ties_merge

@@ -1,0 +1,65 @@
+"""Prepared tensors kept from one in-memory merge to the next.
+
+An evolution merges its population once per candidate, and a candidate replaces one
+member: the other members' trimmed (or randomly dropped) task vectors are the same as for
+the previous candidate. For a separable method (`MergeMethod.separable`) the engine keeps
+each model's prepared tensor here, keyed by what identifies it: the checkpoint's identity
+(file, inode, mtime, size), its position (seeded masks are keyed by position), the tensor
+and the slice. Only checkpoints with an identity are kept (an in-memory trial is not).
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Hashable, Iterable
+
+import torch
+
+PreparedKey = tuple[Hashable, int, str, int | None]  # identity, position, tensor, slice start
+
+
+class PreparedMemo:
+    """Least recently used prepared tensors, up to `budget_bytes` in all."""
+
+    def __init__(self, budget_bytes: int) -> None:
+        self.budget_bytes = budget_bytes
+        self._entries: OrderedDict[PreparedKey, torch.Tensor] = OrderedDict()
+        self.nbytes = 0
+        self.hits = 0
+        self.misses = 0
+
+    def get(self, key: PreparedKey) -> torch.Tensor | None:
+        tensor = self._entries.get(key)
+        if tensor is None:
+            self.misses += 1
+            return None
+        self._entries.move_to_end(key)
+        self.hits += 1
+        return tensor
+
+    def put(self, key: PreparedKey, tensor: torch.Tensor) -> None:
+        size = tensor.numel() * tensor.element_size()
+        if size > self.budget_bytes:
+            return
+        old = self._entries.pop(key, None)
+        if old is not None:
+            self.nbytes -= old.numel() * old.element_size()
+        while self._entries and self.nbytes + size > self.budget_bytes:
+            _, dropped = self._entries.popitem(last=False)
+            self.nbytes -= dropped.numel() * dropped.element_size()
+        self._entries[key] = tensor
+        self.nbytes += size
+
+    def keep_only(self, identities: Iterable[Hashable]) -> None:
+        """Forget the tensors of checkpoints no longer merged (replaced members)."""
+        keep = set(identities)
+        for key in [k for k in self._entries if k[0] not in keep]:
+            tensor = self._entries.pop(key)
+            self.nbytes -= tensor.numel() * tensor.element_size()
+
+    def clear(self) -> None:
+        self._entries.clear()
+        self.nbytes = 0
+
+
+__all__ = ["PreparedKey", "PreparedMemo"]
