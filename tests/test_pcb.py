@@ -312,3 +312,36 @@ def test_kth_smallest_equals_sort() -> None:
     for k in range(0, values.numel(), 37):
         assert kth_smallest(values, k) == ordered[k].item(), k
         assert kth_smallest(values.abs(), k, nonnegative=True) == magnitudes[k].item(), k
+
+
+@pytest.mark.parametrize("inter", ["consensus", "normalized", "pairwise"])
+def test_kept_scores_give_the_streamed_bits(tmp_path: Path, monkeypatch, inter: str) -> None:
+    """An in-memory merge with a memo keeps each part's scores from the first score pass
+    for the second and the merge: every part scored once instead of three times, and the
+    bits of `pcbmerge run`'s streamed merge (in slices, too)."""
+    from mergekit_pcb.engine.memo import PreparedMemo
+    from mergekit_pcb.engine.stream import merge_in_memory, slices
+    from mergekit_pcb.methods import pcb as pcb_module
+
+    monkeypatch.setattr("mergekit_pcb.engine.stream.CHUNK_ELEMENTS", 97)
+    base_dir, tuned_dirs, *_ = make_models(tmp_path, 3, seed=17)
+    recipe = pcb_recipe(base_dir, tuned_dirs, inter=inter)
+    streamed = run_recipe(tmp_path, recipe, "streamed")
+    calls = []
+    scores = pcb_module.pcb_scores
+    monkeypatch.setattr(pcb_module, "pcb_scores",
+                        lambda *a, **k: calls.append(1) or scores(*a, **k))
+    plan = plan_recipe_file(write_recipe(tmp_path / "mem.yaml", recipe))
+    try:
+        parts = sum(len(slices(plan, t)) for t in plan.tasks if t.route.stats is not None)
+        assert parts > len(SHAPES)  # a tensor in several slices
+        kept = merge_in_memory(plan, memo=PreparedMemo(1 << 20))
+        assert len(calls) == parts  # once per part
+        calls.clear()
+        again = merge_in_memory(plan)  # no memo: the streaming engine's three times
+        assert len(calls) == 3 * parts
+    finally:
+        plan.close()
+    for name in streamed:
+        assert torch.equal(kept[name], streamed[name]), name
+        assert torch.equal(again[name], streamed[name]), name

@@ -131,7 +131,7 @@ def _read_inputs(plan: MergePlan, task: TensorTask, device: torch.device,
 
 
 def _method_inputs(plan: MergePlan, task: TensorTask, values: dict[str, torch.Tensor],
-                   models: list[int] | None = None) -> TensorInputs:
+                   models: list[int] | None = None, start: int | None = None) -> TensorInputs:
     """The method's view of a part: every model, or only those at positions `models`."""
     route = task.route
     assert route.method is not None
@@ -148,6 +148,7 @@ def _method_inputs(plan: MergePlan, task: TensorTask, values: dict[str, torch.Te
         params=task.global_params,
         generators=generators,
         stats=route.stats,
+        start=start,
     )
 
 
@@ -189,7 +190,7 @@ def compute_part(plan: MergePlan, task: TensorTask, device: torch.device,
         out = torch.stack([values[k] for k in route.inputs]).mean(dim=0)
     else:
         assert route.method is not None
-        out = route.method.merge(_method_inputs(plan, task, values))
+        out = route.method.merge(_method_inputs(plan, task, values, start=start))
     return _output(plan, task, out)
 
 
@@ -305,17 +306,18 @@ def _reads(plan: MergePlan, tasks: list[TensorTask], device: torch.device, pipel
 
 def gather_statistics(plan: MergePlan, device: torch.device,
                       progress: Progress | None = None, pipeline: bool = False,
-                      threads: ThreadPolicy | None = None) -> None:
+                      threads: ThreadPolicy | None = None, keep_parts: bool = False) -> None:
     """Run every statistics pass of every route that has them, in order, from fresh
     statistics (a plan may be executed more than once).
 
     With a thread policy, statistics that allow it (`GlobalStats.concurrent`) observe parts
-    side by side on the policy's part workers."""
+    side by side on the policy's part workers. `keep_parts`: see `GlobalStats`."""
     plan.reset_statistics()
     for route in plan.routes:
         stats = route.stats
         if stats is None:
             continue
+        stats.keep_parts = keep_parts
         tasks = [t for t in plan.tasks if t.route is route]
         with (threads.workers(device, pipeline) if threads is not None and stats.concurrent
               else InOrder(1)) as workers:
@@ -331,8 +333,8 @@ def gather_statistics(plan: MergePlan, device: torch.device,
 def _statistics_pass(plan: MergePlan, stats: GlobalStats, p: int, tasks: list[TensorTask],
                      device: torch.device, pipeline: bool, threads: ThreadPolicy | None,
                      workers: InOrder, progress: Progress | None, bar: TaskID | None) -> None:
-    def observe(task: TensorTask, values: dict[str, torch.Tensor]) -> int:
-        stats.observe(p, _method_inputs(plan, task, values))
+    def observe(task: TensorTask, values: dict[str, torch.Tensor], start: int | None) -> int:
+        stats.observe(p, _method_inputs(plan, task, values, start=start))
         return sum(v.numel() * v.element_size() for v in values.values())
 
     def observed(part: Part, nbytes: int) -> None:
@@ -350,9 +352,9 @@ def _statistics_pass(plan: MergePlan, stats: GlobalStats, p: int, tasks: list[Te
             workers.drain()  # a large whole tensor gets every thread, alone
             if threads is not None:
                 threads.enter(task, start)
-            workers.run_here(observe, done, task, values)
+            workers.run_here(observe, done, task, values, start)
         else:
-            workers.submit(observe, done, task, values)
+            workers.submit(observe, done, task, values, start)
         del values
     workers.drain()
 
@@ -363,7 +365,9 @@ def merge_in_memory(plan: MergePlan, device: str = "cpu", memo: PreparedMemo | N
     tensors are bit-identical to what `pcbmerge run` writes. A `memo` carries separable
     methods' per-model steps over to the next merge of the same checkpoints."""
     dev = torch.device(device)
-    gather_statistics(plan, dev)
+    # With a memo the caller trades memory for speed: statistics may keep per-part values
+    # for their later passes and the merge (a global PCB's scores, n × the model's size).
+    gather_statistics(plan, dev, keep_parts=memo is not None)
     out: dict[str, torch.Tensor] = {}
     for task in plan.tasks:
         parts = slices(plan, task)

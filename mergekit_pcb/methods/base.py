@@ -91,6 +91,7 @@ class TensorInputs:
     params: Mapping[str, Any]
     generators: Sequence[torch.Generator] | None = None
     stats: GlobalStats | None = None
+    start: int | None = None  # the slice's first element; None: the whole tensor
 
 
 class GlobalStats(ABC):
@@ -98,8 +99,13 @@ class GlobalStats(ABC):
 
     The engine calls `observe(p, inputs)` for every tensor the method serves, then
     `finish(p)`, for each pass p in order; the finished object reaches `merge` as
-    `inputs.stats`. Memory must not grow with the number of tensors.
+    `inputs.stats`. Memory must not grow with the number of tensors, unless the engine
+    sets `keep_parts`: it merges in memory anyway (an evolution's population), and the
+    object may keep what it derives per part (`inputs.name`, `inputs.start`) for the next
+    passes and the merge instead of deriving it again.
     """
+
+    keep_parts: bool = False
 
     pass_names: tuple[str, ...] = ()
     # True when `observe` may run for different inputs on several threads at once and what

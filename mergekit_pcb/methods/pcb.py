@@ -137,6 +137,9 @@ def pcb_tensor(base: torch.Tensor, models: Sequence[torch.Tensor], weights: Sequ
     return pcb_combine(base, tau, scores, stats, weights, lambda_)
 
 
+Part = tuple[str, int | None]  # tensor name, slice start
+
+
 class PcbGlobalStats(GlobalStats):
     """Each task's clip bounds, |τ| range and score threshold over the whole model.
 
@@ -160,6 +163,7 @@ class PcbGlobalStats(GlobalStats):
         self._abs_max = [float("-inf")] * num_models
         self._score_max = [float("-inf")] * num_models
         self._lock = threading.Lock()
+        self._kept: dict[Part, list[torch.Tensor]] = {}
         self.rows: list[RowStats] = []
         steps = [("pcb: |τ| histograms", self._observe_abs, self._finish_abs)]
         if clip > 0:
@@ -172,12 +176,24 @@ class PcbGlobalStats(GlobalStats):
     def observe(self, pass_index: int, inputs: TensorInputs) -> None:
         assert inputs.base is not None
         tau = [m - inputs.base for m in inputs.models]
-        self._steps[pass_index][1](tau)
+        self._steps[pass_index][1](tau, (inputs.name, inputs.start))
+
+    def scores(self, tau: list[torch.Tensor], part: Part, last_use: bool = False
+               ) -> list[torch.Tensor]:
+        """The part's scores: derived now, or kept from an earlier pass (`keep_parts`)."""
+        kept = self._kept.pop(part, None) if last_use else self._kept.get(part)
+        if kept is not None:
+            return kept
+        scores = pcb_scores(tau, self.rows, self.inter)
+        if self.keep_parts and not last_use:
+            with self._lock:
+                self._kept[part] = scores
+        return scores
 
     def finish(self, pass_index: int) -> None:
         self._steps[pass_index][2]()
 
-    def _observe_abs(self, tau: list[torch.Tensor]) -> None:
+    def _observe_abs(self, tau: list[torch.Tensor], part: Part) -> None:
         for i, t in enumerate(tau):
             a = t.abs()
             if a.numel():
@@ -195,7 +211,7 @@ class PcbGlobalStats(GlobalStats):
         else:
             self._finish_clip()
 
-    def _observe_abs_low(self, tau: list[torch.Tensor]) -> None:
+    def _observe_abs_low(self, tau: list[torch.Tensor], part: Part) -> None:
         for sel, t in zip(self._clip_select, tau, strict=True):
             sel.observe_low(t.abs())
 
@@ -209,9 +225,8 @@ class PcbGlobalStats(GlobalStats):
                 low, high = self._abs_min[i], self._abs_max[i]
             self.rows.append(RowStats(low, high, self._abs_min[i], self._abs_max[i]))
 
-    def _observe_scores(self, tau: list[torch.Tensor]) -> None:
-        for i, (sel, b) in enumerate(zip(self._score_select, pcb_scores(tau, self.rows,
-                                                                        self.inter),
+    def _observe_scores(self, tau: list[torch.Tensor], part: Part) -> None:
+        for i, (sel, b) in enumerate(zip(self._score_select, self.scores(tau, part),
                                          strict=True)):
             if b.numel():
                 top = float(b.max())
@@ -223,8 +238,8 @@ class PcbGlobalStats(GlobalStats):
         for sel in self._score_select:
             sel.finish_high()
 
-    def _observe_scores_low(self, tau: list[torch.Tensor]) -> None:
-        for sel, b in zip(self._score_select, pcb_scores(tau, self.rows, self.inter),
+    def _observe_scores_low(self, tau: list[torch.Tensor], part: Part) -> None:
+        for sel, b in zip(self._score_select, self.scores(tau, part),
                           strict=True):
             sel.observe_low(b)
 
@@ -284,6 +299,6 @@ class Pcb(MergeMethod):
         stats = inputs.stats
         assert isinstance(stats, PcbGlobalStats)
         tau = [m - base for m in models]
-        scores = pcb_scores(tau, stats.rows, params["inter"])
+        scores = stats.scores(tau, (inputs.name, inputs.start), last_use=True)
         return pcb_combine(base, tau, scores, stats.rows, weights, params["lambda"])
 
