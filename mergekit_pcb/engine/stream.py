@@ -241,9 +241,12 @@ Part = tuple[int, TensorTask, int | None, int | None, bool]  # index, task, slic
 # holds one (measured: ties at 30M parameters took 18 s with 2 threads on a 2-core machine
 # with one core busy, 4.6 s with 1). So parts run on one thread each, several parts side by
 # side on as many worker threads as torch has threads (plain threads, no barrier to spin
-# at: a busy core slows one worker, not all), next to the reader and writer threads. Only
-# whole-tensor work on a large tensor (a per-tensor ranking) gets every thread, alone.
-LARGE_PART_ELEMENTS = 1 << 22
+# at: a busy core slows one worker, not all), next to the reader and writer threads. Whole
+# tensors too: a per-tensor trim's histogram and tie-break run on one core anyway, so two
+# tensors side by side keep both cores busy where one tensor on two threads would not. Only
+# a huge whole tensor (an embedding of a large vocabulary) gets every thread, alone, so
+# that no more than one such tensor's scratch is held at once.
+SOLO_PART_ELEMENTS = 1 << 25
 
 
 def _one_torch_thread() -> None:
@@ -264,7 +267,7 @@ class ThreadPolicy:
         """Whether this part runs alone in the calling thread (else on a part worker)."""
         if self.fixed is not None or self.most == 1:
             return True
-        return start is None and math.prod(task.shape) >= LARGE_PART_ELEMENTS
+        return start is None and math.prod(task.shape) >= SOLO_PART_ELEMENTS
 
     def workers(self, device: torch.device, pipeline: bool) -> InOrder:
         """Part workers: one per torch thread on the CPU when pipelined, else none."""
