@@ -194,3 +194,49 @@ def test_kept_member_steps_give_the_bits_of_a_fresh_merge(
     finally:
         rt.close()
         fresh.close()
+
+
+@pytest.mark.parametrize("clip", [0.05, 0.0])
+def test_global_pcb_reuses_members_statistics(population: tuple[Path, list[Path]],
+                                              tmp_path: Path, clip: float,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """Candidate after candidate, a global PCB takes each member's clip bounds and |τ|
+    range from the previous merge (only the trial's |τ| is observed) and still gives the
+    bits of a fresh merge."""
+    from mergekit_pcb.methods.pcb import PcbGlobalStats
+
+    root, members = population
+    params = {"density": 0.3, "lambda": 0.9, "clip": clip, "scope": "global"}
+    observed: list[int] = []
+    unknown = PcbGlobalStats._unknown
+
+    def count(self: PcbGlobalStats, inputs: Any) -> Any:
+        found = unknown(self, inputs)
+        observed.append(len(found))
+        return found
+
+    monkeypatch.setattr(PcbGlobalStats, "_unknown", count)
+    rt = _runtime(root, "pcb", params, members, seed=3)
+    try:
+        base = load_file(str(members[0]))
+        paths = [str(m) for m in members]
+        for step, slot in enumerate([2, 0, 3]):
+            sources = [rt.cache.get(p) for p in paths]
+            sources[slot] = MemoryCheckpoint("trial", _state(90 + step, base))
+            observed.clear()
+            got = rt.merge(sources)
+            # the |τ| passes observe every member the first time, then only the trial
+            # (slot 2's file is first merged at step 1, and slot 0's at step 2)
+            want = {0: 4, 1: 2, 2: 1}[step]
+            assert observed and set(observed) == {want}, (step, set(observed))
+            fresh = _runtime(root, "pcb", params, members, seed=3)
+            try:
+                expected = fresh.merge([fresh.cache.get(p) for p in paths[:slot]]
+                                       + [sources[slot]]
+                                       + [fresh.cache.get(p) for p in paths[slot + 1:]])
+            finally:
+                fresh.close()
+            for name in expected:
+                assert torch.equal(got[name], expected[name]), (step, name)
+    finally:
+        rt.close()

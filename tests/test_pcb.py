@@ -314,8 +314,35 @@ def test_kth_smallest_equals_sort() -> None:
         assert kth_smallest(values.abs(), k, nonnegative=True) == magnitudes[k].item(), k
 
 
-@pytest.mark.parametrize("inter", ["consensus", "normalized", "pairwise"])
-def test_kept_scores_give_the_streamed_bits(tmp_path: Path, monkeypatch, inter: str) -> None:
+@pytest.mark.parametrize("nonnegative", [False, True])
+def test_streaming_select_equals_sort(nonnegative: bool) -> None:
+    """The streamed selection over chunks (magnitudes: bits taken as keys) is exact."""
+    from mergekit_pcb.methods.selection import StreamingSelect
+
+    g = torch.Generator().manual_seed(4)
+    values = torch.cat([torch.randn(5000, generator=g) * s for s in (1e-30, 1e-3, 1.0, 1e3)]
+                       + [torch.zeros(60), -torch.zeros(20), torch.full((90,), 0.25),
+                          torch.tensor([3.4e38, 1e-45, -1e-45])])
+    if nonnegative:
+        values = values.abs()
+    ordered = torch.sort(values).values
+    ks = [*range(0, values.numel(), 997), values.numel() - 1]
+    select = StreamingSelect(ks, nonnegative=nonnegative)
+    chunks = values[torch.randperm(values.numel(), generator=g)].split(3001)
+    for c in chunks:
+        select.observe_high(c)
+    select.finish_high()
+    for c in reversed(chunks):  # any order
+        select.observe_low(c)
+    select.finish_low()
+    assert select.values == [ordered[k].item() for k in ks]
+    assert select.counts_below == [int((ordered < ordered[k]).sum()) for k in ks]
+
+
+@pytest.mark.parametrize(("inter", "dtype"), [("consensus", None), ("normalized", None),
+                                              ("pairwise", None), ("consensus", "bfloat16")])
+def test_kept_scores_give_the_streamed_bits(tmp_path: Path, monkeypatch, inter: str,
+                                            dtype: str | None) -> None:
     """An in-memory merge with a memo keeps each part's scores from the first score pass
     for the second and the merge: every part scored once instead of three times, and the
     bits of `pcbmerge run`'s streamed merge (in slices, too)."""
@@ -326,6 +353,8 @@ def test_kept_scores_give_the_streamed_bits(tmp_path: Path, monkeypatch, inter: 
     monkeypatch.setattr("mergekit_pcb.engine.stream.CHUNK_ELEMENTS", 97)
     base_dir, tuned_dirs, *_ = make_models(tmp_path, 3, seed=17)
     recipe = pcb_recipe(base_dir, tuned_dirs, inter=inter)
+    if dtype:  # the passes' τ in bf16, the merge's in float32: nothing may be kept
+        recipe["dtype"] = dtype
     streamed = run_recipe(tmp_path, recipe, "streamed")
     calls = []
     scores = pcb_module.pcb_scores
@@ -336,7 +365,7 @@ def test_kept_scores_give_the_streamed_bits(tmp_path: Path, monkeypatch, inter: 
         parts = sum(len(slices(plan, t)) for t in plan.tasks if t.route.stats is not None)
         assert parts > len(SHAPES)  # a tensor in several slices
         kept = merge_in_memory(plan, memo=PreparedMemo(1 << 20))
-        assert len(calls) == parts  # once per part
+        assert len(calls) == (3 * parts if dtype else parts)  # once per part in float32
         calls.clear()
         again = merge_in_memory(plan)  # no memo: the streaming engine's three times
         assert len(calls) == 3 * parts

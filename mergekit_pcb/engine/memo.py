@@ -6,6 +6,8 @@ the previous candidate. For a separable method (`MergeMethod.separable`) the eng
 each model's prepared tensor here, keyed by what identifies it: the checkpoint's identity
 (file, inode, mtime, size), its position (seeded masks are keyed by position), the tensor
 and the slice. Only checkpoints with an identity are kept (an in-memory trial is not).
+Whole-model statistics a model alone determines (a global PCB's clip bounds) are kept the
+same way, so a member's statistics passes are skipped too.
 """
 
 from __future__ import annotations
@@ -24,9 +26,20 @@ class PreparedMemo:
     def __init__(self, budget_bytes: int) -> None:
         self.budget_bytes = budget_bytes
         self._entries: OrderedDict[PreparedKey, torch.Tensor] = OrderedDict()
+        self._results: dict[PreparedKey, object] = {}
         self.nbytes = 0
         self.hits = 0
         self.misses = 0
+
+    def result(self, key: PreparedKey) -> object | None:
+        """A model's own statistics from an earlier merge (`GlobalStats.model_results`)."""
+        found = self._results.get(key)
+        if found is not None:
+            self.hits += 1
+        return found
+
+    def keep_result(self, key: PreparedKey, value: object) -> None:
+        self._results[key] = value  # a few numbers per model: outside the byte budget
 
     def get(self, key: PreparedKey) -> torch.Tensor | None:
         tensor = self._entries.get(key)
@@ -56,9 +69,12 @@ class PreparedMemo:
         for key in [k for k in self._entries if k[0] not in keep]:
             tensor = self._entries.pop(key)
             self.nbytes -= tensor.numel() * tensor.element_size()
+        for key in [k for k in self._results if k[0] not in keep]:
+            del self._results[key]
 
     def clear(self) -> None:
         self._entries.clear()
+        self._results.clear()
         self.nbytes = 0
 
 

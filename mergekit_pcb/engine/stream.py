@@ -309,18 +309,27 @@ def _reads(plan: MergePlan, tasks: list[TensorTask], device: torch.device, pipel
 
 def gather_statistics(plan: MergePlan, device: torch.device,
                       progress: Progress | None = None, pipeline: bool = False,
-                      threads: ThreadPolicy | None = None, keep_parts: bool = False) -> None:
+                      threads: ThreadPolicy | None = None, keep_parts: bool = False,
+                      memo: PreparedMemo | None = None) -> None:
     """Run every statistics pass of every route that has them, in order, from fresh
     statistics (a plan may be executed more than once).
 
     With a thread policy, statistics that allow it (`GlobalStats.concurrent`) observe parts
-    side by side on the policy's part workers. `keep_parts`: see `GlobalStats`."""
+    side by side on the policy's part workers. `keep_parts`: see `GlobalStats`. With a
+    `memo`, what each model alone determined in an earlier merge is reused, and kept."""
     plan.reset_statistics()
-    for route in plan.routes:
+    for r, route in enumerate(plan.routes):
         stats = route.stats
         if stats is None:
             continue
         stats.keep_parts = keep_parts
+        keys: list[PreparedKey | None] = []
+        if memo is not None:
+            for i, key in enumerate(route.inputs):
+                identity = plan.checkpoints[key].identity
+                keys.append(None if identity is None
+                            else (identity, i, f"statistics/{r}/{len(route.inputs)}", None))
+            stats.reuse([None if k is None else memo.result(k) for k in keys])
         tasks = [t for t in plan.tasks if t.route is route]
         with (threads.workers(device, pipeline) if threads is not None and stats.concurrent
               else InOrder(1)) as workers:
@@ -331,6 +340,10 @@ def gather_statistics(plan: MergePlan, device: torch.device,
                 _statistics_pass(plan, stats, p, tasks, device, pipeline, threads, workers,
                                  progress, bar)
                 stats.finish(p)
+        results = stats.model_results() if memo is not None else None
+        for key, value in zip(keys, results or (), strict=False):
+            if key is not None and memo is not None:
+                memo.keep_result(key, value)
 
 
 def _statistics_pass(plan: MergePlan, stats: GlobalStats, p: int, tasks: list[TensorTask],
@@ -370,7 +383,7 @@ def merge_in_memory(plan: MergePlan, device: str = "cpu", memo: PreparedMemo | N
     dev = torch.device(device)
     # With a memo the caller trades memory for speed: statistics may keep per-part values
     # for their later passes and the merge (a global PCB's scores, n × the model's size).
-    gather_statistics(plan, dev, keep_parts=memo is not None)
+    gather_statistics(plan, dev, keep_parts=memo is not None, memo=memo)
     out: dict[str, torch.Tensor] = {}
     for task in plan.tasks:
         parts = slices(plan, task)

@@ -116,6 +116,17 @@ class GlobalStats(ABC):
     @abstractmethod
     def observe(self, pass_index: int, inputs: TensorInputs) -> None: ...
 
+    def model_results(self) -> Sequence[Any] | None:
+        """After the last pass: what each model alone determined (its own row of the
+        statistics), for `reuse` in a later merge with that same model; None: nothing."""
+        return None
+
+    def reuse(self, known: Sequence[Any]) -> None:
+        """Before the first pass: `known[i]` is model i's `model_results` entry from an
+        earlier merge of the same model at the same position, or None; the object may then
+        skip the work that model alone determines."""
+        return None
+
     @abstractmethod
     def finish(self, pass_index: int) -> None: ...
 

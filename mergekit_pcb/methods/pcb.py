@@ -157,13 +157,15 @@ class PcbGlobalStats(GlobalStats):
         self.inter = inter
         self.clip = clip
         lo_k, hi_k = clip_indices(total, clip)
-        self._clip_select = [StreamingSelect([lo_k, hi_k]) for _ in range(num_models)]
+        self._clip_select = [StreamingSelect([lo_k, hi_k], nonnegative=True)
+                             for _ in range(num_models)]
         self._score_select = [StreamingSelect([drop_index(total, r)]) for r in densities]
         self._abs_min = [float("inf")] * num_models
         self._abs_max = [float("-inf")] * num_models
         self._score_max = [float("-inf")] * num_models
         self._lock = threading.Lock()
         self._kept: dict[Part, list[torch.Tensor]] = {}
+        self._known: list[RowStats | None] = [None] * num_models  # see `reuse`
         self.rows: list[RowStats] = []
         steps = [("pcb: |τ| histograms", self._observe_abs, self._finish_abs)]
         if clip > 0:
@@ -174,18 +176,34 @@ class PcbGlobalStats(GlobalStats):
         self.pass_names = tuple(s[0] for s in steps)
 
     def observe(self, pass_index: int, inputs: TensorInputs) -> None:
-        assert inputs.base is not None
-        tau = [m - inputs.base for m in inputs.models]
-        self._steps[pass_index][1](tau, (inputs.name, inputs.start))
+        self._steps[pass_index][1](inputs)
 
-    def scores(self, tau: list[torch.Tensor], part: Part, last_use: bool = False
-               ) -> list[torch.Tensor]:
+    def model_results(self) -> list[RowStats]:
+        """Each task's clip bounds and |τ| range: its own, whatever the other tasks."""
+        return [RowStats(r.clip_low, r.clip_high, r.abs_min, r.abs_max) for r in self.rows]
+
+    def reuse(self, known: Sequence[Any]) -> None:
+        self._known = [k if isinstance(k, RowStats) else None for k in known]
+
+    def _unknown(self, inputs: TensorInputs) -> list[tuple[int, torch.Tensor]]:
+        """(task, |τ|) for the tasks whose clip bounds are not known from an earlier merge."""
+        assert inputs.base is not None
+        return [(i, (m - inputs.base).abs()) for i, m in enumerate(inputs.models)
+                if self._known[i] is None]
+
+    def scores(self, inputs: TensorInputs, last_use: bool = False) -> list[torch.Tensor]:
         """The part's scores: derived now, or kept from an earlier pass (`keep_parts`)."""
-        kept = self._kept.pop(part, None) if last_use else self._kept.get(part)
+        assert inputs.base is not None
+        # Only float32 scores are kept: the merge derives its own from float32 inputs, and
+        # with a recipe `dtype` of bf16 or fp64 the passes' τ would not be the merge's.
+        keep = self.keep_parts and inputs.base.dtype == torch.float32
+        part = (inputs.name, inputs.start)
+        kept = (self._kept.pop(part, None) if last_use else self._kept.get(part)) if keep \
+            else None
         if kept is not None:
             return kept
-        scores = pcb_scores(tau, self.rows, self.inter)
-        if self.keep_parts and not last_use:
+        scores = pcb_scores([m - inputs.base for m in inputs.models], self.rows, self.inter)
+        if keep and not last_use:
             with self._lock:
                 self._kept[part] = scores
         return scores
@@ -193,9 +211,8 @@ class PcbGlobalStats(GlobalStats):
     def finish(self, pass_index: int) -> None:
         self._steps[pass_index][2]()
 
-    def _observe_abs(self, tau: list[torch.Tensor], part: Part) -> None:
-        for i, t in enumerate(tau):
-            a = t.abs()
+    def _observe_abs(self, inputs: TensorInputs) -> None:
+        for i, a in self._unknown(inputs):
             if a.numel():
                 low, high = (float(x) for x in torch.aminmax(a))
                 with self._lock:
@@ -206,18 +223,22 @@ class PcbGlobalStats(GlobalStats):
 
     def _finish_abs(self) -> None:
         if self.clip > 0:
-            for sel in self._clip_select:
-                sel.finish_high()
+            for sel, known in zip(self._clip_select, self._known, strict=True):
+                if known is None:
+                    sel.finish_high()
         else:
             self._finish_clip()
 
-    def _observe_abs_low(self, tau: list[torch.Tensor], part: Part) -> None:
-        for sel, t in zip(self._clip_select, tau, strict=True):
-            sel.observe_low(t.abs())
+    def _observe_abs_low(self, inputs: TensorInputs) -> None:
+        for i, a in self._unknown(inputs):
+            self._clip_select[i].observe_low(a)
 
     def _finish_clip(self) -> None:
         self.rows = []
-        for i, sel in enumerate(self._clip_select):
+        for i, (sel, known) in enumerate(zip(self._clip_select, self._known, strict=True)):
+            if known is not None:
+                self.rows.append(known)
+                continue
             if self.clip > 0:
                 sel.finish_low()
                 low, high = sel.values
@@ -225,8 +246,8 @@ class PcbGlobalStats(GlobalStats):
                 low, high = self._abs_min[i], self._abs_max[i]
             self.rows.append(RowStats(low, high, self._abs_min[i], self._abs_max[i]))
 
-    def _observe_scores(self, tau: list[torch.Tensor], part: Part) -> None:
-        for i, (sel, b) in enumerate(zip(self._score_select, self.scores(tau, part),
+    def _observe_scores(self, inputs: TensorInputs) -> None:
+        for i, (sel, b) in enumerate(zip(self._score_select, self.scores(inputs),
                                          strict=True)):
             if b.numel():
                 top = float(b.max())
@@ -238,9 +259,8 @@ class PcbGlobalStats(GlobalStats):
         for sel in self._score_select:
             sel.finish_high()
 
-    def _observe_scores_low(self, tau: list[torch.Tensor], part: Part) -> None:
-        for sel, b in zip(self._score_select, self.scores(tau, part),
-                          strict=True):
+    def _observe_scores_low(self, inputs: TensorInputs) -> None:
+        for sel, b in zip(self._score_select, self.scores(inputs), strict=True):
             sel.observe_low(b)
 
     def _finish_scores(self) -> None:
@@ -299,6 +319,6 @@ class Pcb(MergeMethod):
         stats = inputs.stats
         assert isinstance(stats, PcbGlobalStats)
         tau = [m - base for m in models]
-        scores = stats.scores(tau, (inputs.name, inputs.start), last_use=True)
+        scores = stats.scores(replace(inputs, base=base, models=models), last_use=True)
         return pcb_combine(base, tau, scores, stats.rows, weights, params["lambda"])
 

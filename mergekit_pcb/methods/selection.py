@@ -51,8 +51,10 @@ class StreamingSelect:
     outside the lock and only added under it (integer counts: any order, same result).
     """
 
-    def __init__(self, ks: list[int]) -> None:
+    def __init__(self, ks: list[int], nonnegative: bool = False) -> None:
         self.ks = ks
+        # Magnitudes (no negative values, no -0.0): their float32 bits are already the keys.
+        self.nonnegative = nonnegative
         self.total = 0
         self._hist_high = torch.zeros(BINS, dtype=torch.int64)
         self._bins: list[int] = []
@@ -64,8 +66,13 @@ class StreamingSelect:
         self.counts_equal: list[int] = []
         self._lock = threading.Lock()
 
+    def _keys(self, values: torch.Tensor) -> torch.Tensor:
+        if self.nonnegative:
+            return values.detach().reshape(-1).to(torch.float32).contiguous().view(torch.int32)
+        return float_keys(values)
+
     def observe_high(self, values: torch.Tensor) -> None:
-        keys = float_keys(values)
+        keys = self._keys(values)
         counts = torch.bincount(_high(keys), minlength=BINS).cpu()
         with self._lock:
             self.total += keys.numel()
@@ -85,7 +92,7 @@ class StreamingSelect:
             self._hist_low.setdefault(b, torch.zeros(BINS, dtype=torch.int64))
 
     def observe_low(self, values: torch.Tensor) -> None:
-        keys = float_keys(values)
+        keys = self._keys(values)
         high = _high(keys)
         for b, hist in self._hist_low.items():
             inside = keys[high == b] & _LOW

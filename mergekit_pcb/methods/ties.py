@@ -75,7 +75,8 @@ class TiesGlobalStats(GlobalStats):
 
     def __init__(self, total: int, densities: Sequence[float]) -> None:
         self._selects: list[StreamingSelect | None] = [
-            None if d >= 1 else StreamingSelect([total - global_keep_count(total, d)])
+            None if d >= 1 else StreamingSelect([total - global_keep_count(total, d)],
+                                                 nonnegative=True)
             for d in densities
         ]
         self.thresholds: list[float] = [float("-inf")] * len(densities)
