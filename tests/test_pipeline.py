@@ -31,6 +31,14 @@ def _cases() -> list[tuple[str, dict[str, Any]]]:
     return out
 
 
+def _recipe(method: str, params: dict[str, Any], base: Path, tuned: list[Path]) -> Any:
+    density = {"density": 0.5} if REGISTRY[method].param_spec("density") is not None else {}
+    return parse_recipe({
+        "merge_method": method, "base_model": str(base),
+        "models": [{"model": str(t), "parameters": density} for t in tuned],
+        "parameters": params, "seed": 5}, "test")
+
+
 def _digest(directory: Path) -> dict[str, str]:
     return {p.name: hashlib.sha256(p.read_bytes()).hexdigest()
             for p in sorted(directory.glob("*.safetensors"))}
@@ -43,12 +51,7 @@ def test_pipelined_equals_serial(hf_models: Any, tmp_path: Path, method: str,
                                  ) -> None:
     base, tuned = hf_models("llama", 3)
     monkeypatch.setattr(stream, "CHUNK_ELEMENTS", 100)  # every tensor in many slices
-    cls = REGISTRY[method]
-    density = {"density": 0.5} if cls.param_spec("density") is not None else {}
-    recipe = parse_recipe({
-        "merge_method": method, "base_model": str(base),
-        "models": [{"model": str(t), "parameters": density} for t in tuned],
-        "parameters": params, "seed": 5}, "test")
+    recipe = _recipe(method, params, base, tuned)
     outs = []
     for pipeline in (False, True):
         try:
@@ -77,12 +80,7 @@ def test_parts_side_by_side_equal_serial(hf_models: Any, tmp_path: Path, method:
     statistics passes and the merge pass really ran on them."""
     base, tuned = hf_models("llama", 3)
     monkeypatch.setattr(stream, "CHUNK_ELEMENTS", 100)
-    cls = REGISTRY[method]
-    density = {"density": 0.5} if cls.param_spec("density") is not None else {}
-    recipe = parse_recipe({
-        "merge_method": method, "base_model": str(base),
-        "models": [{"model": str(t), "parameters": density} for t in tuned],
-        "parameters": params, "seed": 5}, "test")
+    recipe = _recipe(method, params, base, tuned)
     computed_on: set[str] = set()
     observed_on: set[str] = set()
 
