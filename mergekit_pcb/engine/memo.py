@@ -29,7 +29,6 @@ class PreparedMemo:
         self._results: dict[PreparedKey, object] = {}
         self.nbytes = 0
         self.hits = 0
-        self.misses = 0
 
     def result(self, key: PreparedKey) -> object | None:
         """A model's own statistics from an earlier merge (`GlobalStats.model_results`)."""
@@ -44,22 +43,21 @@ class PreparedMemo:
     def get(self, key: PreparedKey) -> torch.Tensor | None:
         tensor = self._entries.get(key)
         if tensor is None:
-            self.misses += 1
             return None
         self._entries.move_to_end(key)
         self.hits += 1
         return tensor
 
     def put(self, key: PreparedKey, tensor: torch.Tensor) -> None:
-        size = tensor.numel() * tensor.element_size()
+        size = _nbytes(tensor)
         if size > self.budget_bytes:
             return
         old = self._entries.pop(key, None)
         if old is not None:
-            self.nbytes -= old.numel() * old.element_size()
+            self.nbytes -= _nbytes(old)
         while self._entries and self.nbytes + size > self.budget_bytes:
             _, dropped = self._entries.popitem(last=False)
-            self.nbytes -= dropped.numel() * dropped.element_size()
+            self.nbytes -= _nbytes(dropped)
         self._entries[key] = tensor
         self.nbytes += size
 
@@ -67,8 +65,7 @@ class PreparedMemo:
         """Forget the tensors of checkpoints no longer merged (replaced members)."""
         keep = set(identities)
         for key in [k for k in self._entries if k[0] not in keep]:
-            tensor = self._entries.pop(key)
-            self.nbytes -= tensor.numel() * tensor.element_size()
+            self.nbytes -= _nbytes(self._entries.pop(key))
         for key in [k for k in self._results if k[0] not in keep]:
             del self._results[key]
 
@@ -76,6 +73,10 @@ class PreparedMemo:
         self._entries.clear()
         self._results.clear()
         self.nbytes = 0
+
+
+def _nbytes(tensor: torch.Tensor) -> int:
+    return tensor.numel() * tensor.element_size()
 
 
 __all__ = ["PreparedKey", "PreparedMemo"]

@@ -24,7 +24,12 @@ from mergekit_pcb.methods.base import (
     ParamSpec,
     TensorInputs,
 )
-from mergekit_pcb.methods.ops import combine_task_vectors, l1_rescale, magnitude_trim_all
+from mergekit_pcb.methods.ops import (
+    combine_task_vectors,
+    combine_weighted,
+    l1_rescale,
+    magnitude_trim_all,
+)
 from mergekit_pcb.methods.selection import StreamingSelect
 
 
@@ -150,11 +155,7 @@ class Ties(MergeMethod):
                                  inputs.params["rescale"])
 
     def combine(self, inputs: TensorInputs, prepared: Sequence[torch.Tensor]) -> torch.Tensor:
-        assert inputs.base is not None
-        return combine_task_vectors(inputs.base, prepared,
-                                    [p["weight"] for p in inputs.model_params],
-                                    lambda_=inputs.params["lambda"],
-                                    normalize=inputs.params["normalize"], sign_consensus=True)
+        return combine_weighted(inputs, prepared, sign_consensus=True)
 
     def merge(self, inputs: TensorInputs) -> torch.Tensor:
         assert inputs.base is not None
