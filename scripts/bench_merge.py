@@ -669,6 +669,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="skip timing start-up and the merge's compute alone")
     parser.add_argument("--busy", action="store_true",
                         help="keep one core at 100 %% with another process during the runs")
+    parser.add_argument("--cache", choices=["warm", "cold", "asis"], default="warm",
+                        help="page cache before each timed run and the floor: inputs read "
+                        "once (warm), dropped (cold, needs root), or left as the last run "
+                        "left it (asis)")
     parser.add_argument("--delta-scale", type=float, default=0.005)
     parser.add_argument("--timeout", type=float, default=3600.0, help="seconds per run")
     parser.add_argument("--mergekit-venv", type=Path, default=DEFAULT_VENV)
@@ -734,17 +738,19 @@ def bench_method(
         )
     results: dict[str, list[RunResult]] = {tool: [] for tool in jobs}
     floors: list[float] = []
+    inputs = [Path(m["model"]) for m in recipe.body["models"]]
+    if recipe.body.get("base_model"):
+        inputs.append(Path(recipe.body["base_model"]))
     with BusyCore(args.busy):
         for _ in range(args.repeats):
             for tool, job in jobs.items():
                 shutil.rmtree(job.out, ignore_errors=True)
+                prepare_page_cache(inputs, args.cache)
                 results[tool].append(run_measured(job.cmd, job.log, args.timeout,
                                                   thread_env(args)))
             any_out = next((j.out for j in jobs.values() if j.out.is_dir()), None)
             if any_out is not None:
-                inputs = [Path(m["model"]) for m in recipe.body["models"]]
-                if recipe.body.get("base_model"):
-                    inputs.append(Path(recipe.body["base_model"]))
+                prepare_page_cache(inputs, args.cache)
                 floors.append(measure_floor(inputs, any_out, workdir))
         startup = arithmetic = None
         if not args.no_ours and args.arithmetic:
@@ -764,17 +770,36 @@ def bench_method(
     return row
 
 
+def _read_all(inputs: list[Path]) -> None:
+    block = memoryview(bytearray(16 << 20))
+    for directory in inputs:
+        for path in sorted(directory.glob("*.safetensors")):
+            with open(path, "rb", buffering=0) as f:
+                while f.readinto(block):
+                    pass
+
+
+def prepare_page_cache(inputs: list[Path], mode: str) -> None:
+    """Give every timed run the same start (`--cache`): the inputs read once beforehand
+    (warm), or the page cache dropped (cold; needs root). Without it, whichever tool runs
+    after a peer that used most of RAM reads its inputs from disk and the other does not."""
+    if mode == "warm":
+        _read_all(inputs)
+    elif mode == "cold":
+        os.sync()
+        try:
+            Path("/proc/sys/vm/drop_caches").write_text("1\n")
+        except OSError as exc:
+            raise SystemExit(f"--cache cold: cannot drop the page cache ({exc})") from None
+
+
 def measure_floor(inputs: list[Path], output: Path, workdir: Path) -> float:
     """Seconds to read every input file once and write (and fsync) one file the size of
     the output: what any merge of these models must at least spend on I/O."""
     block = bytearray(16 << 20)
     view = memoryview(block)
     start = time.perf_counter()
-    for directory in inputs:
-        for path in sorted(directory.glob("*.safetensors")):
-            with open(path, "rb", buffering=0) as f:
-                while f.readinto(view):
-                    pass
+    _read_all(inputs)
     out_bytes = sum(p.stat().st_size for p in output.glob("*.safetensors"))
     target = workdir / "floor.bin"
     with open(target, "wb", buffering=0) as f:
@@ -792,11 +817,12 @@ def measure_floor(inputs: list[Path], output: Path, workdir: Path) -> float:
 STARTUP_CODE = "import torch, safetensors.torch, mergekit_pcb.engine.stream"
 
 # The merge's own compute: the engine's statistics passes and every part's merge, as
-# `pcbmerge run` does them, on inputs already in the page cache, results dropped unwritten.
+# `pcbmerge run` does them (the same thread policy and part workers), on inputs already in
+# the page cache, results dropped unwritten.
 ARITHMETIC_CODE = """
 import sys, time
 from mergekit_pcb.engine.plan import build_plan
-from mergekit_pcb.engine.stream import compute_part, gather_statistics, slices
+from mergekit_pcb.engine.stream import ThreadPolicy, gather_statistics, merge_parts
 from mergekit_pcb.recipe.schema import load_recipe
 import torch
 plan = build_plan(load_recipe(sys.argv[1]), "")
@@ -804,11 +830,11 @@ dev = torch.device("cpu")
 for task in plan.tasks:  # warm the page cache, untimed
     for key in task.reads(plan.base_key):
         plan.checkpoints[key].read(task.source(key))
+policy = ThreadPolicy()
 start = time.perf_counter()
-gather_statistics(plan, dev)
-for task in plan.tasks:
-    for a, b in slices(plan, task):
-        compute_part(plan, task, dev, a, b)
+gather_statistics(plan, dev, pipeline=True, threads=policy)
+with policy.workers(dev, True) as workers:
+    merge_parts(plan, dev, True, policy, workers, lambda part, out: None)
 print(time.perf_counter() - start)
 """
 
@@ -859,6 +885,7 @@ def bench_meta(args: argparse.Namespace, shape: ModelShape, load_before: float) 
         "dtype": args.dtype,
         "save_dtype": args.save_dtype,
         "busy": args.busy,
+        "cache": args.cache,
         "torch": torch.__version__,
         "cpus": os.cpu_count(),
         "loadavg_before": load_before,
@@ -902,7 +929,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"note: 1-min load average is {load_before:.2f}; timings may be noisy", flush=True)
     try:
         rows = run_benchmark(args, shape, workdir, mergekit)
-        print()
+        print(f"\npage cache before each run: {args.cache}; busy core: {args.busy}")
         print(render_table(rows))
         details = report_details(rows)
         if details:

@@ -398,6 +398,23 @@ def merge_in_memory(plan: MergePlan, device: str = "cpu", memo: PreparedMemo | N
     return out
 
 
+def merge_parts(plan: MergePlan, dev: torch.device, pipeline: bool, policy: ThreadPolicy,
+                workers: InOrder, computed: Callable[[Part, torch.Tensor], None]) -> None:
+    """Merge every part of `plan` (statistics gathered), read ahead when `pipeline`, on the
+    part workers or alone as `policy` says; `computed` gets each output in plan order."""
+    for part, inputs in _reads(plan, plan.tasks, dev, pipeline, workers.width):
+        _, task, start, stop, _ = part
+        done = functools.partial(computed, part)
+        if workers.width == 1 or policy.solo(task, start):
+            workers.drain()  # a large whole tensor gets every thread, alone
+            policy.enter(task, start)
+            workers.run_here(compute_part, done, plan, task, dev, start, stop, inputs)
+        else:
+            workers.submit(compute_part, done, plan, task, dev, start, stop, inputs)
+        del inputs
+    workers.drain()
+
+
 def write_plan(plan: MergePlan, directory: Path, *, shard_size: int = 5 * 10**9,
                device: str = "cpu", progress: Progress | None = None,
                artifacts: bool = True, pipeline: bool = True,
@@ -450,17 +467,7 @@ def _write(plan: MergePlan, directory: Path, dev: torch.device, shards: list[Sha
 
     workers = policy.workers(dev, pipeline)
     try:
-        for part, inputs in _reads(plan, plan.tasks, dev, pipeline, workers.width):
-            _, task, start, stop, _ = part
-            done = functools.partial(computed, part)
-            if workers.width == 1 or policy.solo(task, start):
-                workers.drain()  # a large whole tensor gets every thread, alone
-                policy.enter(task, start)
-                workers.run_here(compute_part, done, plan, task, dev, start, stop, inputs)
-            else:
-                workers.submit(compute_part, done, plan, task, dev, start, stop, inputs)
-            del inputs
-        workers.drain()
+        merge_parts(plan, dev, pipeline, policy, workers, computed)
         write(writer.close)
         if behind is not None:
             behind.drain()
