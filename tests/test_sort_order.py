@@ -3,6 +3,8 @@ keeps, without the sort: checked against torch itself on inputs full of ties."""
 
 from __future__ import annotations
 
+import threading
+
 import numpy as np
 import pytest
 import torch
@@ -33,8 +35,19 @@ def arrays(seed: int) -> list[torch.Tensor]:
     return out
 
 
+IMPLEMENTATIONS = {"numpy": sort_order.introsort_top_numpy,
+                   "compiled": sort_order.introsort_top_compiled}
+
+
+@pytest.fixture(params=sorted(IMPLEMENTATIONS))
+def implementation(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Run the test with each implementation of the emulation in place of the staged one."""
+    monkeypatch.setattr(sort_order, "introsort_top", IMPLEMENTATIONS[request.param])
+    return str(request.param)
+
+
 @pytest.mark.parametrize("seed", [0, 1])
-def test_descending_top_is_torchs_choice(seed: int) -> None:
+def test_descending_top_is_torchs_choice(seed: int, implementation: str) -> None:
     g = torch.Generator().manual_seed(100 + seed)
     checked = 0
     for values in arrays(seed):
@@ -75,7 +88,8 @@ def test_exhausted_depth_and_unknown_sorts_use_torchs_sort(monkeypatch) -> None:
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_half_precision_bits_rank_as_their_float32_values(dtype: torch.dtype) -> None:
+def test_half_precision_bits_rank_as_their_float32_values(dtype: torch.dtype,
+                                                          implementation: str) -> None:
     # mergekit ranks bf16/fp16 magnitudes upcast to float32; the emulation ranks their bits.
     g = torch.Generator().manual_seed(5)
     for n, scale in ((1000, 1.0), (70_001, 0.002), (300_000, 0.01)):
@@ -84,3 +98,47 @@ def test_half_precision_bits_rank_as_their_float32_values(dtype: torch.dtype) ->
         for k in (1, n // 3, n - 1):
             got = descending_top_bits(bits, dtype, k)
             assert np.array_equal(np.sort(got.numpy()), torch_top(values.float(), k)), (n, k)
+
+
+@pytest.mark.parametrize("name", sorted(IMPLEMENTATIONS))
+def test_exhausted_depth_gives_no_answer_in_both(name: str) -> None:
+    values = torch.randint(0, 50, (5000,), generator=torch.Generator().manual_seed(4)).float()
+    assert IMPLEMENTATIONS[name](values.numpy(), 2500, depth_limit=1) is None
+    top = IMPLEMENTATIONS[name](values.numpy(), 2500, depth_limit=40)
+    assert top is not None and np.array_equal(np.sort(top), torch_top(values, 2500))
+
+
+def test_block_scans_cover_every_boundary() -> None:
+    # sizes around the kernel's block (128) and twice it, where the block scans hand over to
+    # the scalar ones, with a pivot value that is common, rare or absent
+    g = torch.Generator().manual_seed(6)
+    for n in (255, 256, 257, 258, 383, 384, 385, 511, 512, 513, 640, 1025, 4097):
+        for distinct in (2, 3, 17, 10**6):
+            values = torch.randint(0, distinct, (n,), generator=g).float()
+            for k in (1, n // 4, n // 2, n - 1):
+                top = sort_order.introsort_top_compiled(values.numpy(), k)
+                assert top is not None
+                assert np.array_equal(np.sort(top), torch_top(values, k)), (n, distinct, k)
+
+
+def test_the_kernel_is_loaded_once_tie_breaks_pay_for_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    # below the threshold only numpy runs; past it the kernel loads in the background and
+    # is used from then on, with the same entries
+    monkeypatch.setattr(sort_order, "_READY", set())
+    monkeypatch.setattr(sort_order, "_LOADING", set())
+    monkeypatch.setattr(sort_order, "_SEEN", [0])
+    monkeypatch.setattr(sort_order, "COMPILE_AFTER", 10_000)
+    values = torch.randint(0, 9, (6000,), generator=torch.Generator().manual_seed(7)).float()
+    expected = torch_top(values, 3000)
+    assert np.array_equal(np.sort(sort_order.introsort_top(values.numpy(), 3000)), expected)
+    assert not sort_order._LOADING
+    assert np.array_equal(np.sort(sort_order.introsort_top(values.numpy(), 3000)), expected)
+    assert list(sort_order._LOADING) == [np.dtype(np.float32)]
+    loader = next(t for t in threading.enumerate() if t.name == "introsort-kernel")
+    loader.join(timeout=120)
+    assert list(sort_order._READY) == [np.dtype(np.float32)]
+    called = []
+    monkeypatch.setattr(sort_order, "introsort_top_numpy",
+                        lambda *a, **k: called.append(1))  # would fail the check below
+    assert np.array_equal(np.sort(sort_order.introsort_top(values.numpy(), 3000)), expected)
+    assert not called

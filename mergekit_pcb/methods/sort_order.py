@@ -13,6 +13,9 @@ entries end up before it, and a partition is vectorised exactly: Hoare's scans p
 i-th entry ≤ pivot from the left with the i-th entry ≥ pivot from the right while they have
 not crossed. So the kept set costs a few passes over n + n/2 + n/4 ... entries (numpy's
 `flatnonzero` and fancy indexing) instead of a sort of n entries: 4–5× faster on 11.5M.
+A compiled kernel (`introsort_kernel`, numba) runs the same partitions in place, with
+branch-free block scans, several times faster again; a process loads it once its
+tie-breaks are large enough to pay for loading it.
 
 That this is the sort torch runs is checked once per process on a probe full of ties, and
 with another library sort (another platform's standard library, a future torch) every call
@@ -23,6 +26,7 @@ limit (its heapsort is not emulated).
 from __future__ import annotations
 
 import functools
+import threading
 from collections.abc import Callable
 
 import numpy as np
@@ -66,10 +70,91 @@ def introsort_top(values: np.ndarray, k: int, depth_limit: int | None = None
                   ) -> np.ndarray | None:
     """The indices libstdc++'s `std::sort` (descending by value) places in [0, k), or None
     when a range containing the k-th place would exhaust `depth_limit` (2⌊log₂ n⌋ as
-    `std::sort` sets it) and fall to heapsort."""
+    `std::sort` sets it) and fall to heapsort.
+
+    Two implementations give the same entries: numpy's vectorised passes, and a compiled
+    kernel (`introsort_kernel`, numba) several times faster on millions of entries. Loading
+    numba and the kernel costs about a second, more than a small merge's tie-breaks take:
+    so the kernel is loaded, in the background, once this process has tie-broken
+    `COMPILE_AFTER` entries, and used for each key type once it is ready."""
+    if values.dtype in _READY and values.size < 2**31:
+        return introsort_top_compiled(values, k, depth_limit)
+    _count(values.dtype, values.size)
+    return introsort_top_numpy(values, k, depth_limit)
+
+
+# Entries tie-broken with numpy before the compiled kernel is loaded (a 1B-parameter merge
+# passes this within its first tensors; a 30M one never does).
+COMPILE_AFTER = 1 << 25
+_READY: set[np.dtype] = set()
+_LOCK = threading.Lock()
+_SEEN = [0]
+_LOADING: set[np.dtype] = set()
+
+
+def _count(dtype: np.dtype, n: int) -> None:
+    """Count `n` entries tie-broken with numpy; past `COMPILE_AFTER`, start loading the
+    kernel for `dtype` keys."""
+    with _LOCK:
+        _SEEN[0] += n
+        if _SEEN[0] < COMPILE_AFTER or dtype in _LOADING:
+            return
+        _LOADING.add(dtype)
+    threading.Thread(target=_load, args=(dtype,), name="introsort-kernel", daemon=True).start()
+
+
+def _load(dtype: np.dtype) -> None:
+    """Compile (or load from numba's cache) the kernel for `dtype` keys, check it on the
+    probes, and let `introsort_top` use it."""
+    if _kernel() is not None and _compiled_matches_numpy(dtype):
+        _READY.add(dtype)
+
+
+def _compiled_matches_numpy(dtype: np.dtype) -> bool:
+    rng = np.random.default_rng(0)
+    for n, distinct in ((17, 3), (4099, 7), (65_537, 1000)):
+        values = rng.integers(0, distinct, n).astype(dtype)
+        for k in (1, n // 3, n - 1):
+            top = introsort_top_compiled(values, k)
+            expected = introsort_top_numpy(values, k)
+            if top is None or expected is None \
+                    or not np.array_equal(np.sort(top), np.sort(expected)):
+                return False
+    return True
+
+
+@functools.cache
+def _kernel() -> Callable[..., bool] | None:
+    try:
+        from mergekit_pcb.methods.introsort_kernel import top_in_place
+    except ImportError:  # numba missing, or unusable with this numpy: numpy only
+        return None
+    return top_in_place
+
+
+def _index(n: int) -> np.ndarray:
+    return np.arange(n, dtype=np.int32 if n < 2**31 else np.int64)
+
+
+def introsort_top_compiled(values: np.ndarray, k: int, depth_limit: int | None = None
+                           ) -> np.ndarray | None:
+    """`introsort_top` by the compiled kernel (numba must import)."""
+    kernel = _kernel()
+    assert kernel is not None
+    n = values.size
+    keys, index = values.copy(), _index(n)  # partitioned in place, as the sort does
+    depth = 2 * (n.bit_length() - 1) if depth_limit is None else depth_limit
+    if not kernel(keys, index, k, depth):
+        return None
+    return index[:k].astype(np.int64)
+
+
+def introsort_top_numpy(values: np.ndarray, k: int, depth_limit: int | None = None
+                        ) -> np.ndarray | None:
+    """`introsort_top` with numpy: each partition as a few vectorised passes."""
     n = values.size
     keys = values.copy()  # partitioned in place, as the sort does
-    index = np.arange(n, dtype=np.int32 if n < 2**31 else np.int64)
+    index = _index(n)
     kept: list[np.ndarray] = []
     depth = 2 * (n.bit_length() - 1) if depth_limit is None else depth_limit
     place = k  # the k-th place, relative to the current range
@@ -156,4 +241,5 @@ def _emulation_matches_torch() -> bool:
     return True
 
 
-__all__ = ["descending_top", "descending_top_bits", "introsort_top"]
+__all__ = ["descending_top", "descending_top_bits", "introsort_top", "introsort_top_compiled",
+           "introsort_top_numpy"]
