@@ -142,3 +142,20 @@ def test_the_kernel_is_loaded_once_tie_breaks_pay_for_it(monkeypatch: pytest.Mon
                         lambda *a, **k: called.append(1))  # would fail the check below
     assert np.array_equal(np.sort(sort_order.introsort_top(values.numpy(), 3000)), expected)
     assert not called
+
+
+def test_without_a_kernel_numpy_answers(monkeypatch: pytest.MonkeyPatch) -> None:
+    # numba missing or unable to compile: the loader gives up quietly, numpy goes on
+    monkeypatch.setattr(sort_order, "_READY", set())
+    monkeypatch.setattr(sort_order, "_LOADING", set())
+    monkeypatch.setattr(sort_order, "_SEEN", [0])
+    monkeypatch.setattr(sort_order, "COMPILE_AFTER", 0)
+    monkeypatch.setattr(sort_order, "_kernel", lambda: None)
+    values = torch.randint(0, 9, (6000,), generator=torch.Generator().manual_seed(8)).double()
+    for _ in range(2):
+        top = sort_order.introsort_top(values.numpy(), 2000)
+        assert np.array_equal(np.sort(top), torch_top(values, 2000))
+    for thread in threading.enumerate():
+        if thread.name == "introsort-kernel":
+            thread.join(timeout=60)
+    assert not sort_order._READY

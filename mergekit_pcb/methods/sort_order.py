@@ -106,8 +106,11 @@ def _count(dtype: np.dtype, n: int) -> None:
 def _load(dtype: np.dtype) -> None:
     """Compile (or load from numba's cache) the kernel for `dtype` keys, check it on the
     probes, and let `introsort_top` use it."""
-    if _kernel() is not None and _compiled_matches_numpy(dtype):
-        _READY.add(dtype)
+    try:
+        if _kernel() is not None and _compiled_matches_numpy(dtype):
+            _READY.add(dtype)
+    except Exception:  # a kernel that fails to compile: numpy goes on
+        pass
 
 
 def _compiled_matches_numpy(dtype: np.dtype) -> bool:
@@ -127,8 +130,8 @@ def _compiled_matches_numpy(dtype: np.dtype) -> bool:
 def _kernel() -> Callable[..., bool] | None:
     try:
         from mergekit_pcb.methods.introsort_kernel import top_in_place
-    except ImportError:  # numba missing, or unusable with this numpy: numpy only
-        return None
+    except Exception:  # numba missing, unusable with this numpy, or without a writable
+        return None  # cache: the numpy emulation only
     return top_in_place
 
 
