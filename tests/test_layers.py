@@ -17,7 +17,7 @@ LAYERS: list[set[str]] = [
     {"engine"},  # the merge engine
     {"recipe"},
     {"methods", "io"},
-    {"errors", "usercode", "threads", "__init__"},
+    {"errors", "usercode", "threads", "machine", "__init__"},
 ]
 
 

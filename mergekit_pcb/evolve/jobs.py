@@ -12,7 +12,6 @@ from disk when it does not) and the trial joins as an in-memory checkpoint.
 
 from __future__ import annotations
 
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,6 +32,7 @@ from mergekit_pcb.evolve.strategies import SearchStrategy, Step
 from mergekit_pcb.io.memory import MemoryCheckpoint
 from mergekit_pcb.io.reader import Checkpoint
 from mergekit_pcb.io.writer import write_safetensors
+from mergekit_pcb.machine import physical_memory
 from mergekit_pcb.recipe.schema import MergeRecipe, ModelEntry
 
 
@@ -175,10 +175,7 @@ class Runtime:
 def prepared_budget() -> int:
     """Bytes of prepared tensors one process keeps: an eighth of the machine's memory (a
     population that needs more is partly prepared again, least recently used first)."""
-    try:
-        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // 8
-    except (ValueError, OSError, AttributeError):
-        return 1 << 30
+    return physical_memory() // 8
 
 
 _RUNTIME: ProcessLocal[Runtime] = ProcessLocal()

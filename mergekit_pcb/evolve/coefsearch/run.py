@@ -24,6 +24,7 @@ from mergekit_pcb.evolve.output import clean, fmt, plot_png
 from mergekit_pcb.io.artifacts import model_card, write_card_and_recipe
 from mergekit_pcb.io.files import atomic_write_json
 from mergekit_pcb.io.writer import atomic_output_dir, check_destination, prepare_run_dir
+from mergekit_pcb.machine import available_memory
 from mergekit_pcb.recipe.schema import parse_recipe
 from mergekit_pcb.usercode import require_consent
 
@@ -88,13 +89,7 @@ def _open_plan(space: SearchSpace, seed: int, allow_pickle: bool) -> MergePlan:
 
 def _memory_budget() -> int:
     """Half the memory available now: parts above it go to the run directory instead."""
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024 // 2
-    except (OSError, ValueError, IndexError):
-        pass
-    return 4 << 30
+    return available_memory() // 2
 
 
 def _parts_where(space: SearchSpace, plan: MergePlan, workers: int) -> str | None:

@@ -1,0 +1,31 @@
+"""What this machine's memory allows: read from the OS, with a fallback where it cannot say."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+_FALLBACK = 8 << 30  # when the OS does not say: a modest laptop's memory
+
+
+def physical_memory() -> int:
+    """Bytes of RAM installed: the base of budgets held for a whole run."""
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return _FALLBACK
+
+
+def available_memory() -> int:
+    """Bytes the kernel could hand out now without swapping (MemAvailable): the base of a
+    decision taken once, at the start of a run."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return physical_memory() // 2
+
+
+__all__ = ["available_memory", "physical_memory"]
