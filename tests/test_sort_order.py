@@ -3,6 +3,8 @@ keeps, without the sort: checked against torch itself on inputs full of ties."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import threading
 
 import numpy as np
@@ -159,3 +161,20 @@ def test_without_a_kernel_numpy_answers(monkeypatch: pytest.MonkeyPatch) -> None
         if thread.name == "introsort-kernel":
             thread.join(timeout=60)
     assert not sort_order._READY
+
+
+def test_exit_waits_for_a_loading_kernel() -> None:
+    # a process that ends while the kernel compiles waits for it (a compiler stopped by
+    # interpreter shutdown can crash the process): the check registered first runs last
+    code = """
+import atexit, sys
+import numpy as np
+atexit.register(lambda: print("ready" if so._READY else "not ready", flush=True))
+from mergekit_pcb.methods import sort_order as so
+so.COMPILE_AFTER = 0
+so.introsort_top(np.random.default_rng(0).integers(0, 9, 5000).astype(np.float64), 100)
+"""
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == "ready"

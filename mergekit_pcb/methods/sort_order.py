@@ -25,6 +25,7 @@ limit (its heapsort is not emulated).
 
 from __future__ import annotations
 
+import atexit
 import functools
 import threading
 from collections.abc import Callable
@@ -100,7 +101,20 @@ def _count(dtype: np.dtype, n: int) -> None:
         if _SEEN[0] < COMPILE_AFTER or dtype in _LOADING:
             return
         _LOADING.add(dtype)
-    threading.Thread(target=_load, args=(dtype,), name="introsort-kernel", daemon=True).start()
+    loader = threading.Thread(target=_load, args=(dtype,), name="introsort-kernel", daemon=True)
+    loader.start()
+    _LOADERS.append(loader)
+
+
+def _join_loaders() -> None:
+    """At exit, let a loader finish: a compiler stopped halfway through interpreter shutdown
+    can take the process down with it."""
+    for loader in _LOADERS:
+        loader.join(timeout=120)
+
+
+_LOADERS: list[threading.Thread] = []
+atexit.register(_join_loaders)
 
 
 def _load(dtype: np.dtype) -> None:
