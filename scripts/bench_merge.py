@@ -282,11 +282,15 @@ def ours_command(recipe: Path, out: Path) -> list[str]:
 
 
 def mergekit_command(exe: Path, recipe: Path, out: Path, shard_size: str) -> list[str]:
+    # --lazy-unpickle: mergekit's low-memory loader for pickled shards (its loader opens
+    # .safetensors shards with safe_open before looking at the flag, so here it changes
+    # nothing; passed so that mergekit runs as its docs advise for large models)
     return [
         str(exe),
         str(recipe),
         str(out),
         "--no-copy-tokenizer",
+        "--lazy-unpickle",
         "--out-shard-size",
         shard_size,
         "--quiet",
