@@ -196,6 +196,43 @@ def test_kept_member_steps_give_the_bits_of_a_fresh_merge(
         fresh.close()
 
 
+@pytest.mark.parametrize(("method", "params"), _separable_sets(),
+                         ids=[f"{m}-{p.get('scope', '')}" for m, p in _separable_sets()])
+def test_an_accepted_trials_steps_carry_over_to_its_file(
+        population: tuple[Path, list[Path]], tmp_path: Path, method: str,
+        params: dict[str, Any]) -> None:
+    """A trial merged under a name (as `run_trial` names it) and then written to a member
+    file is not prepared again: its kept task vectors move to the file's identity, and the
+    next merge takes them from the memo with the bits a fresh merge gives."""
+    from mergekit_pcb.io.mapped import file_identity
+
+    root, members = population
+    rt = _runtime(root, method, params, members, seed=3)
+    fresh = _runtime(root, method, params, members, seed=3)
+    fresh.prepared.budget_bytes = 0
+    try:
+        trial_state = _state(55, load_file(str(members[0])))
+        paths = [str(m) for m in members]
+        trial = MemoryCheckpoint("trial", trial_state)
+        trial.identity = ("trial", "g1-s2")
+        rt.merge([*[rt.cache.get(p) for p in paths[:2]], trial, rt.cache.get(paths[3])])
+        written = tmp_path / "g1-s2.safetensors"
+        save_file(trial_state, str(written))
+        rt.prepared.rename(trial.identity, file_identity(written))
+        paths[2] = str(written)
+        hits = rt.prepared.hits
+        got = rt.merge([rt.cache.get(p) for p in paths])
+        # every member, the new one included, from the memo: 3 merged tensors each
+        assert rt.prepared.hits - hits == 3 * len(paths)
+        want = fresh.merge([fresh.cache.get(p) for p in paths])
+        for name in want:
+            assert torch.equal(got[name], want[name]), name
+        assert not any(k[0] == trial.identity for k in rt.prepared._entries)
+    finally:
+        rt.close()
+        fresh.close()
+
+
 @pytest.mark.parametrize("clip", [0.05, 0.0])
 def test_global_pcb_reuses_members_statistics(population: tuple[Path, list[Path]],
                                               tmp_path: Path, clip: float,

@@ -5,7 +5,8 @@ member: the other members' trimmed (or randomly dropped) task vectors are the sa
 the previous candidate. For a separable method (`MergeMethod.separable`) the engine keeps
 each model's prepared tensor here, keyed by what identifies it: the checkpoint's identity
 (file, inode, mtime, size), its position (seeded masks are keyed by position), the tensor
-and the slice. Only checkpoints with an identity are kept (an in-memory trial is not).
+and the slice. Only checkpoints with an identity are kept: an evolution names its trial, so
+that an accepted trial's entries move to its member file (`rename`).
 Whole-model statistics a model alone determines (a global PCB's clip bounds) are kept the
 same way, so a member's statistics passes are skipped too.
 """
@@ -68,6 +69,13 @@ class PreparedMemo:
             self.nbytes -= _nbytes(self._entries.pop(key))
         for key in [k for k in self._results if k[0] not in keep]:
             del self._results[key]
+
+    def rename(self, old: Hashable, new: Hashable) -> None:
+        """What was kept for checkpoint `old` now belongs to `new` (an accepted trial,
+        written to a member file with the same tensors)."""
+        for store in (self._entries, self._results):
+            for key in [k for k in store if k[0] == old]:
+                store[(new, *key[1:])] = store.pop(key)  # type: ignore[index]
 
     def clear(self) -> None:
         self._entries.clear()

@@ -29,6 +29,7 @@ from mergekit_pcb.evolve.operators import Scratch
 from mergekit_pcb.evolve.process_local import ProcessLocal
 from mergekit_pcb.evolve.store import CheckpointCache, TensorSpec
 from mergekit_pcb.evolve.strategies import SearchStrategy, Step
+from mergekit_pcb.io.mapped import file_identity
 from mergekit_pcb.io.memory import MemoryCheckpoint
 from mergekit_pcb.io.reader import Checkpoint
 from mergekit_pcb.io.writer import write_safetensors
@@ -229,9 +230,13 @@ def run_trial(item: tuple[WorkContext, TrialJob]) -> JobResult:
     t_built = time.perf_counter()
     maximize = rt.evaluator.maximize
     member_score = None
+    trial_identity = ("trial", job.out_path)
     if job.merged:
         ckpts: list[Checkpoint] = [rt.cache.get(p) for p in job.members]
         ckpts[job.plan.slot] = MemoryCheckpoint("trial", trial)
+        # what the merge prepares for the trial is kept under this name: if the trial is
+        # accepted it becomes a member's, and the next candidate need not prepare it again
+        ckpts[job.plan.slot].identity = trial_identity
         merged = rt.merge(ckpts)
         score = rt.score(merged, "select")
         del merged
@@ -247,6 +252,8 @@ def run_trial(item: tuple[WorkContext, TrialJob]) -> JobResult:
     if accepted:
         checksum = write_safetensors(Path(job.out_path), list(ctx.layout), trial.items(),
                                      reuse=Path(job.spare) if job.spare else None)
+        if job.merged:
+            rt.prepared.rename(trial_identity, file_identity(Path(job.out_path)))
     end = time.perf_counter()
     return JobResult(score, member_score if accepted else None, accepted, checksum,
                      rt.fitness_s, end - start,

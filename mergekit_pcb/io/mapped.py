@@ -16,6 +16,16 @@ from mergekit_pcb.io.reader import Checkpoint, open_checkpoint
 from mergekit_pcb.io.safetensors_format import read_header
 
 
+def _identity(path: Path, st: os.stat_result) -> tuple[str, int, int, int, int]:
+    return (str(path.resolve()), st.st_dev, st.st_ino, st.st_mtime_ns, st.st_size)
+
+
+def file_identity(path: Path) -> tuple[str, int, int, int, int]:
+    """The `identity` a `MappedCheckpoint` of `path` would have now (a rewritten file gets a
+    new one)."""
+    return _identity(path, os.stat(path))
+
+
 class MappedCheckpoint(Checkpoint):
     """A single-file safetensors checkpoint, memory-mapped: `read` returns zero-copy views.
 
@@ -28,7 +38,7 @@ class MappedCheckpoint(Checkpoint):
         with open(path, "rb") as f:
             st = os.fstat(f.fileno())
             size = st.st_size
-            self.identity = (str(path.resolve()), st.st_dev, st.st_ino, st.st_mtime_ns, size)
+            self.identity = _identity(path, st)
             self._map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY) if size else None
 
     def read(self, name: str, start: int | None = None, stop: int | None = None
