@@ -233,6 +233,38 @@ def test_an_accepted_trials_steps_carry_over_to_its_file(
         fresh.close()
 
 
+def test_a_trial_built_again_is_prepared_again(population: tuple[Path, list[Path]],
+                                              tmp_path: Path) -> None:
+    """A speculative step discarded by the driver is built again under the same out_path
+    from other members: its trial must not find the first build's kept task vectors."""
+    from mergekit_pcb.evolve.jobs import TrialJob, run_trial
+    from mergekit_pcb.evolve.strategies.base import Step
+
+    root, members = population
+    (root / "fitness_sum.py").write_text(
+        "def f(state):\n    return float(sum(t.double().sum() for t in state.values()))\n")
+    params = {"density": 0.4}
+
+    def context(key: str) -> WorkContext:
+        ctx = _runtime(root, "ties", params, members, seed=5).ctx
+        return WorkContext(**{**ctx.__dict__, "key": key, "fitness": FitnessSpec(
+            type="callable", function="fitness_sum:f")})
+
+    replaced = tmp_path / "accepted.safetensors"
+    save_file(_state(66, load_file(str(members[0]))), str(replaced))
+    out = str(tmp_path / "g0001-s0002.safetensors")
+    job = TrialJob(generation=0, step=2, plan=Step(slot=2, donors=(0, 1), F=0.5, CR=0.5),
+                   members=tuple(str(m) for m in members), merged=True,
+                   threshold=float("inf"), out_path=out)  # never beaten: not written
+    again = TrialJob(**{**job.__dict__, "members": (str(replaced), *job.members[1:])})
+    ctx = context("built-twice")
+    first = run_trial((ctx, job))
+    second = run_trial((ctx, again))
+    alone = run_trial((context("built-once"), again))
+    assert not first.accepted and not second.accepted
+    assert second.score == alone.score != first.score
+
+
 @pytest.mark.parametrize("clip", [0.05, 0.0])
 def test_global_pcb_reuses_members_statistics(population: tuple[Path, list[Path]],
                                               tmp_path: Path, clip: float,

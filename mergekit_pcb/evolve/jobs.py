@@ -12,6 +12,7 @@ from disk when it does not) and the trial joins as an in-memory checkpoint.
 
 from __future__ import annotations
 
+import itertools
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -180,6 +181,7 @@ def prepared_budget() -> int:
 
 
 _RUNTIME: ProcessLocal[Runtime] = ProcessLocal()
+_TRIAL_NAMES = itertools.count()
 
 
 def runtime(ctx: WorkContext) -> Runtime:
@@ -230,7 +232,9 @@ def run_trial(item: tuple[WorkContext, TrialJob]) -> JobResult:
     t_built = time.perf_counter()
     maximize = rt.evaluator.maximize
     member_score = None
-    trial_identity = ("trial", job.out_path)
+    # a fresh name for every build: a speculative step that was discarded is built again
+    # from other members, under the same out_path, and must not find the old one's entries
+    trial_identity = ("trial", job.out_path, next(_TRIAL_NAMES))
     if job.merged:
         ckpts: list[Checkpoint] = [rt.cache.get(p) for p in job.members]
         ckpts[job.plan.slot] = MemoryCheckpoint("trial", trial)
