@@ -72,7 +72,7 @@ def _load_malloc_policy() -> tuple[Callable[[], None], Callable[[int], object]]:
     size creeps up with the model size (measured before this tuning: 0.6 GB at 30M
     parameters, 1.9 GB at 500M for a global PCB merge); `release` trims it once per 2 GB of
     processed tensors, which keeps it flat without giving back what the next tensors reuse
-    (1B `ties`, one thread: 77.5 s → 58.4 s; trim every 256 MB with the threshold: 64.9 s).
+    (1B `ties`, one thread: 77.5 s → 57.0 s; trim every 256 MB with the threshold: 64.9 s).
     """
     try:
         libc = ctypes.CDLL("libc.so.6")
