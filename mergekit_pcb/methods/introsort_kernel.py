@@ -9,9 +9,6 @@ from __future__ import annotations
 import numba
 import numpy as np
 
-# libstdc++'s _S_threshold (see sort_order.INSERTION_SORT_MAX)
-_INSERTION_SORT_MAX = 16
-
 
 @numba.njit(cache=True, nogil=True)
 def _swap(keys: np.ndarray, index: np.ndarray, i: int, j: int) -> None:
@@ -93,12 +90,15 @@ def _partition_pivot(keys: np.ndarray, index: np.ndarray, first: int, last: int)
 
 
 @numba.njit(cache=True, nogil=True)
-def top_in_place(keys: np.ndarray, index: np.ndarray, k: int, depth: int) -> bool:
+def top_in_place(keys: np.ndarray, index: np.ndarray, k: int, depth: int,
+                 insertion_sort_max: int) -> bool:
     """Partition `keys` (and `index` with them) as `std::sort` would, following the range
     that holds the k-th place, until `index[:k]` holds what the sort puts first. False
-    when that range would exhaust `depth` (the sort would fall to heapsort there)."""
+    when that range would exhaust `depth` (the sort would fall to heapsort there). Ranges
+    of at most `insertion_sort_max` entries are left to the final insertion sort
+    (`sort_order.INSERTION_SORT_MAX`)."""
     first, last = 0, keys.size
-    while last - first > _INSERTION_SORT_MAX:
+    while last - first > insertion_sort_max:
         if depth == 0:
             return False
         depth -= 1

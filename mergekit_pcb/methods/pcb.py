@@ -191,8 +191,10 @@ class PcbGlobalStats(GlobalStats):
         return [(i, (m - inputs.base).abs()) for i, m in enumerate(inputs.models)
                 if self._known[i] is None]
 
-    def scores(self, inputs: TensorInputs, last_use: bool = False) -> list[torch.Tensor]:
-        """The part's scores: derived now, or kept from an earlier pass (`keep_parts`)."""
+    def scores(self, inputs: TensorInputs, last_use: bool = False,
+               tau: list[torch.Tensor] | None = None) -> list[torch.Tensor]:
+        """The part's scores: derived now (from `tau` when the caller has it), or kept from
+        an earlier pass (`keep_parts`)."""
         assert inputs.base is not None
         # Only float32 scores are kept: the merge derives its own from float32 inputs, and
         # with a recipe `dtype` of bf16 or fp64 the passes' τ would not be the merge's.
@@ -202,7 +204,9 @@ class PcbGlobalStats(GlobalStats):
             else None
         if kept is not None:
             return kept
-        scores = pcb_scores([m - inputs.base for m in inputs.models], self.rows, self.inter)
+        if tau is None:
+            tau = [m - inputs.base for m in inputs.models]
+        scores = pcb_scores(tau, self.rows, self.inter)
         if keep and not last_use:
             with self._lock:
                 self._kept[part] = scores
@@ -319,6 +323,7 @@ class Pcb(MergeMethod):
         stats = inputs.stats
         assert isinstance(stats, PcbGlobalStats)
         tau = [m - base for m in models]
-        scores = stats.scores(replace(inputs, base=base, models=models), last_use=True)
+        scores = stats.scores(replace(inputs, base=base, models=models), last_use=True,
+                              tau=tau)
         return pcb_combine(base, tau, scores, stats.rows, weights, params["lambda"])
 

@@ -149,8 +149,14 @@ def _kernel() -> Callable[..., bool] | None:
     return top_in_place
 
 
-def _index(n: int) -> np.ndarray:
-    return np.arange(n, dtype=np.int32 if n < 2**31 else np.int64)
+def _start(values: np.ndarray, depth_limit: int | None
+           ) -> tuple[np.ndarray, np.ndarray, int]:
+    """What both implementations partition in place, as the sort does: a copy of the keys,
+    their positions, and the depth limit (2⌊log₂ n⌋ as `std::sort` sets it)."""
+    n = values.size
+    index = np.arange(n, dtype=np.int32 if n < 2**31 else np.int64)
+    depth = 2 * (n.bit_length() - 1) if depth_limit is None else depth_limit
+    return values.copy(), index, depth
 
 
 def introsort_top_compiled(values: np.ndarray, k: int, depth_limit: int | None = None
@@ -158,10 +164,8 @@ def introsort_top_compiled(values: np.ndarray, k: int, depth_limit: int | None =
     """`introsort_top` by the compiled kernel (numba must import)."""
     kernel = _kernel()
     assert kernel is not None
-    n = values.size
-    keys, index = values.copy(), _index(n)  # partitioned in place, as the sort does
-    depth = 2 * (n.bit_length() - 1) if depth_limit is None else depth_limit
-    if not kernel(keys, index, k, depth):
+    keys, index, depth = _start(values, depth_limit)
+    if not kernel(keys, index, k, depth, INSERTION_SORT_MAX):
         return None
     return index[:k].astype(np.int64)
 
@@ -169,11 +173,8 @@ def introsort_top_compiled(values: np.ndarray, k: int, depth_limit: int | None =
 def introsort_top_numpy(values: np.ndarray, k: int, depth_limit: int | None = None
                         ) -> np.ndarray | None:
     """`introsort_top` with numpy: each partition as a few vectorised passes."""
-    n = values.size
-    keys = values.copy()  # partitioned in place, as the sort does
-    index = _index(n)
+    keys, index, depth = _start(values, depth_limit)
     kept: list[np.ndarray] = []
-    depth = 2 * (n.bit_length() - 1) if depth_limit is None else depth_limit
     place = k  # the k-th place, relative to the current range
     while keys.size > INSERTION_SORT_MAX:
         if depth == 0:
