@@ -35,6 +35,7 @@ from mergekit_pcb.io.memory import MemoryCheckpoint
 from mergekit_pcb.io.reader import Checkpoint
 from mergekit_pcb.io.writer import write_safetensors
 from mergekit_pcb.machine import physical_memory
+from mergekit_pcb.methods.compiled import request_all
 from mergekit_pcb.recipe.schema import MergeRecipe, ModelEntry
 
 
@@ -118,6 +119,8 @@ class Runtime:
         # Each member's trimmed (or dropped) task vectors, kept for the next candidate's
         # merge, which differs by one member.
         self.prepared = PreparedMemo(prepared_budget())
+        if ctx.merge is not None:
+            request_all()  # every candidate merges: the fused kernels pay for loading at once
 
     @property
     def evaluator(self) -> Evaluator:

@@ -15,7 +15,6 @@ import os
 import re
 import shutil
 import sys
-import zlib
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,6 +24,11 @@ import torch
 
 from mergekit_pcb.errors import OutputError
 from mergekit_pcb.io.safetensors_format import encode_header, tensor_bytes
+
+try:  # ISA-L's CRC-32 is zlib's, about 8× faster (20 MB: 0.9 ms against 8.2 ms)
+    from isal.isal_zlib import crc32
+except ImportError:  # a platform without its wheels
+    from zlib import crc32
 
 try:
     import fcntl
@@ -600,7 +604,7 @@ def write_safetensors(path: Path, layout: list[OutputTensor],
         with disk_errors(path.parent, "the run state"), open(tmp, mode) as f:
             header = encode_header(entries, {"format": "pt", **(metadata or {})})
             f.write(header)
-            crc = zlib.crc32(header)
+            crc = crc32(header)
             expected = iter(layout)
             for name, t in tensors:
                 spec = next(expected)
@@ -609,7 +613,7 @@ def write_safetensors(path: Path, layout: list[OutputTensor],
                                        f"got {name} {tuple(t.shape)} {t.dtype}")
                 data = tensor_bytes(t)
                 f.write(data)
-                crc = zlib.crc32(data, crc)
+                crc = crc32(data, crc)
             if next(expected, None) is not None:
                 raise RuntimeError("writer closed before every tensor was written")
             f.truncate()
@@ -628,5 +632,5 @@ def file_crc32(path: Path) -> int:
     crc = 0
     with open(path, "rb") as f:
         while block := f.read(1 << 24):
-            crc = zlib.crc32(block, crc)
+            crc = crc32(block, crc)
     return crc

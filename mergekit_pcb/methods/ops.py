@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable, Sequence
+from types import ModuleType
 
+import numpy as np
 import torch
 
 from mergekit_pcb.methods.base import TensorInputs
+from mergekit_pcb.methods.compiled import StagedKernel
 from mergekit_pcb.methods.selection import kth_smallest
 from mergekit_pcb.methods.side_by_side import start as start_side_by_side
 from mergekit_pcb.methods.sort_order import descending_top, descending_top_bits
@@ -41,6 +45,10 @@ def magnitude_trim_all(deltas: Sequence[torch.Tensor], densities: Sequence[float
             continue
         n = delta.numel()
         k = min(n, max(1, int(density * n)))
+        trimmed = _fused_trim(delta, k)
+        if trimmed is not None:
+            out.append(trimmed)
+            continue
         magnitude = delta.abs().reshape(-1)
         if magnitude.dtype in (torch.float16, torch.bfloat16):
             # mergekit ranks these upcast to float32, which keeps their order; so do the
@@ -121,6 +129,9 @@ def combine_task_vectors(
     chunks: the dozen passes over the stacked deltas then run from cache instead of memory
     (3.6× faster on 10M entries × 3 models, measured), with the same bits.
     """
+    fused = _fused_combine(base, deltas, weights, lambda_, normalize, sign_consensus)
+    if fused is not None:
+        return fused
     n = base.numel()
     chunk = COMBINE_CHUNK * max(1, torch.get_num_threads())
     if base.device.type != "cpu" or n <= chunk:
@@ -166,6 +177,144 @@ def _combine(base: torch.Tensor, deltas: Sequence[torch.Tensor], weights: Sequen
     if lambda_ != 1:
         mixed.mul_(lambda_)
     return mixed.add_(base)
+
+
+# ---------------------------------------------------------------------------------------
+# The fused kernels (`fused_kernel`, numba): the same bits as the torch code above, in one
+# pass over the task vectors instead of a dozen. Used for float32 on the CPU once loaded.
+# ---------------------------------------------------------------------------------------
+
+# Entries combined or trimmed by torch before the kernels load (a 1B-parameter merge passes
+# this within its first tensors; an evolution asks for them at its start).
+FUSE_AFTER = 1 << 25
+# Smaller tensors stay with torch: a call's own cost would dominate.
+FUSE_MIN = 1 << 12
+# torch sums 16 or more rows in a cascade the kernel does not reproduce.
+FUSE_MAX_MODELS = 15
+
+
+def _load_fused() -> ModuleType:
+    return importlib.import_module("mergekit_pcb.methods.fused_kernel")
+
+
+def _fusable(tensors: Sequence[torch.Tensor]) -> bool:
+    return all(t.device.type == "cpu" and t.dtype == torch.float32 and t.numel() >= FUSE_MIN
+               and not t.requires_grad for t in tensors)
+
+
+def _fused_combine(base: torch.Tensor, deltas: Sequence[torch.Tensor],
+                   weights: Sequence[float], lambda_: float, normalize: bool,
+                   sign_consensus: bool) -> torch.Tensor | None:
+    """`combine_task_vectors` by the fused kernel, or None where it does not apply.
+
+    Only on one torch thread: with more, torch splits a sum's columns among its threads,
+    and the columns it adds in another order (`fused_kernel._tail_sum`) move with the
+    split."""
+    if not 0 < len(deltas) <= FUSE_MAX_MODELS or torch.get_num_threads() != 1 \
+            or not _fusable([base, *deltas]) or any(d.shape != base.shape for d in deltas):
+        return None
+    kernel = FUSED.ready()
+    if kernel is None:
+        FUSED.count(base.numel() * len(deltas))
+        return None
+    return _run_combine(kernel, base, deltas, weights, lambda_, normalize, sign_consensus)
+
+
+def _run_combine(kernel: ModuleType, base: torch.Tensor, deltas: Sequence[torch.Tensor],
+                 weights: Sequence[float], lambda_: float, normalize: bool,
+                 sign_consensus: bool) -> torch.Tensor:
+    n = base.numel()
+    w = torch.tensor(list(weights), dtype=torch.float32)
+    divisor = w.reshape((-1,) + (1,) * base.dim()).sum(dim=0).reshape(-1)
+    divisor[divisor.abs() < 1e-8] = 1  # as `_combine` (without a consensus)
+    out = np.empty(n, dtype=np.float32)
+    kernel.weighted_combine(tuple(d.reshape(-1).contiguous().numpy() for d in deltas),
+                            w.numpy(), base.reshape(-1).contiguous().numpy(), sign_consensus,
+                            normalize, np.float32(divisor.item()), lambda_ != 1,
+                            np.float32(lambda_), n - n % _TAIL[0], out)
+    return torch.from_numpy(out).reshape(base.shape)
+
+
+# Columns per group of vectors in torch's sum over a dimension: the entries past the last
+# whole group are summed in another order. Found by `_tail_group` when the kernel loads.
+_TAIL = [1]
+
+
+def _tail_group() -> int | None:
+    """How many columns torch's sum over dim 0 takes per group (4 × the vector width), read
+    off a probe whose columns sum to 0 in row order and to 2⁻²³ in the tail's order."""
+    n = 4096 + 255  # × 5 rows: below torch's grain, so summed on this thread alone
+    rows = torch.zeros(5, n)
+    rows[0], rows[1], rows[2], rows[4] = 1.0, 2.0**-24, 2.0**-24, -1.0
+    tail = int(torch.count_nonzero(rows.sum(dim=0)))
+    group = tail + 1  # 255 mod g = g − 1 for a power of two g ≤ 256
+    return group if group & (group - 1) == 0 and tail < 256 else None
+
+
+def _fused_trim(delta: torch.Tensor, k: int, kernel: ModuleType | None = None
+                ) -> torch.Tensor | None:
+    """The TIES trim of a float32 delta by the fused kernel, or None where it does not
+    apply or equal magnitudes straddle the cut (the caller's tie-break decides those)."""
+    if not _fusable([delta]):
+        return None
+    kernel = kernel or FUSED.ready()
+    if kernel is None:
+        FUSED.count(delta.numel())
+        return None
+    flat = delta.reshape(-1).contiguous().numpy()
+    bits = kernel.magnitude_rank_bits(flat, flat.size - k)
+    out = np.empty_like(flat)
+    if kernel.keep_from(flat, np.array([bits], np.int32).view(np.float32)[0], out) != k:
+        return None
+    return torch.from_numpy(out).reshape(delta.shape)
+
+
+def _fused_matches_torch(kernel: ModuleType) -> bool:
+    """The kernels against the torch code on probes: zeros, equal magnitudes, a wide range of
+    exponents (where a different summation order would show), negative weights."""
+    group = _tail_group()
+    if group is None:
+        return False
+    _TAIL[0] = group
+    # The torch side runs on the loader's thread, which may have several torch threads; at
+    # fewer than 32768 entries (torch's grain) it sums on this thread alone, as the kernel
+    # stands in for.
+    g = torch.Generator().manual_seed(0)
+    n = 3000
+    base = torch.randn(n, generator=g)
+    deltas = [torch.randn(n, generator=g) * torch.exp(4 * torch.randn(n, generator=g))
+              for _ in range(9)]
+    for d in deltas:
+        d[d.abs() < 0.3] = 0
+    weight_sets = ([1.0] * 9, [0.7, -1.3, 2.0, 0.0, 1e-3, 1.0, -0.5, 0.25, 3.0])
+    for m, size in ((2, n), (5, n - 9), (9, n - 31), (4, 2 * group)):
+        for weights in weight_sets:
+            for lambda_, normalize, consensus in ((1.0, True, True), (0.8, False, True),
+                                                  (1.0, False, False), (1.5, True, False)):
+                args = ([d[:size] for d in deltas[:m]], weights[:m], lambda_, normalize,
+                        consensus)
+                fused = _run_combine(kernel, base[:size], *args)
+                expected = _combine(base[:size], *args)
+                if not torch.equal(fused.view(torch.int32), expected.view(torch.int32)):
+                    return False
+    n = 3 * FUSE_MIN + 17
+    wide = torch.randn(n, generator=g) * torch.exp(4 * torch.randn(n, generator=g))
+    bumpy = torch.randint(-50, 50, (n,), generator=g).float() / 8  # ties at every cut
+    for d in (wide, bumpy):
+        for k in (1, n // 3, n - 1):
+            threshold = kth_smallest(d.abs(), n - k, nonnegative=True)
+            expected = d * (d.abs() >= threshold).float()
+            fused = _fused_trim(d, k, kernel)
+            counted = int(torch.count_nonzero(d.abs() >= threshold))
+            if (fused is None) != (counted != k):
+                return False
+            if fused is not None and not torch.equal(fused.view(torch.int32),
+                                                     expected.view(torch.int32)):
+                return False
+    return True
+
+
+FUSED = StagedKernel("fused-kernels", FUSE_AFTER, _load_fused, _fused_matches_torch)
 
 
 # ---------------------------------------------------------------------------------------

@@ -1,0 +1,92 @@
+"""Compiled kernels that a process loads once it has work enough to pay for them.
+
+Importing numba and loading a cached kernel costs about a second: more than a small merge
+spends in the code a kernel replaces. So a kernel starts out unloaded, and the torch (or
+numpy) code it replaces runs; once the process has handed `after` entries to that code, or
+a caller that knows it will repeat the work asks for it (`request_all`, as an evolution
+does), the kernel loads on a background thread, is checked against the code it replaces on
+probes, and is used from then on. It gives the same bits, so results do not depend on when
+it became ready; any failure to import, compile or match leaves the fallback in place.
+"""
+
+from __future__ import annotations
+
+import atexit
+import threading
+from collections.abc import Callable
+from typing import Any
+
+
+class StagedKernel:
+    """A kernel module loaded in the background; `ready()` is None until it is checked."""
+
+    def __init__(self, name: str, after: int, load: Callable[[], Any],
+                 check: Callable[[Any], bool]) -> None:
+        self.name = name
+        self.after = after
+        self._load = load
+        self._check = check
+        self._seen = 0
+        self._kernel: Any = None
+        self._loader: threading.Thread | None = None
+        self._lock = threading.Lock()
+        _ALL.append(self)
+
+    def ready(self) -> Any:
+        return self._kernel
+
+    def count(self, entries: int) -> None:
+        """`entries` went through the fallback; past `after`, start loading."""
+        if self._loader is not None:
+            return
+        with self._lock:
+            self._seen += entries
+            if self._seen < self.after:
+                return
+        self.request()
+
+    def request(self) -> None:
+        """Start loading now, unless loading has started."""
+        with self._lock:
+            if self._loader is not None:
+                return
+            self._loader = threading.Thread(target=self._run, name=f"{self.name}-loader",
+                                            daemon=True)
+        self._loader.start()
+
+    def wait(self, timeout: float | None = None) -> Any:
+        """Request the kernel and wait for it; None when it cannot be used here."""
+        self.request()
+        assert self._loader is not None
+        self._loader.join(timeout)
+        return self._kernel
+
+    def _run(self) -> None:
+        try:
+            kernel = self._load()
+            if kernel is not None and self._check(kernel):
+                self._kernel = kernel
+        except Exception:  # numba missing or unusable, no writable cache, a mismatch
+            pass
+
+
+_ALL: list[StagedKernel] = []
+
+
+def request_all() -> None:
+    """Start loading every kernel: the caller will repeat its merges many times."""
+    for kernel in _ALL:
+        kernel.request()
+
+
+def _join_loaders() -> None:
+    """At exit, let a loader finish: a compiler stopped halfway through interpreter shutdown
+    can take the process down with it."""
+    for kernel in _ALL:
+        if kernel._loader is not None:
+            kernel._loader.join(timeout=120)
+
+
+atexit.register(_join_loaders)
+
+__all__ = ["StagedKernel", "request_all"]

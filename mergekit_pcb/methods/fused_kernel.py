@@ -1,0 +1,151 @@
+"""Fused float32 kernels (numba) for the steps an evolution repeats on every candidate.
+
+Each kernel gives the bits of the torch code it stands in for (`ops._combine`, the TIES trim
+in `ops.magnitude_trim_all`): the same float32 operations on each entry in the same order,
+compiled without fast-math, so nothing is reassociated or contracted. Where torch takes a
+dozen passes over the stacked task vectors, a kernel reads each entry once, a block of
+entries at a time. Imported only through `fused`, which loads it when a process has work
+enough to pay for loading numba, and checks it against torch first.
+"""
+
+from __future__ import annotations
+
+import numba
+import numpy as np
+
+# Entries per block: the block's sums stay in L1 while every task vector streams by.
+_BLOCK = 512
+
+
+@numba.njit(cache=True, nogil=True, boundscheck=False, error_model="numpy")
+def weighted_combine(deltas: tuple[np.ndarray, ...], weights: np.ndarray, base: np.ndarray,
+                     consensus: bool, normalize: bool, divisor: np.float32, scale: bool,
+                     lambda_: np.float32, tail_from: int, out: np.ndarray) -> None:
+    """out = base + λ·mix(wᵢτᵢ), as `ops._combine` computes it on one torch thread.
+
+    Sums over the tasks (fewer than 16) run in torch's order: in order from +0, except in
+    the entries from `tail_from` on (the columns past the last full group of vectors, which
+    torch's sum adds with four partial sums, see `_tail_sum`). With `consensus`, an entry
+    keeps the weighted deltas whose sign is the sign of their sum (a zero sum elects +) and
+    divides by the sum of their weights (1 where none agree); without, `divisor` is the sum
+    of all weights, given."""
+    n = base.size
+    zero = np.float32(0.0)
+    total = np.empty(_BLOCK, np.float32)
+    mixed = np.empty(_BLOCK, np.float32)
+    agreeing = np.empty(_BLOCK, np.float32)
+    for start in range(0, tail_from, _BLOCK):
+        size = min(tail_from, start + _BLOCK) - start
+        for j in range(size):
+            total[j] = zero
+            mixed[j] = zero
+            agreeing[j] = zero
+        if consensus:
+            for i in range(len(deltas)):
+                w = weights[i]
+                row = deltas[i][start:start + size]
+                for j in range(size):
+                    total[j] += row[j] * w
+        for i in range(len(deltas)):
+            w = weights[i]
+            row = deltas[i][start:start + size]
+            if consensus:
+                for j in range(size):
+                    x = row[j] * w
+                    positive = total[j] >= zero
+                    agree = np.float32(((x > zero) & positive) | ((x < zero) & ~positive))
+                    mixed[j] += x * agree  # ±0 where it disagrees: no change to the sum
+                    agreeing[j] += w * agree
+            else:
+                for j in range(size):
+                    mixed[j] += row[j] * w
+        dest = out[start:start + size]
+        below = base[start:start + size]
+        if consensus:
+            for j in range(size):
+                dest[j] = _finish(mixed[j], agreeing[j], normalize, scale, lambda_, below[j])
+        else:
+            for j in range(size):
+                dest[j] = _finish(mixed[j], divisor, normalize, scale, lambda_, below[j])
+    m = len(deltas)
+    column = np.empty(m, np.float32)
+    agree = np.empty(m, np.float32)
+    kept = divisor
+    for j in range(tail_from, n):
+        for i in range(m):
+            column[i] = deltas[i][j] * weights[i]
+        if consensus:
+            positive = _tail_sum(column) >= zero
+            for i in range(m):
+                x = column[i]
+                agree[i] = np.float32(((x > zero) & positive) | ((x < zero) & ~positive))
+            kept = _tail_sum(weights * agree)
+            column *= agree
+        out[j] = _finish(_tail_sum(column), kept, normalize, scale, lambda_, base[j])
+
+
+@numba.njit(cache=True, nogil=True, inline="always", error_model="numpy")
+def _finish(mixed: np.float32, divisor: np.float32, normalize: bool, scale: bool,
+            lambda_: np.float32, base: np.float32) -> np.float32:
+    if normalize:
+        mixed = mixed / (np.float32(1.0) if divisor == np.float32(0.0) else divisor)
+    if scale:
+        mixed = mixed * lambda_
+    return mixed + base
+
+
+@numba.njit(cache=True, nogil=True, boundscheck=False, error_model="numpy")
+def _tail_sum(x: np.ndarray) -> np.float32:
+    """torch's `row_sum` of fewer than 64 values: four partial sums over x[k::4] (of the
+    first ⌊m/4⌋·4), the rest added to the first, then the other three added in turn."""
+    m = x.size
+    whole = m // 4 * 4
+    partial = np.zeros(4, np.float32)
+    for i in range(whole):
+        partial[i % 4] += x[i]
+    for i in range(whole, m):
+        partial[0] += x[i]
+    return partial[0] + partial[1] + partial[2] + partial[3]
+
+
+_HIGH_BINS = 1 << 15  # a magnitude's bits: no sign bit, so 15 high bits
+_MAGNITUDE = 0x7FFFFFFF
+
+
+@numba.njit(cache=True, nogil=True, boundscheck=False, error_model="numpy")
+def magnitude_rank_bits(delta: np.ndarray, rank: int) -> np.int32:
+    """The float32 bits of the `rank`-th smallest (0-based) |δ|: a histogram of the high 16
+    bits, then one of the low 16 bits inside the bin that holds the rank (the two rounds of
+    `selection.kth_smallest`, without the temporaries)."""
+    bits = delta.view(np.int32)
+    high = np.zeros(_HIGH_BINS, np.int64)
+    for j in range(bits.size):
+        high[(bits[j] & _MAGNITUDE) >> 16] += 1
+    below = 0
+    b = 0
+    while below + high[b] <= rank:
+        below += high[b]
+        b += 1
+    low = np.zeros(1 << 16, np.int64)
+    for j in range(bits.size):
+        m = bits[j] & _MAGNITUDE
+        if (m >> 16) == b:
+            low[m & 0xFFFF] += 1
+    rank -= below
+    t = 0
+    while low[t] <= rank:
+        rank -= low[t]
+        t += 1
+    return np.int32((b << 16) | t)
+
+
+@numba.njit(cache=True, nogil=True, boundscheck=False, error_model="numpy")
+def keep_from(delta: np.ndarray, threshold: np.float32, out: np.ndarray) -> int:
+    """out = δ·[|δ| ≥ threshold] (−0 where a negative entry is dropped, as δ·0 gives);
+    returns how many entries are kept."""
+    kept = 0
+    for j in range(delta.size):
+        keep = np.abs(delta[j]) >= threshold
+        kept += keep
+        out[j] = delta[j] * np.float32(keep)
+    return kept
