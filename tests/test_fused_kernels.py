@@ -158,3 +158,71 @@ def test_a_merge_gives_the_same_bits_before_and_after_the_kernels_load(kernel):
         fused = ties_merge(base, models, [1.0, 0.5, 1.0, 2.0], [0.3] * 4)
         plain = _torch_path(ties_merge, base, models, [1.0, 0.5, 1.0, 2.0], [0.3] * 4)
     assert _same_bits(fused, plain)
+
+
+@pytest.mark.parametrize("nonnegative", [False, True])
+def test_streaming_select_by_histogram_kernels(nonnegative):
+    """The exact order statistics by the histogram kernels equal a full sort's, and the
+    counts equal torch's rounds, on values with −0.0, +0.0 and many ties, in chunks."""
+    from mergekit_pcb.methods import selection
+
+    assert selection.HISTOGRAMS.wait(timeout=300) is not None
+    g = torch.Generator().manual_seed(4)
+    n = 200_003
+    values = torch.randn(n, generator=g) * torch.exp(6 * torch.randn(n, generator=g))
+    values[::5] = -0.0
+    values[1::7] = 0.0
+    values[2::9] = (values[2::9] * 4).round() / 4
+    if nonnegative:
+        values = values.abs()
+    ks = [0, 17, n // 5, n // 5 + 1, n // 2, n - 1]
+    results = []
+    for kernel in (selection.HISTOGRAMS.ready(), None):
+        kept = selection.HISTOGRAMS._kernel
+        selection.HISTOGRAMS._kernel = kernel
+        try:
+            select = selection.StreamingSelect(ks, nonnegative=nonnegative)
+            for chunk in values.split(50_000):
+                select.observe_high(chunk)
+            select.finish_high()
+            for chunk in values.split(30_000):
+                select.observe_low(chunk)
+            select.finish_low()
+        finally:
+            selection.HISTOGRAMS._kernel = kept
+        results.append((select.values, select.counts_below, select.counts_equal))
+    assert results[0] == results[1]
+    ordered = torch.sort(values).values
+    assert results[0][0] == [float(ordered[k]) for k in ks]
+    assert results[0][1] == [int((values < ordered[k]).sum()) for k in ks]
+
+
+@pytest.mark.parametrize("inter", ["consensus", "normalized", "pairwise"])
+def test_pcb_combine_matches_torch(inter):
+    """PCB's soft-weighted mean by the fused kernel against torch, with the statistics of a
+    real per-tensor PCB (clip bounds, score thresholds) over 2–9 tasks."""
+    from mergekit_pcb.methods import pcb
+
+    kernel = pcb.KERNELS.wait(timeout=300)
+    assert kernel is not None
+    g = torch.Generator().manual_seed(5)
+    for m, shape in ((2, (5000,)), (5, (300, 101)), (9, (70_001,))):
+        base = torch.randn(shape, generator=g)
+        tau = [0.01 * torch.randn(shape, generator=g) for _ in range(m)]
+        tau[0][..., ::3] = 0.0
+        d = base.numel()
+        lo_k, hi_k = pcb.clip_indices(d, 0.01)
+        stats = []
+        for t in tau:
+            a = t.abs()
+            stats.append(pcb.RowStats(pcb._kth(a, lo_k, True), pcb._kth(a, hi_k, True),
+                                      float(a.min()), float(a.max())))
+        scores = pcb.pcb_scores(tau, stats, inter)
+        stats = [pcb.RowStats(s.clip_low, s.clip_high, s.abs_min, s.abs_max,
+                              pcb._kth(b, pcb.drop_index(d, 0.2)), float(b.max()))
+                 for s, b in zip(stats, scores, strict=True)]
+        weights = [1.0 - 0.3 * i for i in range(m)]
+        fused = pcb._fused_combine(kernel, base, tau, scores, stats, weights, 1.25)
+        expected = pcb._combine(base, tau, scores, stats, weights, 1.25)
+        assert _same_bits(fused, expected), (m, shape)
+        assert _same_bits(pcb.pcb_combine(base, tau, scores, stats, weights, 1.25), expected)

@@ -12,15 +12,18 @@ it became ready; any failure to import, compile or match leaves the fallback in 
 from __future__ import annotations
 
 import atexit
+import importlib
 import threading
 from collections.abc import Callable
 from typing import Any
 
 
 class StagedKernel:
-    """A kernel module loaded in the background; `ready()` is None until it is checked."""
+    """A kernel module loaded in the background; `ready()` is None until it is checked.
 
-    def __init__(self, name: str, after: int, load: Callable[[], Any],
+    `load` names the module to import, or returns the kernel."""
+
+    def __init__(self, name: str, after: int, load: str | Callable[[], Any],
                  check: Callable[[Any], bool]) -> None:
         self.name = name
         self.after = after
@@ -63,7 +66,8 @@ class StagedKernel:
 
     def _run(self) -> None:
         try:
-            kernel = self._load()
+            kernel = importlib.import_module(self._load) if isinstance(self._load, str) \
+                else self._load()
             if kernel is not None and self._check(kernel):
                 self._kernel = kernel
         except Exception:  # numba missing or unusable, no writable cache, a mismatch
@@ -71,6 +75,8 @@ class StagedKernel:
 
 
 _ALL: list[StagedKernel] = []
+# The fused kernels' module (numba): imported only through a StagedKernel.
+FUSED_KERNELS = "mergekit_pcb.methods.fused_kernel"
 
 
 def request_all() -> None:
@@ -89,4 +95,4 @@ def _join_loaders() -> None:
 
 atexit.register(_join_loaders)
 
-__all__ = ["StagedKernel", "request_all"]
+__all__ = ["FUSED_KERNELS", "StagedKernel", "request_all"]

@@ -149,3 +149,81 @@ def keep_from(delta: np.ndarray, threshold: np.float32, out: np.ndarray) -> int:
         kept += keep
         out[j] = delta[j] * np.float32(keep)
     return kept
+
+
+_SIGN_FLIP = 0x7FFFFFFF
+_NEGATIVE_ZERO = -(1 << 31)
+
+
+@numba.njit(cache=True, nogil=True, boundscheck=False, error_model="numpy", inline="always")
+def _order_key(bits: np.int32, nonnegative: bool) -> np.int32:
+    """`selection.float_keys` of one value's bits: −0 counts as +0, negative values get
+    their low 31 bits flipped (magnitudes, `nonnegative`, are their own keys)."""
+    if nonnegative:
+        return bits
+    if bits == _NEGATIVE_ZERO:
+        return np.int32(0)
+    return bits ^ ((bits >> 31) & _SIGN_FLIP)
+
+
+@numba.njit(cache=True, nogil=True, boundscheck=False, error_model="numpy")
+def high_histogram(values: np.ndarray, nonnegative: bool, counts: np.ndarray) -> None:
+    """counts[(key >> 16) + 2¹⁵] += 1 for each value's order key (`StreamingSelect`'s first
+    round, in one pass instead of a key transform, a shift and a bincount)."""
+    bits = values.view(np.int32)
+    for j in range(bits.size):
+        counts[(_order_key(bits[j], nonnegative) >> 16) + 32768] += 1
+
+
+@numba.njit(cache=True, nogil=True, boundscheck=False, error_model="numpy")
+def low_histograms(values: np.ndarray, nonnegative: bool, bins: np.ndarray,
+                   counts: np.ndarray) -> None:
+    """counts[t, key & 0xFFFF] += 1 for each value whose high bin is bins[t] (the second
+    round, for every selected bin in one pass)."""
+    slot = np.full(1 << 16, -1, np.int32)
+    for t in range(bins.size):
+        slot[bins[t]] = t
+    bits = values.view(np.int32)
+    for j in range(bits.size):
+        key = _order_key(bits[j], nonnegative)
+        t = slot[(key >> 16) + 32768]
+        if t >= 0:
+            counts[t, key & 0xFFFF] += 1
+
+
+@numba.njit(cache=True, nogil=True, boundscheck=False, error_model="numpy")
+def pcb_combine(base: np.ndarray, tau: tuple[np.ndarray, ...], scores: tuple[np.ndarray, ...],
+                rows: np.ndarray, lambda_: np.float32, out: np.ndarray) -> None:
+    """`pcb.pcb_combine`: θ₀ + λ·Σᵢ wᵢSᵢτ̃ᵢ / max(ΣᵢSᵢ, 10⁻¹²), the sums in task order, with
+    Sᵢ = (max(Bᵢ, tᵢ) − tᵢ)/spanᵢ and τ̃ᵢ = sign(τᵢ)·min(max(|τᵢ|, lowᵢ), highᵢ).
+
+    rows[i] = (tᵢ, spanᵢ, lowᵢ, highᵢ, wᵢ) in float32. Tasks whose span is empty (Sᵢ = 0,
+    which adds ±0 and 0 to the sums and so changes neither) are left out by the caller."""
+    zero = np.float32(0.0)
+    tiny = np.float32(1e-12)
+    numerator = np.empty(_BLOCK, np.float32)
+    denominator = np.empty(_BLOCK, np.float32)
+    n = base.size
+    for start in range(0, n, _BLOCK):
+        size = min(n, start + _BLOCK) - start
+        for j in range(size):
+            numerator[j] = zero
+            denominator[j] = zero
+        for i in range(len(tau)):
+            threshold = rows[i, 0]
+            span = rows[i, 1]
+            low = rows[i, 2]
+            high = rows[i, 3]
+            w = rows[i, 4]
+            t = tau[i][start:start + size]
+            b = scores[i][start:start + size]
+            for j in range(size):
+                soft = (max(b[j], threshold) - threshold) / span
+                x = t[j]
+                sign = np.float32(x > zero) - np.float32(x < zero)
+                numerator[j] += w * soft * (sign * min(max(np.abs(x), low), high))
+                denominator[j] += soft
+        dest = out[start:start + size]
+        below = base[start:start + size]
+        for j in range(size):
+            dest[j] = below[j] + lambda_ * numerator[j] / max(denominator[j], tiny)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib
 from collections.abc import Callable, Sequence
 from types import ModuleType
 
@@ -10,7 +9,7 @@ import numpy as np
 import torch
 
 from mergekit_pcb.methods.base import TensorInputs
-from mergekit_pcb.methods.compiled import StagedKernel
+from mergekit_pcb.methods.compiled import FUSED_KERNELS, StagedKernel
 from mergekit_pcb.methods.selection import kth_smallest
 from mergekit_pcb.methods.side_by_side import start as start_side_by_side
 from mergekit_pcb.methods.sort_order import descending_top, descending_top_bits
@@ -193,10 +192,6 @@ FUSE_MIN = 1 << 12
 FUSE_MAX_MODELS = 15
 
 
-def _load_fused() -> ModuleType:
-    return importlib.import_module("mergekit_pcb.methods.fused_kernel")
-
-
 def _fusable(tensors: Sequence[torch.Tensor]) -> bool:
     return all(t.device.type == "cpu" and t.dtype == torch.float32 and t.numel() >= FUSE_MIN
                and not t.requires_grad for t in tensors)
@@ -314,7 +309,7 @@ def _fused_matches_torch(kernel: ModuleType) -> bool:
     return True
 
 
-FUSED = StagedKernel("fused-kernels", FUSE_AFTER, _load_fused, _fused_matches_torch)
+FUSED = StagedKernel("fused-kernels", FUSE_AFTER, FUSED_KERNELS, _fused_matches_torch)
 
 
 # ---------------------------------------------------------------------------------------
