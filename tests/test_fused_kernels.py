@@ -83,7 +83,7 @@ def test_the_tail_columns_take_torchs_other_order(kernel):
     with torch_threads(1):
         expected = _torch_path(ops.combine_task_vectors, base, rows, [1.0] * 5)
         fused = ops._fused_combine(base, rows, [1.0] * 5, 1.0, False, False)
-    tail = n % ops._TAIL[0]
+    tail = n - ops.tail_start(n)
     assert tail > 0 and int(torch.count_nonzero(expected)) == tail
     assert fused is not None and _same_bits(fused, expected)
 
@@ -226,3 +226,26 @@ def test_pcb_combine_matches_torch(inter):
         expected = pcb._combine(base, tau, scores, stats, weights, 1.25)
         assert _same_bits(fused, expected), (m, shape)
         assert _same_bits(pcb.pcb_combine(base, tau, scores, stats, weights, 1.25), expected)
+
+
+def test_pcb_consensus_scores_match_torch():
+    """PCB's consensus scores by the fused kernels (Σⱼτⱼ in torch's order, the intra
+    exponents) against torch, over 2–15 tasks and tensors with and without tail columns;
+    an all-equal task (empty clip span) too."""
+    from mergekit_pcb.methods import pcb
+
+    kernel = pcb.KERNELS.wait(timeout=300)
+    assert kernel is not None
+    g = torch.Generator().manual_seed(6)
+    with torch_threads(1):
+        for m, shape in ((2, (4096,)), (4, (300, 101)), (7, (70_001,)), (15, (5000, 3))):
+            tau = [0.01 * torch.randn(shape, generator=g) for _ in range(m)]
+            tau[-1] = torch.full(shape, 0.02)  # |τ| all equal: empty clip span
+            d = tau[0].numel()
+            lo_k, hi_k = pcb.clip_indices(d, 0.01)
+            stats = [pcb.RowStats(pcb._kth(t.abs(), lo_k, True), pcb._kth(t.abs(), hi_k, True),
+                                  float(t.abs().min()), float(t.abs().max())) for t in tau]
+            fused = pcb.pcb_scores(tau, stats, "consensus")
+            expected = pcb._scores(tau, stats, "consensus")
+            assert all(_same_bits(a, b) for a, b in zip(fused, expected, strict=True)), m
+            assert torch.equal(fused[-1], expected[-1]) and not torch.equal(fused[0], fused[1])

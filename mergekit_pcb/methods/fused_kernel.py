@@ -227,3 +227,34 @@ def pcb_combine(base: np.ndarray, tau: tuple[np.ndarray, ...], scores: tuple[np.
         below = base[start:start + size]
         for j in range(size):
             dest[j] = below[j] + lambda_ * numerator[j] / max(denominator[j], tiny)
+
+
+@numba.njit(cache=True, nogil=True, boundscheck=False, error_model="numpy")
+def task_sum(tau: tuple[np.ndarray, ...], tail_from: int, out: np.ndarray) -> None:
+    """out = Σᵢ τᵢ as torch sums a stack of them over dim 0 (fewer than 16): in task order
+    from +0, and in the four-partial order from `tail_from` on."""
+    zero = np.float32(0.0)
+    for start in range(0, tail_from, _BLOCK):
+        size = min(tail_from, start + _BLOCK) - start
+        dest = out[start:start + size]
+        for j in range(size):
+            dest[j] = zero
+        for i in range(len(tau)):
+            row = tau[i][start:start + size]
+            for j in range(size):
+                dest[j] += row[j]
+    column = np.empty(len(tau), np.float32)
+    for j in range(tail_from, out.size):
+        for i in range(len(tau)):
+            column[i] = tau[i][j]
+        out[j] = _tail_sum(column)
+
+
+@numba.njit(cache=True, nogil=True, boundscheck=False, error_model="numpy")
+def intra_exponent(tau: np.ndarray, low: np.float32, high: np.float32, span: np.float32,
+                   n: np.float32, out: np.ndarray) -> None:
+    """out = n·m², m = (min(max(|τ|, low), high) − low)/span: the exponent of PCB's
+    intra-balancing, as `pcb_scores` computes it before its `exp`."""
+    for j in range(tau.size):
+        m = (min(max(np.abs(tau[j]), low), high) - low) / span
+        out[j] = n * (m * m)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 from types import ModuleType
 
@@ -226,24 +227,29 @@ def _run_combine(kernel: ModuleType, base: torch.Tensor, deltas: Sequence[torch.
     kernel.weighted_combine(tuple(d.reshape(-1).contiguous().numpy() for d in deltas),
                             w.numpy(), base.reshape(-1).contiguous().numpy(), sign_consensus,
                             normalize, np.float32(divisor.item()), lambda_ != 1,
-                            np.float32(lambda_), n - n % _TAIL[0], out)
+                            np.float32(lambda_), tail_start(n), out)
     return torch.from_numpy(out).reshape(base.shape)
 
 
-# Columns per group of vectors in torch's sum over a dimension: the entries past the last
-# whole group are summed in another order. Found by `_tail_group` when the kernel loads.
-_TAIL = [1]
-
-
-def _tail_group() -> int | None:
-    """How many columns torch's sum over dim 0 takes per group (4 × the vector width), read
-    off a probe whose columns sum to 0 in row order and to 2⁻²³ in the tail's order."""
+@functools.cache
+def tail_group() -> int | None:
+    """How many columns torch's sum over dim 0 takes per group (4 × the vector width): the
+    columns past the last whole group are summed in another order (`fused_kernel._tail_sum`).
+    Read off a probe whose columns sum to 0 in row order and to 2⁻²³ in the tail's order;
+    None when the pattern is not one the kernels reproduce."""
     n = 4096 + 255  # × 5 rows: below torch's grain, so summed on this thread alone
     rows = torch.zeros(5, n)
     rows[0], rows[1], rows[2], rows[4] = 1.0, 2.0**-24, 2.0**-24, -1.0
     tail = int(torch.count_nonzero(rows.sum(dim=0)))
     group = tail + 1  # 255 mod g = g − 1 for a power of two g ≤ 256
     return group if group & (group - 1) == 0 and tail < 256 else None
+
+
+def tail_start(n: int) -> int:
+    """Where the columns summed in the tail's order start, in a sum of n columns."""
+    group = tail_group()
+    assert group is not None
+    return n - n % group
 
 
 def _fused_trim(delta: torch.Tensor, k: int, kernel: ModuleType | None = None
@@ -267,10 +273,9 @@ def _fused_trim(delta: torch.Tensor, k: int, kernel: ModuleType | None = None
 def _fused_matches_torch(kernel: ModuleType) -> bool:
     """The kernels against the torch code on probes: zeros, equal magnitudes, a wide range of
     exponents (where a different summation order would show), negative weights."""
-    group = _tail_group()
+    group = tail_group()
     if group is None:
         return False
-    _TAIL[0] = group
     # The torch side runs on the loader's thread, which may have several torch threads; at
     # fewer than 32768 entries (torch's grain) it sums on this thread alone, as the kernel
     # stands in for.

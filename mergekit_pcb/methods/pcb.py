@@ -35,6 +35,7 @@ from mergekit_pcb.methods.base import (
     TensorInputs,
 )
 from mergekit_pcb.methods.compiled import FUSED_KERNELS, StagedKernel
+from mergekit_pcb.methods.ops import FUSE_MAX_MODELS, tail_group, tail_start
 from mergekit_pcb.methods.selection import StreamingSelect, kth_smallest
 
 INTER = ("consensus", "normalized", "pairwise")
@@ -81,7 +82,20 @@ def _balanced(tau: Sequence[torch.Tensor], stats: Sequence[RowStats]) -> list[to
 
 def pcb_scores(tau: Sequence[torch.Tensor], stats: Sequence[RowStats],
                inter: str) -> list[torch.Tensor]:
-    """Bᵢ = exp(n·minmax(Aᵢ)²) ⊙ Eᵢ for each task, given each row's clip bounds."""
+    """Bᵢ = exp(n·minmax(Aᵢ)²) ⊙ Eᵢ for each task, given each row's clip bounds.
+
+    With consensus inter-balancing, by the fused kernels where they apply (float32 on the
+    CPU, one torch thread, fewer than 16 tasks): all but `exp` and `tanh`, which stay
+    torch's, in fewer passes; the same bits."""
+    kernel = _kernel_for(tau) if inter == "consensus" and len(tau) <= FUSE_MAX_MODELS \
+        and torch.get_num_threads() == 1 else None
+    if kernel is not None:
+        return _fused_scores(kernel, tau, stats)
+    return _scores(tau, stats, inter)
+
+
+def _scores(tau: Sequence[torch.Tensor], stats: Sequence[RowStats],
+            inter: str) -> list[torch.Tensor]:
     n = len(tau)
     intra = []
     for t, s in zip(tau, stats, strict=True):
@@ -160,6 +174,32 @@ def _fused_combine(kernel: ModuleType, base: torch.Tensor, tau: Sequence[torch.T
     return torch.from_numpy(out).reshape(base.shape)
 
 
+def _fused_scores(kernel: ModuleType, tau: Sequence[torch.Tensor],
+                  stats: Sequence[RowStats]) -> list[torch.Tensor]:
+    """`_scores` with consensus: Σⱼτⱼ in torch's summation order, the products and the
+    intra exponents by the kernels, `exp` and `tanh` by torch in place."""
+    shape = tau[0].shape
+    flat = tuple(t.reshape(-1).contiguous().numpy() for t in tau)
+    size = flat[0].size
+    total = np.empty(size, dtype=np.float32)
+    kernel.task_sum(flat, tail_start(size), total)
+    total_t = torch.from_numpy(total)
+    n = np.float32(len(tau))
+    scores = []
+    for t, s in zip(flat, stats, strict=True):
+        span = s.clip_high - s.clip_low  # as `minmax`: in double, then float32
+        if span > 0:
+            exponent = np.empty(size, dtype=np.float32)
+            kernel.intra_exponent(t, np.float32(s.clip_low), np.float32(s.clip_high),
+                                  np.float32(span), n, exponent)
+            intra = torch.from_numpy(exponent).exp_()
+        else:  # minmax is 0 everywhere: exp(0) = 1
+            intra = torch.ones(size)
+        inter = torch.mul(torch.from_numpy(t), total_t).tanh_()
+        scores.append(intra.mul_(inter).reshape(shape))
+    return scores
+
+
 def _kernel_matches_torch(kernel: ModuleType) -> bool:
     """The fused combine against `_combine` on probes: scores below, at and above each
     threshold, zero and clipped entries, an empty span, negative weights."""
@@ -178,6 +218,17 @@ def _kernel_matches_torch(kernel: ModuleType) -> bool:
         expected = _combine(base, tau, scores, stats, weights, lambda_)
         if not torch.equal(fused.view(torch.int32), expected.view(torch.int32)):
             return False
+    # the scores' sum runs on this thread alone below torch's grain (32768 entries)
+    if tail_group() is None:
+        return False
+    for m in (2, 5, 9):
+        size = 3000 - m
+        parts = [(tau[i % 4][:size] * (1 + i)).contiguous() for i in range(m)]
+        rows = [stats[i % 4] for i in range(m)]
+        fused_scores = _fused_scores(kernel, parts, rows)
+        for a, b in zip(fused_scores, _scores(parts, rows, "consensus"), strict=True):
+            if not torch.equal(a.view(torch.int32), b.view(torch.int32)):
+                return False
     return True
 
 
