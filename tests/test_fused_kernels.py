@@ -3,6 +3,7 @@ for, and the staged loader uses them only once they are checked."""
 
 from __future__ import annotations
 
+import math
 import random
 
 import pytest
@@ -308,3 +309,33 @@ def test_pcbmerge_run_writes_the_same_bytes_with_the_kernels_and_without(tmp_pat
         digests.append(hashlib.sha256(b"".join(f.read_bytes() for f in files)).hexdigest())
         assert bool(calls) == use
     assert digests[0] == digests[1]
+
+
+@pytest.mark.parametrize(("method", "passes"), [("ties", 0), ("pcb", 4)])
+def test_a_merge_asks_for_the_kernels_only_when_it_is_large_enough(tmp_path, monkeypatch,
+                                                                   method, passes):
+    """Entries visited = each input's entries once per statistics pass and once to merge;
+    at or above `KERNELS_WORTH` the merge asks for the kernels at its start."""
+    import yaml
+    from safetensors.torch import save_file
+
+    from mergekit_pcb.engine import merge_recipe_file, stream
+
+    shapes = {"a.weight": (40, 50), "b.bias": (70,)}
+    for k, name in enumerate(("base", "m0", "m1", "m2")):
+        (tmp_path / name).mkdir()
+        save_file({n: torch.full(s, 0.01 * k) + torch.arange(math.prod(s)).reshape(s) / 1e4
+                   for n, s in shapes.items()}, str(tmp_path / name / "model.safetensors"))
+    path = tmp_path / "r.yml"
+    path.write_text(yaml.safe_dump({
+        "merge_method": method, "base_model": str(tmp_path / "base"),
+        "models": [{"model": str(tmp_path / f"m{k}"), "parameters": {"density": 0.5}}
+                   for k in range(3)]}))
+    visits = (2000 + 70) * 3 * (1 + passes)
+    requested = []
+    monkeypatch.setattr(stream, "request_all", lambda: requested.append(True))
+    for worth, expected in ((visits, [True]), (visits + 1, [])):
+        requested.clear()
+        monkeypatch.setattr(stream, "KERNELS_WORTH", worth)
+        merge_recipe_file(path, tmp_path / f"out-{worth}")
+        assert requested == expected

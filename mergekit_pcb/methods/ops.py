@@ -184,9 +184,10 @@ def _combine(base: torch.Tensor, deltas: Sequence[torch.Tensor], weights: Sequen
 # pass over the task vectors instead of a dozen. Used for float32 on the CPU once loaded.
 # ---------------------------------------------------------------------------------------
 
-# Entries combined or trimmed by torch before the kernels load (a 1B-parameter merge passes
-# this within its first tensors; an evolution asks for them at its start).
-FUSE_AFTER = 1 << 25
+# Entries combined or trimmed by torch before the kernels load, for callers outside the
+# engine: the engine asks for them at a merge's start when the merge is large enough
+# (`stream.request_kernels_if_worth_it`), an evolution at its start.
+FUSE_AFTER = 1 << 28
 # Smaller tensors stay with torch: a call's own cost would dominate.
 FUSE_MIN = 1 << 12
 # torch sums 16 or more rows in a cascade the kernel does not reproduce.

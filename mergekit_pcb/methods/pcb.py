@@ -142,7 +142,7 @@ def _combine(base: torch.Tensor, tau: Sequence[torch.Tensor], scores: Sequence[t
 
 # The fused combine (`fused_kernel.pcb_combine`, numba): one pass over the tasks instead of
 # a dozen; loaded as `ops.FUSED` is, and checked against `_combine` on probes.
-FUSE_AFTER = 1 << 25
+FUSE_AFTER = 1 << 28
 FUSE_MIN = 1 << 12
 
 

@@ -133,7 +133,7 @@ class StreamingSelect:
 
 # The fused histograms (`fused_kernel`, numba): one pass over a chunk instead of a key
 # transform, a shift and a bincount; the same counts. Loaded as `ops.FUSED` is.
-HISTOGRAMS_AFTER = 1 << 25
+HISTOGRAMS_AFTER = 1 << 28
 HISTOGRAMS_MIN = 1 << 12
 
 
