@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import subprocess
 import sys
-import threading
 
 import numpy as np
 import pytest
 import torch
 
 from mergekit_pcb.methods import sort_order
+from mergekit_pcb.methods.compiled import StagedKernel
 from mergekit_pcb.methods.sort_order import descending_top, descending_top_bits, introsort_top
 
 
@@ -123,22 +123,24 @@ def test_block_scans_cover_every_boundary() -> None:
                 assert np.array_equal(np.sort(top), torch_top(values, k)), (n, distinct, k)
 
 
+def _fresh_kernel(after: int, load: str | object = sort_order.INTROSORT_KERNEL
+                  ) -> StagedKernel:
+    return StagedKernel("introsort-kernel", after, load,  # type: ignore[arg-type]
+                        sort_order._compiled_matches_numpy)
+
+
 def test_the_kernel_is_loaded_once_tie_breaks_pay_for_it(monkeypatch: pytest.MonkeyPatch) -> None:
     # below the threshold only numpy runs; past it the kernel loads in the background and
     # is used from then on, with the same entries
-    monkeypatch.setattr(sort_order, "_READY", set())
-    monkeypatch.setattr(sort_order, "_LOADING", set())
-    monkeypatch.setattr(sort_order, "_SEEN", [0])
-    monkeypatch.setattr(sort_order, "COMPILE_AFTER", 10_000)
+    kernel = _fresh_kernel(10_000)
+    monkeypatch.setattr(sort_order, "KERNEL", kernel)
     values = torch.randint(0, 9, (6000,), generator=torch.Generator().manual_seed(7)).float()
     expected = torch_top(values, 3000)
     assert np.array_equal(np.sort(sort_order.introsort_top(values.numpy(), 3000)), expected)
-    assert not sort_order._LOADING
+    assert kernel._loader is None
     assert np.array_equal(np.sort(sort_order.introsort_top(values.numpy(), 3000)), expected)
-    assert list(sort_order._LOADING) == [np.dtype(np.float32)]
-    loader = next(t for t in threading.enumerate() if t.name == "introsort-kernel")
-    loader.join(timeout=120)
-    assert list(sort_order._READY) == [np.dtype(np.float32)]
+    assert kernel._loader is not None
+    assert kernel.wait(timeout=300) is not None
     called = []
     monkeypatch.setattr(sort_order, "introsort_top_numpy",
                         lambda *a, **k: called.append(1))  # would fail the check below
@@ -148,19 +150,16 @@ def test_the_kernel_is_loaded_once_tie_breaks_pay_for_it(monkeypatch: pytest.Mon
 
 def test_without_a_kernel_numpy_answers(monkeypatch: pytest.MonkeyPatch) -> None:
     # numba missing or unable to compile: the loader gives up quietly, numpy goes on
-    monkeypatch.setattr(sort_order, "_READY", set())
-    monkeypatch.setattr(sort_order, "_LOADING", set())
-    monkeypatch.setattr(sort_order, "_SEEN", [0])
-    monkeypatch.setattr(sort_order, "COMPILE_AFTER", 0)
-    monkeypatch.setattr(sort_order, "_kernel", lambda: None)
+    def missing() -> None:
+        raise ImportError("no numba here")
+
+    kernel = _fresh_kernel(0, missing)
+    monkeypatch.setattr(sort_order, "KERNEL", kernel)
     values = torch.randint(0, 9, (6000,), generator=torch.Generator().manual_seed(8)).double()
     for _ in range(2):
         top = sort_order.introsort_top(values.numpy(), 2000)
         assert np.array_equal(np.sort(top), torch_top(values, 2000))
-    for thread in threading.enumerate():
-        if thread.name == "introsort-kernel":
-            thread.join(timeout=60)
-    assert not sort_order._READY
+    assert kernel.wait(timeout=60) is None
 
 
 def test_exit_waits_for_a_loading_kernel() -> None:
@@ -169,9 +168,9 @@ def test_exit_waits_for_a_loading_kernel() -> None:
     code = """
 import atexit, sys
 import numpy as np
-atexit.register(lambda: print("ready" if so._READY else "not ready", flush=True))
+atexit.register(lambda: print("ready" if so.KERNEL.ready() else "not ready", flush=True))
 from mergekit_pcb.methods import sort_order as so
-so.COMPILE_AFTER = 0
+so.KERNEL.after = 0
 so.introsort_top(np.random.default_rng(0).integers(0, 9, 5000).astype(np.float64), 100)
 """
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,

@@ -25,13 +25,14 @@ limit (its heapsort is not emulated).
 
 from __future__ import annotations
 
-import atexit
 import functools
-import threading
+import importlib
 from collections.abc import Callable
 
 import numpy as np
 import torch
+
+from mergekit_pcb.methods.compiled import StagedKernel
 
 # libstdc++'s _S_threshold: ranges of at most this many entries are left to the final
 # insertion sort.
@@ -76,77 +77,50 @@ def introsort_top(values: np.ndarray, k: int, depth_limit: int | None = None
     Two implementations give the same entries: numpy's vectorised passes, and a compiled
     kernel (`introsort_kernel`, numba) several times faster on millions of entries. Loading
     numba and the kernel costs about a second, more than a small merge's tie-breaks take:
-    so the kernel is loaded, in the background, once this process has tie-broken
-    `COMPILE_AFTER` entries, and used for each key type once it is ready."""
-    if values.dtype in _READY and values.size < 2**31:
+    so the kernel is loaded in the background once this process has tie-broken
+    `COMPILE_AFTER` entries (or an evolution asks for every kernel), checked against numpy
+    on every key type, and used from then on (`compiled.StagedKernel`)."""
+    if KERNEL.ready() is not None and values.size < 2**31:
         return introsort_top_compiled(values, k, depth_limit)
-    _count(values.dtype, values.size)
+    KERNEL.count(values.size)
     return introsort_top_numpy(values, k, depth_limit)
 
 
 # Entries tie-broken with numpy before the compiled kernel is loaded (a 1B-parameter merge
 # passes this within its first tensors; a 30M one never does).
 COMPILE_AFTER = 1 << 25
-_READY: set[np.dtype] = set()
-_LOCK = threading.Lock()
-_SEEN = [0]
-_LOADING: set[np.dtype] = set()
+# The key types the tie-breaks use: bf16/fp16 bits, float32 and float64 magnitudes.
+KEY_TYPES = (np.dtype(np.int16), np.dtype(np.float32), np.dtype(np.float64))
 
 
-def _count(dtype: np.dtype, n: int) -> None:
-    """Count `n` entries tie-broken with numpy; past `COMPILE_AFTER`, start loading the
-    kernel for `dtype` keys."""
-    with _LOCK:
-        _SEEN[0] += n
-        if _SEEN[0] < COMPILE_AFTER or dtype in _LOADING:
-            return
-        _LOADING.add(dtype)
-    loader = threading.Thread(target=_load, args=(dtype,), name="introsort-kernel", daemon=True)
-    loader.start()
-    _LOADERS.append(loader)
-
-
-def _join_loaders() -> None:
-    """At exit, let a loader finish: a compiler stopped halfway through interpreter shutdown
-    can take the process down with it."""
-    for loader in _LOADERS:
-        loader.join(timeout=120)
-
-
-_LOADERS: list[threading.Thread] = []
-atexit.register(_join_loaders)
-
-
-def _load(dtype: np.dtype) -> None:
-    """Compile (or load from numba's cache) the kernel for `dtype` keys, check it on the
-    probes, and let `introsort_top` use it."""
-    try:
-        if _kernel() is not None and _compiled_matches_numpy(dtype):
-            _READY.add(dtype)
-    except Exception:  # a kernel that fails to compile: numpy goes on
-        pass
-
-
-def _compiled_matches_numpy(dtype: np.dtype) -> bool:
+def _compiled_matches_numpy(kernel: object = None, dtypes: tuple[np.dtype, ...] = KEY_TYPES
+                            ) -> bool:
+    """The compiled kernel (compiled now for each key type) against the numpy emulation."""
     rng = np.random.default_rng(0)
-    for n, distinct in ((17, 3), (4099, 7), (65_537, 1000)):
-        values = rng.integers(0, distinct, n).astype(dtype)
-        for k in (1, n // 3, n - 1):
-            top = introsort_top_compiled(values, k)
-            expected = introsort_top_numpy(values, k)
-            if top is None or expected is None \
-                    or not np.array_equal(np.sort(top), np.sort(expected)):
-                return False
+    for dtype in dtypes:
+        for n, distinct in ((17, 3), (4099, 7), (65_537, 1000)):
+            values = rng.integers(0, distinct, n).astype(dtype)
+            for k in (1, n // 3, n - 1):
+                top = introsort_top_compiled(values, k)
+                expected = introsort_top_numpy(values, k)
+                if top is None or expected is None \
+                        or not np.array_equal(np.sort(top), np.sort(expected)):
+                    return False
     return True
+
+
+INTROSORT_KERNEL = "mergekit_pcb.methods.introsort_kernel"
+KERNEL = StagedKernel("introsort-kernel", COMPILE_AFTER, INTROSORT_KERNEL,
+                      _compiled_matches_numpy)
 
 
 @functools.cache
 def _kernel() -> Callable[..., bool] | None:
     try:
-        from mergekit_pcb.methods.introsort_kernel import top_in_place
+        module = importlib.import_module(INTROSORT_KERNEL)
     except Exception:  # numba missing, unusable with this numpy, or without a writable
         return None  # cache: the numpy emulation only
-    return top_in_place
+    return module.top_in_place
 
 
 def _start(values: np.ndarray, depth_limit: int | None
