@@ -75,3 +75,17 @@ def test_pcb_without_dtype_computes_in_float32(bf16: tuple[Path, Path, list[Path
     none = _run(root, body, "pcb-none")
     fp32 = _run(root, {**body, "dtype": "float32", "out_dtype": "bfloat16"}, "pcb-fp32")
     assert none.dtype == torch.bfloat16 and torch.equal(none, fp32)
+
+
+def test_a_global_pcb_gathers_its_statistics_in_float32_whatever_dtype(
+        bf16: tuple[Path, Path, list[Path]]) -> None:
+    """PCB computes in float32 (its merge upcasts its inputs): its whole-model statistics
+    (clip bounds, score thresholds) come from the same float32 τ, so on bf16 inputs
+    `dtype: bfloat16` gives what `dtype: float32` does (written in bf16)."""
+    root, base, tuned = bf16
+    body = {"merge_method": "pcb", "base_model": str(base),
+            "models": [{"model": str(t)} for t in tuned],
+            "parameters": {"scope": "global", "lambda": 1.0, "density": 0.3}}
+    in_bf16 = _run(root, {**body, "dtype": "bfloat16"}, "pcb-global-bf16")
+    fp32 = _run(root, {**body, "dtype": "float32", "out_dtype": "bfloat16"}, "pcb-global-fp32")
+    assert in_bf16.dtype == torch.bfloat16 and torch.equal(in_bf16, fp32)

@@ -353,7 +353,7 @@ def test_kept_scores_give_the_streamed_bits(tmp_path: Path, monkeypatch, inter: 
     monkeypatch.setattr("mergekit_pcb.engine.stream.CHUNK_ELEMENTS", 97)
     base_dir, tuned_dirs, *_ = make_models(tmp_path, 3, seed=17)
     recipe = pcb_recipe(base_dir, tuned_dirs, inter=inter)
-    if dtype:  # the passes' τ in bf16, the merge's in float32: nothing may be kept
+    if dtype:  # bf16 inputs: the passes' τ and the merge's are both float32, kept too
         recipe["dtype"] = dtype
     streamed = run_recipe(tmp_path, recipe, "streamed")
     calls = []
@@ -365,7 +365,7 @@ def test_kept_scores_give_the_streamed_bits(tmp_path: Path, monkeypatch, inter: 
         parts = sum(len(slices(plan, t)) for t in plan.tasks if t.route.stats is not None)
         assert parts > len(SHAPES)  # a tensor in several slices
         kept = merge_in_memory(plan, memo=PreparedMemo(1 << 20))
-        assert len(calls) == (3 * parts if dtype else parts)  # once per part in float32
+        assert len(calls) == parts  # once per part
         calls.clear()
         again = merge_in_memory(plan)  # no memo: the streaming engine's three times
         assert len(calls) == 3 * parts

@@ -311,7 +311,8 @@ class PcbGlobalStats(GlobalStats):
     def _unknown(self, inputs: TensorInputs) -> list[tuple[int, torch.Tensor]]:
         """(task, |τ|) for the tasks whose clip bounds are not known from an earlier merge."""
         assert inputs.base is not None
-        return [(i, (m - inputs.base).abs()) for i, m in enumerate(inputs.models)
+        base = inputs.base.float()  # PCB computes in float32, whatever the recipe's dtype
+        return [(i, (m.float() - base).abs()) for i, m in enumerate(inputs.models)
                 if self._known[i] is None]
 
     def scores(self, inputs: TensorInputs, last_use: bool = False,
@@ -319,16 +320,15 @@ class PcbGlobalStats(GlobalStats):
         """The part's scores: derived now (from `tau` when the caller has it), or kept from
         an earlier pass (`keep_parts`)."""
         assert inputs.base is not None
-        # Only float32 scores are kept: the merge derives its own from float32 inputs, and
-        # with a recipe `dtype` of bf16 or fp64 the passes' τ would not be the merge's.
-        keep = self.keep_parts and inputs.base.dtype == torch.float32
+        keep = self.keep_parts
         part = (inputs.name, inputs.start)
         kept = (self._kept.pop(part, None) if last_use else self._kept.get(part)) if keep \
             else None
         if kept is not None:
             return kept
-        if tau is None:
-            tau = [m - inputs.base for m in inputs.models]
+        if tau is None:  # in float32, as the merge's (whatever the recipe's dtype)
+            base = inputs.base.float()
+            tau = [m.float() - base for m in inputs.models]
         scores = pcb_scores(tau, self.rows, self.inter)
         if keep and not last_use:
             with self._lock:
