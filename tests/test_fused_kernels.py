@@ -227,6 +227,11 @@ def test_pcb_combine_matches_torch(inter):
         expected = pcb._combine(base, tau, scores, stats, weights, 1.25)
         assert _same_bits(fused, expected), (m, shape)
         assert _same_bits(pcb.pcb_combine(base, tau, scores, stats, weights, 1.25), expected)
+        # no task with a score span (every score at its threshold): θ₀ itself, as torch
+        flat = [pcb.RowStats(s.clip_low, s.clip_high, s.abs_min, s.abs_max, 1.0, 1.0)
+                for s in stats]
+        assert _same_bits(pcb.pcb_combine(base, tau, scores, flat, weights, 1.25),
+                          pcb._combine(base, tau, scores, flat, weights, 1.25))
 
 
 def test_pcb_consensus_scores_match_torch():

@@ -394,7 +394,7 @@ def _statistics_pass(plan: MergePlan, stats: GlobalStats, p: int, tasks: list[Te
 # Entries visited (each input's entries, once per statistics pass and once to merge) from
 # which a merge loads the fused kernels at its start: loading them costs about a second of
 # one core, which a 30M-parameter `ties` merge (about 90M) does not win back (3.9–4.2 s
-# against 3.6 s measured) and a 30M global `pcb` (about 450M) does (5.4 s against 6.7 s).
+# against 3.6 s measured) and a 30M global `pcb` (about 450M) does (5.2–5.9 s, was 6.7).
 KERNELS_WORTH = 1 << 28
 
 

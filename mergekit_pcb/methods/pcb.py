@@ -122,9 +122,9 @@ def pcb_combine(base: torch.Tensor, tau: Sequence[torch.Tensor], scores: Sequenc
 
     By the fused kernel where it applies (float32 on the CPU, once loaded): the same bits."""
     kernel = _kernel_for([base, *tau, *scores])
-    if kernel is not None:
+    if kernel is not None and any(s.score_max - s.drop_threshold > 0 for s in stats):
         return _fused_combine(kernel, base, tau, scores, stats, weights, lambda_)
-    return _combine(base, tau, scores, stats, weights, lambda_)
+    return _combine(base, tau, scores, stats, weights, lambda_)  # (no task weighs: torch)
 
 
 def _combine(base: torch.Tensor, tau: Sequence[torch.Tensor], scores: Sequence[torch.Tensor],
