@@ -14,8 +14,11 @@ from __future__ import annotations
 import atexit
 import importlib
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
+
+import numpy as np
+import torch
 
 
 class StagedKernel:
@@ -77,6 +80,24 @@ class StagedKernel:
 _ALL: list[StagedKernel] = []
 # The fused kernels' module (numba): imported only through a StagedKernel.
 FUSED_KERNELS = "mergekit_pcb.methods.fused_kernel"
+# Entries handed to the code a fused kernel replaces before the kernel loads, for callers
+# outside the engine: the engine asks for the kernels at a merge's start when the merge is
+# large enough (`stream.request_kernels_if_worth_it`), an evolution at its start.
+FUSE_AFTER = 1 << 28
+# Smaller tensors stay with torch: a kernel call's own cost would dominate.
+FUSE_MIN = 1 << 12
+
+
+def fusable(tensors: Sequence[torch.Tensor]) -> bool:
+    """True for float32 CPU tensors of one shape, each large enough to pay for a call."""
+    shape = tensors[0].shape
+    return all(t.device.type == "cpu" and t.dtype == torch.float32 and t.numel() >= FUSE_MIN
+               and not t.requires_grad and t.shape == shape for t in tensors)
+
+
+def flat_array(tensor: torch.Tensor) -> np.ndarray:
+    """The tensor's entries as a flat contiguous numpy array (a view where they already are)."""
+    return tensor.detach().reshape(-1).contiguous().numpy()
 
 
 def request_all() -> None:
@@ -95,4 +116,5 @@ def _join_loaders() -> None:
 
 atexit.register(_join_loaders)
 
-__all__ = ["FUSED_KERNELS", "StagedKernel", "request_all"]
+__all__ = ["FUSED_KERNELS", "FUSE_AFTER", "FUSE_MIN", "StagedKernel", "flat_array", "fusable",
+           "request_all"]

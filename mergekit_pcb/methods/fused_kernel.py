@@ -1,10 +1,11 @@
 """Fused float32 kernels (numba) for the steps an evolution repeats on every candidate.
 
 Each kernel gives the bits of the torch code it stands in for (`ops._combine`, the TIES trim
-in `ops.magnitude_trim_all`): the same float32 operations on each entry in the same order,
-compiled without fast-math, so nothing is reassociated or contracted. Where torch takes a
-dozen passes over the stacked task vectors, a kernel reads each entry once, a block of
-entries at a time. Imported only through `fused`, which loads it when a process has work
+in `ops.magnitude_trim_all`, `StreamingSelect`'s histogram rounds, PCB's scores and
+combine): the same float32 operations on each entry in the same order, compiled without
+fast-math, so nothing is reassociated or contracted. Where torch takes a dozen passes over
+the stacked task vectors, a kernel reads each entry once, a block of entries at a time.
+Imported only through `compiled.StagedKernel`, which loads it when a process has work
 enough to pay for loading numba, and checks it against torch first.
 """
 

@@ -10,7 +10,14 @@ import numpy as np
 import torch
 
 from mergekit_pcb.methods.base import TensorInputs
-from mergekit_pcb.methods.compiled import FUSED_KERNELS, StagedKernel
+from mergekit_pcb.methods.compiled import (
+    FUSE_AFTER,
+    FUSE_MIN,
+    FUSED_KERNELS,
+    StagedKernel,
+    flat_array,
+    fusable,
+)
 from mergekit_pcb.methods.selection import kth_smallest
 from mergekit_pcb.methods.side_by_side import start as start_side_by_side
 from mergekit_pcb.methods.sort_order import descending_top, descending_top_bits
@@ -184,19 +191,8 @@ def _combine(base: torch.Tensor, deltas: Sequence[torch.Tensor], weights: Sequen
 # pass over the task vectors instead of a dozen. Used for float32 on the CPU once loaded.
 # ---------------------------------------------------------------------------------------
 
-# Entries combined or trimmed by torch before the kernels load, for callers outside the
-# engine: the engine asks for them at a merge's start when the merge is large enough
-# (`stream.request_kernels_if_worth_it`), an evolution at its start.
-FUSE_AFTER = 1 << 28
-# Smaller tensors stay with torch: a call's own cost would dominate.
-FUSE_MIN = 1 << 12
 # torch sums 16 or more rows in a cascade the kernel does not reproduce.
 FUSE_MAX_MODELS = 15
-
-
-def _fusable(tensors: Sequence[torch.Tensor]) -> bool:
-    return all(t.device.type == "cpu" and t.dtype == torch.float32 and t.numel() >= FUSE_MIN
-               and not t.requires_grad for t in tensors)
 
 
 def _fused_combine(base: torch.Tensor, deltas: Sequence[torch.Tensor],
@@ -208,7 +204,7 @@ def _fused_combine(base: torch.Tensor, deltas: Sequence[torch.Tensor],
     and the columns it adds in another order (`fused_kernel._tail_sum`) move with the
     split."""
     if not 0 < len(deltas) <= FUSE_MAX_MODELS or torch.get_num_threads() != 1 \
-            or not _fusable([base, *deltas]) or any(d.shape != base.shape for d in deltas):
+            or not fusable([base, *deltas]):
         return None
     kernel = FUSED.ready()
     if kernel is None:
@@ -225,8 +221,8 @@ def _run_combine(kernel: ModuleType, base: torch.Tensor, deltas: Sequence[torch.
     divisor = w.reshape((-1,) + (1,) * base.dim()).sum(dim=0).reshape(-1)
     divisor[divisor.abs() < 1e-8] = 1  # as `_combine` (without a consensus)
     out = np.empty(n, dtype=np.float32)
-    kernel.weighted_combine(tuple(d.reshape(-1).contiguous().numpy() for d in deltas),
-                            w.numpy(), base.reshape(-1).contiguous().numpy(), sign_consensus,
+    kernel.weighted_combine(tuple(flat_array(d) for d in deltas), w.numpy(), flat_array(base),
+                            sign_consensus,
                             normalize, np.float32(divisor.item()), lambda_ != 1,
                             np.float32(lambda_), tail_start(n), out)
     return torch.from_numpy(out).reshape(base.shape)
@@ -257,13 +253,13 @@ def _fused_trim(delta: torch.Tensor, k: int, kernel: ModuleType | None = None
                 ) -> torch.Tensor | None:
     """The TIES trim of a float32 delta by the fused kernel, or None where it does not
     apply or equal magnitudes straddle the cut (the caller's tie-break decides those)."""
-    if not _fusable([delta]):
+    if not fusable([delta]):
         return None
     kernel = kernel or FUSED.ready()
     if kernel is None:
         FUSED.count(delta.numel())
         return None
-    flat = delta.reshape(-1).contiguous().numpy()
+    flat = flat_array(delta)
     bits = kernel.magnitude_rank_bits(flat, flat.size - k)
     out = np.empty_like(flat)
     if kernel.keep_from(flat, np.array([bits], np.int32).view(np.float32)[0], out) != k:

@@ -34,7 +34,14 @@ from mergekit_pcb.methods.base import (
     Range,
     TensorInputs,
 )
-from mergekit_pcb.methods.compiled import FUSED_KERNELS, StagedKernel
+from mergekit_pcb.methods.compiled import (
+    FUSE_AFTER,
+    FUSE_MIN,
+    FUSED_KERNELS,
+    StagedKernel,
+    flat_array,
+    fusable,
+)
 from mergekit_pcb.methods.ops import FUSE_MAX_MODELS, tail_group, tail_start
 from mergekit_pcb.methods.selection import StreamingSelect, kth_smallest
 
@@ -140,15 +147,10 @@ def _combine(base: torch.Tensor, tau: Sequence[torch.Tensor], scores: Sequence[t
     return base + lambda_ * numerator / denominator.clamp(min=1e-12)
 
 
-# The fused combine (`fused_kernel.pcb_combine`, numba): one pass over the tasks instead of
-# a dozen; loaded as `ops.FUSED` is, and checked against `_combine` on probes.
-FUSE_AFTER = 1 << 28
-FUSE_MIN = 1 << 12
-
-
+# The fused scores and combine (`fused_kernel`, numba): loaded as `ops.FUSED` is, and
+# checked against `_scores` and `_combine` on probes.
 def _kernel_for(tensors: Sequence[torch.Tensor]) -> ModuleType | None:
-    if not all(t.device.type == "cpu" and t.dtype == torch.float32 and t.numel() >= FUSE_MIN
-               and t.shape == tensors[0].shape for t in tensors):
+    if not fusable(tensors):
         return None
     kernel = KERNELS.ready()
     if kernel is None:
@@ -166,9 +168,8 @@ def _fused_combine(kernel: ModuleType, base: torch.Tensor, tau: Sequence[torch.T
             rows.append((s.drop_threshold, span, s.clip_low, s.clip_high, w))
             kept.append(i)
     out = np.empty(base.numel(), dtype=np.float32)
-    kernel.pcb_combine(base.reshape(-1).contiguous().numpy(),
-                       tuple(tau[i].reshape(-1).contiguous().numpy() for i in kept),
-                       tuple(scores[i].reshape(-1).contiguous().numpy() for i in kept),
+    kernel.pcb_combine(flat_array(base), tuple(flat_array(tau[i]) for i in kept),
+                       tuple(flat_array(scores[i]) for i in kept),
                        np.array(rows, dtype=np.float32).reshape(-1, 5), np.float32(lambda_),
                        out)
     return torch.from_numpy(out).reshape(base.shape)
@@ -179,7 +180,7 @@ def _fused_scores(kernel: ModuleType, tau: Sequence[torch.Tensor],
     """`_scores` with consensus: Σⱼτⱼ in torch's summation order, the products and the
     intra exponents by the kernels, `exp` and `tanh` by torch in place."""
     shape = tau[0].shape
-    flat = tuple(t.reshape(-1).contiguous().numpy() for t in tau)
+    flat = tuple(flat_array(t) for t in tau)
     size = flat[0].size
     total = np.empty(size, dtype=np.float32)
     kernel.task_sum(flat, tail_start(size), total)

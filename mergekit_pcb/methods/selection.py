@@ -16,7 +16,14 @@ from types import ModuleType
 import numpy as np
 import torch
 
-from mergekit_pcb.methods.compiled import FUSED_KERNELS, StagedKernel
+from mergekit_pcb.methods.compiled import (
+    FUSE_AFTER,
+    FUSE_MIN,
+    FUSED_KERNELS,
+    StagedKernel,
+    flat_array,
+    fusable,
+)
 
 BINS = 1 << 16
 _HALF = 1 << 15
@@ -133,27 +140,22 @@ class StreamingSelect:
 
 # The fused histograms (`fused_kernel`, numba): one pass over a chunk instead of a key
 # transform, a shift and a bincount; the same counts. Loaded as `ops.FUSED` is.
-HISTOGRAMS_AFTER = 1 << 28
-HISTOGRAMS_MIN = 1 << 12
-
-
 def _fused(values: torch.Tensor) -> tuple[ModuleType | None, np.ndarray | None]:
     """The histogram kernels and `values` as a flat float32 array, where they apply."""
-    if values.device.type != "cpu" or values.dtype != torch.float32 \
-            or not HISTOGRAMS_MIN <= values.numel() < 2**31:
+    if not fusable([values]) or values.numel() >= 2**31:
         return None, None
     kernel = HISTOGRAMS.ready()
     if kernel is None:
         HISTOGRAMS.count(values.numel())
         return None, None
-    return kernel, values.detach().reshape(-1).contiguous().numpy()
+    return kernel, flat_array(values)
 
 
 def _histograms_match_torch(kernel: ModuleType) -> bool:
     """Both rounds by kernel and by torch on probes: signed values with −0.0 and ties, and
     magnitudes."""
     g = torch.Generator().manual_seed(0)
-    n = 3 * HISTOGRAMS_MIN + 5
+    n = 3 * FUSE_MIN + 5
     signed = torch.randn(n, generator=g) * torch.exp(8 * torch.randn(n, generator=g))
     signed[::7] = -0.0
     signed[1::11] = 0.0
@@ -175,7 +177,7 @@ def _histograms_match_torch(kernel: ModuleType) -> bool:
     return True
 
 
-HISTOGRAMS = StagedKernel("histogram-kernels", HISTOGRAMS_AFTER, FUSED_KERNELS,
+HISTOGRAMS = StagedKernel("histogram-kernels", FUSE_AFTER, FUSED_KERNELS,
                           _histograms_match_torch)
 
 

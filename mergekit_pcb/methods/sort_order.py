@@ -93,11 +93,10 @@ COMPILE_AFTER = 1 << 25
 KEY_TYPES = (np.dtype(np.int16), np.dtype(np.float32), np.dtype(np.float64))
 
 
-def _compiled_matches_numpy(kernel: object = None, dtypes: tuple[np.dtype, ...] = KEY_TYPES
-                            ) -> bool:
+def _compiled_matches_numpy(kernel: object = None) -> bool:
     """The compiled kernel (compiled now for each key type) against the numpy emulation."""
     rng = np.random.default_rng(0)
-    for dtype in dtypes:
+    for dtype in KEY_TYPES:
         for n, distinct in ((17, 3), (4099, 7), (65_537, 1000)):
             values = rng.integers(0, distinct, n).astype(dtype)
             for k in (1, n // 3, n - 1):
