@@ -344,3 +344,34 @@ def test_a_merge_asks_for_the_kernels_only_when_it_is_large_enough(tmp_path, mon
         monkeypatch.setattr(stream, "KERNELS_WORTH", worth)
         merge_recipe_file(path, tmp_path / f"out-{worth}")
         assert requested == expected
+
+
+def test_loading_the_kernels_never_rewraps_sys_stdout(tmp_path):
+    """numba colours error messages with colorama, whose init()/deinit() pair saves and
+    restores sys.stdout; on a loader thread that raced click's CliRunner and left a closed
+    stream as sys.stdout (a CI failure). Loading must never call colorama's init."""
+    import os
+    import subprocess
+    import sys
+
+    script = tmp_path / "probe.py"
+    script.write_text(
+        "import colorama, colorama.initialise as ci\n"
+        "calls = []\n"
+        "orig = ci.init\n"
+        "def init(*a, **k):\n"
+        "    calls.append(1)\n"
+        "    return orig(*a, **k)\n"
+        "ci.init = colorama.init = init\n"
+        "from mergekit_pcb.methods import compiled, ops, pcb, selection, sort_order\n"
+        "compiled.request_all()\n"
+        "loaded = [k.name for k in compiled._ALL if k.wait() is not None]\n"
+        "print(len(calls), sorted(loaded))\n")
+    env = {k: v for k, v in os.environ.items()
+           if k != "NUMBA_DISABLE_ERROR_MESSAGE_HIGHLIGHTING"}
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
+                         check=True, env=env)
+    calls, loaded = out.stdout.split(" ", 1)
+    assert calls == "0"
+    assert loaded.strip() == str(sorted(["fused-kernels", "histogram-kernels", "introsort-kernel",
+                                         "pcb-kernels"]))

@@ -13,12 +13,21 @@ from __future__ import annotations
 
 import atexit
 import importlib
+import os
 import threading
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
 import torch
+
+# numba colours its error messages through colorama, whose init()/deinit() save and restore
+# sys.stdout. Loading a kernel builds such messages (numba.cpython.listobj makes one at
+# import), and on a loader thread that restore can land after the caller has swapped
+# sys.stdout back (click's CliRunner, contextlib.redirect_stdout), leaving the caller's
+# stdout pointing at a stream it has closed. Plain messages never touch sys.stdout. Set
+# here, on the importing thread, before anything imports numba.
+os.environ.setdefault("NUMBA_DISABLE_ERROR_MESSAGE_HIGHLIGHTING", "1")
 
 
 class StagedKernel:
