@@ -97,6 +97,12 @@ FUSE_AFTER = 1 << 28
 FUSE_MIN = 1 << 12
 
 
+def fused_kernels(name: str, check: Callable[[Any], bool]) -> StagedKernel:
+    """The fused kernels' module, staged for one caller: each checks the kernels it uses
+    against its own torch code, so a mismatch in one leaves the others in use."""
+    return StagedKernel(name, FUSE_AFTER, FUSED_KERNELS, check)
+
+
 def fusable(tensors: Sequence[torch.Tensor]) -> bool:
     """True for float32 CPU tensors of one shape, each large enough to pay for a call."""
     shape = tensors[0].shape
@@ -126,4 +132,4 @@ def _join_loaders() -> None:
 atexit.register(_join_loaders)
 
 __all__ = ["FUSED_KERNELS", "FUSE_AFTER", "FUSE_MIN", "StagedKernel", "flat_array", "fusable",
-           "request_all"]
+           "fused_kernels", "request_all"]

@@ -10,14 +10,7 @@ import numpy as np
 import torch
 
 from mergekit_pcb.methods.base import TensorInputs
-from mergekit_pcb.methods.compiled import (
-    FUSE_AFTER,
-    FUSE_MIN,
-    FUSED_KERNELS,
-    StagedKernel,
-    flat_array,
-    fusable,
-)
+from mergekit_pcb.methods.compiled import FUSE_MIN, flat_array, fusable, fused_kernels
 from mergekit_pcb.methods.selection import kth_smallest
 from mergekit_pcb.methods.side_by_side import start as start_side_by_side
 from mergekit_pcb.methods.sort_order import descending_top, descending_top_bits
@@ -311,7 +304,7 @@ def _fused_matches_torch(kernel: ModuleType) -> bool:
     return True
 
 
-FUSED = StagedKernel("fused-kernels", FUSE_AFTER, FUSED_KERNELS, _fused_matches_torch)
+FUSED = fused_kernels("fused-kernels", _fused_matches_torch)
 
 
 # ---------------------------------------------------------------------------------------

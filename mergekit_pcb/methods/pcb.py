@@ -34,14 +34,7 @@ from mergekit_pcb.methods.base import (
     Range,
     TensorInputs,
 )
-from mergekit_pcb.methods.compiled import (
-    FUSE_AFTER,
-    FUSE_MIN,
-    FUSED_KERNELS,
-    StagedKernel,
-    flat_array,
-    fusable,
-)
+from mergekit_pcb.methods.compiled import FUSE_MIN, flat_array, fusable, fused_kernels
 from mergekit_pcb.methods.ops import FUSE_MAX_MODELS, tail_group, tail_start
 from mergekit_pcb.methods.selection import StreamingSelect, kth_smallest
 
@@ -233,7 +226,7 @@ def _kernel_matches_torch(kernel: ModuleType) -> bool:
     return True
 
 
-KERNELS = StagedKernel("pcb-kernels", FUSE_AFTER, FUSED_KERNELS, _kernel_matches_torch)
+KERNELS = fused_kernels("pcb-kernels", _kernel_matches_torch)
 
 
 def _kth(values: torch.Tensor, k: int, nonnegative: bool = False) -> float:

@@ -16,14 +16,7 @@ from types import ModuleType
 import numpy as np
 import torch
 
-from mergekit_pcb.methods.compiled import (
-    FUSE_AFTER,
-    FUSE_MIN,
-    FUSED_KERNELS,
-    StagedKernel,
-    flat_array,
-    fusable,
-)
+from mergekit_pcb.methods.compiled import FUSE_MIN, flat_array, fusable, fused_kernels
 
 BINS = 1 << 16
 _HALF = 1 << 15
@@ -177,8 +170,7 @@ def _histograms_match_torch(kernel: ModuleType) -> bool:
     return True
 
 
-HISTOGRAMS = StagedKernel("histogram-kernels", FUSE_AFTER, FUSED_KERNELS,
-                          _histograms_match_torch)
+HISTOGRAMS = fused_kernels("histogram-kernels", _histograms_match_torch)
 
 
 def kth_smallest(values: torch.Tensor, k: int, *, nonnegative: bool = False) -> float:

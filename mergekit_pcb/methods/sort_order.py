@@ -113,15 +113,6 @@ KERNEL = StagedKernel("introsort-kernel", COMPILE_AFTER, INTROSORT_KERNEL,
                       _compiled_matches_numpy)
 
 
-@functools.cache
-def _kernel() -> Callable[..., bool] | None:
-    try:
-        module = importlib.import_module(INTROSORT_KERNEL)
-    except Exception:  # numba missing, unusable with this numpy, or without a writable
-        return None  # cache: the numpy emulation only
-    return module.top_in_place
-
-
 def _start(values: np.ndarray, depth_limit: int | None
            ) -> tuple[np.ndarray, np.ndarray, int]:
     """What both implementations partition in place, as the sort does: a copy of the keys,
@@ -135,10 +126,9 @@ def _start(values: np.ndarray, depth_limit: int | None
 def introsort_top_compiled(values: np.ndarray, k: int, depth_limit: int | None = None
                            ) -> np.ndarray | None:
     """`introsort_top` by the compiled kernel (numba must import)."""
-    kernel = _kernel()
-    assert kernel is not None
+    top_in_place = importlib.import_module(INTROSORT_KERNEL).top_in_place  # loaded: cached
     keys, index, depth = _start(values, depth_limit)
-    if not kernel(keys, index, k, depth, INSERTION_SORT_MAX):
+    if not top_in_place(keys, index, k, depth, INSERTION_SORT_MAX):
         return None
     return index[:k].astype(np.int64)
 
