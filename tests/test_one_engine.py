@@ -309,3 +309,52 @@ def test_global_pcb_reuses_members_statistics(population: tuple[Path, list[Path]
                 assert torch.equal(got[name], expected[name]), (step, name)
     finally:
         rt.close()
+
+
+@pytest.mark.parametrize("member_score_fails", [False, True])
+def test_a_kept_trial_is_written_while_it_is_scored(population: tuple[Path, list[Path]],
+                                                    tmp_path: Path,
+                                                    member_score_fails: bool) -> None:
+    """In merged mode a kept trial's file is written on the runtime's writer thread while its
+    own score (a second fitness call) runs: the job reports the CRC-32 of the file, which
+    holds the trial's bits, and the next merge takes its kept task vectors from the memo. A
+    failing member score is the error reported, with nothing left writing."""
+    from mergekit_pcb.evolve.jobs import TrialJob, build_trial, run_trial, runtime
+    from mergekit_pcb.evolve.strategies.base import Step
+    from mergekit_pcb.io.writer import file_crc32
+
+    root, members = population
+    module = f"fitness_kept_{int(member_score_fails)}"
+    (root / f"{module}.py").write_text(
+        "CALLS = []\n"
+        "def f(state):\n"
+        "    CALLS.append(1)\n"
+        f"    if {member_score_fails} and len(CALLS) == 2:\n"
+        "        raise RuntimeError('member score failed')\n"
+        "    return float(sum(t.double().sum() for t in state.values()))\n")
+    base_ctx = _runtime(root, "ties", {"density": 0.4}, members, seed=9).ctx
+    ctx = WorkContext(**{**base_ctx.__dict__, "key": module, "fitness": FitnessSpec(
+        type="callable", function=f"{module}:f")})
+    out = tmp_path / "g0001-s0001.safetensors"
+    job = TrialJob(generation=0, step=1, plan=Step(slot=1, donors=(2, 3), F=0.5, CR=0.5),
+                   members=tuple(str(m) for m in members), merged=True,
+                   threshold=float("-inf"), out_path=str(out))  # always beaten: kept
+    if member_score_fails:
+        with pytest.raises(RuntimeError, match="member score failed"):
+            run_trial((ctx, job))
+        assert not list(tmp_path.glob(".*.tmp-*"))  # the write ended (complete, renamed)
+        return
+    result = run_trial((ctx, job))
+    assert result.accepted and result.member_score is not None
+    assert result.checksum == file_crc32(out)
+    rt = runtime(ctx)
+    want = build_trial(rt, job)
+    got = load_file(str(out))
+    assert list(got) == [s.name for s in ctx.layout]
+    for name, tensor in want.items():
+        assert torch.equal(got[name], tensor), name
+    paths = [str(m) for m in members]
+    paths[1] = str(out)
+    hits = rt.prepared.hits
+    rt.merge([rt.cache.get(p) for p in paths])
+    assert rt.prepared.hits - hits == 3 * len(paths)  # the new member's steps carried over

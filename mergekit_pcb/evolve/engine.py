@@ -46,6 +46,7 @@ from mergekit_pcb.evolve.jobs import (
     run_score,
     run_trial,
     runtime,
+    write_trial_file,
 )
 from mergekit_pcb.evolve.operators import interpolate
 from mergekit_pcb.evolve.replica import PopulationLog
@@ -417,8 +418,7 @@ class EvolutionRun:
         """An accepted trial scored on a worker's own copy: the driver builds it from the
         same members and seeds and stores it; its bytes must be the worker's."""
         trial = build_trial(runtime(self.ctx), job)
-        crc = write_safetensors(Path(job.out_path), self.layout, trial.items(),
-                                reuse=Path(job.spare) if job.spare else None)
+        crc = write_trial_file(self.ctx, job, trial)
         if crc != checksum:
             raise CheckpointError(
                 f"generation {job.generation + 1}, step {job.step}: the trial built on the "

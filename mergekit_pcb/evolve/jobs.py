@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import itertools
 import time
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -119,6 +120,7 @@ class Runtime:
         # Each member's trimmed (or dropped) task vectors, kept for the next candidate's
         # merge, which differs by one member.
         self.prepared = PreparedMemo(prepared_budget())
+        self._writer: ThreadPoolExecutor | None = None  # started by the first kept trial
         if ctx.merge is not None:
             request_all()  # every candidate merges: the fused kernels pay for loading at once
 
@@ -138,7 +140,18 @@ class Runtime:
             self._buffers[spec.name] = buf
         return buf
 
+    def write_behind(self, job: TrialJob, trial: dict[str, torch.Tensor]) -> Future[int]:
+        """Start writing a kept trial to its member file on this runtime's writer thread;
+        the future gives the file's CRC-32. The caller waits for it before it reports the
+        trial kept, so no state names a file still being written."""
+        if self._writer is None:
+            self._writer = ThreadPoolExecutor(1, thread_name_prefix="member-writer")
+        return self._writer.submit(write_trial_file, self.ctx, job, trial)
+
     def close(self) -> None:
+        if self._writer is not None:
+            self._writer.shutdown()
+            self._writer = None
         self.prepared.clear()
         self.cache.close()
         for plan in self.plans.values():
@@ -238,6 +251,7 @@ def run_trial(item: tuple[WorkContext, TrialJob]) -> JobResult:
     # a fresh name for every build: a speculative step that was discarded is built again
     # from other members, under the same out_path, and must not find the old one's entries
     trial_identity = ("trial", job.out_path, next(_TRIAL_NAMES))
+    writing: Future[int] | None = None
     if job.merged:
         ckpts: list[Checkpoint] = [rt.cache.get(p) for p in job.members]
         ckpts[job.plan.slot] = MemoryCheckpoint("trial", trial)
@@ -249,22 +263,35 @@ def run_trial(item: tuple[WorkContext, TrialJob]) -> JobResult:
         del merged
         accepted = better(score, job.threshold, maximize)
         if accepted:
-            member_score = rt.score(trial, "select")
+            # The kept trial's own score is a second fitness call: its file is written
+            # meanwhile, on another thread (both only read the trial's tensors).
+            writing = rt.write_behind(job, trial)
+            try:
+                member_score = rt.score(trial, "select")
+            except BaseException:
+                wait([writing])  # nothing is left writing behind a failed fitness
+                raise
     else:
         score = rt.score(trial, "select", job.batch)
         accepted = better(score, job.threshold, maximize)
         member_score = score
     t_scored = time.perf_counter()
     checksum = None
-    if accepted:
-        checksum = write_safetensors(Path(job.out_path), list(ctx.layout), trial.items(),
-                                     reuse=Path(job.spare) if job.spare else None)
-        if job.merged:
-            rt.prepared.rename(trial_identity, file_identity(Path(job.out_path)))
+    if writing is not None:
+        checksum = writing.result()
+        rt.prepared.rename(trial_identity, file_identity(Path(job.out_path)))
+    elif accepted:
+        checksum = write_trial_file(ctx, job, trial)
     end = time.perf_counter()
     return JobResult(score, member_score if accepted else None, accepted, checksum,
                      rt.fitness_s, end - start,
                      {"build": t_built - start, "write": end - t_scored})
+
+
+def write_trial_file(ctx: WorkContext, job: TrialJob, trial: dict[str, torch.Tensor]) -> int:
+    """Write a kept trial to `job.out_path` (over the job's spare file, if any); its CRC-32."""
+    return write_safetensors(Path(job.out_path), list(ctx.layout), trial.items(),
+                             reuse=Path(job.spare) if job.spare else None)
 
 
 def run_score(item: tuple[WorkContext, ScoreJob]) -> JobResult:
@@ -281,4 +308,5 @@ def run_score(item: tuple[WorkContext, ScoreJob]) -> JobResult:
 
 
 __all__ = ["JobResult", "ScoreJob", "TrialJob", "WorkContext", "build_trial", "member_key",
-           "opened_paths", "population_recipe", "run_score", "run_trial", "runtime"]
+           "opened_paths", "population_recipe", "run_score", "run_trial", "runtime",
+           "write_trial_file"]
