@@ -46,6 +46,38 @@ def test_reader_matches_safetensors_library(tmp_path: Path) -> None:
     ckpt.close()
 
 
+def test_mapped_files_read_what_the_reader_reads(tmp_path: Path) -> None:
+    """A sharded checkpoint read through memory maps (a search's base): every tensor and
+    slice equals the tensors saved, and a pickled checkpoint is left as it is."""
+    from mergekit_pcb.io.mapped import MappedFiles, mapped_files
+
+    tensors = sample_tensors()
+    names = list(tensors)
+    shards = {"model-00001-of-00002.safetensors": names[: len(names) // 2],
+              "model-00002-of-00002.safetensors": names[len(names) // 2:]}
+    for file, part in shards.items():
+        save_file({n: tensors[n] for n in part}, tmp_path / file)
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps(
+        {"weight_map": {n: f for f, part in shards.items() for n in part}}))
+    ckpt = open_checkpoint(str(tmp_path))
+    mapped = mapped_files(ckpt)
+    assert isinstance(mapped, MappedFiles) and mapped_files(mapped) is mapped
+    for name, want in tensors.items():
+        got = mapped.read(name)
+        assert got.dtype == want.dtype and got.shape == want.shape, name
+        assert torch.equal(got, want), name
+        if want.numel() > 2:
+            assert torch.equal(mapped.read(name, 1, want.numel() - 1),
+                               want.reshape(-1)[1:-1]), name
+    mapped.close()
+    torch.save({"w": torch.ones(2)}, tmp_path / "pytorch_model.bin")
+    for file in shards:
+        (tmp_path / file).unlink()
+    (tmp_path / "model.safetensors.index.json").unlink()
+    pickled = open_checkpoint(str(tmp_path), allow_pickle=True)
+    assert pickled.pickled and mapped_files(pickled) is pickled  # left to torch.load
+
+
 def test_writer_output_loads_with_safetensors_library(tmp_path: Path) -> None:
     tensors = sample_tensors()
     specs = [OutputTensor(n, t.dtype, tuple(t.shape)) for n, t in tensors.items()]

@@ -22,7 +22,7 @@ from mergekit_pcb.evolve.jobs import Runtime, WorkContext
 from mergekit_pcb.evolve.store import TensorSpec
 from mergekit_pcb.evolve.strategies import STRATEGIES
 from mergekit_pcb.evolve.strategies.evolver import EvolverParameters
-from mergekit_pcb.io.mapped import open_readable
+from mergekit_pcb.io.mapped import MappedFiles, open_readable
 from mergekit_pcb.io.memory import MemoryCheckpoint
 from mergekit_pcb.methods import REGISTRY
 
@@ -111,6 +111,9 @@ def test_population_merge_is_pcbmerge_run(population: tuple[Path, list[Path]], t
         sources = [rt.cache.get(str(m)) for m in members]
         sources[2] = MemoryCheckpoint("trial", trial)
         merged = rt.merge(sources)
+        plan = rt.plans[len(members)]
+        if plan.base_key is not None:  # read in place by every candidate, not copied
+            assert isinstance(plan.checkpoints[plan.base_key], MappedFiles)
         on_files = [*members[:2], trial_file, *members[3:]]
         expected = _run_recipe(root, method, params, on_files, 3, tmp_path / "out")
         assert merged.keys() == expected.keys()

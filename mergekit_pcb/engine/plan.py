@@ -34,6 +34,7 @@ from mergekit_pcb.engine.vocab import (
 )
 from mergekit_pcb.errors import CheckpointError, RecipeError
 from mergekit_pcb.io.artifacts import model_dir
+from mergekit_pcb.io.mapped import mapped_files
 from mergekit_pcb.io.reader import Checkpoint, open_checkpoint
 from mergekit_pcb.io.resolve import resolve_model_path
 from mergekit_pcb.io.tokenizer import has_tokenizer
@@ -157,6 +158,19 @@ class MergePlan:
                 self.owned = self.owned - {key}
             self.checkpoints[key] = ckpt
         return self
+
+    def map_model(self, key: str) -> None:
+        """Read model `key` through memory maps from now on (`io.mapped.mapped_files`): for
+        a plan executed again and again, as a search's population merge is. The plan owns
+        the mapped view; the checkpoint it replaces is closed if the plan owned it."""
+        ckpt = self.checkpoints[key]
+        view = mapped_files(ckpt)
+        if view is ckpt:
+            return
+        if key in self.owned:
+            ckpt.close()
+        self.checkpoints[key] = view
+        self.owned = self.owned | {key}
 
     def reset_statistics(self) -> None:
         """Fresh whole-model statistics for every route that gathers them."""

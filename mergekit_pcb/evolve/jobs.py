@@ -177,6 +177,10 @@ class Runtime:
             plan = build_plan(recipe, "", allow_pickle=ctx.allow_pickle, sources=sources)
             # members were checked finite when they were written (inputs and trials alike)
             plan.check_finite = False
+            if plan.base_key is not None:
+                # every candidate reads the whole base: mapped, it is read in place, not
+                # copied each time (the plan keeps owning it)
+                plan.map_model(plan.base_key)
             self.plans[n] = plan
         merged = merge_in_memory(plan.rebind(sources), memo=self.prepared)
         # Keep what the population's members (the open files) prepared: a rejected trial's

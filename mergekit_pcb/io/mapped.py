@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from mergekit_pcb.io.reader import Checkpoint, open_checkpoint
-from mergekit_pcb.io.safetensors_format import read_header
+from mergekit_pcb.io.safetensors_format import TensorInfo, open_regular, read_header
 
 
 def _identity(path: Path, st: os.stat_result) -> tuple[str, int, int, int, int]:
@@ -43,16 +43,51 @@ class MappedCheckpoint(Checkpoint):
 
     def read(self, name: str, start: int | None = None, stop: int | None = None
              ) -> torch.Tensor:
-        info = self.info(name)
-        if info.numel == 0 or self._map is None:
-            tensor = torch.empty(info.shape, dtype=info.dtype)
-        else:
-            tensor = torch.frombuffer(self._map, dtype=info.dtype, count=info.numel,
-                                      offset=info.start).view(info.shape)
-        return tensor if start is None and stop is None else tensor.reshape(-1)[start:stop]
+        return _view(self._map, self.info(name), start, stop)
 
     def close(self) -> None:
         self._map = None  # unmapped when the last view is gone
+
+
+class MappedFiles(Checkpoint):
+    """Another checkpoint's safetensors files, memory-mapped as they are first read:
+    zero-copy views of a model that is read again and again (a search's base, merged with
+    every candidate), where positioned reads would copy it each time."""
+
+    def __init__(self, source: Checkpoint) -> None:
+        super().__init__(source.ref, source.root, dict(source.tensors))
+        self.identity = source.identity
+        self._maps: dict[Path, mmap.mmap | None] = {}
+
+    def read(self, name: str, start: int | None = None, stop: int | None = None
+             ) -> torch.Tensor:
+        info = self.info(name)
+        if info.file not in self._maps:
+            with open_regular(info.file) as f:  # the reader's checks: a regular file
+                size = os.fstat(f.fileno()).st_size
+                self._maps[info.file] = (mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+                                         if size else None)
+        return _view(self._maps[info.file], info, start, stop)
+
+    def close(self) -> None:
+        self._maps.clear()  # unmapped when the last views are gone
+
+
+def _view(mapping: mmap.mmap | None, info: TensorInfo, start: int | None,
+          stop: int | None) -> torch.Tensor:
+    if info.numel == 0 or mapping is None:
+        tensor = torch.empty(info.shape, dtype=info.dtype)
+    else:
+        tensor = torch.frombuffer(mapping, dtype=info.dtype, count=info.numel,
+                                  offset=info.start).view(info.shape)
+    return tensor if start is None and stop is None else tensor.reshape(-1)[start:stop]
+
+
+def mapped_files(ckpt: Checkpoint) -> Checkpoint:
+    """`ckpt` read through memory maps (`MappedFiles`); a pickled checkpoint as it is."""
+    if isinstance(ckpt, MappedCheckpoint | MappedFiles) or ckpt.pickled:
+        return ckpt
+    return MappedFiles(ckpt)
 
 
 def open_readable(ref: str) -> Checkpoint:
@@ -63,4 +98,4 @@ def open_readable(ref: str) -> Checkpoint:
     return open_checkpoint(ref)
 
 
-__all__ = ["MappedCheckpoint", "open_readable"]
+__all__ = ["MappedCheckpoint", "MappedFiles", "mapped_files", "open_readable"]

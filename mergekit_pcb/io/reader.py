@@ -86,6 +86,11 @@ class Checkpoint:
         return state[info.name].clone()
 
     @property
+    def pickled(self) -> bool:
+        """Whether any of its files is a pickle (loaded through `torch.load`)."""
+        return bool(self._pickle_files)
+
+    @property
     def total_bytes(self) -> int:
         return sum(i.nbytes for i in self.tensors.values())
 
