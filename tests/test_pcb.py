@@ -314,6 +314,31 @@ def test_kth_smallest_equals_sort() -> None:
         assert kth_smallest(values.abs(), k, nonnegative=True) == magnitudes[k].item(), k
 
 
+@pytest.mark.parametrize("n", [1, 2, 7, 1118, 4096])
+def test_kth_smallest_of_a_small_tensor_is_the_rounds_value(n: int) -> None:
+    """Up to `SORT_MAX` values the k-th smallest is sorted out: the same float, +0.0 for
+    either zero, as the histogram rounds; NaNs go to the rounds."""
+    import math
+
+    from mergekit_pcb.methods.selection import SORT_MAX, _histogram_kth, kth_smallest
+
+    assert n <= SORT_MAX
+    g = torch.Generator().manual_seed(n)
+    values = torch.randn(n, generator=g) * torch.exp(4 * torch.randn(n, generator=g))
+    values[::3] = -0.0
+    values[1::5] = 0.0
+    values[2::7] = values[0].abs() + 1.0  # ties
+    for signed, nonnegative in ((values, False), (values.abs(), True)):
+        for k in range(0, n, max(1, n // 61)):
+            got = kth_smallest(signed, k, nonnegative=nonnegative)
+            want = _histogram_kth(signed.contiguous(), k, nonnegative)
+            assert got == want and math.copysign(1, got) == math.copysign(1, want), (k, got)
+    with_nan = values.clone()
+    with_nan[0] = -float("nan")
+    # the rounds put a negative NaN first (a sort would put it last)
+    assert math.isnan(kth_smallest(with_nan, 0)) and math.isnan(_histogram_kth(with_nan, 0, False))
+
+
 @pytest.mark.parametrize("nonnegative", [False, True])
 def test_streaming_select_equals_sort(nonnegative: bool) -> None:
     """The streamed selection over chunks (magnitudes: bits taken as keys) is exact."""
