@@ -1,4 +1,5 @@
-"""What this machine's memory allows: read from the OS, with a fallback where it cannot say."""
+"""What this machine's memory and cores allow: read from the OS, with a fallback where it
+cannot say."""
 
 from __future__ import annotations
 
@@ -28,4 +29,12 @@ def available_memory() -> int:
     return physical_memory() // 2
 
 
-__all__ = ["available_memory", "physical_memory"]
+def usable_cores() -> int:
+    """CPU cores this process may run on (its affinity mask where the OS has one)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+__all__ = ["available_memory", "physical_memory", "usable_cores"]

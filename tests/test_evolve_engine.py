@@ -208,6 +208,51 @@ def test_same_seed_same_result_with_one_and_two_workers(pop_dir: Path, mode: str
         "totals"]["evaluations"]
 
 
+@pytest.mark.parametrize("inner", [
+    {"merge_method": "ties", "parameters": {"density": 0.5, "scope": "global"}},
+    {"merge_method": "pcb", "parameters": {"lambda": 1.25}},
+    {"merge_method": "dare_ties", "parameters": {"density": 0.5}},
+], ids=["ties-global", "pcb", "dare_ties"])
+def test_the_next_candidate_prepared_on_a_spare_core_changes_nothing(
+        pop_dir: Path, monkeypatch: pytest.MonkeyPatch, inner: dict[str, Any]) -> None:
+    """With a core to spare, a merged-mode job builds and merges the generation's next
+    candidate while its fitness runs, on the population it guesses its trial leaves (and on
+    the other when the guess was wrong and the trial is kept). The run is the run without
+    a spare core, bit for bit, and the prepared candidates were used."""
+    from mergekit_pcb.evolve import executor, jobs
+
+    data = recipe_dict(pop_dir, n=4, generations=3)
+    data["merge"] = inner
+    recipe = write_recipe(pop_dir, data)
+    taken: list[bool] = []
+    guesses: dict[tuple[int, int], list[bool]] = {}
+    take, prepare = jobs.Runtime.take_prepared, jobs.Runtime.prepare_next
+
+    def counting_take(self: jobs.Runtime, job: jobs.TrialJob) -> jobs.Prepared | None:
+        ready = take(self, job)
+        taken.append(ready is not None)
+        return ready
+
+    def counting_prepare(self: jobs.Runtime, job: jobs.TrialJob, *args: Any,
+                         kept: bool) -> None:
+        if job.next_plan is not None:
+            guesses.setdefault((job.generation, job.step), []).append(kept)
+        prepare(self, job, *args, kept=kept)
+
+    monkeypatch.setattr(jobs.Runtime, "take_prepared", counting_take)
+    monkeypatch.setattr(jobs.Runtime, "prepare_next", counting_prepare)
+    monkeypatch.setattr(executor, "usable_cores", lambda: 4)
+    ahead, alone = pop_dir / "ahead", pop_dir / "alone"
+    evolve(recipe, ahead, trust_code=True)
+    assert any(taken) and not all(taken)  # used; none across a generation's end
+    assert [False, True] in guesses.values()  # a wrong guess, then the kept population
+    taken.clear()
+    monkeypatch.setattr(executor, "usable_cores", lambda: 1)
+    evolve(recipe, alone, trust_code=True)
+    assert not any(taken)
+    assert same_tensors(ahead, alone) and search_record(ahead) == search_record(alone)
+
+
 # ----------------------------------------------------------------------------- resume
 
 

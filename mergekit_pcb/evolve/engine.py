@@ -20,6 +20,7 @@ result is the member best on the whole select data (`final_select`).
 
 from __future__ import annotations
 
+import math
 import random
 import time
 from collections.abc import Callable, Sequence
@@ -43,6 +44,7 @@ from mergekit_pcb.evolve.jobs import (
     build_trial,
     member_key,
     population_recipe,
+    prepared_budget,
     run_score,
     run_trial,
     runtime,
@@ -127,6 +129,9 @@ class EvolutionRun:
             seed=self.settings.seed, layout=tuple(self.layout),
             strategy=self.settings.strategy, allow_pickle=allow_pickle,
         )
+        # Preparing the next candidate ahead holds a second trial and merge in memory.
+        model_bytes = sum(math.prod(t.shape) * t.dtype.itemsize for t in self.layout)
+        self._prepare_ahead = self.settings.merged and 2 * model_bytes <= prepared_budget()
 
     def _check_inner_merge(self, merge: InnerMerge, refs: list[str]) -> None:
         """Plan the population's merge over the input models themselves: every check the
@@ -412,6 +417,9 @@ class EvolutionRun:
             out_path=self._path(f"g{gen + 1:04d}-s{position:04d}.safetensors"),
             spare=self._path(spare) if spare else None,
             batch=self.settings.strategy.batch(st["plan"]),
+            next_plan=self.settings.strategy.step(st["plan"], position + 1)
+            if self._prepare_ahead and self.executor.spare_core
+            and position + 1 < self.settings.pop else None,
         )
 
     def _write_trial(self, job: TrialJob, checksum: int | None) -> None:

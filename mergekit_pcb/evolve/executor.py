@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
+from mergekit_pcb.machine import usable_cores
 from mergekit_pcb.threads import torch_threads
 
 if TYPE_CHECKING:
@@ -31,6 +32,7 @@ class Executor(Protocol):
     # False (Ray without a shared run directory) each worker keeps its own copy, and the
     # driver writes accepted trials itself.
     shares_files: bool
+    spare_core: bool  # whether a job may prepare the next one on an idle core
 
     def map(self, fn: Callable[[T], R], items: Sequence[T]) -> list[R]:
         """fn over items, results in the order of items."""
@@ -50,6 +52,9 @@ class SerialExecutor:
     def __init__(self, threads: int | None = 1) -> None:
         self.workers = 1
         self.threads = threads
+        # A core the jobs' torch threads leave idle: a merged-mode job prepares the next
+        # candidate on it while its fitness runs (`jobs.Runtime.prepare_next`).
+        self.spare_core = threads is not None and threads < usable_cores()
 
     def track(self, population: PopulationLog, member_dir: Path) -> None:
         pass
@@ -70,6 +75,7 @@ def _init_worker(threads: int | None) -> None:
 
 class ProcessExecutor:
     shares_files = True
+    spare_core = False  # its jobs go to any worker: the one that prepared ahead may not get it
 
     def __init__(self, workers: int, threads: int | None = 1,
                  context: str = "spawn") -> None:

@@ -8,14 +8,23 @@ The population's merge is the merge engine's own (`engine.build_plan` + `merge_i
 the same statistics passes, routing, buffer rules and seeded masks as `pcbmerge run` over
 the member files. Members are memory-mapped (resident when the page cache holds them, read
 from disk when it does not) and the trial joins as an in-memory checkpoint.
+
+In merged mode a worker with a core to spare builds and merges the generation's next
+candidate on it while the current one is scored (`Runtime.prepare_next`): on the population
+this trial leaves if kept, or if not, whichever recent trials make likelier, and on the other
+when the guess was wrong and the trial is kept (its own score leaves time). The same
+functions on the same inputs give the same bits; the job waits for that work before it
+returns.
 """
 
 from __future__ import annotations
 
+import collections
 import itertools
 import time
+from collections.abc import Hashable
 from concurrent.futures import Future, ThreadPoolExecutor, wait
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -83,6 +92,9 @@ class TrialJob:
     out_path: str  # where the trial is written when it beats the threshold
     spare: str | None = None  # a dead member file to overwrite in place instead
     batch: dict[str, int] | None = None  # the generation's mini-batch of the select data
+    # The generation's next step (merged mode, one worker with a spare core): built and
+    # merged on that core while this trial is scored (`Runtime.prepare_next`).
+    next_plan: Step | None = None
 
 
 @dataclass(frozen=True)
@@ -104,6 +116,22 @@ class JobResult:
     timings: dict[str, float] = field(default_factory=dict)
 
 
+@dataclass
+class Prepared:
+    """A candidate built and merged ahead of its job: the job it is for, its trial (in
+    buffer `bank`), the merge and the name the merge prepared the trial under."""
+
+    key: tuple[object, ...]
+    trial: dict[str, torch.Tensor]
+    merged: dict[str, torch.Tensor]
+    identity: Hashable
+    bank: int
+
+
+def _job_key(job: TrialJob) -> tuple[object, ...]:
+    return (job.generation, job.step, job.plan, job.members)
+
+
 class Runtime:
     """Per-process cache: evaluator, merge plans, open checkpoints."""
 
@@ -121,6 +149,14 @@ class Runtime:
         # merge, which differs by one member.
         self.prepared = PreparedMemo(prepared_budget())
         self._writer: ThreadPoolExecutor | None = None  # started by the first kept trial
+        # The next candidate, prepared on a spare core while this one is scored. The memo,
+        # the plans and the open checkpoints are that thread's until it is joined, which the
+        # job does before it returns: the executor's torch thread count holds only inside a
+        # job, and the merge's bits depend on it.
+        self._ahead: ThreadPoolExecutor | None = None
+        self._pending: Future[Prepared] | None = None
+        self._pending_key: tuple[object, ...] | None = None
+        self._kept: collections.deque[bool] = collections.deque(maxlen=8)
         if ctx.merge is not None:
             request_all()  # every candidate merges: the fused kernels pay for loading at once
 
@@ -131,13 +167,15 @@ class Runtime:
             self._evaluator = build_evaluator(ctx.fitness, Path(ctx.root), ctx.model_ref)
         return self._evaluator
 
-    def buffer(self, spec: TensorSpec) -> torch.Tensor | None:
+    def buffer(self, spec: TensorSpec, bank: int = 0) -> torch.Tensor | None:
+        """The trial tensor's reused buffer in `bank`: a trial prepared ahead is built in the
+        other bank than the trial being scored."""
         if spec.dtype not in (torch.float32, torch.float64):
             return None  # half precision goes through float32 temporaries
-        buf = self._buffers.get(spec.name)
+        buf = self._buffers.get(f"{bank}/{spec.name}")
         if buf is None:
             buf = torch.empty(spec.shape, dtype=spec.dtype)
-            self._buffers[spec.name] = buf
+            self._buffers[f"{bank}/{spec.name}"] = buf
         return buf
 
     def write_behind(self, job: TrialJob, trial: dict[str, torch.Tensor]) -> Future[int]:
@@ -148,7 +186,71 @@ class Runtime:
             self._writer = ThreadPoolExecutor(1, thread_name_prefix="member-writer")
         return self._writer.submit(write_trial_file, self.ctx, job, trial)
 
+    def likely_kept(self) -> bool:
+        """Whether the trial being scored will more likely be kept, by the recent trials of
+        this process: which next population to prepare while it is scored."""
+        return 2 * sum(self._kept) > len(self._kept)
+
+    def record(self, kept: bool) -> None:
+        self._kept.append(kept)
+
+    def prepare_next(self, job: TrialJob, trial: dict[str, torch.Tensor], identity: Hashable,
+                     bank: int, *, kept: bool) -> None:
+        """Start building and merging the generation's next candidate on another thread, on
+        the population `job` leaves if its trial is `kept` (the trial, still in memory and
+        prepared under `identity`, in its slot) or not. Replaces whatever was prepared."""
+        if job.next_plan is None:
+            return
+        self.discard_prepared()
+        members = list(job.members)
+        overrides: dict[int, Checkpoint] = {}
+        if kept:  # its file is being written: the next candidate reads it from memory
+            members[job.plan.slot] = job.out_path
+            held = MemoryCheckpoint("trial", trial)
+            held.identity = identity
+            overrides[job.plan.slot] = held
+        upcoming = replace(job, step=job.step + 1, plan=job.next_plan, members=tuple(members),
+                           next_plan=None)
+        if self._ahead is None:
+            self._ahead = ThreadPoolExecutor(1, thread_name_prefix="next-candidate")
+        self._pending_key = _job_key(upcoming)
+        self._pending = self._ahead.submit(self._prepare, upcoming, overrides, 1 - bank)
+
+    def _prepare(self, job: TrialJob, overrides: dict[int, Checkpoint], bank: int
+                 ) -> Prepared:
+        trial = build_trial(self, job, bank=bank, overrides=overrides)
+        identity = ("trial", "ahead", next(_TRIAL_NAMES))
+        ckpts = [overrides[i] if i in overrides else self.cache.get(p)
+                 for i, p in enumerate(job.members)]
+        ckpts[job.plan.slot] = MemoryCheckpoint("trial", trial)
+        ckpts[job.plan.slot].identity = identity
+        return Prepared(_job_key(job), trial, self.merge(ckpts), identity, bank)
+
+    def take_prepared(self, job: TrialJob) -> Prepared | None:
+        """What was prepared, when it is `job`'s candidate (an error its build raised is
+        raised here, as building here would); dropped either way."""
+        pending, key = self._pending, self._pending_key
+        self.discard_prepared()
+        if pending is None or key != _job_key(job):
+            return None
+        return pending.result()
+
+    def settle_prepared(self) -> None:
+        """Wait until the next candidate's preparation is done (its result is kept)."""
+        if self._pending is not None:
+            wait([self._pending])
+
+    def discard_prepared(self) -> None:
+        """Join and drop what was being prepared."""
+        pending, self._pending, self._pending_key = self._pending, None, None
+        if pending is not None:
+            wait([pending])
+
     def close(self) -> None:
+        self.discard_prepared()
+        if self._ahead is not None:
+            self._ahead.shutdown()
+            self._ahead = None
         if self._writer is not None:
             self._writer.shutdown()
             self._writer = None
@@ -219,10 +321,13 @@ def mask_generator(seed: int, generation: int, step: int, name: str) -> torch.Ge
     return tensor_generator(seed, name, f"trial/{generation}/{step}")
 
 
-def build_trial(rt: Runtime, job: TrialJob) -> dict[str, torch.Tensor]:
+def build_trial(rt: Runtime, job: TrialJob, bank: int = 0,
+                overrides: dict[int, Checkpoint] | None = None) -> dict[str, torch.Tensor]:
     """The trial, tensor by tensor, as the strategy makes it from the slot's member and its
-    donors; checked finite, since it will be merged and stored unchecked."""
-    ckpts = [rt.cache.get(p) for p in job.members]
+    donors (`overrides`: slots held in memory); checked finite, since it will be merged and
+    stored unchecked. Built in the reused buffers of `bank`."""
+    held = overrides or {}
+    ckpts = [held[i] if i in held else rt.cache.get(p) for i, p in enumerate(job.members)]
     rt.cache.keep_only(job.members)
     step = job.plan
     parent = ckpts[step.slot]
@@ -235,7 +340,7 @@ def build_trial(rt: Runtime, job: TrialJob) -> dict[str, torch.Tensor]:
             continue
         g = mask_generator(rt.ctx.seed, job.generation, job.step, spec.name)
         donors = [ckpts[i].read(spec.name) for i in step.donors]
-        t = strategy.trial_tensor(target, donors, step, g, rt.buffer(spec), rt.scratch)
+        t = strategy.trial_tensor(target, donors, step, g, rt.buffer(spec, bank), rt.scratch)
         if not all_finite(t):
             raise UserError(f"generation {job.generation + 1}, step {job.step}: the trial's "
                             f"tensor '{spec.name}' overflows to NaN or Inf (F={step.F})")
@@ -245,28 +350,50 @@ def build_trial(rt: Runtime, job: TrialJob) -> dict[str, torch.Tensor]:
 
 def run_trial(item: tuple[WorkContext, TrialJob]) -> JobResult:
     ctx, job = item
-    start = time.perf_counter()
     rt = runtime(ctx)
+    try:
+        return _run_trial(rt, ctx, job)
+    except BaseException:
+        rt.discard_prepared()  # nothing runs on past a failed job
+        raise
+
+
+def _run_trial(rt: Runtime, ctx: WorkContext, job: TrialJob) -> JobResult:
+    start = time.perf_counter()
     rt.fitness_s = 0.0
-    trial = build_trial(rt, job)
+    ready = rt.take_prepared(job)  # built and merged while the step before was scored
+    bank = 0 if ready is None else ready.bank
+    trial = build_trial(rt, job) if ready is None else ready.trial
     t_built = time.perf_counter()
     maximize = rt.evaluator.maximize
     member_score = None
     # a fresh name for every build: a speculative step that was discarded is built again
     # from other members, under the same out_path, and must not find the old one's entries
-    trial_identity = ("trial", job.out_path, next(_TRIAL_NAMES))
+    trial_identity = ("trial", job.out_path, next(_TRIAL_NAMES)) if ready is None \
+        else ready.identity
     writing: Future[int] | None = None
     if job.merged:
-        ckpts: list[Checkpoint] = [rt.cache.get(p) for p in job.members]
-        ckpts[job.plan.slot] = MemoryCheckpoint("trial", trial)
-        # what the merge prepares for the trial is kept under this name: if the trial is
-        # accepted it becomes a member's, and the next candidate need not prepare it again
-        ckpts[job.plan.slot].identity = trial_identity
-        merged = rt.merge(ckpts)
+        if ready is None:
+            ckpts: list[Checkpoint] = [rt.cache.get(p) for p in job.members]
+            ckpts[job.plan.slot] = MemoryCheckpoint("trial", trial)
+            # what the merge prepares for the trial is kept under this name: if the trial
+            # is accepted it becomes a member's, and the next candidate need not prepare it
+            ckpts[job.plan.slot].identity = trial_identity
+            merged = rt.merge(ckpts)
+        else:
+            merged = ready.merged
+        # The next candidate's population depends on this trial's fate: prepare the likelier
+        # one while this one is scored, and the other if the guess was wrong and there is
+        # time (the kept trial's own score).
+        guess = rt.likely_kept()
+        rt.prepare_next(job, trial, trial_identity, bank, kept=guess)
         score = rt.score(merged, "select")
         del merged
         accepted = better(score, job.threshold, maximize)
+        rt.record(accepted)
         if accepted:
+            if not guess:
+                rt.prepare_next(job, trial, trial_identity, bank, kept=True)
             # The kept trial's own score is a second fitness call: its file is written
             # meanwhile, on another thread (both only read the trial's tensors).
             writing = rt.write_behind(job, trial)
@@ -280,6 +407,7 @@ def run_trial(item: tuple[WorkContext, TrialJob]) -> JobResult:
         accepted = better(score, job.threshold, maximize)
         member_score = score
     t_scored = time.perf_counter()
+    rt.settle_prepared()  # before the memo's rename below, and within this job's threads
     checksum = None
     if writing is not None:
         checksum = writing.result()
@@ -303,6 +431,7 @@ def run_score(item: tuple[WorkContext, ScoreJob]) -> JobResult:
     start = time.perf_counter()
     rt = runtime(ctx)
     rt.fitness_s = 0.0
+    rt.discard_prepared()  # the plans and the memo are this thread's again
     if job.merged:
         state = rt.merge([rt.cache.get(p) for p in job.members])
     else:
@@ -311,6 +440,7 @@ def run_score(item: tuple[WorkContext, ScoreJob]) -> JobResult:
     return JobResult(score, fitness_s=rt.fitness_s, total_s=time.perf_counter() - start)
 
 
-__all__ = ["JobResult", "ScoreJob", "TrialJob", "WorkContext", "build_trial", "member_key",
+__all__ = ["JobResult", "Prepared", "ScoreJob", "TrialJob", "WorkContext", "build_trial",
+           "member_key",
            "opened_paths", "population_recipe", "run_score", "run_trial", "runtime",
            "write_trial_file"]

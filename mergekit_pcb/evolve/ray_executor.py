@@ -138,6 +138,7 @@ class RayExecutor:
                             f"({settings.cpus_per_worker} CPU, {settings.gpus_per_worker} GPU "
                             f"each; it has {ray.cluster_resources()})")
         self.shares_files = settings.shared_run_dir
+        self.spare_core = False  # jobs go to any actor, each on its own machine
         self.population: PopulationLog | None = None  # set by a population search
         self.member_dir: Path | None = None  # where the driver's member files are
         self._actor = ray.remote(num_cpus=settings.cpus_per_worker,
