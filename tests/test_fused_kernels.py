@@ -134,16 +134,16 @@ def test_staged_kernel_loads_after_enough_work_and_only_when_checked():
         loads.append("load")
         return "kernel"
 
-    staged = StagedKernel("probe", 100, load, lambda k: k == "kernel")
+    staged = StagedKernel("probe", 100, load, lambda k: k == "kernel", register=False)
     staged.count(60)
     assert staged.ready() is None and loads == []  # below the threshold: not loading
     staged.count(60)
     assert staged.wait(timeout=30) == "kernel" and loads == ["load"]
     staged.count(1000)
     assert loads == ["load"]  # loaded once
-    refused = StagedKernel("refused", 0, load, lambda k: False)
+    refused = StagedKernel("refused", 0, load, lambda k: False, register=False)
     assert refused.wait(timeout=30) is None
-    broken = StagedKernel("broken", 0, lambda: 1 / 0, lambda k: True)
+    broken = StagedKernel("broken", 0, lambda: 1 / 0, lambda k: True, register=False)
     assert broken.wait(timeout=30) is None
 
 

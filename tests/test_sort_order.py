@@ -126,7 +126,7 @@ def test_block_scans_cover_every_boundary() -> None:
 def _fresh_kernel(after: int, load: str | object = sort_order.INTROSORT_KERNEL
                   ) -> StagedKernel:
     return StagedKernel("introsort-kernel", after, load,  # type: ignore[arg-type]
-                        sort_order._compiled_matches_numpy)
+                        sort_order._compiled_matches_numpy, register=False)
 
 
 def test_the_kernel_is_loaded_once_tie_breaks_pay_for_it(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -177,3 +177,20 @@ so.introsort_top(np.random.default_rng(0).integers(0, 9, 5000).astype(np.float64
                           timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.strip() == "ready"
+
+
+def test_the_load_check_runs_the_kernel_it_is_given() -> None:
+    """`StagedKernel` checks the module it loaded, not whatever an import finds: a kernel
+    that places the wrong entries first fails the check."""
+    import importlib
+    import types
+
+    def reversed_top(keys: np.ndarray, index: np.ndarray, k: int, depth: int,
+                     small: int) -> bool:
+        index[:] = index[::-1].copy()  # the last entries first: not std::sort's top
+        return True
+
+    wrong = types.SimpleNamespace(top_in_place=reversed_top)
+    assert not sort_order._compiled_matches_numpy(wrong)  # type: ignore[arg-type]
+    assert sort_order._compiled_matches_numpy(
+        importlib.import_module(sort_order.INTROSORT_KERNEL))

@@ -36,7 +36,9 @@ class StagedKernel:
     `load` names the module to import, or returns the kernel."""
 
     def __init__(self, name: str, after: int, load: str | Callable[[], Any],
-                 check: Callable[[Any], bool]) -> None:
+                 check: Callable[[Any], bool], *, register: bool = True) -> None:
+        """`register`: `request_all` starts it and the process's exit waits for its loader
+        (the package's kernels; a probe made for a test need not be)."""
         self.name = name
         self.after = after
         self._load = load
@@ -45,7 +47,8 @@ class StagedKernel:
         self._kernel: Any = None
         self._loader: threading.Thread | None = None
         self._lock = threading.Lock()
-        _ALL.append(self)
+        if register:
+            _ALL.append(self)
 
     def ready(self) -> Any:
         return self._kernel

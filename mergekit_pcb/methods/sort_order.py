@@ -28,6 +28,7 @@ from __future__ import annotations
 import functools
 import importlib
 from collections.abc import Callable
+from types import ModuleType
 
 import numpy as np
 import torch
@@ -80,8 +81,9 @@ def introsort_top(values: np.ndarray, k: int, depth_limit: int | None = None
     so the kernel is loaded in the background once this process has tie-broken
     `COMPILE_AFTER` entries (or an evolution asks for every kernel), checked against numpy
     on every key type, and used from then on (`compiled.StagedKernel`)."""
-    if KERNEL.ready() is not None and values.size < 2**31:
-        return introsort_top_compiled(values, k, depth_limit)
+    kernel = KERNEL.ready()
+    if kernel is not None and values.size < 2**31:
+        return introsort_top_compiled(values, k, depth_limit, kernel)
     KERNEL.count(values.size)
     return introsort_top_numpy(values, k, depth_limit)
 
@@ -93,14 +95,14 @@ COMPILE_AFTER = 1 << 25
 KEY_TYPES = (np.dtype(np.int16), np.dtype(np.float32), np.dtype(np.float64))
 
 
-def _compiled_matches_numpy(kernel: object = None) -> bool:
-    """The compiled kernel (compiled now for each key type) against the numpy emulation."""
+def _compiled_matches_numpy(kernel: ModuleType) -> bool:
+    """The loaded kernel (compiled now for each key type) against the numpy emulation."""
     rng = np.random.default_rng(0)
     for dtype in KEY_TYPES:
         for n, distinct in ((17, 3), (4099, 7), (65_537, 1000)):
             values = rng.integers(0, distinct, n).astype(dtype)
             for k in (1, n // 3, n - 1):
-                top = introsort_top_compiled(values, k)
+                top = introsort_top_compiled(values, k, kernel=kernel)
                 expected = introsort_top_numpy(values, k)
                 if top is None or expected is None \
                         or not np.array_equal(np.sort(top), np.sort(expected)):
@@ -123,10 +125,11 @@ def _start(values: np.ndarray, depth_limit: int | None
     return values.copy(), index, depth
 
 
-def introsort_top_compiled(values: np.ndarray, k: int, depth_limit: int | None = None
-                           ) -> np.ndarray | None:
-    """`introsort_top` by the compiled kernel (numba must import)."""
-    top_in_place = importlib.import_module(INTROSORT_KERNEL).top_in_place  # loaded: cached
+def introsort_top_compiled(values: np.ndarray, k: int, depth_limit: int | None = None,
+                           kernel: ModuleType | None = None) -> np.ndarray | None:
+    """`introsort_top` by the compiled kernel (numba must import): `kernel`, or the module
+    imported (once loaded, a cached import)."""
+    top_in_place = (kernel or importlib.import_module(INTROSORT_KERNEL)).top_in_place
     keys, index, depth = _start(values, depth_limit)
     if not top_in_place(keys, index, k, depth, INSERTION_SORT_MAX):
         return None
