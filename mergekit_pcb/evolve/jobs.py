@@ -118,10 +118,9 @@ class JobResult:
 
 @dataclass
 class Prepared:
-    """A candidate built and merged ahead of its job: the job it is for, its trial (in
-    buffer `bank`), the merge and the name the merge prepared the trial under."""
+    """A candidate built and merged ahead of its job: its trial (in buffer `bank`), the merge
+    and the name the merge prepared the trial under."""
 
-    key: tuple[object, ...]
     trial: dict[str, torch.Tensor]
     merged: dict[str, torch.Tensor]
     identity: Hashable
@@ -143,7 +142,7 @@ class Runtime:
         self.fitness_s = 0.0
         # Trial tensors and the crossover's draw live in buffers reused from one candidate
         # to the next: fresh model-sized allocations cost more than the math.
-        self._buffers: dict[str, torch.Tensor] = {}
+        self._buffers: dict[tuple[int, str], torch.Tensor] = {}
         self.scratch = Scratch()
         # Each member's trimmed (or dropped) task vectors, kept for the next candidate's
         # merge, which differs by one member.
@@ -172,10 +171,10 @@ class Runtime:
         other bank than the trial being scored."""
         if spec.dtype not in (torch.float32, torch.float64):
             return None  # half precision goes through float32 temporaries
-        buf = self._buffers.get(f"{bank}/{spec.name}")
+        buf = self._buffers.get((bank, spec.name))
         if buf is None:
             buf = torch.empty(spec.shape, dtype=spec.dtype)
-            self._buffers[f"{bank}/{spec.name}"] = buf
+            self._buffers[bank, spec.name] = buf
         return buf
 
     def write_behind(self, job: TrialJob, trial: dict[str, torch.Tensor]) -> Future[int]:
@@ -220,11 +219,8 @@ class Runtime:
                  ) -> Prepared:
         trial = build_trial(self, job, bank=bank, overrides=overrides)
         identity = ("trial", "ahead", next(_TRIAL_NAMES))
-        ckpts = [overrides[i] if i in overrides else self.cache.get(p)
-                 for i, p in enumerate(job.members)]
-        ckpts[job.plan.slot] = MemoryCheckpoint("trial", trial)
-        ckpts[job.plan.slot].identity = identity
-        return Prepared(_job_key(job), trial, self.merge(ckpts), identity, bank)
+        return Prepared(trial, self.merge_candidate(job, trial, identity, overrides),
+                        identity, bank)
 
     def take_prepared(self, job: TrialJob) -> Prepared | None:
         """What was prepared, when it is `job`'s candidate (an error its build raised is
@@ -291,6 +287,25 @@ class Runtime:
                                 + [c.identity for c in self.cache.checkpoints()])
         return merged
 
+    def members(self, job: TrialJob, overrides: dict[int, Checkpoint] | None = None
+                ) -> list[Checkpoint]:
+        """`job`'s members in slot order: open files, except the slots `overrides` holds in
+        memory."""
+        held = overrides or {}
+        return [held[i] if i in held else self.cache.get(p) for i, p in enumerate(job.members)]
+
+    def merge_candidate(self, job: TrialJob, trial: dict[str, torch.Tensor],
+                        identity: Hashable, overrides: dict[int, Checkpoint] | None = None
+                        ) -> dict[str, torch.Tensor]:
+        """The merge of `job`'s members with `trial` in its slot. What the merge prepares for
+        the trial is kept under `identity`: if the trial is accepted it becomes a member's,
+        and the next candidate need not prepare it again."""
+        ckpts = self.members(job, overrides)
+        held = MemoryCheckpoint("trial", trial)
+        held.identity = identity
+        ckpts[job.plan.slot] = held
+        return self.merge(ckpts)
+
     def load(self, path: str) -> dict[str, torch.Tensor]:
         ckpt = self.cache.get(path)
         return {s.name: ckpt.read(s.name) for s in self.ctx.layout}
@@ -326,8 +341,7 @@ def build_trial(rt: Runtime, job: TrialJob, bank: int = 0,
     """The trial, tensor by tensor, as the strategy makes it from the slot's member and its
     donors (`overrides`: slots held in memory); checked finite, since it will be merged and
     stored unchecked. Built in the reused buffers of `bank`."""
-    held = overrides or {}
-    ckpts = [held[i] if i in held else rt.cache.get(p) for i, p in enumerate(job.members)]
+    ckpts = rt.members(job, overrides)
     rt.cache.keep_only(job.members)
     step = job.plan
     parent = ckpts[step.slot]
@@ -373,15 +387,8 @@ def _run_trial(rt: Runtime, ctx: WorkContext, job: TrialJob) -> JobResult:
         else ready.identity
     writing: Future[int] | None = None
     if job.merged:
-        if ready is None:
-            ckpts: list[Checkpoint] = [rt.cache.get(p) for p in job.members]
-            ckpts[job.plan.slot] = MemoryCheckpoint("trial", trial)
-            # what the merge prepares for the trial is kept under this name: if the trial
-            # is accepted it becomes a member's, and the next candidate need not prepare it
-            ckpts[job.plan.slot].identity = trial_identity
-            merged = rt.merge(ckpts)
-        else:
-            merged = ready.merged
+        merged = rt.merge_candidate(job, trial, trial_identity) if ready is None \
+            else ready.merged
         # The next candidate's population depends on this trial's fate: prepare the likelier
         # one while this one is scored, and the other if the guess was wrong and there is
         # time (the kept trial's own score).
@@ -441,6 +448,5 @@ def run_score(item: tuple[WorkContext, ScoreJob]) -> JobResult:
 
 
 __all__ = ["JobResult", "Prepared", "ScoreJob", "TrialJob", "WorkContext", "build_trial",
-           "member_key",
-           "opened_paths", "population_recipe", "run_score", "run_trial", "runtime",
-           "write_trial_file"]
+           "member_key", "opened_paths", "population_recipe", "run_score", "run_trial",
+           "runtime", "write_trial_file"]

@@ -1,4 +1,5 @@
-"""Single-file safetensors checkpoints, memory-mapped: the members of a search.
+"""Safetensors checkpoints, memory-mapped: the members of a search (single files), and the
+base its merges read again and again (`MappedFiles`, any checkpoint's files).
 
 Zero-copy tensor views: a population larger than RAM works, and a member the page cache
 holds is read from memory, not from the disk.
@@ -9,6 +10,7 @@ from __future__ import annotations
 import mmap
 import os
 from pathlib import Path
+from typing import BinaryIO
 
 import torch
 
@@ -36,10 +38,8 @@ class MappedCheckpoint(Checkpoint):
     def __init__(self, path: Path) -> None:
         super().__init__(str(path), path.parent, read_header(path)[0])
         with open(path, "rb") as f:
-            st = os.fstat(f.fileno())
-            size = st.st_size
-            self.identity = _identity(path, st)
-            self._map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY) if size else None
+            self.identity = _identity(path, os.fstat(f.fileno()))
+            self._map = _map(f)
 
     def read(self, name: str, start: int | None = None, stop: int | None = None
              ) -> torch.Tensor:
@@ -64,13 +64,18 @@ class MappedFiles(Checkpoint):
         info = self.info(name)
         if info.file not in self._maps:
             with open_regular(info.file) as f:  # the reader's checks: a regular file
-                size = os.fstat(f.fileno()).st_size
-                self._maps[info.file] = (mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
-                                         if size else None)
+                self._maps[info.file] = _map(f)
         return _view(self._maps[info.file], info, start, stop)
 
     def close(self) -> None:
         self._maps.clear()  # unmapped when the last views are gone
+
+
+def _map(f: BinaryIO) -> mmap.mmap | None:
+    """A private copy-on-write map of the open file (None when it is empty: mmap refuses)."""
+    if os.fstat(f.fileno()).st_size == 0:
+        return None
+    return mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
 
 
 def _view(mapping: mmap.mmap | None, info: TensorInfo, start: int | None,
