@@ -215,36 +215,59 @@ def test_same_seed_same_result_with_one_and_two_workers(pop_dir: Path, mode: str
 ], ids=["ties-global", "pcb", "dare_ties"])
 def test_the_next_candidate_prepared_on_a_spare_core_changes_nothing(
         pop_dir: Path, monkeypatch: pytest.MonkeyPatch, inner: dict[str, Any]) -> None:
-    """With a core to spare, a merged-mode job builds and merges the generation's next
-    candidate while its fitness runs, on the population it guesses its trial leaves (and on
-    the other when the guess was wrong and the trial is kept). The run is the run without
-    a spare core, bit for bit, and the prepared candidates were used."""
+    """With a core to spare, a merged-mode job builds and merges the next candidate (the
+    generation's next, or the next generation's first) while its fitness runs, on the
+    population it guesses its trial leaves (and on the other when the guess was wrong and
+    the trial is kept). The run is the run without a spare core, bit for bit, and the
+    prepared candidates were used."""
+    from mergekit_pcb.evolve import engine as engine_module
     from mergekit_pcb.evolve import executor, jobs
+    from mergekit_pcb.evolve.jobs import run_trial
 
     data = recipe_dict(pop_dir, n=4, generations=3)
     data["merge"] = inner
     recipe = write_recipe(pop_dir, data)
     taken: list[bool] = []
+    order: list[tuple[int, int]] = []
+    accepted: list[bool] = []
     guesses: dict[tuple[int, int], list[bool]] = {}
-    take, prepare = jobs.Runtime.take_prepared, jobs.Runtime.prepare_next
+    crossing: set[tuple[int, int]] = set()
+    take, prepare, trial = jobs.Runtime.take_prepared, jobs.Runtime.prepare_next, run_trial
 
     def counting_take(self: jobs.Runtime, job: jobs.TrialJob) -> jobs.Prepared | None:
         ready = take(self, job)
         taken.append(ready is not None)
+        order.append((job.generation, job.step))
         return ready
 
     def counting_prepare(self: jobs.Runtime, job: jobs.TrialJob, *args: Any,
                          kept: bool) -> None:
-        if job.next_plan is not None:
+        if job.next_step is not None:
             guesses.setdefault((job.generation, job.step), []).append(kept)
+            if job.next_step.generation > job.generation:
+                crossing.add((job.generation, job.step))
         prepare(self, job, *args, kept=kept)
+
+    def recording_trial(item: tuple[jobs.WorkContext, jobs.TrialJob]) -> jobs.JobResult:
+        result = trial(item)
+        accepted.append(result.accepted)
+        return result
 
     monkeypatch.setattr(jobs.Runtime, "take_prepared", counting_take)
     monkeypatch.setattr(jobs.Runtime, "prepare_next", counting_prepare)
+    monkeypatch.setattr(engine_module, "run_trial", recording_trial)
     monkeypatch.setattr(executor, "usable_cores", lambda: 4)
     ahead, alone = pop_dir / "ahead", pop_dir / "alone"
     evolve(recipe, ahead, trust_code=True)
-    assert any(taken) and not all(taken)  # used; none across a generation's end
+    # The first step was prepared while the initial population's merge was scored; every
+    # other by the step before, across a generation's end too, and used unless that step
+    # guessed its trial kept and it was not (a kept trial the guess missed is prepared for
+    # again while it is scored).
+    assert crossing == {(0, 3), (1, 3)}  # pop 4, 3 generations
+    assert taken[0] and len(taken) == len(accepted) == 12
+    for k in range(1, len(taken)):
+        guess = guesses[order[k - 1]][0]
+        assert taken[k] == (accepted[k - 1] or not guess), (order[k], guess)
     assert [False, True] in guesses.values()  # a wrong guess, then the kept population
     taken.clear()
     monkeypatch.setattr(executor, "usable_cores", lambda: 1)

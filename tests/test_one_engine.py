@@ -361,3 +361,89 @@ def test_a_kept_trial_is_written_while_it_is_scored(population: tuple[Path, list
     hits = rt.prepared.hits
     rt.merge([rt.cache.get(p) for p in paths])
     assert rt.prepared.hits - hits == 3 * len(paths)  # the new member's steps carried over
+
+
+@pytest.mark.parametrize(("density", "miss"), [(0.1, False), (0.5, False), (0.97, False),
+                                               (0.1, True)])
+def test_global_pcb_candidate_scores_give_pcbmerge_runs_bits(
+        tmp_path: Path, density: float, miss: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Merging in memory, a global PCB computes exact scores only where an upper bound
+    reaches a floor sampled below each task's threshold (`PcbGlobalStats._sample`), and
+    takes the members' task vectors and intra-balancing terms from the memo candidate after
+    candidate. Each merge is `pcbmerge run`'s bits, also when the floors miss (forced:
+    every score is then computed)."""
+    from mergekit_pcb.methods import ops, pcb, selection
+    from mergekit_pcb.threads import torch_threads
+
+    assert all(k.wait(timeout=300) is not None
+               for k in (pcb.KERNELS, selection.HISTOGRAMS, ops.FUSED))
+    g = torch.Generator().manual_seed(11)
+    base = {"a.weight": torch.randn(96, 128, generator=g),
+            "b.weight": torch.randn(5003, generator=g), "c.bias": torch.randn(64, generator=g)}
+    (tmp_path / "base").mkdir()
+    save_file(base, str(tmp_path / "base" / "model.safetensors"))
+
+    def model(seed: int) -> dict[str, torch.Tensor]:
+        r = torch.Generator().manual_seed(seed)
+        return {k: v + 0.02 * torch.randn(v.shape, generator=r) for k, v in base.items()}
+
+    members = []
+    for i in range(4):
+        members.append(tmp_path / f"m{i}.safetensors")
+        save_file(model(20 + i), str(members[-1]))
+    found: list[tuple[float | None, int]] = []
+    intra_calls: list[int] = []
+    find, set_floors, intra = (pcb.PcbGlobalStats._find_candidates,
+                               pcb.PcbGlobalStats._set_floors, pcb._intra)
+
+    def finding(self: Any, part: Any, i: int) -> None:
+        find(self, part, i)
+        found.append((self._floors[i], part.index[i].size))
+
+    def flooring(self: Any) -> None:
+        set_floors(self)
+        if miss:  # above every threshold
+            self._floors = [float("inf")] * self.n
+
+    def counting(*args: Any) -> torch.Tensor:
+        intra_calls.append(1)
+        return intra(*args)
+
+    monkeypatch.setattr(pcb.PcbGlobalStats, "_find_candidates", finding)
+    monkeypatch.setattr(pcb.PcbGlobalStats, "_set_floors", flooring)
+    monkeypatch.setattr(pcb, "_intra", counting)
+    params = {"density": density, "lambda": 1.1, "scope": "global"}
+    rt = _runtime(tmp_path, "pcb", params, members, seed=3)
+    try:
+        for step, slot in enumerate([1, 1, 2]):
+            trial = model(40 + step)
+            sources = [rt.cache.get(str(m)) for m in members]
+            sources[slot] = MemoryCheckpoint("trial", trial)
+            found.clear()
+            intra_calls.clear()
+            with torch_threads(1):
+                merged = rt.merge(sources)
+            # two parts large enough for the kernels, four tasks: candidates for each
+            # (with a missed floor, once more from no floor); intra-balancing terms computed
+            # for every member at the first merge, then for the trial and a member file
+            # not merged before (the one the first trial stood in for, at step 2)
+            assert len(found) == 8 * (2 if miss else 1)
+            assert all(f > float("-inf") for f, _ in found[:8]) or density > 0.9
+            size = 96 * 128 + 5003
+            first = [sum(n for _, n in found[k:8:4]) for k in range(4)]  # per task
+            if miss:
+                assert all(f == float("-inf") for f, _ in found[8:])
+                assert sum(n for _, n in found[8:]) == 4 * size
+            elif density < 0.9:  # the floors leave out most entries that weigh nothing
+                assert max(first) < (density + 0.15) * size, first
+            assert len(intra_calls) == {0: 8, 1: 2, 2: 4}[step]
+            trial_file = tmp_path / f"trial-{step}.safetensors"
+            save_file(trial, str(trial_file))
+            on_files = [*members[:slot], trial_file, *members[slot + 1:]]
+            expected = _run_recipe(tmp_path, "pcb", params, on_files, 3,
+                                   tmp_path / f"out-{step}")
+            for name in expected:
+                assert torch.equal(merged[name].view(torch.int32),
+                                   expected[name].view(torch.int32)), (step, name)
+    finally:
+        rt.close()

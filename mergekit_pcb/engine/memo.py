@@ -8,7 +8,9 @@ each model's prepared tensor here, keyed by what identifies it: the checkpoint's
 and the slice. Only checkpoints with an identity are kept: an evolution names its trial, so
 that an accepted trial's entries move to its member file (`rename`).
 Whole-model statistics a model alone determines (a global PCB's clip bounds) are kept the
-same way, so a member's statistics passes are skipped too.
+same way, so a member's statistics passes are skipped too, and so are the per-part tensors
+such statistics derive from one model alone (a global PCB's task vectors and intra-balancing
+terms, `ModelParts`).
 """
 
 from __future__ import annotations
@@ -83,8 +85,29 @@ class PreparedMemo:
         self.nbytes = 0
 
 
+class ModelParts:
+    """One model's per-part tensors in a memo, for its statistics (`GlobalStats.reuse_parts`),
+    under the model's identity and position and the statistics' `scope`."""
+
+    def __init__(self, memo: PreparedMemo, identity: Hashable, position: int,
+                 scope: str) -> None:
+        self._memo = memo
+        self._identity = identity
+        self._position = position
+        self._scope = scope
+
+    def _key(self, kind: str, name: str, start: int | None) -> PreparedKey:
+        return (self._identity, self._position, f"{self._scope}/{kind}/{name}", start)
+
+    def get(self, kind: str, name: str, start: int | None) -> torch.Tensor | None:
+        return self._memo.get(self._key(kind, name, start))
+
+    def put(self, kind: str, name: str, start: int | None, tensor: torch.Tensor) -> None:
+        self._memo.put(self._key(kind, name, start), tensor)
+
+
 def _nbytes(tensor: torch.Tensor) -> int:
     return tensor.numel() * tensor.element_size()
 
 
-__all__ = ["PreparedKey", "PreparedMemo"]
+__all__ = ["ModelParts", "PreparedKey", "PreparedMemo"]

@@ -29,7 +29,7 @@ from rich.progress import (
 )
 
 from mergekit_pcb.engine.card import write_artifacts
-from mergekit_pcb.engine.memo import PreparedKey, PreparedMemo
+from mergekit_pcb.engine.memo import ModelParts, PreparedKey, PreparedMemo
 from mergekit_pcb.engine.pipeline import InOrder, WriteBehind, read_ahead
 from mergekit_pcb.engine.plan import MergePlan, TensorTask
 from mergekit_pcb.engine.rng import tensor_generator
@@ -341,11 +341,13 @@ def gather_statistics(plan: MergePlan, device: torch.device,
         stats.keep_parts = keep_parts
         keys: list[PreparedKey | None] = []
         if memo is not None:
+            scope = f"statistics/{r}/{len(route.inputs)}"
             for i, key in enumerate(route.inputs):
                 identity = plan.checkpoints[key].identity
-                keys.append(None if identity is None
-                            else (identity, i, f"statistics/{r}/{len(route.inputs)}", None))
+                keys.append(None if identity is None else (identity, i, scope, None))
             stats.reuse([None if k is None else memo.result(k) for k in keys])
+            stats.reuse_parts([None if k is None else ModelParts(memo, k[0], k[1], scope)
+                               for k in keys])
         tasks = [t for t in plan.tasks if t.route is route]
         with (threads.workers(device, pipeline) if threads is not None and stats.concurrent
               else InOrder(1)) as workers:

@@ -24,7 +24,7 @@ import math
 import random
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +38,7 @@ from mergekit_pcb.evolve.executor import Executor
 from mergekit_pcb.evolve.fitness import better, code_refs
 from mergekit_pcb.evolve.jobs import (
     JobResult,
+    NextStep,
     ScoreJob,
     TrialJob,
     WorkContext,
@@ -342,6 +343,8 @@ class EvolutionRun:
         jobs.append(ScoreJob(paths[: len(refs)], True, "select"))  # the plain merge
         if merged_mode and s.pop > len(refs):
             jobs.append(ScoreJob(paths, True, "select"))
+        if merged_mode:  # while the population's merge is scored, prepare the first step
+            jobs[-1] = replace(jobs[-1], then=self._first_trial(paths))
         results = self._score(jobs)
         fitness = [r.score for r in results[: s.pop]]
         plain = results[s.pop].score
@@ -417,10 +420,46 @@ class EvolutionRun:
             out_path=self._path(f"g{gen + 1:04d}-s{position:04d}.safetensors"),
             spare=self._path(spare) if spare else None,
             batch=self.settings.strategy.batch(st["plan"]),
-            next_plan=self.settings.strategy.step(st["plan"], position + 1)
-            if self._prepare_ahead and self.executor.spare_core
-            and position + 1 < self.settings.pop else None,
+            next_step=self._next_step(position)
+            if self._prepare_ahead and self.executor.spare_core else None,
         )
+
+    def _first_trial(self, paths: tuple[str, ...]) -> TrialJob | None:
+        """The search's first step, as `run` will make it (for the initial scoring to
+        prepare ahead; its threshold, not yet known, takes no part in that)."""
+        if not (self._prepare_ahead and self.executor.spare_core):
+            return None
+        plan = self._plan_ahead(0)
+        if plan is None:
+            return None
+        strategy = self.settings.strategy
+        return TrialJob(generation=0, step=0, plan=strategy.step(plan, 0), members=paths,
+                        merged=True, threshold=0.0,
+                        out_path=self._path("g0001-s0000.safetensors"))
+
+    def _plan_ahead(self, generation: int) -> dict[str, Any] | None:
+        """`generation`'s plan, drawn now from a copy of the controller RNG as `run` will
+        draw it: not when the strategy adapts to the outcomes, or the generation starts by
+        scoring the members on a mini-batch (None then)."""
+        st, strategy = self._state, self.settings.strategy
+        if generation >= st["generations"] or "search" in st:
+            return None
+        rng = random.Random()
+        rng.setstate(self._rng.getstate())
+        plan = strategy.draw_generation(rng, generation, self.settings.generations,
+                                        self.settings.pop, None)
+        return None if strategy.batch(plan) is not None else plan
+
+    def _next_step(self, position: int) -> NextStep | None:
+        """The step after `position`: in this generation, or the next generation's first
+        when its plan can be drawn now (`_plan_ahead`)."""
+        st, strategy = self._state, self.settings.strategy
+        if position + 1 < self.settings.pop:
+            return NextStep(st["generation"], position + 1,
+                            strategy.step(st["plan"], position + 1))
+        plan = self._plan_ahead(st["generation"] + 1)
+        return None if plan is None else NextStep(st["generation"] + 1, 0,
+                                                  strategy.step(plan, 0))
 
     def _write_trial(self, job: TrialJob, checksum: int | None) -> None:
         """An accepted trial scored on a worker's own copy: the driver builds it from the

@@ -92,9 +92,19 @@ class TrialJob:
     out_path: str  # where the trial is written when it beats the threshold
     spare: str | None = None  # a dead member file to overwrite in place instead
     batch: dict[str, int] | None = None  # the generation's mini-batch of the select data
-    # The generation's next step (merged mode, one worker with a spare core): built and
-    # merged on that core while this trial is scored (`Runtime.prepare_next`).
-    next_plan: Step | None = None
+    # The next step (merged mode, one worker with a spare core): built and merged on that
+    # core while this trial is scored (`Runtime.prepare_next`).
+    next_step: NextStep | None = None
+
+
+@dataclass(frozen=True)
+class NextStep:
+    """The step after a job's: the generation's next, or the next generation's first
+    (its plan drawn ahead, where the strategy's plan does not depend on the outcomes)."""
+
+    generation: int
+    step: int
+    plan: Step
 
 
 @dataclass(frozen=True)
@@ -103,6 +113,9 @@ class ScoreJob:
     merged: bool
     split: str
     batch: dict[str, int] | None = None  # a mini-batch of the split (None: all of it)
+    # The first step of the search, prepared while this merge (the initial population's)
+    # is scored, as a trial job prepares the step after it.
+    then: TrialJob | None = None
 
 
 @dataclass
@@ -198,7 +211,8 @@ class Runtime:
         """Start building and merging the generation's next candidate on another thread, on
         the population `job` leaves if its trial is `kept` (the trial, still in memory and
         prepared under `identity`, in its slot) or not. Replaces whatever was prepared."""
-        if job.next_plan is None:
+        following = job.next_step
+        if following is None:
             return
         self.discard_prepared()
         members = list(job.members)
@@ -208,12 +222,19 @@ class Runtime:
             held = MemoryCheckpoint("trial", trial)
             held.identity = identity
             overrides[job.plan.slot] = held
-        upcoming = replace(job, step=job.step + 1, plan=job.next_plan, members=tuple(members),
-                           next_plan=None)
+        upcoming = replace(job, generation=following.generation, step=following.step,
+                           plan=following.plan, members=tuple(members), next_step=None)
+        self.prepare(upcoming, overrides, 1 - bank)
+
+    def prepare(self, upcoming: TrialJob, overrides: dict[int, Checkpoint] | None = None,
+                bank: int = 0) -> None:
+        """Start building `upcoming`'s trial (in buffer `bank`) and merging its candidate on
+        another thread. Replaces whatever was prepared."""
+        self.discard_prepared()
         if self._ahead is None:
             self._ahead = ThreadPoolExecutor(1, thread_name_prefix="next-candidate")
         self._pending_key = _job_key(upcoming)
-        self._pending = self._ahead.submit(self._prepare, upcoming, overrides, 1 - bank)
+        self._pending = self._ahead.submit(self._prepare, upcoming, overrides or {}, bank)
 
     def _prepare(self, job: TrialJob, overrides: dict[int, Checkpoint], bank: int
                  ) -> Prepared:
@@ -441,12 +462,19 @@ def run_score(item: tuple[WorkContext, ScoreJob]) -> JobResult:
     rt.discard_prepared()  # the plans and the memo are this thread's again
     if job.merged:
         state = rt.merge([rt.cache.get(p) for p in job.members])
+        if job.then is not None:
+            rt.prepare(job.then)
     else:
         state = rt.load(job.members[0])
-    score = rt.score(state, job.split, job.batch)
+    try:
+        score = rt.score(state, job.split, job.batch)
+    except BaseException:
+        rt.discard_prepared()  # nothing runs on past a failed job
+        raise
+    rt.settle_prepared()  # within this job's threads
     return JobResult(score, fitness_s=rt.fitness_s, total_s=time.perf_counter() - start)
 
 
-__all__ = ["JobResult", "Prepared", "ScoreJob", "TrialJob", "WorkContext", "build_trial",
-           "member_key", "opened_paths", "population_recipe", "run_score", "run_trial",
-           "runtime", "write_trial_file"]
+__all__ = ["JobResult", "NextStep", "Prepared", "ScoreJob", "TrialJob", "WorkContext",
+           "build_trial", "member_key", "opened_paths", "population_recipe", "run_score",
+           "run_trial", "runtime", "write_trial_file"]

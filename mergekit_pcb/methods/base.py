@@ -12,7 +12,7 @@ import re
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Protocol
 
 import torch
 
@@ -94,6 +94,15 @@ class TensorInputs:
     start: int | None = None  # the slice's first element; None: the whole tensor
 
 
+class PartStore(Protocol):
+    """One model's per-part tensors, kept by the engine from one merge to the next
+    (`GlobalStats.reuse_parts`): `kind` names what a tensor is, (`name`, `start`) the part."""
+
+    def get(self, kind: str, name: str, start: int | None) -> torch.Tensor | None: ...
+
+    def put(self, kind: str, name: str, start: int | None, tensor: torch.Tensor) -> None: ...
+
+
 class GlobalStats(ABC):
     """Whole-model statistics a method gathers in streaming passes before it merges.
 
@@ -125,6 +134,13 @@ class GlobalStats(ABC):
         """Before the first pass: `known[i]` is model i's `model_results` entry from an
         earlier merge of the same model at the same position, or None; the object may then
         skip the work that model alone determines."""
+        return None
+
+    def reuse_parts(self, stores: Sequence[PartStore | None]) -> None:
+        """Before the first pass, merging in memory (`keep_parts`): `stores[i]` keeps what
+        model i alone determines per part (at this position, with these models' count) from
+        one merge to the next, or is None; the object may take such tensors from it and
+        put them there."""
         return None
 
     @abstractmethod

@@ -13,8 +13,9 @@ row statistics. `scope: tensor` finds the statistics with `kthvalue` per tensor;
 
 from __future__ import annotations
 
+import math
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from types import ModuleType
 from typing import Any
@@ -31,6 +32,7 @@ from mergekit_pcb.methods.base import (
     GlobalStats,
     MergeMethod,
     ParamSpec,
+    PartStore,
     Range,
     TensorInputs,
 )
@@ -38,6 +40,8 @@ from mergekit_pcb.methods.compiled import FUSE_MIN, flat_array, fusable, fused_k
 from mergekit_pcb.methods.ops import FUSE_MAX_MODELS, tail_group, tail_start
 from mergekit_pcb.methods.selection import StreamingSelect, kth_smallest
 
+# Every this-many-th score is sampled for the candidates' floors.
+SAMPLE_STRIDE = 32
 INTER = ("consensus", "normalized", "pairwise")
 # Scores reach n·exp(n) (pairwise inter-balancing) and their range twice that; beyond about
 # 83 tasks that overflows float32 and the soft weights turn NaN.
@@ -174,24 +178,32 @@ def _fused_scores(kernel: ModuleType, tau: Sequence[torch.Tensor],
     intra exponents by the kernels, `exp` and `tanh` by torch in place."""
     shape = tau[0].shape
     flat = tuple(flat_array(t) for t in tau)
-    size = flat[0].size
-    total = np.empty(size, dtype=np.float32)
-    kernel.task_sum(flat, tail_start(size), total)
-    total_t = torch.from_numpy(total)
-    n = np.float32(len(tau))
+    total_t = _task_sum(kernel, flat)
     scores = []
     for t, s in zip(flat, stats, strict=True):
-        span = s.clip_high - s.clip_low  # as `minmax`: in double, then float32
-        if span > 0:
-            exponent = np.empty(size, dtype=np.float32)
-            kernel.intra_exponent(t, np.float32(s.clip_low), np.float32(s.clip_high),
-                                  np.float32(span), n, exponent)
-            intra = torch.from_numpy(exponent).exp_()
-        else:  # minmax is 0 everywhere: exp(0) = 1
-            intra = torch.ones(size)
+        intra = _intra(kernel, t, s, len(tau))
         inter = torch.mul(torch.from_numpy(t), total_t).tanh_()
         scores.append(intra.mul_(inter).reshape(shape))
     return scores
+
+
+def _task_sum(kernel: ModuleType, flat: Sequence[np.ndarray]) -> torch.Tensor:
+    """Σⱼτⱼ in torch's summation order (`torch.stack(τ).sum(0)` on one thread)."""
+    size = flat[0].size
+    total = np.empty(size, dtype=np.float32)
+    kernel.task_sum(tuple(flat), tail_start(size), total)
+    return torch.from_numpy(total)
+
+
+def _intra(kernel: ModuleType, t: np.ndarray, s: RowStats, n: int) -> torch.Tensor:
+    """Iᵢ = exp(n·minmax(Aᵢ)²), flat: the exponent by the kernel, `exp` torch's."""
+    span = s.clip_high - s.clip_low  # as `minmax`: in double, then float32
+    if not span > 0:  # minmax is 0 everywhere: exp(0) = 1
+        return torch.ones(t.size)
+    exponent = np.empty(t.size, dtype=np.float32)
+    kernel.intra_exponent(t, np.float32(s.clip_low), np.float32(s.clip_high),
+                          np.float32(span), np.float32(n), exponent)
+    return torch.from_numpy(exponent).exp_()
 
 
 def _kernel_matches_torch(kernel: ModuleType) -> bool:
@@ -215,6 +227,8 @@ def _kernel_matches_torch(kernel: ModuleType) -> bool:
     # the scores' sum runs on this thread alone below torch's grain (32768 entries)
     if tail_group() is None:
         return False
+    if not _candidates_match_torch(kernel, tau, stats):
+        return False
     for m in (2, 5, 9):
         size = 3000 - m
         parts = [(tau[i % 4][:size] * (1 + i)).contiguous() for i in range(m)]
@@ -224,6 +238,46 @@ def _kernel_matches_torch(kernel: ModuleType) -> bool:
             if not torch.equal(a.view(torch.int32), b.view(torch.int32)):
                 return False
     return True
+
+
+def _candidates_match_torch(kernel: ModuleType, tau: Sequence[torch.Tensor],
+                            stats: Sequence[RowStats]) -> bool:
+    """Candidate scores against `_scores` and `_combine` on probes: every entry left out
+    scores below the floor, every candidate's score has torch's bits (its `tanh` and `exp`
+    taken on a gathered few: torch gives each entry the bits it gives it in place), and the
+    sparse combine gives the dense one's bits."""
+    base = torch.linspace(-1, 1, tau[0].numel())
+    tau = [t * 0.01 for t in tau]
+    flat = [t.contiguous().numpy() for t in tau]
+    dense = _scores(tau, stats, "consensus")
+    total = _task_sum(kernel, flat).numpy()
+    size = total.size
+    part = _Candidates(flat, total, [_intra(kernel, t, s, len(tau)).numpy()
+                                     for t, s in zip(flat, stats, strict=True)],
+                       [None] * len(tau), [None] * len(tau))
+    rows = []
+    for i, (b, s) in enumerate(zip(dense, stats, strict=True)):
+        floor = kth_smallest(b, size // 2)
+        index = np.empty(size, dtype=np.int32)
+        product = np.empty(size, dtype=np.float32)
+        weight = np.empty(size, dtype=np.float32)
+        kept = kernel.pcb_candidates(flat[i], total, part.intra[i], np.float32(floor), index,
+                                     product, weight)
+        where = torch.from_numpy(index[:kept]).long()
+        out = torch.ones(size, dtype=torch.bool)
+        out[where] = False
+        scores = torch.from_numpy(weight[:kept]).mul_(torch.from_numpy(product[:kept]).tanh_())
+        if bool((b[out] >= floor).any()) or not torch.equal(
+                scores.view(torch.int32), b[where].view(torch.int32)):
+            return False
+        part.index[i], part.scores[i] = index[:kept], scores
+        threshold = kth_smallest(b, min(size - 1, size // 2 + 7 * i))
+        rows.append(RowStats(s.clip_low, s.clip_high, s.abs_min, s.abs_max, threshold,
+                             float(b.max())))
+    weights = [1.0, -0.5, 2.0, 0.7]
+    sparse = _sparse_combine(kernel, base, part, rows, weights, 1.3)
+    return torch.equal(sparse.view(torch.int32),
+                       _combine(base, tau, dense, rows, weights, 1.3).view(torch.int32))
 
 
 KERNELS = fused_kernels("pcb-kernels", _kernel_matches_torch)
@@ -271,6 +325,7 @@ class PcbGlobalStats(GlobalStats):
     def __init__(self, num_models: int, total: int, clip: float, inter: str,
                  densities: Sequence[float]) -> None:
         self.n = num_models
+        self.total = total
         self.inter = inter
         self.clip = clip
         lo_k, hi_k = clip_indices(total, clip)
@@ -283,6 +338,14 @@ class PcbGlobalStats(GlobalStats):
         self._lock = threading.Lock()
         self._kept: dict[Part, list[torch.Tensor]] = {}
         self._known: list[RowStats | None] = [None] * num_models  # see `reuse`
+        self._drop_ranks = [drop_index(total, r) for r in densities]
+        # Candidate scores (`keep_parts`, consensus, the kernels loaded): see `_sample`.
+        self._kernel: ModuleType | None = None
+        self._candidates: dict[Part, _Candidates] = {}
+        self._samples: list[list[torch.Tensor]] = [[] for _ in range(num_models)]
+        self._floors = [float("-inf")] * num_models
+        self._below = [0] * num_models
+        self._stores: list[PartStore | None] = []  # see `reuse_parts`
         self.rows: list[RowStats] = []
         steps = [("pcb: |τ| histograms", self._observe_abs, self._finish_abs)]
         if clip > 0:
@@ -366,8 +429,14 @@ class PcbGlobalStats(GlobalStats):
             else:
                 low, high = self._abs_min[i], self._abs_max[i]
             self.rows.append(RowStats(low, high, self._abs_min[i], self._abs_max[i]))
+        if self.keep_parts and self.inter == "consensus" and self.n <= FUSE_MAX_MODELS \
+                and torch.get_num_threads() == 1:
+            self._kernel = KERNELS.ready()
 
     def _observe_scores(self, inputs: TensorInputs) -> None:
+        if self._kernel is not None:
+            self._sample(inputs)
+            return
         for i, (sel, b) in enumerate(zip(self._score_select, self.scores(inputs),
                                          strict=True)):
             if b.numel():
@@ -377,20 +446,182 @@ class PcbGlobalStats(GlobalStats):
             sel.observe_high(b)
 
     def _finish_scores_high(self) -> None:
+        if self._kernel is not None:
+            self._set_floors()
+            return
         for sel in self._score_select:
             sel.finish_high()
 
     def _observe_scores_low(self, inputs: TensorInputs) -> None:
+        if self._kernel is not None:
+            part = self._candidates.get((inputs.name, inputs.start))
+            if part is not None:  # (a dense part keeps its scores whole)
+                for i in range(self.n):
+                    self._find_candidates(part, i)
+            return
         for sel, b in zip(self._score_select, self.scores(inputs), strict=True):
             sel.observe_low(b)
 
     def _finish_scores(self) -> None:
+        if self._kernel is not None:
+            self._select_from_candidates()
+            return
         rows = []
         for row, sel, top in zip(self.rows, self._score_select, self._score_max, strict=True):
             sel.finish_low()
             rows.append(RowStats(row.clip_low, row.clip_high, row.abs_min, row.abs_max,
                                  sel.values[0], top))
         self.rows = rows
+
+
+    # Candidate scores. Merging in memory (`keep_parts`), a part's scores are not all
+    # needed: only the entries at or above each task's drop threshold weigh in the merge
+    # (a `density` share of them), and the threshold is an order statistic of the scores.
+    # So the first score pass only samples exact scores (every `SAMPLE_STRIDE`-th entry),
+    # which gives each task a floor safely below its threshold; the second computes exact
+    # scores (torch's `tanh`, its bits) only where an upper bound of the score reaches the
+    # floor, and counts the rest; the threshold is then selected among those, its rank
+    # lowered by the count. A floor that turns out above the threshold (a sample far from
+    # the whole) is dropped and every score computed: the same statistics either way.
+    def _sample(self, inputs: TensorInputs) -> None:
+        kernel = self._kernel
+        assert kernel is not None and inputs.base is not None
+        base = inputs.base.float()
+        where = (inputs.name, inputs.start)
+        stores = self._stores if len(self._stores) == self.n else [None] * self.n
+        tau = [_kept_part(store, "tau", where, lambda m=m: (m.float() - base).reshape(-1))
+               for m, store in zip(inputs.models, stores, strict=True)]
+        part: _Candidates | None = None
+        if not fusable(tau):  # a small part: its scores whole, as without candidates
+            sampled = [b.reshape(-1)[::SAMPLE_STRIDE] for b in self.scores(
+                inputs, tau=[t.reshape(base.shape) for t in tau])]
+        else:
+            flat = [t.numpy() for t in tau]
+            total = _task_sum(kernel, flat)
+            intra = [_kept_part(store, "intra", where,
+                                lambda t=t, s=s: _intra(kernel, t, s, self.n))
+                     for t, s, store in zip(flat, self.rows, stores, strict=True)]
+            some = total.numpy()[::SAMPLE_STRIDE]
+            sampled = [i[::SAMPLE_STRIDE] * torch.from_numpy(t[::SAMPLE_STRIDE] * some).tanh_()
+                       for t, i in zip(flat, intra, strict=True)]
+            part = _Candidates(flat, total.numpy(), [i.numpy() for i in intra],
+                               [None] * self.n, [None] * self.n)
+        with self._lock:
+            if part is not None:
+                self._candidates[(inputs.name, inputs.start)] = part
+            for row, values in zip(self._samples, sampled, strict=True):
+                row.append(values)
+
+    def reuse_parts(self, stores: Sequence[PartStore | None]) -> None:
+        self._stores = list(stores)
+
+    def _set_floors(self) -> None:
+        """Each task's floor: its sample's order statistic far enough below the threshold's
+        share (five standard deviations of a sampled share) to be below the threshold."""
+        for i, k in enumerate(self._drop_ranks):
+            sample = torch.cat(self._samples[i]) if self._samples[i] else torch.empty(0)
+            size = sample.numel()
+            share = k / self.total
+            rank = math.floor(share * size - 5 * math.sqrt(size * share * (1 - share)) - 2)
+            self._floors[i] = kth_smallest(sample, rank) if rank >= 0 else float("-inf")
+        self._samples = [[] for _ in range(self.n)]
+
+    def _find_candidates(self, part: _Candidates, i: int) -> None:
+        """Task i's entries in `part` whose scores may reach its floor, and their scores."""
+        kernel = self._kernel
+        assert kernel is not None
+        size = part.total.size
+        index = np.empty(size, dtype=np.int32)
+        product = np.empty(size, dtype=np.float32)
+        intra = np.empty(size, dtype=np.float32)
+        kept = kernel.pcb_candidates(part.tau[i], part.total, part.intra[i],
+                                     np.float32(self._floors[i]), index, product, intra)
+        # tanh(τⱼ·Σⱼτⱼ) and its product with Iⱼ: the float32 operations of `pcb_scores`
+        where = index[:kept]
+        scores = torch.from_numpy(intra[:kept]).mul_(torch.from_numpy(product[:kept]).tanh_())
+        with self._lock:
+            part.index[i], part.scores[i] = where, scores
+            self._below[i] += size - kept
+
+    def _select_from_candidates(self) -> None:
+        rows = []
+        for i, (row, k) in enumerate(zip(self.rows, self._drop_ranks, strict=True)):
+            found = self._select(i, k)
+            if found is None:  # the floor was above the threshold: every score, exactly
+                self._below[i] = 0
+                self._floors[i] = float("-inf")
+                for part in self._candidates.values():
+                    self._find_candidates(part, i)
+                found = self._select(i, k)
+                assert found is not None
+            rows.append(RowStats(row.clip_low, row.clip_high, row.abs_min, row.abs_max,
+                                 *found))
+        self.rows = rows
+
+    def _select(self, i: int, k: int) -> tuple[float, float] | None:
+        """Task i's threshold (the k-th smallest score) and top score from its candidates
+        and its dense parts' scores; None when the floor was above the threshold."""
+        values = [p.scores[i] for p in self._candidates.values()]
+        values += [b[i].reshape(-1) for b in self._kept.values()]
+        every = torch.cat([v for v in values if v is not None])
+        rank = k - self._below[i]
+        if not 0 <= rank < every.numel():
+            return None
+        threshold = kth_smallest(every, rank)
+        if threshold < self._floors[i]:
+            return None
+        return threshold, float(every.max())
+
+    def take_candidates(self, inputs: TensorInputs) -> _Candidates | None:
+        """The part's candidate scores, for its merge (dropped here), if it has them."""
+        if self._kernel is None:
+            return None
+        with self._lock:
+            return self._candidates.pop((inputs.name, inputs.start), None)
+
+
+def _kept_part(store: PartStore | None, kind: str, part: Part,
+               compute: Callable[[], torch.Tensor]) -> torch.Tensor:
+    """A model's per-part tensor from its store, or computed (and kept there)."""
+    found = None if store is None else store.get(kind, *part)
+    if found is None:
+        found = compute()
+        if store is not None:
+            store.put(kind, *part, found)
+    return found
+
+
+@dataclass
+class _Candidates:
+    """A part's flat task vectors, Σⱼτⱼ, intra-balancing terms, and per task the entries
+    whose scores may reach its floor with those scores (`PcbGlobalStats._sample`)."""
+
+    tau: list[np.ndarray]
+    total: np.ndarray
+    intra: list[np.ndarray]
+    index: list[np.ndarray | None]
+    scores: list[torch.Tensor | None]
+
+
+def _sparse_combine(kernel: ModuleType, base: torch.Tensor, part: _Candidates,
+                    stats: Sequence[RowStats], weights: Sequence[float],
+                    lambda_: float) -> torch.Tensor:
+    """`pcb_combine` from candidate scores: the same bits (`fused_kernel.pcb_sparse_combine`)."""
+    rows, kept = [], []
+    for i, (s, w) in enumerate(zip(stats, weights, strict=True)):
+        span = s.score_max - s.drop_threshold  # as `minmax`: in double, then float32
+        if span > 0:
+            rows.append((s.drop_threshold, span, s.clip_low, s.clip_high, w))
+            kept.append(i)
+    if not kept:  # no task weighs: θ₀ + λ·0/10⁻¹², as torch
+        return _combine(base, [], [], [], [], lambda_)
+    out = np.empty(base.numel(), dtype=np.float32)
+    kernel.pcb_sparse_combine(flat_array(base), tuple(part.tau[i] for i in kept),
+                              tuple(part.index[i] for i in kept),
+                              tuple(flat_array(part.scores[i]) for i in kept),
+                              np.array(rows, dtype=np.float32).reshape(-1, 5),
+                              np.float32(lambda_), out)
+    return torch.from_numpy(out).reshape(base.shape)
 
 
 class Pcb(MergeMethod):
@@ -439,6 +670,11 @@ class Pcb(MergeMethod):
                               lambda_=params["lambda"])
         stats = inputs.stats
         assert isinstance(stats, PcbGlobalStats)
+        candidates = stats.take_candidates(inputs)
+        if candidates is not None:
+            assert stats._kernel is not None
+            return _sparse_combine(stats._kernel, base, candidates, stats.rows, weights,
+                                   params["lambda"])
         tau = [m - base for m in models]
         scores = stats.scores(replace(inputs, base=base, models=models), last_use=True,
                               tau=tau)
