@@ -396,9 +396,9 @@ def test_global_pcb_candidate_scores_give_pcbmerge_runs_bits(
     find, set_floors, intra = (pcb.PcbGlobalStats._find_candidates,
                                pcb.PcbGlobalStats._set_floors, pcb._intra)
 
-    def finding(self: Any, part: Any, i: int) -> None:
-        find(self, part, i)
-        found.append((self._floors[i], part.index[i].size))
+    def finding(self: Any, part: Any, rows: Any) -> None:
+        find(self, part, rows)
+        found.extend((self._floors[i], part.index[i].size) for i in rows)
 
     def flooring(self: Any) -> None:
         set_floors(self)
@@ -435,7 +435,7 @@ def test_global_pcb_candidate_scores_give_pcbmerge_runs_bits(
                 assert all(f == float("-inf") for f, _ in found[8:])
                 assert sum(n for _, n in found[8:]) == 4 * size
             elif density < 0.9:  # the floors leave out most entries that weigh nothing
-                assert max(first) < (density + 0.15) * size, first
+                assert max(first) < (density + 0.25) * size, first
             assert len(intra_calls) == {0: 8, 1: 2, 2: 4}[step]
             trial_file = tmp_path / f"trial-{step}.safetensors"
             save_file(trial, str(trial_file))

@@ -291,14 +291,14 @@ def pcb_candidates(tau: np.ndarray, total: np.ndarray, intra: np.ndarray,
         size = min(n, start + _BLOCK) - start
         t = tau[start:start + size]
         s = total[start:start + size]
-        i = intra[start:start + size]
+        w = intra[start:start + size]
         for j in range(size):
             p = t[j] * s[j]
             c = min(max(p, zero), cap)
             y = c * c
             bound = c * (np.float32(945.0) + y * (np.float32(105.0) + y)) / (
                 np.float32(945.0) + y * (np.float32(420.0) + np.float32(15.0) * y))
-            upper[j] = i[j] * min(bound, one) * _BOUND_SLACK if p > zero else zero
+            upper[j] = w[j] * min(bound, one) * _BOUND_SLACK if p > zero else zero
         for j in range(size):
             index[kept] = start + j
             kept += 0 if upper[j] < floor else 1  # (a NaN bound keeps the entry)

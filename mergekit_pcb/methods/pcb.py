@@ -40,8 +40,9 @@ from mergekit_pcb.methods.compiled import FUSE_MIN, flat_array, fusable, fused_k
 from mergekit_pcb.methods.ops import FUSE_MAX_MODELS, tail_group, tail_start
 from mergekit_pcb.methods.selection import StreamingSelect, kth_smallest
 
-# Every this-many-th score is sampled for the candidates' floors.
+# One score in this many is sampled for the candidates' floors, in runs of SAMPLE_RUN.
 SAMPLE_STRIDE = 32
+SAMPLE_RUN = 64
 INTER = ("consensus", "normalized", "pairwise")
 # Scores reach n·exp(n) (pairwise inter-balancing) and their range twice that; beyond about
 # 83 tasks that overflows float32 and the soft weights turn NaN.
@@ -255,22 +256,17 @@ def _candidates_match_torch(kernel: ModuleType, tau: Sequence[torch.Tensor],
     part = _Candidates(flat, total, [_intra(kernel, t, s, len(tau)).numpy()
                                      for t, s in zip(flat, stats, strict=True)],
                        [None] * len(tau), [None] * len(tau))
+    floors = [kth_smallest(b, size // 2) for b in dense]
+    found = _candidates(kernel, part, range(len(tau)), floors)
     rows = []
-    for i, (b, s) in enumerate(zip(dense, stats, strict=True)):
-        floor = kth_smallest(b, size // 2)
-        index = np.empty(size, dtype=np.int32)
-        product = np.empty(size, dtype=np.float32)
-        weight = np.empty(size, dtype=np.float32)
-        kept = kernel.pcb_candidates(flat[i], total, part.intra[i], np.float32(floor), index,
-                                     product, weight)
-        where = torch.from_numpy(index[:kept]).long()
-        out = torch.ones(size, dtype=torch.bool)
-        out[where] = False
-        scores = torch.from_numpy(weight[:kept]).mul_(torch.from_numpy(product[:kept]).tanh_())
-        if bool((b[out] >= floor).any()) or not torch.equal(
-                scores.view(torch.int32), b[where].view(torch.int32)):
+    for i, (b, s, floor, (where, scores)) in enumerate(zip(dense, stats, floors, found,
+                                                           strict=True)):
+        left_out = torch.ones(size, dtype=torch.bool)
+        left_out[torch.from_numpy(where).long()] = False
+        if bool((b[left_out] >= floor).any()) or not torch.equal(
+                scores.view(torch.int32), b[torch.from_numpy(where).long()].view(torch.int32)):
             return False
-        part.index[i], part.scores[i] = index[:kept], scores
+        part.index[i], part.scores[i] = where, scores
         threshold = kth_smallest(b, min(size - 1, size // 2 + 7 * i))
         rows.append(RowStats(s.clip_low, s.clip_high, s.abs_min, s.abs_max, threshold,
                              float(b.max())))
@@ -456,8 +452,7 @@ class PcbGlobalStats(GlobalStats):
         if self._kernel is not None:
             part = self._candidates.get((inputs.name, inputs.start))
             if part is not None:  # (a dense part keeps its scores whole)
-                for i in range(self.n):
-                    self._find_candidates(part, i)
+                self._find_candidates(part, range(self.n))
             return
         for sel, b in zip(self._score_select, self.scores(inputs), strict=True):
             sel.observe_low(b)
@@ -477,7 +472,7 @@ class PcbGlobalStats(GlobalStats):
     # Candidate scores. Merging in memory (`keep_parts`), a part's scores are not all
     # needed: only the entries at or above each task's drop threshold weigh in the merge
     # (a `density` share of them), and the threshold is an order statistic of the scores.
-    # So the first score pass only samples exact scores (every `SAMPLE_STRIDE`-th entry),
+    # So the first score pass only samples exact scores (one in `SAMPLE_STRIDE`, `_sampled`),
     # which gives each task a floor safely below its threshold; the second computes exact
     # scores (torch's `tanh`, its bits) only where an upper bound of the score reaches the
     # floor, and counts the rest; the threshold is then selected among those, its rank
@@ -501,9 +496,10 @@ class PcbGlobalStats(GlobalStats):
             intra = [_kept_part(store, "intra", where,
                                 lambda t=t, s=s: _intra(kernel, t, s, self.n))
                      for t, s, store in zip(flat, self.rows, stores, strict=True)]
-            some = total.numpy()[::SAMPLE_STRIDE]
-            sampled = [i[::SAMPLE_STRIDE] * torch.from_numpy(t[::SAMPLE_STRIDE] * some).tanh_()
-                       for t, i in zip(flat, intra, strict=True)]
+            some = _sampled(total.numpy())
+            sampled = [torch.from_numpy(_sampled(i.numpy())).mul_(
+                torch.from_numpy(_sampled(t) * some).tanh_())
+                for t, i in zip(flat, intra, strict=True)]
             part = _Candidates(flat, total.numpy(), [i.numpy() for i in intra],
                                [None] * self.n, [None] * self.n)
         with self._lock:
@@ -526,22 +522,16 @@ class PcbGlobalStats(GlobalStats):
             self._floors[i] = kth_smallest(sample, rank) if rank >= 0 else float("-inf")
         self._samples = [[] for _ in range(self.n)]
 
-    def _find_candidates(self, part: _Candidates, i: int) -> None:
-        """Task i's entries in `part` whose scores may reach its floor, and their scores."""
+    def _find_candidates(self, part: _Candidates, rows: Sequence[int]) -> None:
+        """The tasks' entries in `part` whose scores may reach their floors, and their
+        scores."""
         kernel = self._kernel
         assert kernel is not None
-        size = part.total.size
-        index = np.empty(size, dtype=np.int32)
-        product = np.empty(size, dtype=np.float32)
-        intra = np.empty(size, dtype=np.float32)
-        kept = kernel.pcb_candidates(part.tau[i], part.total, part.intra[i],
-                                     np.float32(self._floors[i]), index, product, intra)
-        # tanh(τⱼ·Σⱼτⱼ) and its product with Iⱼ: the float32 operations of `pcb_scores`
-        where = index[:kept]
-        scores = torch.from_numpy(intra[:kept]).mul_(torch.from_numpy(product[:kept]).tanh_())
+        found = _candidates(kernel, part, rows, [self._floors[i] for i in rows])
         with self._lock:
-            part.index[i], part.scores[i] = where, scores
-            self._below[i] += size - kept
+            for i, (where, scores) in zip(rows, found, strict=True):
+                part.index[i], part.scores[i] = where, scores
+                self._below[i] += part.total.size - where.size
 
     def _select_from_candidates(self) -> None:
         rows = []
@@ -551,7 +541,7 @@ class PcbGlobalStats(GlobalStats):
                 self._below[i] = 0
                 self._floors[i] = float("-inf")
                 for part in self._candidates.values():
-                    self._find_candidates(part, i)
+                    self._find_candidates(part, [i])
                 found = self._select(i, k)
                 assert found is not None
             rows.append(RowStats(row.clip_low, row.clip_high, row.abs_min, row.abs_max,
@@ -578,6 +568,32 @@ class PcbGlobalStats(GlobalStats):
             return None
         with self._lock:
             return self._candidates.pop((inputs.name, inputs.start), None)
+
+
+def _candidates(kernel: ModuleType, part: _Candidates, rows: Sequence[int],
+                floors: Sequence[float]) -> list[tuple[np.ndarray, torch.Tensor]]:
+    """For each task in `rows`, the entries of `part` whose scores may reach its floor
+    (`fused_kernel.pcb_candidates`) and their exact scores: tanh(τⱼ·Σⱼτⱼ) and its product
+    with Iⱼ, the float32 operations of `pcb_scores`."""
+    size = part.total.size
+    found = []
+    for i, floor in zip(rows, floors, strict=True):
+        index = np.empty(size, dtype=np.int32)
+        product = np.empty(size, dtype=np.float32)
+        weight = np.empty(size, dtype=np.float32)
+        kept = kernel.pcb_candidates(part.tau[i], part.total, part.intra[i],
+                                     np.float32(floor), index, product, weight)
+        found.append((index[:kept], torch.from_numpy(weight[:kept]).mul_(
+            torch.from_numpy(product[:kept]).tanh_())))
+    return found
+
+
+def _sampled(values: np.ndarray) -> np.ndarray:
+    """One run of `SAMPLE_RUN` entries in every `SAMPLE_RUN`·`SAMPLE_STRIDE`: a sample read
+    in whole cache lines (every `SAMPLE_STRIDE`-th entry alone would read most of them)."""
+    period = SAMPLE_RUN * SAMPLE_STRIDE
+    whole = values.size // period
+    return values[:whole * period].reshape(whole, period)[:, :SAMPLE_RUN].reshape(-1)
 
 
 def _kept_part(store: PartStore | None, kind: str, part: Part,
