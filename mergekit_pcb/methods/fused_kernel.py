@@ -192,6 +192,13 @@ def low_histograms(values: np.ndarray, nonnegative: bool, bins: np.ndarray,
             counts[t, key & 0xFFFF] += 1
 
 
+@numba.njit(cache=True, nogil=True, boundscheck=False, error_model="numpy", inline="always")
+def _pcb_row(rows: np.ndarray, i: int) -> tuple[np.float32, np.float32, np.float32,
+                                                np.float32, np.float32]:
+    """Task i's (threshold, span, clip low, clip high, weight) from the combine's rows."""
+    return rows[i, 0], rows[i, 1], rows[i, 2], rows[i, 3], rows[i, 4]
+
+
 @numba.njit(cache=True, nogil=True, boundscheck=False, error_model="numpy")
 def pcb_combine(base: np.ndarray, tau: tuple[np.ndarray, ...], scores: tuple[np.ndarray, ...],
                 rows: np.ndarray, lambda_: np.float32, out: np.ndarray) -> None:
@@ -211,11 +218,7 @@ def pcb_combine(base: np.ndarray, tau: tuple[np.ndarray, ...], scores: tuple[np.
             numerator[j] = zero
             denominator[j] = zero
         for i in range(len(tau)):
-            threshold = rows[i, 0]
-            span = rows[i, 1]
-            low = rows[i, 2]
-            high = rows[i, 3]
-            w = rows[i, 4]
+            threshold, span, low, high, w = _pcb_row(rows, i)
             t = tau[i][start:start + size]
             b = scores[i][start:start + size]
             for j in range(size):
@@ -323,11 +326,7 @@ def pcb_sparse_combine(base: np.ndarray, tau: tuple[np.ndarray, ...],
     numerator = np.zeros(n, np.float32)
     denominator = np.zeros(n, np.float32)
     for i in range(len(tau)):
-        threshold = rows[i, 0]
-        span = rows[i, 1]
-        low = rows[i, 2]
-        high = rows[i, 3]
-        w = rows[i, 4]
+        threshold, span, low, high, w = _pcb_row(rows, i)
         t = tau[i]
         where = index[i]
         b = scores[i]
