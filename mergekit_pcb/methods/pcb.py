@@ -13,6 +13,7 @@ row statistics. `scope: tensor` finds the statistics with `kthvalue` per tensor;
 
 from __future__ import annotations
 
+import functools
 import math
 import threading
 from collections.abc import Callable, Mapping, Sequence
@@ -468,7 +469,6 @@ class PcbGlobalStats(GlobalStats):
                                  sel.values[0], top))
         self.rows = rows
 
-
     # Candidate scores. Merging in memory (`keep_parts`), a part's scores are not all
     # needed: only the entries at or above each task's drop threshold weigh in the merge
     # (a `density` share of them), and the threshold is an order statistic of the scores.
@@ -497,9 +497,9 @@ class PcbGlobalStats(GlobalStats):
                                 lambda t=t, s=s: _intra(kernel, t, s, self.n))
                      for t, s, store in zip(flat, self.rows, stores, strict=True)]
             some = _sampled(total.numpy())
-            sampled = [torch.from_numpy(_sampled(i.numpy())).mul_(
-                torch.from_numpy(_sampled(t) * some).tanh_())
-                for t, i in zip(flat, intra, strict=True)]
+            # (in place on the new products: the intra terms may be the memo's)
+            sampled = [torch.from_numpy(_sampled(t) * some).tanh_().mul_(
+                torch.from_numpy(_sampled(i.numpy()))) for t, i in zip(flat, intra, strict=True)]
             part = _Candidates(flat, total.numpy(), [i.numpy() for i in intra],
                                [None] * self.n, [None] * self.n)
         with self._lock:
@@ -562,12 +562,16 @@ class PcbGlobalStats(GlobalStats):
             return None
         return threshold, float(every.max())
 
-    def take_candidates(self, inputs: TensorInputs) -> _Candidates | None:
-        """The part's candidate scores, for its merge (dropped here), if it has them."""
+    def merge_candidates(self, inputs: TensorInputs, base: torch.Tensor,
+                         weights: Sequence[float], lambda_: float) -> torch.Tensor | None:
+        """The part's merge from its candidate scores (dropped here), if it has them."""
         if self._kernel is None:
             return None
         with self._lock:
-            return self._candidates.pop((inputs.name, inputs.start), None)
+            part = self._candidates.pop((inputs.name, inputs.start), None)
+        if part is None:
+            return None
+        return _sparse_combine(self._kernel, base, part, self.rows, weights, lambda_)
 
 
 def _candidates(kernel: ModuleType, part: _Candidates, rows: Sequence[int],
@@ -590,10 +594,18 @@ def _candidates(kernel: ModuleType, part: _Candidates, rows: Sequence[int],
 
 def _sampled(values: np.ndarray) -> np.ndarray:
     """One run of `SAMPLE_RUN` entries in every `SAMPLE_RUN`·`SAMPLE_STRIDE`: a sample read
-    in whole cache lines (every `SAMPLE_STRIDE`-th entry alone would read most of them)."""
+    in whole cache lines (every `SAMPLE_STRIDE`-th entry alone would read most of them).
+    The run's place moves from one period to the next, so that a matrix whose rows are a
+    period long is not sampled in the same columns only."""
+    return values[_sample_index(values.size)]
+
+
+@functools.lru_cache(maxsize=64)
+def _sample_index(size: int) -> np.ndarray:
     period = SAMPLE_RUN * SAMPLE_STRIDE
-    whole = values.size // period
-    return values[:whole * period].reshape(whole, period)[:, :SAMPLE_RUN].reshape(-1)
+    periods = np.arange(size // period)
+    starts = periods * period + (periods * 13 % SAMPLE_STRIDE) * SAMPLE_RUN
+    return (starts[:, None] + np.arange(SAMPLE_RUN)).reshape(-1)
 
 
 def _kept_part(store: PartStore | None, kind: str, part: Part,
@@ -686,11 +698,9 @@ class Pcb(MergeMethod):
                               lambda_=params["lambda"])
         stats = inputs.stats
         assert isinstance(stats, PcbGlobalStats)
-        candidates = stats.take_candidates(inputs)
-        if candidates is not None:
-            assert stats._kernel is not None
-            return _sparse_combine(stats._kernel, base, candidates, stats.rows, weights,
-                                   params["lambda"])
+        merged = stats.merge_candidates(inputs, base, weights, params["lambda"])
+        if merged is not None:
+            return merged
         tau = [m - base for m in models]
         scores = stats.scores(replace(inputs, base=base, models=models), last_use=True,
                               tau=tau)
