@@ -272,22 +272,24 @@ _BOUND_SLACK = np.float32(1.0 + 2.0**-16)
 
 @numba.njit(cache=True, nogil=True, boundscheck=False, error_model="numpy")
 def pcb_candidates(tau: np.ndarray, total: np.ndarray, intra: np.ndarray,
-                   floor: np.float32, index: np.ndarray, product: np.ndarray,
-                   weight: np.ndarray) -> int:
+                   floor: np.float32, low: np.float32, high: np.float32, index: np.ndarray,
+                   product: np.ndarray, weight: np.ndarray, clipped: np.ndarray) -> int:
     """The entries whose PCB score Bⱼ = intraⱼ·tanh(τⱼ·totalⱼ) may reach `floor`: their
-    indices, products τⱼ·totalⱼ (the bits of torch's `mul`) and intraⱼ, from the start of
-    `index`, `product` and `weight`; returns how many. Every other entry's score is below
-    `floor`.
+    indices, products τⱼ·totalⱼ (the bits of torch's `mul`), intraⱼ and clipped task vector
+    sign(τⱼ)·min(max(|τⱼ|, low), high) (as `pcb_combine` computes it), from the start of
+    `index`, `product`, `weight` and `clipped`; returns how many. Every other entry's score
+    is below `floor`.
 
     The bound, for x > 0: tanh(x) ≤ x/(1 + y/(3 + y/(5 + y/(7 + y/9)))), y = x² (Lambert's
     continued fraction cut after an even number of levels overestimates), which is
     x·(945 + 105y + y²)/(945 + 420y + 15y²): one division; and tanh ≤ 1 (the bound passes 1
     by x = 4, so x is capped there). For x ≤ 0, Bⱼ ≤ 0. Bounds a block at a time (a loop
-    the compiler vectorizes), then the entries that pass (without a branch to mispredict)."""
+    the compiler vectorizes), then the entries that pass, while the block is in cache."""
     one = np.float32(1.0)
     zero = np.float32(0.0)
     cap = np.float32(4.0)
     upper = np.empty(_BLOCK, np.float32)
+    products = np.empty(_BLOCK, np.float32)
     kept = 0
     n = tau.size
     for start in range(0, n, _BLOCK):
@@ -297,45 +299,48 @@ def pcb_candidates(tau: np.ndarray, total: np.ndarray, intra: np.ndarray,
         w = intra[start:start + size]
         for j in range(size):
             p = t[j] * s[j]
+            products[j] = p
             c = min(max(p, zero), cap)
             y = c * c
             bound = c * (np.float32(945.0) + y * (np.float32(105.0) + y)) / (
                 np.float32(945.0) + y * (np.float32(420.0) + np.float32(15.0) * y))
             upper[j] = w[j] * min(bound, one) * _BOUND_SLACK if p > zero else zero
-        for j in range(size):
+        first = kept
+        for j in range(size):  # (no branch to mispredict; a NaN bound keeps the entry)
             index[kept] = start + j
-            kept += 0 if upper[j] < floor else 1  # (a NaN bound keeps the entry)
-    for m in range(kept):
-        j = index[m]
-        product[m] = tau[j] * total[j]
-        weight[m] = intra[j]
+            kept += 0 if upper[j] < floor else 1
+        for m in range(first, kept):
+            j = index[m] - start
+            x = t[j]
+            sign = np.float32(x > zero) - np.float32(x < zero)
+            product[m] = products[j]
+            weight[m] = w[j]
+            clipped[m] = sign * min(max(np.abs(x), low), high)
     return kept
 
 
 @numba.njit(cache=True, nogil=True, boundscheck=False, error_model="numpy")
-def pcb_sparse_combine(base: np.ndarray, tau: tuple[np.ndarray, ...],
+def pcb_sparse_combine(base: np.ndarray, clipped: tuple[np.ndarray, ...],
                        index: tuple[np.ndarray, ...], scores: tuple[np.ndarray, ...],
                        rows: np.ndarray, lambda_: np.float32, out: np.ndarray) -> None:
-    """`pcb_combine` where each task's scores are known only at `index[i]` (`scores[i]`),
-    every other entry's score being below its threshold: Sᵢ = 0 there, whose terms (±0)
-    change neither sum (both start at +0, and x + ±0 = x), so they are skipped; the rest is
-    the same float32 arithmetic in the same task order."""
-    zero = np.float32(0.0)
+    """`pcb_combine` where each task's scores and clipped task vector are known only at
+    `index[i]` (`scores[i]`, `clipped[i]`: `pcb_candidates`), every other entry's score being
+    below its threshold: Sᵢ = 0 there, whose terms (±0) change neither sum (both start at
+    +0, and x + ±0 = x), so they are skipped; the rest is the same float32 arithmetic in the
+    same task order."""
     tiny = np.float32(1e-12)
     n = base.size
     numerator = np.zeros(n, np.float32)
     denominator = np.zeros(n, np.float32)
-    for i in range(len(tau)):
-        threshold, span, low, high, w = _pcb_row(rows, i)
-        t = tau[i]
+    for i in range(len(clipped)):
+        threshold, span, _, _, w = _pcb_row(rows, i)
+        c = clipped[i]
         where = index[i]
         b = scores[i]
         for m in range(where.size):
             j = where[m]
             soft = (max(b[m], threshold) - threshold) / span
-            x = t[j]
-            sign = np.float32(x > zero) - np.float32(x < zero)
-            numerator[j] += w * soft * (sign * min(max(np.abs(x), low), high))
+            numerator[j] += w * soft * c[m]
             denominator[j] += soft
     for j in range(n):
         out[j] = base[j] + lambda_ * numerator[j] / max(denominator[j], tiny)

@@ -17,7 +17,7 @@ import functools
 import math
 import threading
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from types import ModuleType
 from typing import Any
 
@@ -255,19 +255,19 @@ def _candidates_match_torch(kernel: ModuleType, tau: Sequence[torch.Tensor],
     total = _task_sum(kernel, flat).numpy()
     size = total.size
     part = _Candidates(flat, total, [_intra(kernel, t, s, len(tau)).numpy()
-                                     for t, s in zip(flat, stats, strict=True)],
-                       [None] * len(tau), [None] * len(tau))
+                                     for t, s in zip(flat, stats, strict=True)])
     floors = [kth_smallest(b, size // 2) for b in dense]
-    found = _candidates(kernel, part, range(len(tau)), floors)
+    _candidates(kernel, part, range(len(tau)), floors, stats)
     rows = []
-    for i, (b, s, floor, (where, scores)) in enumerate(zip(dense, stats, floors, found,
-                                                           strict=True)):
+    for i, (b, s, floor) in enumerate(zip(dense, stats, floors, strict=True)):
+        where = torch.from_numpy(part.index[i]).long()
         left_out = torch.ones(size, dtype=torch.bool)
-        left_out[torch.from_numpy(where).long()] = False
+        left_out[where] = False
+        scores = part.scores[i]
+        assert scores is not None
         if bool((b[left_out] >= floor).any()) or not torch.equal(
-                scores.view(torch.int32), b[torch.from_numpy(where).long()].view(torch.int32)):
+                scores.view(torch.int32), b[where].view(torch.int32)):
             return False
-        part.index[i], part.scores[i] = where, scores
         threshold = kth_smallest(b, min(size - 1, size // 2 + 7 * i))
         rows.append(RowStats(s.clip_low, s.clip_high, s.abs_min, s.abs_max, threshold,
                              float(b.max())))
@@ -500,8 +500,7 @@ class PcbGlobalStats(GlobalStats):
             # (in place on the new products: the intra terms may be the memo's)
             sampled = [torch.from_numpy(_sampled(t) * some).tanh_().mul_(
                 torch.from_numpy(_sampled(i.numpy()))) for t, i in zip(flat, intra, strict=True)]
-            part = _Candidates(flat, total.numpy(), [i.numpy() for i in intra],
-                               [None] * self.n, [None] * self.n)
+            part = _Candidates(flat, total.numpy(), [i.numpy() for i in intra])
         with self._lock:
             if part is not None:
                 self._candidates[(inputs.name, inputs.start)] = part
@@ -527,11 +526,10 @@ class PcbGlobalStats(GlobalStats):
         scores."""
         kernel = self._kernel
         assert kernel is not None
-        found = _candidates(kernel, part, rows, [self._floors[i] for i in rows])
+        _candidates(kernel, part, rows, [self._floors[i] for i in rows], self.rows)
         with self._lock:
-            for i, (where, scores) in zip(rows, found, strict=True):
-                part.index[i], part.scores[i] = where, scores
-                self._below[i] += part.total.size - where.size
+            for i in rows:
+                self._below[i] += part.total.size - part.scores[i].numel()
 
     def _select_from_candidates(self) -> None:
         rows = []
@@ -575,21 +573,24 @@ class PcbGlobalStats(GlobalStats):
 
 
 def _candidates(kernel: ModuleType, part: _Candidates, rows: Sequence[int],
-                floors: Sequence[float]) -> list[tuple[np.ndarray, torch.Tensor]]:
-    """For each task in `rows`, the entries of `part` whose scores may reach its floor
-    (`fused_kernel.pcb_candidates`) and their exact scores: tanh(τⱼ·Σⱼτⱼ) and its product
-    with Iⱼ, the float32 operations of `pcb_scores`."""
+                floors: Sequence[float], stats: Sequence[RowStats]) -> None:
+    """For each task i in `rows`, the entries of `part` whose scores may reach its floor
+    (`fused_kernel.pcb_candidates`), into `part`: their indices, their exact scores
+    (tanh(τⱼ·Σⱼτⱼ) and its product with Iⱼ, the float32 operations of `pcb_scores`) and
+    their clipped task vector."""
     size = part.total.size
-    found = []
     for i, floor in zip(rows, floors, strict=True):
         index = np.empty(size, dtype=np.int32)
         product = np.empty(size, dtype=np.float32)
         weight = np.empty(size, dtype=np.float32)
+        clipped = np.empty(size, dtype=np.float32)
+        s = stats[i]
         kept = kernel.pcb_candidates(part.tau[i], part.total, part.intra[i],
-                                     np.float32(floor), index, product, weight)
-        found.append((index[:kept], torch.from_numpy(weight[:kept]).mul_(
-            torch.from_numpy(product[:kept]).tanh_())))
-    return found
+                                     np.float32(floor), np.float32(s.clip_low),
+                                     np.float32(s.clip_high), index, product, weight, clipped)
+        part.index[i], part.clipped[i] = index[:kept], clipped[:kept]
+        part.scores[i] = torch.from_numpy(weight[:kept]).mul_(
+            torch.from_numpy(product[:kept]).tanh_())
 
 
 def _sampled(values: np.ndarray) -> np.ndarray:
@@ -622,13 +623,19 @@ def _kept_part(store: PartStore | None, kind: str, part: Part,
 @dataclass
 class _Candidates:
     """A part's flat task vectors, Σⱼτⱼ, intra-balancing terms, and per task the entries
-    whose scores may reach its floor with those scores (`PcbGlobalStats._sample`)."""
+    whose scores may reach its floor, with those scores and clipped task vectors
+    (`PcbGlobalStats._sample`)."""
 
     tau: list[np.ndarray]
     total: np.ndarray
     intra: list[np.ndarray]
-    index: list[np.ndarray | None]
-    scores: list[torch.Tensor | None]
+    index: list[np.ndarray | None] = field(default_factory=list)
+    scores: list[torch.Tensor | None] = field(default_factory=list)
+    clipped: list[np.ndarray | None] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        for row in (self.index, self.scores, self.clipped):
+            row.extend([None] * (len(self.tau) - len(row)))
 
 
 def _sparse_combine(kernel: ModuleType, base: torch.Tensor, part: _Candidates,
@@ -644,7 +651,7 @@ def _sparse_combine(kernel: ModuleType, base: torch.Tensor, part: _Candidates,
     if not kept:  # no task weighs: θ₀ + λ·0/10⁻¹², as torch
         return _combine(base, [], [], [], [], lambda_)
     out = np.empty(base.numel(), dtype=np.float32)
-    kernel.pcb_sparse_combine(flat_array(base), tuple(part.tau[i] for i in kept),
+    kernel.pcb_sparse_combine(flat_array(base), tuple(part.clipped[i] for i in kept),
                               tuple(part.index[i] for i in kept),
                               tuple(flat_array(part.scores[i]) for i in kept),
                               np.array(rows, dtype=np.float32).reshape(-1, 5),
