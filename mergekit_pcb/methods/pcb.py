@@ -366,8 +366,15 @@ class PcbGlobalStats(GlobalStats):
         """(task, |τ|) for the tasks whose clip bounds are not known from an earlier merge."""
         assert inputs.base is not None
         base = inputs.base.float()  # PCB computes in float32, whatever the recipe's dtype
-        return [(i, (m.float() - base).abs()) for i, m in enumerate(inputs.models)
-                if self._known[i] is None]
+        stores = self._part_stores()
+        part = (inputs.name, inputs.start)
+        return [(i, _kept_part(stores[i], "tau", part,
+                               lambda m=m: (m.float() - base).reshape(-1)).abs())
+                for i, m in enumerate(inputs.models) if self._known[i] is None]
+
+    def _part_stores(self) -> list[PartStore | None]:
+        """Each model's part store (`reuse_parts`), or None."""
+        return self._stores if len(self._stores) == self.n else [None] * self.n
 
     def scores(self, inputs: TensorInputs, last_use: bool = False,
                tau: list[torch.Tensor] | None = None) -> list[torch.Tensor]:
@@ -483,7 +490,7 @@ class PcbGlobalStats(GlobalStats):
         assert kernel is not None and inputs.base is not None
         base = inputs.base.float()
         where = (inputs.name, inputs.start)
-        stores = self._stores if len(self._stores) == self.n else [None] * self.n
+        stores = self._part_stores()
         tau = [_kept_part(store, "tau", where, lambda m=m: (m.float() - base).reshape(-1))
                for m, store in zip(inputs.models, stores, strict=True)]
         part: _Candidates | None = None
