@@ -416,7 +416,8 @@ def merge_in_memory(plan: MergePlan, device: str = "cpu", memo: PreparedMemo | N
     tune_allocator()
     request_kernels_if_worth_it(plan)
     # With a memo the caller trades memory for speed: statistics may keep per-part values
-    # for their later passes and the merge (a global PCB's scores, n × the model's size).
+    # for their later passes and the merge (a global PCB's task vectors and intra terms,
+    # 2n × the model's size, held in the memo where its budget allows).
     gather_statistics(plan, dev, keep_parts=memo is not None, memo=memo)
     out: dict[str, torch.Tensor] = {}
     for task in plan.tasks:
