@@ -140,6 +140,14 @@ class Prepared:
     bank: int
 
 
+def _held_trial(trial: dict[str, torch.Tensor], identity: Hashable) -> MemoryCheckpoint:
+    """The trial as a member held in memory, named so that what a merge prepares for it is
+    kept under `identity` in the memo."""
+    held = MemoryCheckpoint("trial", trial)
+    held.identity = identity
+    return held
+
+
 def _job_key(job: TrialJob) -> tuple[object, ...]:
     return (job.generation, job.step, job.plan, job.members)
 
@@ -214,14 +222,11 @@ class Runtime:
         following = job.next_step
         if following is None:
             return
-        self.discard_prepared()
         members = list(job.members)
         overrides: dict[int, Checkpoint] = {}
         if kept:  # its file is being written: the next candidate reads it from memory
             members[job.plan.slot] = job.out_path
-            held = MemoryCheckpoint("trial", trial)
-            held.identity = identity
-            overrides[job.plan.slot] = held
+            overrides[job.plan.slot] = _held_trial(trial, identity)
         upcoming = replace(job, generation=following.generation, step=following.step,
                            plan=following.plan, members=tuple(members), next_step=None)
         self.prepare(upcoming, overrides, 1 - bank)
@@ -322,9 +327,7 @@ class Runtime:
         the trial is kept under `identity`: if the trial is accepted it becomes a member's,
         and the next candidate need not prepare it again."""
         ckpts = self.members(job, overrides)
-        held = MemoryCheckpoint("trial", trial)
-        held.identity = identity
-        ckpts[job.plan.slot] = held
+        ckpts[job.plan.slot] = _held_trial(trial, identity)
         return self.merge(ckpts)
 
     def load(self, path: str) -> dict[str, torch.Tensor]:

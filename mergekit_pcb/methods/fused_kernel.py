@@ -193,6 +193,14 @@ def low_histograms(values: np.ndarray, nonnegative: bool, bins: np.ndarray,
 
 
 @numba.njit(cache=True, nogil=True, boundscheck=False, error_model="numpy", inline="always")
+def _clipped(x: np.float32, low: np.float32, high: np.float32) -> np.float32:
+    """PCB's clipped task vector entry τ̃ = sign(τ)·min(max(|τ|, low), high)."""
+    zero = np.float32(0.0)
+    sign = np.float32(x > zero) - np.float32(x < zero)
+    return sign * min(max(np.abs(x), low), high)
+
+
+@numba.njit(cache=True, nogil=True, boundscheck=False, error_model="numpy", inline="always")
 def _pcb_row(rows: np.ndarray, i: int) -> tuple[np.float32, np.float32, np.float32,
                                                 np.float32, np.float32]:
     """Task i's (threshold, span, clip low, clip high, weight) from the combine's rows."""
@@ -223,9 +231,7 @@ def pcb_combine(base: np.ndarray, tau: tuple[np.ndarray, ...], scores: tuple[np.
             b = scores[i][start:start + size]
             for j in range(size):
                 soft = (max(b[j], threshold) - threshold) / span
-                x = t[j]
-                sign = np.float32(x > zero) - np.float32(x < zero)
-                numerator[j] += w * soft * (sign * min(max(np.abs(x), low), high))
+                numerator[j] += w * soft * _clipped(t[j], low, high)
                 denominator[j] += soft
         dest = out[start:start + size]
         below = base[start:start + size]
@@ -311,11 +317,9 @@ def pcb_candidates(tau: np.ndarray, total: np.ndarray, intra: np.ndarray,
             kept += 0 if upper[j] < floor else 1
         for m in range(first, kept):
             j = index[m] - start
-            x = t[j]
-            sign = np.float32(x > zero) - np.float32(x < zero)
             product[m] = products[j]
             weight[m] = w[j]
-            clipped[m] = sign * min(max(np.abs(x), low), high)
+            clipped[m] = _clipped(t[j], low, high)
     return kept
 
 

@@ -328,14 +328,14 @@ class PcbGlobalStats(GlobalStats):
         lo_k, hi_k = clip_indices(total, clip)
         self._clip_select = [StreamingSelect([lo_k, hi_k], nonnegative=True)
                              for _ in range(num_models)]
-        self._score_select = [StreamingSelect([drop_index(total, r)]) for r in densities]
+        self._drop_ranks = [drop_index(total, r) for r in densities]
+        self._score_select = [StreamingSelect([k]) for k in self._drop_ranks]
         self._abs_min = [float("inf")] * num_models
         self._abs_max = [float("-inf")] * num_models
         self._score_max = [float("-inf")] * num_models
         self._lock = threading.Lock()
         self._kept: dict[Part, list[torch.Tensor]] = {}
         self._known: list[RowStats | None] = [None] * num_models  # see `reuse`
-        self._drop_ranks = [drop_index(total, r) for r in densities]
         # Candidate scores (`keep_parts`, consensus, the kernels loaded): see `_sample`.
         self._kernel: ModuleType | None = None
         self._candidates: dict[Part, _Candidates] = {}
@@ -361,6 +361,9 @@ class PcbGlobalStats(GlobalStats):
 
     def reuse(self, known: Sequence[Any]) -> None:
         self._known = [k if isinstance(k, RowStats) else None for k in known]
+
+    def reuse_parts(self, stores: Sequence[PartStore | None]) -> None:
+        self._stores = list(stores)
 
     def _unknown(self, inputs: TensorInputs) -> list[tuple[int, torch.Tensor]]:
         """(task, |τ|) for the tasks whose clip bounds are not known from an earlier merge."""
@@ -510,12 +513,9 @@ class PcbGlobalStats(GlobalStats):
             part = _Candidates(flat, total.numpy(), [i.numpy() for i in intra])
         with self._lock:
             if part is not None:
-                self._candidates[(inputs.name, inputs.start)] = part
+                self._candidates[where] = part
             for row, values in zip(self._samples, sampled, strict=True):
                 row.append(values)
-
-    def reuse_parts(self, stores: Sequence[PartStore | None]) -> None:
-        self._stores = list(stores)
 
     def _set_floors(self) -> None:
         """Each task's floor: its sample's order statistic far enough below the threshold's
