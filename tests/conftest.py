@@ -88,7 +88,32 @@ def write_recipe(path: Path, recipe: dict) -> Path:
 
 
 def run_cli(*args: str | Path, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+    """`pcbmerge ARGS` run in this process (a subprocess costs seconds of imports), with the
+    exit code, stdout and stderr a subprocess would give. torch's thread count and the
+    working directory are put back afterwards, so one call cannot change the next test."""
+    import os
+
+    from typer.testing import CliRunner
+
+    from mergekit_pcb.cli import app
+
+    argv = [str(a) for a in args]
+    threads, here = torch.get_num_threads(), Path.cwd()
+    try:
+        if cwd is not None:
+            os.chdir(cwd)
+        result = CliRunner().invoke(app, argv, catch_exceptions=False)
+    finally:
+        os.chdir(here)
+        torch.set_num_threads(threads)
+    return subprocess.CompletedProcess(argv, result.exit_code, result.stdout, result.stderr)
+
+
+def run_cli_process(*args: str | Path, cwd: Path | None = None,
+                    timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    """`python -m mergekit_pcb ARGS` in a process of its own: for what only a process shows
+    (a hang cut by a timeout, the interpreter's exit)."""
     return subprocess.run(
         [sys.executable, "-m", "mergekit_pcb", *map(str, args)],
-        capture_output=True, text=True, cwd=cwd, timeout=300,
+        capture_output=True, text=True, cwd=cwd, timeout=timeout,
     )

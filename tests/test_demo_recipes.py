@@ -9,7 +9,6 @@ No training happens: random initialisations with distinct seeds are enough.
 from __future__ import annotations
 
 import importlib.util
-import os
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -17,6 +16,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
+import conftest
 import pytest
 import torch
 import yaml
@@ -83,16 +83,7 @@ def in_workdir(workdir: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]
 
 
 def run_cli(recipe: Path, out: Path) -> subprocess.CompletedProcess[str]:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
-    return subprocess.run(
-        [sys.executable, "-m", "mergekit_pcb", "run", str(recipe), "-o", str(out), "--quiet"],
-        capture_output=True,
-        text=True,
-        env=env,
-        check=False,
-        timeout=120,
-    )
+    return conftest.run_cli("run", recipe, "-o", out, "--quiet")
 
 
 def load(ref: str) -> dict[str, torch.Tensor]:
