@@ -336,3 +336,28 @@ def test_every_method_is_in_the_readme_table_with_a_page() -> None:
         m = re.search(rf"^\| \[`{re.escape(method.name)}`\]\((docs/[^)#]+)\)", text, re.M)
         assert m, method.name
         assert (REPO / m.group(1)).is_file(), m.group(1)
+
+
+def test_readme_links_reach_files_and_headings() -> None:
+    """The README is read on the forge, outside the site: its links are checked here."""
+    import markdown
+
+    text = (REPO / "README.md").read_text()
+    links = re.findall(r"\]\(([^)\s]+)\)", text)
+    assert links
+    for link in links:
+        if "://" in link:
+            continue
+        target, _, anchor = link.partition("#")
+        path = REPO / target
+        assert path.is_file(), link
+        if anchor:
+            md = markdown.Markdown(extensions=["toc"])
+            md.convert(path.read_text())
+            ids: set[str] = set()
+            stack = list(md.toc_tokens)  # type: ignore[attr-defined]
+            while stack:
+                token = stack.pop()
+                ids.add(token["id"])
+                stack += token["children"]
+            assert anchor in ids, link
