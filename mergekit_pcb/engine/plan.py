@@ -231,14 +231,11 @@ def _numel(shape: tuple[int, ...]) -> int:
     return n
 
 
-def build_plan(recipe: MergeRecipe, recipe_text: str, *, seed: int | None = None,
-               allow_pickle: bool = False, base_dir: Path | None = None,
-               sources: Mapping[str, Checkpoint] | None = None) -> MergePlan:
-    """Check `recipe` against its checkpoints' headers and fix every output tensor's route.
-
-    `sources` supplies already open checkpoints by model key (the caller keeps them);
-    the other models are opened here and closed by `MergePlan.close`.
-    """
+def check_merge_recipe(recipe: MergeRecipe) -> MergeMethod:
+    """Every check of a merge recipe that needs no checkpoint: its method, its shape (models,
+    base, slices, rules) and every parameter's name and value. `build_plan` runs these
+    before it opens anything; the documentation's test runs them alone on the recipes the
+    pages show, whose models do not exist."""
     method = get_method(recipe.merge_method)
     _check_recipe_shape(recipe, method)
     check_parameter_keys(type(method), recipe.parameters,
@@ -250,6 +247,18 @@ def build_plan(recipe: MergeRecipe, recipe_text: str, *, seed: int | None = None
         if rule.method is not None:
             sub = type(get_method(rule.method, where=f"tensors[{i}].method"))
             check_parameter_keys(sub, rule.parameters, [], prefix=f"tensors[{i}].")
+    return method
+
+
+def build_plan(recipe: MergeRecipe, recipe_text: str, *, seed: int | None = None,
+               allow_pickle: bool = False, base_dir: Path | None = None,
+               sources: Mapping[str, Checkpoint] | None = None) -> MergePlan:
+    """Check `recipe` against its checkpoints' headers and fix every output tensor's route.
+
+    `sources` supplies already open checkpoints by model key (the caller keeps them);
+    the other models are opened here and closed by `MergePlan.close`.
+    """
+    method = check_merge_recipe(recipe)
     checkpoints: dict[str, Checkpoint] = {}
     owned: list[str] = []
     try:
