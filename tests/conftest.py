@@ -108,12 +108,3 @@ def run_cli(*args: str | Path, cwd: Path | None = None) -> subprocess.CompletedP
         torch.set_num_threads(threads)
     return subprocess.CompletedProcess(argv, result.exit_code, result.stdout, result.stderr)
 
-
-def run_cli_process(*args: str | Path, cwd: Path | None = None,
-                    timeout: float = 300) -> subprocess.CompletedProcess[str]:
-    """`python -m mergekit_pcb ARGS` in a process of its own: for what only a process shows
-    (a hang cut by a timeout, the interpreter's exit)."""
-    return subprocess.run(
-        [sys.executable, "-m", "mergekit_pcb", *map(str, args)],
-        capture_output=True, text=True, cwd=cwd, timeout=timeout,
-    )
