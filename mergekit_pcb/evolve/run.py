@@ -183,10 +183,13 @@ def _finish(run: EvolutionRun, recipe: EvolutionRecipe, text: str, output: Path,
         name = settings.strategy.name
         rows.append(ScoreRow(f"result ({name}, {mode})", "output", result_select,
                              reports[len(refs) + 1]))
-        config_root = model_dir(recipe.base_model or refs[0])
+        donor = recipe.base_model or refs[0]
+        config_root = model_dir(donor)
         tokenizer_root = (model_dir(recipe.tokenizer_source)
                           if recipe.tokenizer_source not in (None, "base") else config_root)
-        copy_model_files(tmp, config_root, tokenizer_root, recipe.dtype if merged else None)
+        # The donor's other files (sentence-transformers modules, ...) from a directory only.
+        copy_model_files(tmp, config_root, tokenizer_root, recipe.dtype if merged else None,
+                         carry=resolve_model_path(donor).is_dir())
         doc = evolution_document(
             st, recipe_name=recipe.name, method=name, search=settings.strategy.describe(),
             pop=settings.pop, seed=settings.seed, workers=workers, metric=spec.metric_name,
