@@ -93,12 +93,17 @@ def offline(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
 
 
-def run(tmp_path: Path, recipe: dict, name: str = "out") -> Path:
+def run(tmp_path: Path, recipe: dict, name: str = "out", stderr: list[str] | None = None
+        ) -> Path:
+    """`pcbmerge run` in-process; quiet unless `stderr` is given to receive its lines."""
     path = tmp_path / f"{name}.yaml"
     path.write_text(yaml.safe_dump(recipe, sort_keys=False))
     out = tmp_path / name
-    result = CliRunner().invoke(app, ["run", str(path), "-o", str(out), "--quiet"])
+    args = ["run", str(path), "-o", str(out)] + ([] if stderr is not None else ["--quiet"])
+    result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
+    if stderr is not None:
+        stderr += result.stderr.splitlines()
     return out
 
 
@@ -168,21 +173,27 @@ def test_other_files_carried_weights_cards_and_records_not(
     (base / "leak.txt").symlink_to(secret)
     assert (base / "README.md").is_file()  # sentence-transformers wrote the input's card
 
-    out = run(tmp_path, linear_recipe({**st_models, "base": base}))
+    stderr: list[str] = []
+    out = run(tmp_path, linear_recipe({**st_models, "base": base}), stderr=stderr)
     files = files_of(out)
     for name, text in carried.items():
         assert (out / name).read_text() == text, name
     for name in ST_FILES:
         assert (out / name).read_bytes() == (base / name).read_bytes(), name
-    assert not files & set(left_out), files & set(left_out)
+    # mergekit_config.yml: the merge may write its own (the recipe), never the base's.
+    assert not files & (set(left_out) - {"mergekit_config.yml"}), files & set(left_out)
+    if "mergekit_config.yml" in files:
+        assert (out / "mergekit_config.yml").read_text() != left_out["mergekit_config.yml"]
     assert "leak.txt" not in files and "onnx" not in {f.split("/")[0] for f in files}
-    assert files - set(carried) - ST_FILES == {
-        "model.safetensors", "config.json", "tokenizer.json", "tokenizer_config.json",
-        "README.md", "merge_recipe.yaml", ".pcbmerge-output"}
+    own = {"model.safetensors", "config.json", "tokenizer.json", "tokenizer_config.json",
+           "README.md", "merge_recipe.yaml", ".pcbmerge-output"}
+    assert own <= files <= own | set(carried) | ST_FILES | {"mergekit_config.yml"}
     card = (out / "README.md").read_text()
     assert "SentenceTransformer" not in card.split("## Recipe")[0]  # ours, not the input's
     section = card.split("## Not carried over from the base", 1)[1].split("\n## ")[0]
     assert "`2_Dense/`" in section and "`onnx/`" in section and "`leak.txt`" in section
+    notes = [line for line in stderr if line.startswith("note: not carried over")]
+    assert [n.split(": ")[2] for n in notes] == ["2_Dense/", "leak.txt", "onnx/"], stderr
 
 
 # --- 2. a clean tokenizer config --------------------------------------------------------

@@ -20,12 +20,13 @@ from mergekit_pcb.io.artifacts import (
 from mergekit_pcb.io.tokenizer import load_tokenizer, save_tokenizer
 
 
-def write_artifacts(plan: MergePlan, out: Path) -> None:
+def write_artifacts(plan: MergePlan, out: Path) -> list[str]:
     """Config and tokenizer: a built tokenizer (`plan.vocab`) is saved, with the config's
     `vocab_size` set to the merged embedding's rows; otherwise the files are copied, or
     saved again with the recipe's `chat_template` (as mergekit does). Every other non-weight
     file comes from the base (or first model), as mergekit takes its donor's: generation
-    and processor configs, sentence-transformers modules (`io.artifacts.carry_over`)."""
+    and processor configs, sentence-transformers modules (`io.artifacts.carry_over`).
+    Returns what of those was left out and why (the card lists it too)."""
     copied = plan.vocab is None and plan.chat_template is None
     source = plan.config_source
     notes = copy_model_files(out, source.root, plan.tokenizer_root() if copied else None,
@@ -37,6 +38,7 @@ def write_artifacts(plan: MergePlan, out: Path) -> None:
         tok = load_tokenizer(plan.tokenizer_root(), "chat_template")
         save_tokenizer(tok, out, plan.chat_template)
     write_card_and_recipe(out, merge_card(plan, notes, library_of(out)), plan.recipe_text)
+    return notes
 
 
 def _dtype_name(plan: MergePlan) -> str:
