@@ -37,7 +37,12 @@ from mergekit_pcb.evolve.output import (
 )
 from mergekit_pcb.evolve.ray_executor import RaySettings
 from mergekit_pcb.evolve.store import CheckpointCache, RunDir
-from mergekit_pcb.io.artifacts import copy_model_files, model_dir, write_card_and_recipe
+from mergekit_pcb.io.artifacts import (
+    copy_model_files,
+    library_of,
+    model_dir,
+    write_card_and_recipe,
+)
 from mergekit_pcb.io.reader import Checkpoint, open_checkpoint
 from mergekit_pcb.io.resolve import resolve_model_path
 from mergekit_pcb.io.writer import (
@@ -202,7 +207,7 @@ def _finish(run: EvolutionRun, recipe: EvolutionRecipe, text: str, output: Path,
             models=refs, method=name, mode=mode, merge_method=recipe.merge.merge_method
             if recipe.merge else None, seed=settings.seed, pop=settings.pop,
             generations=st["generation"], metric=spec.metric_name, scores=rows,
-            history=doc["history"]), text)
+            history=doc["history"], library_name=library_of(tmp)), text)
     return rows
 
 
