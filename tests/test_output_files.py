@@ -171,6 +171,7 @@ def test_other_files_carried_weights_cards_and_records_not(
     secret = tmp_path / "secret.txt"
     secret.write_text("not for the hub\n")
     (base / "leak.txt").symlink_to(secret)
+    (base / "spiece.model").symlink_to(secret)  # a tokenizer file too
     assert (base / "README.md").is_file()  # sentence-transformers wrote the input's card
 
     stderr: list[str] = []
@@ -184,16 +185,18 @@ def test_other_files_carried_weights_cards_and_records_not(
     assert not files & (set(left_out) - {"mergekit_config.yml"}), files & set(left_out)
     if "mergekit_config.yml" in files:
         assert (out / "mergekit_config.yml").read_text() != left_out["mergekit_config.yml"]
-    assert "leak.txt" not in files and "onnx" not in {f.split("/")[0] for f in files}
+    assert not {"leak.txt", "spiece.model"} & files
+    assert "onnx" not in {f.split("/")[0] for f in files}
     own = {"model.safetensors", "config.json", "tokenizer.json", "tokenizer_config.json",
            "README.md", "merge_recipe.yaml", ".pcbmerge-output"}
     assert own <= files <= own | set(carried) | ST_FILES | {"mergekit_config.yml"}
     card = (out / "README.md").read_text()
     assert "SentenceTransformer" not in card.split("## Recipe")[0]  # ours, not the input's
-    section = card.split("## Not carried over from the base", 1)[1].split("\n## ")[0]
+    section = card.split("## Not carried over from the inputs", 1)[1].split("\n## ")[0]
     assert "`2_Dense/`" in section and "`onnx/`" in section and "`leak.txt`" in section
-    notes = [line for line in stderr if line.startswith("note: not carried over")]
-    assert [n.split(": ")[2] for n in notes] == ["2_Dense/", "leak.txt", "onnx/"], stderr
+    notes = [line for line in stderr if line.startswith("note: not carried over from the inputs")]
+    assert [n.split(": ")[2] for n in notes] == ["2_Dense/", "leak.txt", "onnx/",
+                                                  "spiece.model"], stderr
 
 
 # --- 2. a clean tokenizer config --------------------------------------------------------

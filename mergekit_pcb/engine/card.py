@@ -126,7 +126,7 @@ def merge_card(plan: MergePlan, left_out: Sequence[str] = (),
                                         for k, v in recipe.parameters.items()]))
     sections.append(("How each tensor was produced", _routes_table(plan)))
     if left_out:
-        sections.append(("Not carried over from the base", [f"- {n}" for n in left_out]))
+        sections.append(("Not carried over from the inputs", [f"- {n}" for n in left_out]))
     return model_card(
         title=recipe.name or "Merged model", tags=[recipe.merge_method],
         base_model=recipe.base_model, library_name=library_name,

@@ -522,7 +522,7 @@ def _write(plan: MergePlan, directory: Path, dev: torch.device, shards: list[Sha
         left_out = write_artifacts(plan, directory)
         if progress is not None and not progress.disable:  # the card lists them too
             for note in left_out:
-                progress.console.print("note: not carried over from the base: "
+                progress.console.print("note: not carried over from the inputs: "
                                        + note.replace("`", ""), markup=False, highlight=False,
                                        soft_wrap=True)
     return len(shards)

@@ -129,16 +129,18 @@ def carry_over(root: Path, out: Path, skip: Callable[[str], bool]) -> list[str]:
     return notes
 
 
-def copy_tokenizer_files(tokenizer_root: Path, out: Path) -> None:
+def copy_tokenizer_files(tokenizer_root: Path, out: Path) -> list[str]:
     """The tokenizer files of `tokenizer_root` (`is_tokenizer_file`, `TOKENIZER_DIRS`) into
-    `out`, with a clean `tokenizer_config.json` (`clean_tokenizer_config`)."""
-    notes: list[str] = []  # a tokenizer file that cannot be copied is left to the loader
+    `out`, with a clean `tokenizer_config.json` (`clean_tokenizer_config`); returns what was
+    left out and why (a link out of the directory, a FIFO), as `carry_over` does."""
+    notes: list[str] = []
     for entry in sorted(tokenizer_root.iterdir()):
         if entry.name in TOKENIZER_DIRS and entry.is_dir() and not entry.is_symlink():
             _copy_folder(tokenizer_root, entry, out / entry.name, f"{entry.name}/", notes)
         elif is_tokenizer_file(entry.name) and not entry.is_dir():
             _copy_file(tokenizer_root, entry, out / entry.name, entry.name, notes)
     clean_tokenizer_config(out)
+    return notes
 
 
 def copy_model_files(out: Path, config_root: Path, tokenizer_root: Path | None,
@@ -148,8 +150,8 @@ def copy_model_files(out: Path, config_root: Path, tokenizer_root: Path | None,
     """config.json / generation_config.json (with `torch_dtype` set to `out_dtype` and
     `overrides` applied, e.g. a sliced model's layer count) and the tokenizer files; with
     `carry` (`config_root` is the model's own directory, not a single weight file's folder)
-    every other non-weight file of `config_root` too (`carry_over`). Returns what
-    `carry_over` left out and why."""
+    every other non-weight file of `config_root` too (`carry_over`). Returns what was left
+    out and why."""
     written = set()
     for path in iter_config_files(config_root):
         written.add(path.name)
@@ -164,7 +166,7 @@ def copy_model_files(out: Path, config_root: Path, tokenizer_root: Path | None,
             shutil.copyfile(path, out / path.name)
     notes = carry_over(config_root, out, lambda name: name in written) if carry else []
     if tokenizer_root is not None:
-        copy_tokenizer_files(tokenizer_root, out)
+        notes += copy_tokenizer_files(tokenizer_root, out)
     return notes
 
 
