@@ -519,7 +519,12 @@ def _write(plan: MergePlan, directory: Path, dev: torch.device, shards: list[Sha
         if behind is not None:
             behind.close()
     if artifacts:
-        write_artifacts(plan, directory)
+        left_out = write_artifacts(plan, directory)
+        if progress is not None and not progress.disable:  # the card lists them too
+            for note in left_out:
+                progress.console.print("note: not carried over from the inputs: "
+                                       + note.replace("`", ""), markup=False, highlight=False,
+                                       soft_wrap=True)
     return len(shards)
 
 

@@ -133,7 +133,8 @@ def write_curve(history: Sequence[dict[str, Any]], metric: str, path: Path) -> b
 def search_card(*, recipe_text: str, recipe_name: str | None, base_model: str | None,
                 models: Sequence[str], method: str, mode: str, merge_method: str | None,
                 seed: int, pop: int, generations: int, metric: str,
-                scores: Sequence[ScoreRow], history: Sequence[dict[str, Any]]) -> str:
+                scores: Sequence[ScoreRow], history: Sequence[dict[str, Any]],
+                library_name: str = "transformers") -> str:
     inner = f", inner merge **{merge_method}**" if merge_method else ""
     inputs = ([f"- base: `{base_model}`"] if base_model else []) + [f"- `{m}`" for m in models]
     table = ["| model | select | report |", "|---|---|---|"]
@@ -149,7 +150,7 @@ def search_card(*, recipe_text: str, recipe_name: str | None, base_model: str | 
                 f"{generations} generations, seed {seed})",
         sections=[("Inputs", inputs), (f"Scores ({metric})", table),
                   ("Fitness per generation", curve)],
-        recipe_text=recipe_text)
+        recipe_text=recipe_text, library_name=library_name)
 
 
 def write_json(path: Path, data: Any) -> None:

@@ -37,7 +37,12 @@ from mergekit_pcb.evolve.output import (
 )
 from mergekit_pcb.evolve.ray_executor import RaySettings
 from mergekit_pcb.evolve.store import CheckpointCache, RunDir
-from mergekit_pcb.io.artifacts import copy_model_files, model_dir, write_card_and_recipe
+from mergekit_pcb.io.artifacts import (
+    copy_model_files,
+    library_of,
+    model_dir,
+    write_card_and_recipe,
+)
 from mergekit_pcb.io.reader import Checkpoint, open_checkpoint
 from mergekit_pcb.io.resolve import resolve_model_path
 from mergekit_pcb.io.writer import (
@@ -183,10 +188,13 @@ def _finish(run: EvolutionRun, recipe: EvolutionRecipe, text: str, output: Path,
         name = settings.strategy.name
         rows.append(ScoreRow(f"result ({name}, {mode})", "output", result_select,
                              reports[len(refs) + 1]))
-        config_root = model_dir(recipe.base_model or refs[0])
+        donor = recipe.base_model or refs[0]
+        config_root = model_dir(donor)
         tokenizer_root = (model_dir(recipe.tokenizer_source)
                           if recipe.tokenizer_source not in (None, "base") else config_root)
-        copy_model_files(tmp, config_root, tokenizer_root, recipe.dtype if merged else None)
+        # The donor's other files (sentence-transformers modules, ...) from a directory only.
+        copy_model_files(tmp, config_root, tokenizer_root, recipe.dtype if merged else None,
+                         carry=resolve_model_path(donor).is_dir())
         doc = evolution_document(
             st, recipe_name=recipe.name, method=name, search=settings.strategy.describe(),
             pop=settings.pop, seed=settings.seed, workers=workers, metric=spec.metric_name,
@@ -199,7 +207,7 @@ def _finish(run: EvolutionRun, recipe: EvolutionRecipe, text: str, output: Path,
             models=refs, method=name, mode=mode, merge_method=recipe.merge.merge_method
             if recipe.merge else None, seed=settings.seed, pop=settings.pop,
             generations=st["generation"], metric=spec.metric_name, scores=rows,
-            history=doc["history"]), text)
+            history=doc["history"], library_name=library_of(tmp)), text)
     return rows
 
 

@@ -57,6 +57,7 @@ class MappedFiles(Checkpoint):
     def __init__(self, source: Checkpoint) -> None:
         super().__init__(source.ref, source.root, dict(source.tensors))
         self.identity = source.identity
+        self.own_directory = source.own_directory
         self._maps: dict[Path, mmap.mmap | None] = {}
 
     def read(self, name: str, start: int | None = None, stop: int | None = None

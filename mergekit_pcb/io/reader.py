@@ -22,7 +22,7 @@ from mergekit_pcb.io.safetensors_format import (
     require_regular,
 )
 
-__all__ = ["Checkpoint", "TensorInfo", "open_checkpoint"]
+__all__ = ["Checkpoint", "TensorInfo", "inside_model_dir", "open_checkpoint"]
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 PICKLE_INDEX = "pytorch_model.bin.index.json"
@@ -42,6 +42,9 @@ class Checkpoint:
                  pickle_files: dict[Path, None] | None = None) -> None:
         self.ref = ref
         self.root = root  # a directory (config, tokenizer) or the single file's directory
+        # Whether `root` is the model's own directory (opened as one): only then does an
+        # output carry over its other files (a single file's folder may hold anything).
+        self.own_directory = False
         # What a reader may key derived values by, across merges: a file's (path, device,
         # inode, mtime, size) when it was opened; None when no such key is safe.
         self.identity: Hashable | None = None
@@ -128,16 +131,22 @@ def open_checkpoint(ref: str, *, allow_pickle: bool = False,
                  for name in dict.fromkeys(weight_map.values())]
         tensors = _read_files(ref, files)
         _check_index_matches(ref, weight_map, tensors)
-        return Checkpoint(ref, path, tensors)
+        return _own_directory(Checkpoint(ref, path, tensors))
     shards = [_model_file(ref, path, p.name) for p in sorted(path.glob("*.safetensors"))]
     if shards:
-        return Checkpoint(ref, path, _read_files(ref, shards))
+        return _own_directory(Checkpoint(ref, path, _read_files(ref, shards)))
     pickled = _pickle_names(ref, path)
     if pickled:
         _refuse_pickle_unless(allow_pickle, ref, pickled[0])
         where = f" named in {PICKLE_INDEX}" if os.path.lexists(path / PICKLE_INDEX) else ""
-        return _open_pickled(ref, path, [_model_file(ref, path, n, where) for n in pickled])
+        return _own_directory(
+            _open_pickled(ref, path, [_model_file(ref, path, n, where) for n in pickled]))
     raise CheckpointError(f"model {ref}: no .safetensors weights found in {path}")
+
+
+def _own_directory(ckpt: Checkpoint) -> Checkpoint:
+    ckpt.own_directory = True
+    return ckpt
 
 
 def _allowed_roots(root: Path) -> list[Path]:
@@ -150,6 +159,15 @@ def _allowed_roots(root: Path) -> list[Path]:
     if real.parent.name == "snapshots":
         return [real, real.parent.parent / "blobs"]
     return [real]
+
+
+def inside_model_dir(root: Path, path: Path) -> bool:
+    """Whether `path`, symlinks followed, stays inside model directory `root`."""
+    try:
+        real = path.resolve()
+    except (OSError, RuntimeError):  # RuntimeError: a symlink loop (Python < 3.13)
+        return False
+    return any(real.is_relative_to(r) for r in _allowed_roots(root))
 
 
 def _model_file(ref: str, root: Path, name: str, where: str = "") -> Path:

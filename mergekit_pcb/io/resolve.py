@@ -75,3 +75,16 @@ def _resolve_hub(ref: str, *, allow_pickle: bool) -> Path:
     except (HfHubHTTPError, OSError) as e:
         raise CheckpointError(f"cannot fetch model {ref} from the Hugging Face hub: {e}") from e
     return Path(path)
+
+
+def hub_repo_id(ref: str) -> str | None:
+    """The Hugging Face repo id `ref` names (`org/name`, without an `@revision`), or None
+    when `ref` is a local path (as `resolve_model_path` would take it) or no hub id at all:
+    what a model card's `base_model` metadata may hold."""
+    try:
+        local = Path(ref).expanduser().exists()
+    except OSError:
+        local = False
+    if local or not HUB_ID.match(ref) or ref.startswith((".", "/", "~")):
+        return None
+    return ref.partition("@")[0]

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import tempfile
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -211,19 +212,51 @@ def chat_template_text(value: str, roots: Sequence[Path]) -> str | None:
     return value
 
 
-def save_tokenizer(tok: PreTrainedTokenizerBase, out: Path, chat_template: str | None) -> None:
-    """`tok` into `out`, with `chat_template` when given (`tok` itself is left as it was)."""
-    if chat_template is None:
-        tok.save_pretrained(str(out))
+# How a tokenizer was loaded, not what it is: transformers writes some of these into the
+# tokenizer_config.json it saves (`local_files_only`, `is_local`), older versions others
+# (`name_or_path`, `tokenizer_file` as paths of the machine that saved it).
+LOAD_TIME_KEYS = frozenset({
+    "local_files_only", "is_local", "cache_dir", "force_download", "resume_download",
+    "proxies", "token", "use_auth_token", "revision", "subfolder", "_commit_hash",
+    "_from_auto", "_from_pipeline", "trust_remote_code", "use_fast", "name_or_path",
+    "device_map", "special_tokens_map_file", "tokenizer_file",
+})
+# An absolute path (POSIX, home-relative or Windows) with at least one directory in it.
+_LOCAL_PATH = re.compile(r"^(/|~/|[A-Za-z]:[\\/])\S*[\\/]")
+
+
+def clean_tokenizer_config(out: Path) -> None:
+    """Rewrite `out/tokenizer_config.json` without load-time keys (LOAD_TIME_KEYS) and
+    without any top-level value that is a local path: the file ships to the Hub as is."""
+    path = out / "tokenizer_config.json"
+    if not path.is_file():
         return
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return  # not ours to repair: transformers reports it when the tokenizer is loaded
+    if not isinstance(config, dict):
+        return
+    kept = {k: v for k, v in config.items() if k not in LOAD_TIME_KEYS
+            and not (isinstance(v, str) and _LOCAL_PATH.match(v))}
+    if len(kept) != len(config):
+        path.write_text(json.dumps(kept, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
+def save_tokenizer(tok: PreTrainedTokenizerBase, out: Path, chat_template: str | None) -> None:
+    """`tok` into `out`, with `chat_template` when given (`tok` itself is left as it was),
+    its config cleaned (`clean_tokenizer_config`)."""
     old = tok.chat_template
-    tok.chat_template = chat_template
+    if chat_template is not None:
+        tok.chat_template = chat_template
     try:
         tok.save_pretrained(str(out))
     finally:
         tok.chat_template = old
+    clean_tokenizer_config(out)
 
 
-__all__ = ["NAMED_CHAT_TEMPLATES", "TOKENIZER_MARKERS", "add_missing_tokens", "chat_template_text",
-           "config_vocab_size", "copy_tokenizer", "has_tokenizer", "load_tokenizer",
-           "save_tokenizer", "strip_unused", "union_tokenizer"]
+__all__ = ["LOAD_TIME_KEYS", "NAMED_CHAT_TEMPLATES", "TOKENIZER_MARKERS", "add_missing_tokens",
+           "chat_template_text", "clean_tokenizer_config", "config_vocab_size", "copy_tokenizer",
+           "has_tokenizer", "load_tokenizer", "save_tokenizer", "strip_unused",
+           "union_tokenizer"]

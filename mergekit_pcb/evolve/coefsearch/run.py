@@ -21,7 +21,7 @@ from mergekit_pcb.errors import RecipeError, UserError
 from mergekit_pcb.evolve.executor import Executor, executor_scope
 from mergekit_pcb.evolve.fitness import better, code_refs
 from mergekit_pcb.evolve.output import clean, fmt, plot_png
-from mergekit_pcb.io.artifacts import model_card, write_card_and_recipe
+from mergekit_pcb.io.artifacts import library_of, model_card, write_card_and_recipe
 from mergekit_pcb.io.files import atomic_write_json
 from mergekit_pcb.io.writer import atomic_output_dir, check_destination, prepare_run_dir
 from mergekit_pcb.machine import available_memory
@@ -430,7 +430,8 @@ def _finish(ctx: SearchContext, ex: Executor, space: SearchSpace,
         }
         (tmp / SEARCH_JSON).write_text(json.dumps(clean(doc), indent=1) + "\n")
         write_curve(evals, spec.metric_name, spec.maximize, tmp / CURVE_PNG)
-        write_card_and_recipe(tmp, _card(recipe, text, space, best, rows, best_text), text)
+        write_card_and_recipe(tmp, _card(recipe, text, space, best, rows, best_text,
+                                         library_of(tmp)), text)
     return rows, check
 
 
@@ -456,7 +457,8 @@ def write_curve(evals: list[dict[str, Any]], metric: str, maximize: bool, path: 
 
 
 def _card(recipe: CoefficientSearchRecipe, text: str, space: SearchSpace,
-          best: dict[str, Any], rows: list[Row], best_text: str) -> str:
+          best: dict[str, Any], rows: list[Row], best_text: str,
+          library_name: str = "transformers") -> str:
     inputs = ([f"- base: `{recipe.base_model}`"] if recipe.base_model else [])
     inputs += [f"- `{m.model}`" for m in recipe.models]
     searched = ["| parameter | bounds | recipe value | best |", "|---|---|---|---|"]
@@ -474,7 +476,7 @@ def _card(recipe: CoefficientSearchRecipe, text: str, space: SearchSpace,
         sections=[("Inputs", inputs), ("Searched parameters", searched),
                   (f"Scores ({recipe.fitness.metric_name})", table),
                   (f"Best recipe ({BEST_RECIPE})", ["```yaml", best_text.rstrip(), "```"])],
-        recipe_text=text)
+        recipe_text=text, library_name=library_name)
 
 
 __all__ = ["BEST_RECIPE", "CURVE_PNG", "SEARCH_JSON", "STATE", "default_run_dir",
