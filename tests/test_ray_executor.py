@@ -37,6 +37,8 @@ from mergekit_pcb.evolve.ray_executor import RaySettings
 from mergekit_pcb.evolve.run import evolve
 
 ray = pytest.importorskip("ray")
+# One cluster for the module: under pytest-xdist its tests all run in one worker.
+pytestmark = pytest.mark.xdist_group("ray")
 from ray.cluster_utils import Cluster  # noqa: E402
 
 SLOW_MODULE = '''
