@@ -19,6 +19,7 @@ from mergekit_pcb.io.reader import iter_config_files
 from mergekit_pcb.io.resolve import resolve_model_path
 
 RECIPE_FILE = "merge_recipe.yaml"
+MERGEKIT_CONFIG_FILE = "mergekit_config.yml"  # the recipe under mergekit-yaml's name
 CARD_FILE = "README.md"
 TOKENIZER_FILES = (
     "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
@@ -76,5 +77,5 @@ def write_card_and_recipe(out: Path, card: str, recipe_text: str) -> None:
     (out / CARD_FILE).write_text(card)
 
 
-__all__ = ["CARD_FILE", "DTYPE_NAMES", "RECIPE_FILE", "TOKENIZER_FILES", "copy_model_files",
-           "model_card", "model_dir", "write_card_and_recipe"]
+__all__ = ["CARD_FILE", "DTYPE_NAMES", "MERGEKIT_CONFIG_FILE", "RECIPE_FILE", "TOKENIZER_FILES",
+           "copy_model_files", "model_card", "model_dir", "write_card_and_recipe"]

@@ -3,6 +3,7 @@ schema, plan and runner. A new kind is one module here and one entry in `KINDS`.
 
 from __future__ import annotations
 
+import difflib
 from pathlib import Path
 from typing import Any
 
@@ -32,8 +33,12 @@ def kind_of(data: Any, source: Path) -> tuple[RecipeKind, str]:
     for kind in KINDS.values():
         if any(m.name == method for m in kind.methods()):
             return kind, method
-    known = ", ".join(sorted(m.name for m in all_methods()))
-    raise RecipeError(f"{source}: merge_method: unknown method '{method}' (known: {known})")
+    names = sorted(m.name for m in all_methods())
+    # repr: a name holding a newline or control character stays on the error's one line
+    close = difflib.get_close_matches(method.strip().lower(), names, n=1, cutoff=0.6)
+    hint = f"did you mean {close[0]!r}? " if close else ""
+    raise RecipeError(f"{source}: merge_method: unknown method {method!r} ({hint}known: "
+                      f"{', '.join(names)})")
 
 
 __all__ = ["COMMON_FLAGS", "KINDS", "MethodInfo", "RecipeKind", "RunOptions", "all_methods",
