@@ -3,11 +3,10 @@ schema, plan and runner. A new kind is one module here and one entry in `KINDS`.
 
 from __future__ import annotations
 
-import difflib
 from pathlib import Path
 from typing import Any
 
-from mergekit_pcb.errors import RecipeError
+from mergekit_pcb.errors import RecipeError, unknown_method
 from mergekit_pcb.kinds.base import COMMON_FLAGS, MethodInfo, RecipeKind, RunOptions
 from mergekit_pcb.kinds.coefsearch import CoefficientSearchKind
 from mergekit_pcb.kinds.merge import MergeKind
@@ -33,12 +32,7 @@ def kind_of(data: Any, source: Path) -> tuple[RecipeKind, str]:
     for kind in KINDS.values():
         if any(m.name == method for m in kind.methods()):
             return kind, method
-    names = sorted(m.name for m in all_methods())
-    # repr: a name holding a newline or control character stays on the error's one line
-    close = difflib.get_close_matches(method.strip().lower(), names, n=1, cutoff=0.6)
-    hint = f"did you mean {close[0]!r}? " if close else ""
-    raise RecipeError(f"{source}: merge_method: unknown method {method!r} ({hint}known: "
-                      f"{', '.join(names)})")
+    raise unknown_method(f"{source}: merge_method", method, (m.name for m in all_methods()))
 
 
 __all__ = ["COMMON_FLAGS", "KINDS", "MethodInfo", "RecipeKind", "RunOptions", "all_methods",
