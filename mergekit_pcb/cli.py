@@ -49,39 +49,58 @@ class ExecutorName(str, Enum):
     ray = "ray"
 
 
+def report_error(label: str, message: str, code: int, json_out: bool) -> None:
+    """An error as the one line the user reads, `LABEL: MESSAGE` on stderr; with `--json`
+    a JSON object {"error", "label", "exit_code"} on stdout instead (where `--json` prints
+    everything, so a script parses one stream). The exit code says what it was: 2 bad
+    input, 1 internal error, 130 interrupted."""
+    # a message quoting a value with a line break (a file name, a method) stays one line
+    text = message.replace("\r", "\\r").replace("\n", "\\n")
+    if json_out:
+        print(json.dumps({"error": text, "label": label, "exit_code": code}))
+    else:
+        print(f"{label}: {text}" if text else label, file=sys.stderr)
+
+
 def handle_errors(fn: F) -> F:
     """Bad input -> one line and exit 2; anything else is a bug -> traceback and exit 1."""
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
+        json_out = bool(kwargs.get("json_out"))
         try:
             return fn(*args, **kwargs)
         except UserError as e:
-            print(f"error: {e}", file=sys.stderr)
+            report_error("error", str(e), 2, json_out)
             raise typer.Exit(2) from None
         except KeyboardInterrupt:
-            print("interrupted", file=sys.stderr)
+            report_error("interrupted", "", 130, json_out)
             raise typer.Exit(130) from None
         except (typer.Exit, typer.Abort):
             raise
         except Exception as e:
             traceback.print_exc()
-            print(f"internal error: {type(e).__name__}: {e}", file=sys.stderr)
+            report_error("internal error", f"{type(e).__name__}: {e}", 1, json_out)
             raise typer.Exit(1) from None
 
     return wrapper  # type: ignore[return-value]
 
 
-def _setup_torch(device: Device, threads: int | None) -> None:
+def _setup_torch(device: str, threads: int | None) -> None:
     """Check the device and thread flags; the engines set torch's thread count themselves
     (a merge by its thread policy, a search per scoring process)."""
     import torch
 
     if threads is not None and threads < 1:
         raise UserError(f"--threads must be at least 1, got {threads}")
-    if device is Device.cuda and not torch.cuda.is_available():
-        raise UserError("--device cuda: no CUDA device is available (torch.cuda.is_available() "
-                        "is False)")
+    if device.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise UserError(f"--device {device}: no CUDA device is available "
+                            "(torch.cuda.is_available() is False)")
+        index = torch.device(device).index
+        if index is not None and index >= torch.cuda.device_count():
+            raise UserError(f"--device {device}: there are {torch.cuda.device_count()} CUDA "
+                            "device(s)")
 
 
 RecipeArg = Annotated[Path, typer.Argument(help="YAML recipe", show_default=False)]
@@ -133,21 +152,38 @@ def _read(recipe: Path) -> tuple[RecipeKind, str, Any]:
     return kind, method, kind.load(data, text, recipe)
 
 
-@app.command()
+MK = "mergekit-yaml flags"  # the help panel of the flags mergekit-yaml users bring
+
+
+def _mk_bool(help_text: str, *decls: str) -> Any:
+    return typer.Option(*decls, help=help_text, rich_help_panel=MK)
+
+
+@app.command(epilog="Takes mergekit-yaml's command line unchanged: `pcbmerge run CONFIG "
+             "OUT_PATH` followed by any mergekit-yaml flag (see their panel).")
 @handle_errors
 def run(
     recipe: RecipeArg,
-    output: Annotated[Path, typer.Option("--output", "-o", help="output directory")],
+    out_path: Annotated[Path | None, typer.Argument(
+        help="output directory (as mergekit-yaml's OUT_PATH; or --output)",
+        show_default=False)] = None,
+    output: Annotated[Path | None, typer.Option("--output", "-o", help="output directory")]
+    = None,
     force: Annotated[bool, typer.Option(help="replace an output a previous run wrote")] = False,
-    device: Annotated[Device | None, typer.Option(
-        help="merges: device for the math [default: cpu]")] = None,
+    device: Annotated[str | None, typer.Option(
+        help="merges: device for the math: cpu, cuda, cuda:N or auto [default: cpu]")] = None,
     shard_size: Annotated[str | None, typer.Option(
-        help="largest output shard, e.g. 5GB [default: 5GB]")] = None,
-    seed: Annotated[int | None, typer.Option(help="seed for every random choice")] = None,
+        "--shard-size", "--out-shard-size",
+        help="largest output shard in bytes, e.g. 5GB; K, M, B as mergekit reads them (5B = "
+             "5e9) [default: 5B]")] = None,
+    seed: Annotated[int | None, typer.Option(
+        "--seed", "--random-seed", help="seed for every random choice")] = None,
     dry_run: Annotated[bool, typer.Option(help="plan and check, write nothing")] = False,
     json_out: Annotated[bool, typer.Option("--json", help="print a JSON summary")] = False,
-    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no progress display")] = False,
-    threads: Annotated[int | None, typer.Option(help="torch CPU threads")] = None,
+    quiet: Annotated[bool, typer.Option("--quiet/--no-quiet", "-q",
+                                        help="no progress display")] = False,
+    threads: Annotated[int | None, typer.Option(
+        "--threads", "--num-threads", "-j", help="torch CPU threads")] = None,
     allow_pickle: PickleOpt = False,
     workers: Annotated[int | None, typer.Option(
         help="searches: processes scoring candidates")] = None,
@@ -159,14 +195,52 @@ def run(
     cpus_per_worker: CpusOpt = None,
     gpus_per_worker: GpusOpt = None,
     shared_run_dir: SharedOpt = False,
+    allow_crimes: Annotated[bool, _mk_bool("merge models of different architectures")]
+    = False,
+    unsafe_truncate_embeddings: Annotated[bool, _mk_bool("refused (use a tokenizer: section)")]
+    = False,
+    trust_remote_code: Annotated[bool, _mk_bool("accepted; a merge runs no model code")]
+    = False,
+    transformers_cache: Annotated[str | None, typer.Option(
+        help="folder of downloaded hub models (sets HF_HUB_CACHE)", rich_help_panel=MK)]
+    = None,
+    lora_merge_cache: Annotated[str | None, typer.Option(
+        help="accepted; LoRA inputs are not merged here", rich_help_panel=MK)] = None,
+    lora_merge_dtype: Annotated[str | None, typer.Option(
+        help="accepted; LoRA inputs are not merged here", rich_help_panel=MK)] = None,
+    verbosity: Annotated[int, typer.Option(
+        "-v", count=True, help="logging at INFO (-v) or DEBUG (-vv)", rich_help_panel=MK)] = 0,
+    cuda: Annotated[bool, _mk_bool("= --device cuda")] = False,
+    low_cpu_memory: Annotated[bool, _mk_bool("accepted; results are streamed already")]
+    = False,
+    lazy_unpickle: Annotated[bool, _mk_bool("accepted; pickles are memory-mapped already")]
+    = False,
+    read_to_gpu: Annotated[bool, _mk_bool("accepted; tensors move to --device one by one")]
+    = False,
+    multi_gpu: Annotated[bool, _mk_bool("= --device cuda (one GPU)")] = False,
+    gpu_rich: Annotated[bool, _mk_bool("= --device cuda", "--gpu-rich")] = False,
+    async_write: Annotated[bool, _mk_bool("accepted; shards are written behind the merge")]
+    = False,
+    write_threads: Annotated[int | None, typer.Option(
+        help="accepted; one thread writes behind the merge", rich_help_panel=MK)] = None,
+    copy_tokenizer: Annotated[bool, _mk_bool("copy the inputs' tokenizer files")] = True,
+    clone_tensors: Annotated[bool, _mk_bool("accepted; every tensor is its own copy")]
+    = False,
+    write_model_card: Annotated[bool, _mk_bool("write README.md and mergekit_config.yml")]
+    = True,
+    safe_serialization: Annotated[bool, _mk_bool("safetensors (--no-...: refused)")] = True,
 ) -> None:
     """Run a recipe of any kind (a merge or a search) and write the resulting model."""
     from mergekit_pcb.io.writer import parse_size
     from mergekit_pcb.kinds import RunOptions
+    from mergekit_pcb.mergekit_compat import MERGEKIT_ONLY, translate
 
+    given_here = locals()
+    mk = translate({name: given_here[name] for name in MERGEKIT_ONLY}, device=device)
+    output = _output_dir(out_path, output)
     kind, method, loaded = _read(recipe)
     given = {flag for flag, value in (
-        ("--device", device), ("--shard-size", shard_size), ("--threads", threads),
+        ("--device", mk.device), ("--shard-size", shard_size), ("--threads", threads),
         ("--allow-pickle", allow_pickle or None), ("--workers", workers),
         ("--resume", resume or None), ("--trust-code", trust_code or None),
         ("--executor", executor), ("--ray-address", ray_address),
@@ -174,17 +248,27 @@ def run(
         ("--shared-run-dir", shared_run_dir or None))
         if value is not None}
     kind.refuse_flags(given, recipe, method)
+    if mk.given and kind.name != "merge":
+        raise UserError(f"{mk.given[0]}: a mergekit-yaml flag, used by merge recipes only "
+                        f"({recipe} is a {method} {kind.name})")
     if workers is not None and workers < 1:
         raise UserError(f"--workers must be at least 1, got {workers}")
     ray = _ray_settings(executor, ray_address, cpus_per_worker, gpus_per_worker,
                         shared_run_dir)
     options = RunOptions(
         output=output, force=force, seed=seed, dry_run=dry_run, quiet=quiet or json_out,
-        device=(device or Device.cpu).value, shard_size=parse_size(shard_size or "5GB"),
+        device=mk.device or "cpu",
+        shard_size=parse_size(shard_size or "5B", "--shard-size/--out-shard-size"),
         threads=threads, allow_pickle=allow_pickle,
         workers=workers if workers is not None or ray is not None else 1, resume=resume,
-        trust_code=trust_code, ray=ray)
-    _setup_torch(Device(options.device), threads)
+        trust_code=trust_code, ray=ray, allow_crimes=allow_crimes,
+        copy_tokenizer=copy_tokenizer, write_model_card=write_model_card)
+    _setup_torch(options.device, threads)
+    if transformers_cache is not None:  # read by io.resolve when a hub model is fetched
+        os.environ["HF_HUB_CACHE"] = str(Path(transformers_cache).expanduser())
+    if not (quiet or json_out):
+        for note in mk.notes:
+            print(note, file=sys.stderr)
     if dry_run:
         _print_plan(kind, kind.plan(loaded, recipe, options), json_out, dry_run=True)
         return
@@ -193,6 +277,21 @@ def run(
         print(json.dumps(summary))
     elif not quiet:
         stderr.print(_summary_line(summary))
+
+
+def _output_dir(positional: Path | None, option: Path | None) -> Path:
+    """The output directory, given as mergekit-yaml's OUT_PATH or as --output (or both,
+    naming the same directory)."""
+    if positional is None and option is None:
+        raise UserError("no output directory: give it after the recipe (as mergekit-yaml's "
+                        "OUT_PATH) or with --output/-o")
+    if positional is not None and option is not None \
+            and positional.expanduser().resolve() != option.expanduser().resolve():
+        raise UserError(f"two output directories: OUT_PATH {str(positional)!r} and --output "
+                        f"{str(option)!r}; give one")
+    out = positional if positional is not None else option
+    assert out is not None
+    return out
 
 
 def _summary_line(summary: dict[str, Any]) -> str:
@@ -325,11 +424,14 @@ def evolve_command(
     cpus_per_worker: CpusOpt = None,
     gpus_per_worker: GpusOpt = None,
     shared_run_dir: SharedOpt = False,
+    dry_run: Annotated[bool, typer.Option(help="plan and check, write nothing")] = False,
+    json_out: Annotated[bool, typer.Option("--json", help="print a JSON summary")] = False,
 ) -> None:
     """Evolve a population of checkpoints with a search recipe (e.g. evolver)."""
     from mergekit_pcb.errors import RecipeError
-    from mergekit_pcb.evolve.run import evolve
+    from mergekit_pcb.evolve.run import evolve, plan_evolution
     from mergekit_pcb.io.writer import parse_size
+    from mergekit_pcb.kinds.search import search_summary
 
     if not recipe.exists():
         raise RecipeError(f"recipe not found: {recipe}"
@@ -343,12 +445,21 @@ def evolve_command(
         raise UserError(f"--workers must be at least 1, got {workers}")
     ray = _ray_settings(executor, ray_address, cpus_per_worker, gpus_per_worker,
                         shared_run_dir)
+    size = parse_size(shard_size)
+    if dry_run:  # as `pcbmerge run --dry-run` on a search, with this command's overrides
+        parsed, text = loaded
+        _print_plan(kind, plan_evolution(parsed, text, recipe, output=output, pop=pop,
+                                         generations=generations, seed=seed, run_dir=run_dir,
+                                         allow_pickle=allow_pickle), json_out, dry_run=True)
+        return
     summary = evolve(recipe, output, pop=pop, generations=generations,
                      workers=workers if workers is not None or ray is not None else 1,
-                     resume=resume, seed=seed, force=force, quiet=quiet, threads=threads,
-                     run_dir=run_dir, shard_size=parse_size(shard_size),
+                     resume=resume, seed=seed, force=force, quiet=quiet or json_out,
+                     threads=threads, run_dir=run_dir, shard_size=size,
                      allow_pickle=allow_pickle, trust_code=trust_code, loaded=loaded, ray=ray)
-    if not quiet:
+    if json_out:
+        print(json.dumps(search_summary(summary, method)))
+    elif not quiet:
         stderr.print(f"wrote {summary.output} in {summary.seconds:.1f}s "
                      f"(run state in {summary.run_dir})")
 
@@ -404,7 +515,7 @@ def restore(
     """Restore images with a frozen model and its osr-reprogram module (any image size)."""
     from mergekit_pcb.reprogram.restore import restore_folder
 
-    _setup_torch(device, None)
+    _setup_torch(device.value, None)
     summary = restore_folder(model, module, in_dir, out_dir, arch=arch, arch_kwargs=arch_kwargs,
                              force=force, trust_code=trust_code, device=device.value)
     if json_out:
@@ -414,11 +525,55 @@ def restore(
                      f"{summary['seconds']:.1f}s")
 
 
-def main() -> None:
+# `mergekit-yaml CONFIG_FILE OUT_PATH [flags]`: `pcbmerge run` under mergekit's name, so
+# a script written for mergekit runs by changing nothing but the install.
+mergekit_yaml_app = typer.Typer(name="mergekit-yaml", no_args_is_help=True,
+                                pretty_exceptions_enable=False, add_completion=False)
+mergekit_yaml_app.command(help="Merge models from a mergekit YAML recipe (mergekit-yaml's "
+                          "command line, run by mergekit-pcb's `pcbmerge run`).")(run)
+
+
+def _invoke(command: typer.Typer, argv: list[str] | None, prog_name: str) -> int:
+    """Run a typer app; its usage errors (an unknown flag, a value of the wrong type) as
+    the one line our own errors are (typer would draw a box), exit code 2."""
+    try:  # typer 0.2x parses with its own copy of click
+        from typer._click import exceptions as cx
+    except ImportError:
+        from click import exceptions as cx
+
+    args = sys.argv[1:] if argv is None else argv
+    try:
+        rv = command(args=args, prog_name=prog_name, standalone_mode=False)
+    except cx.NoArgsIsHelpError as e:
+        e.show()
+        return 2
+    except cx.UsageError as e:
+        where = e.ctx.command_path if e.ctx is not None else prog_name
+        report_error("error", f"{where}: {e.format_message()}", 2, "--json" in args)
+        return 2
+    except cx.ClickException as e:  # a file that cannot be opened and the like
+        report_error("error", e.format_message(), 2, "--json" in args)
+        return 2
+    except typer.Abort:
+        report_error("interrupted", "", 130, "--json" in args)
+        return 130
+    return rv if isinstance(rv, int) else 0
+
+
+def _quiet_omp() -> None:
     # Idle OpenMP threads sleep instead of spinning: a spinning thread takes a core that
     # another process (or our reader and writer threads) needs. Set before torch loads.
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    app()
+
+
+def main(argv: list[str] | None = None) -> None:
+    _quiet_omp()
+    sys.exit(_invoke(app, argv, "pcbmerge"))
+
+
+def mergekit_yaml_main(argv: list[str] | None = None) -> None:
+    _quiet_omp()
+    sys.exit(_invoke(mergekit_yaml_app, argv, "mergekit-yaml"))
 
 
 if __name__ == "__main__":

@@ -4,6 +4,11 @@ A `UserError` is reported as one line on stderr with exit code 2; anything else 
 internal error (exit code 1).
 """
 
+from __future__ import annotations
+
+import difflib
+from collections.abc import Iterable
+
 
 class UserError(Exception):
     """Bad input: the message names the file, recipe key or tensor at fault."""
@@ -19,3 +24,12 @@ class CheckpointError(UserError):
 
 class OutputError(UserError):
     """The output cannot be written (exists, disk full, permission)."""
+
+
+def unknown_method(where: str, name: str, known: Iterable[str]) -> RecipeError:
+    """`WHERE: unknown method 'x' (did you mean 'y'? known: ...)`. The name is quoted by
+    repr, so one holding a line break stays on the error's one line."""
+    names = sorted(known)
+    close = difflib.get_close_matches(name.strip().lower(), names, n=1, cutoff=0.6)
+    hint = f"did you mean {close[0]!r}? " if close else ""
+    return RecipeError(f"{where}: unknown method {name!r} ({hint}known: {', '.join(names)})")

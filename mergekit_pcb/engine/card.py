@@ -4,6 +4,7 @@ the right inputs, and a model card saying how each tensor was produced."""
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +13,8 @@ from pydantic import BaseModel
 
 from mergekit_pcb.engine.plan import MergePlan
 from mergekit_pcb.io.artifacts import (
+    MERGEKIT_CONFIG_FILE,
+    RECIPE_FILE,
     copy_model_files,
     library_of,
     model_card,
@@ -20,24 +23,40 @@ from mergekit_pcb.io.artifacts import (
 from mergekit_pcb.io.tokenizer import load_tokenizer, save_tokenizer
 
 
-def write_artifacts(plan: MergePlan, out: Path) -> list[str]:
+@dataclass(frozen=True)
+class OutputFiles:
+    """Which files beside the weights a merge writes (mergekit-yaml's --no-copy-tokenizer
+    and --no-write-model-card turn the first two off)."""
+
+    copy_tokenizer: bool = True  # the inputs' tokenizer files (a built one is always saved)
+    model_card: bool = True  # README.md and mergekit_config.yml, as mergekit pairs them
+
+
+def write_artifacts(plan: MergePlan, out: Path, files: OutputFiles | None = None) -> list[str]:
     """Config and tokenizer: a built tokenizer (`plan.vocab`) is saved, with the config's
     `vocab_size` set to the merged embedding's rows; otherwise the files are copied, or
-    saved again with the recipe's `chat_template` (as mergekit does). Every other non-weight
-    file comes from the base (or first model), as mergekit takes its donor's: generation
-    and processor configs, sentence-transformers modules (`io.artifacts.carry_over`).
-    Returns what of those was left out and why (the card lists it too)."""
-    copied = plan.vocab is None and plan.chat_template is None
+    saved again with the recipe's `chat_template` (as mergekit does; like mergekit, neither
+    with `copy_tokenizer` off). Every other non-weight file comes from the base (or first
+    model), as mergekit takes its donor's: generation and processor configs,
+    sentence-transformers modules (`io.artifacts.carry_over`). Then the card, the recipe,
+    and the recipe again as mergekit names it (`mergekit_config.yml`: the recipe's text, as
+    mergekit-yaml writes it). Returns what was left out and why (the card lists it too)."""
+    files = files or OutputFiles()
+    copied = plan.vocab is None and plan.chat_template is None and files.copy_tokenizer
     source = plan.config_source
     notes = copy_model_files(out, source.root, plan.tokenizer_root() if copied else None,
                              plan.recipe.out_dtype or plan.recipe.dtype, plan.config_overrides,
                              carry=source.own_directory)
     if plan.vocab is not None:
         save_tokenizer(plan.vocab.tokenizer, out, plan.chat_template)
-    elif plan.chat_template is not None:
+    elif plan.chat_template is not None and files.copy_tokenizer:
         tok = load_tokenizer(plan.tokenizer_root(), "chat_template")
         save_tokenizer(tok, out, plan.chat_template)
-    write_card_and_recipe(out, merge_card(plan, notes, library_of(out)), plan.recipe_text)
+    if files.model_card:
+        write_card_and_recipe(out, merge_card(plan, notes, library_of(out)), plan.recipe_text)
+        (out / MERGEKIT_CONFIG_FILE).write_text(plan.recipe_text, encoding="utf-8")
+    else:  # our recipe file stays: the output says how it was made
+        (out / RECIPE_FILE).write_text(plan.recipe_text)
     return notes
 
 

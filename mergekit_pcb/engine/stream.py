@@ -28,7 +28,7 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
-from mergekit_pcb.engine.card import write_artifacts
+from mergekit_pcb.engine.card import OutputFiles, write_artifacts
 from mergekit_pcb.engine.memo import ModelParts, PreparedKey, PreparedMemo
 from mergekit_pcb.engine.pipeline import InOrder, WriteBehind, read_ahead
 from mergekit_pcb.engine.plan import MergePlan, TensorTask
@@ -453,7 +453,7 @@ def merge_parts(plan: MergePlan, dev: torch.device, pipeline: bool, policy: Thre
 def write_plan(plan: MergePlan, directory: Path, *, shard_size: int = 5 * 10**9,
                device: str = "cpu", progress: Progress | None = None,
                artifacts: bool = True, pipeline: bool = True,
-               threads: int | None = None) -> int:
+               threads: int | None = None, files: OutputFiles | None = None) -> int:
     """Execute `plan` into safetensors shards in `directory` (plus config, tokenizer, card
     and recipe with `artifacts`); returns the number of shards.
 
@@ -468,13 +468,14 @@ def write_plan(plan: MergePlan, directory: Path, *, shard_size: int = 5 * 10**9,
     shards = plan_shards(outputs, shard_size)
     policy = ThreadPolicy(threads)
     try:
-        return _write(plan, directory, dev, shards, progress, artifacts, pipeline, policy)
+        return _write(plan, directory, dev, shards, progress,
+                      (files or OutputFiles()) if artifacts else None, pipeline, policy)
     finally:
         policy.restore()
 
 
 def _write(plan: MergePlan, directory: Path, dev: torch.device, shards: list[Shard],
-           progress: Progress | None, artifacts: bool, pipeline: bool,
+           progress: Progress | None, artifacts: OutputFiles | None, pipeline: bool,
            policy: ThreadPolicy) -> int:
     gather_statistics(plan, dev, progress, pipeline=pipeline, threads=policy)
     total = sum(plan.task_read_bytes(t) for t in plan.tasks)
@@ -518,8 +519,8 @@ def _write(plan: MergePlan, directory: Path, dev: torch.device, shards: list[Sha
         workers.close()
         if behind is not None:
             behind.close()
-    if artifacts:
-        left_out = write_artifacts(plan, directory)
+    if artifacts is not None:
+        left_out = write_artifacts(plan, directory, artifacts)
         if progress is not None and not progress.disable:  # the card lists them too
             for note in left_out:
                 progress.console.print("note: not carried over from the inputs: "
@@ -530,13 +531,13 @@ def _write(plan: MergePlan, directory: Path, dev: torch.device, shards: list[Sha
 
 def run_plan(plan: MergePlan, output: Path, *, force: bool = False, shard_size: int = 5 * 10**9,
              device: str = "cpu", quiet: bool = False, console: Console | None = None,
-             threads: int | None = None) -> MergeResult:
+             threads: int | None = None, files: OutputFiles | None = None) -> MergeResult:
     """Execute `plan` into `output`, built beside it and renamed into place when complete."""
     start = time.perf_counter()
     with atomic_output_dir(output, force=force, inputs=plan.input_paths()) as tmp, \
             progress_display(quiet, console) as progress:
         shards = write_plan(plan, tmp, shard_size=shard_size, device=device, progress=progress,
-                            threads=threads)
+                            threads=threads, files=files)
     return MergeResult(output.resolve(), len(plan.tasks), shards, plan.read_bytes,
                        plan.write_bytes, time.perf_counter() - start)
 

@@ -17,7 +17,7 @@ from typing import Any, Literal
 
 from pydantic import Field, create_model
 
-from mergekit_pcb.errors import RecipeError
+from mergekit_pcb.errors import RecipeError, unknown_method
 from mergekit_pcb.evolve.strategies import SearchStrategy, get_strategy
 from mergekit_pcb.methods import REGISTRY
 from mergekit_pcb.recipe.params import check_parameter_keys
@@ -190,9 +190,8 @@ def check_recipe(recipe: EvolutionRecipe, source: str) -> None:
     if recipe.merge is not None:
         cls = REGISTRY.get(recipe.merge.merge_method)
         if cls is None:
-            known = ", ".join(sorted(REGISTRY))
-            raise RecipeError(f"{source}: merge.merge_method: unknown method "
-                              f"'{recipe.merge.merge_method}' (known: {known})")
+            raise unknown_method(f"{source}: merge.merge_method", recipe.merge.merge_method,
+                                 REGISTRY)
         try:
             check_parameter_keys(cls, recipe.merge.parameters, [], prefix="merge.")
         except RecipeError as e:
@@ -210,8 +209,7 @@ def check_recipe(recipe: EvolutionRecipe, source: str) -> None:
             if rule.method is not None:
                 sub = REGISTRY.get(rule.method)
                 if sub is None:
-                    raise RecipeError(f"{where}.method: unknown method '{rule.method}' (known: "
-                                      f"{', '.join(sorted(REGISTRY))})")
+                    raise unknown_method(f"{where}.method", rule.method, REGISTRY)
                 try:
                     check_parameter_keys(sub, rule.parameters, [], prefix="merge.tensors.")
                 except RecipeError as e:

@@ -21,6 +21,7 @@ from mergekit_pcb.io.resolve import hub_repo_id, resolve_model_path
 from mergekit_pcb.io.tokenizer import clean_tokenizer_config
 
 RECIPE_FILE = "merge_recipe.yaml"
+MERGEKIT_CONFIG_FILE = "mergekit_config.yml"  # the recipe under mergekit-yaml's name
 CARD_FILE = "README.md"
 TOKENIZER_FILES = (
     "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
@@ -42,7 +43,7 @@ WEIGHT_SUFFIXES = frozenset({
 # merge recipe (ours, mergekit's), the records a pcbmerge search leaves beside its weights
 # (evolve/output.py, evolve/coefsearch/run.py), a trainer's state. The output gets its own.
 PROVENANCE_FILES = frozenset({
-    "readme.md", "readme", RECIPE_FILE, "mergekit_config.yml", "evolution.json",
+    "readme.md", "readme", RECIPE_FILE, MERGEKIT_CONFIG_FILE, "evolution.json",
     "fitness.png", "search.json", "search.png", "best_recipe.yaml", "trainer_state.json",
 })
 
@@ -201,7 +202,7 @@ def write_card_and_recipe(out: Path, card: str, recipe_text: str) -> None:
     (out / CARD_FILE).write_text(card)
 
 
-__all__ = ["CARD_FILE", "DTYPE_NAMES", "PROVENANCE_FILES", "RECIPE_FILE", "TOKENIZER_DIRS",
-           "TOKENIZER_FILES", "WEIGHT_SUFFIXES", "carry_over", "copy_model_files",
-           "copy_tokenizer_files", "is_tokenizer_file", "is_weight_file", "library_of",
-           "model_card", "model_dir", "write_card_and_recipe"]
+__all__ = ["CARD_FILE", "DTYPE_NAMES", "MERGEKIT_CONFIG_FILE", "PROVENANCE_FILES", "RECIPE_FILE",
+           "TOKENIZER_DIRS", "TOKENIZER_FILES", "WEIGHT_SUFFIXES", "carry_over",
+           "copy_model_files", "copy_tokenizer_files", "is_tokenizer_file", "is_weight_file",
+           "library_of", "model_card", "model_dir", "write_card_and_recipe"]

@@ -82,31 +82,35 @@ def plan_shards(tensors: list[OutputTensor], shard_size: int) -> list[Shard]:
 MAX_SHARD_SIZE = 10**15  # 1 PB: anything larger is a typo, not a plan
 
 
-def parse_size(text: str | int) -> int:
-    """'5GB', '500M', '2GiB' or a plain byte count -> bytes (1 byte to 1 PB)."""
+def parse_size(text: str | int, flag: str = "--shard-size") -> int:
+    """'5GB', '500M', '2GiB', '5B' or a plain byte count -> bytes (1 byte to 1 PB).
+
+    A single-letter K, M or B reads as mergekit's `parse_kmb` reads it (thousand, million,
+    billion bytes: `--out-shard-size 5B` is 5e9 bytes), so every size mergekit takes means
+    the same here; KB/MB/GB/TB and KiB/MiB/GiB/TiB are byte units."""
     if isinstance(text, bool) or not isinstance(text, (int, str)):
-        raise OutputError(f"--shard-size: cannot read size {text!r} (e.g. 5GB, 500MB)")
+        raise OutputError(f"{flag}: cannot read size {text!r} (e.g. 5GB, 500MB)")
     if isinstance(text, int):
         value: float = text
     else:
         s = text.strip().upper().replace(" ", "")
         units = {"KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40,
                  "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
-                 "K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12, "B": 1}
+                 "K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12, "B": 10**9}
         unit = next((u for u in units if s.endswith(u)), "")
         number, factor = s[: len(s) - len(unit)], units.get(unit, 1)
         try:
             value = float(number) * factor
         except ValueError:
-            raise OutputError(f"--shard-size: cannot read size {text!r} (e.g. 5GB, 500MB)"
+            raise OutputError(f"{flag}: cannot read size {text!r} (e.g. 5GB, 500MB)"
                               ) from None
     # float() takes 'inf' and 'nan', whose int() raises: check before converting
     if not math.isfinite(value):
-        raise OutputError(f"--shard-size must be a finite size, got {text!r}")
+        raise OutputError(f"{flag} must be a finite size, got {text!r}")
     if value > MAX_SHARD_SIZE:
-        raise OutputError(f"--shard-size {text!r} is larger than 1PB")
+        raise OutputError(f"{flag} {text!r} is larger than 1PB")
     if int(value) <= 0:
-        raise OutputError(f"--shard-size must be positive, got {text!r}")
+        raise OutputError(f"{flag} must be positive, got {text!r}")
     return int(value)
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from mergekit_pcb.errors import RecipeError
+from mergekit_pcb.errors import RecipeError, unknown_method
 from mergekit_pcb.kinds.base import COMMON_FLAGS, MethodInfo, RecipeKind, RunOptions
 from mergekit_pcb.kinds.coefsearch import CoefficientSearchKind
 from mergekit_pcb.kinds.merge import MergeKind
@@ -32,8 +32,7 @@ def kind_of(data: Any, source: Path) -> tuple[RecipeKind, str]:
     for kind in KINDS.values():
         if any(m.name == method for m in kind.methods()):
             return kind, method
-    known = ", ".join(sorted(m.name for m in all_methods()))
-    raise RecipeError(f"{source}: merge_method: unknown method '{method}' (known: {known})")
+    raise unknown_method(f"{source}: merge_method", method, (m.name for m in all_methods()))
 
 
 __all__ = ["COMMON_FLAGS", "KINDS", "MethodInfo", "RecipeKind", "RunOptions", "all_methods",

@@ -41,6 +41,11 @@ class RunOptions:
     resume: bool = False
     trust_code: bool = False
     ray: RaySettings | None = None  # searches: score on a Ray cluster (`--executor ray`)
+    # merges, from mergekit-yaml's flags: mix architectures, copy the inputs' tokenizer,
+    # write README.md and mergekit_config.yml
+    allow_crimes: bool = False
+    copy_tokenizer: bool = True
+    write_model_card: bool = True
 
 
 @dataclass(frozen=True)

@@ -3,10 +3,13 @@ merge engine (`mergekit_pcb.engine`)."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
 from mergekit_pcb.engine import MergePlan, build_plan, run_plan
+from mergekit_pcb.engine.card import OutputFiles
+from mergekit_pcb.errors import RecipeError
 from mergekit_pcb.kinds.base import MethodInfo, RecipeKind, RunOptions
 from mergekit_pcb.methods import REGISTRY
 from mergekit_pcb.recipe.schema import MergeRecipe, parse_recipe
@@ -31,6 +34,8 @@ class MergeKind(RecipeKind):
 
     def _build(self, recipe: tuple[MergeRecipe, str], options: RunOptions) -> MergePlan:
         parsed, text = recipe
+        if not options.allow_crimes:
+            check_architectures(parsed)
         return build_plan(parsed, text, seed=options.seed, allow_pickle=options.allow_pickle)
 
     def plan(self, recipe: tuple[MergeRecipe, str], source: Path, options: RunOptions
@@ -57,7 +62,9 @@ class MergeKind(RecipeKind):
         try:
             result = run_plan(plan, options.output, force=options.force,
                               shard_size=options.shard_size, device=options.device,
-                              quiet=options.quiet, threads=options.threads)
+                              quiet=options.quiet, threads=options.threads,
+                              files=OutputFiles(copy_tokenizer=options.copy_tokenizer,
+                                                model_card=options.write_model_card))
         finally:
             plan.close()
         return {
@@ -66,6 +73,26 @@ class MergeKind(RecipeKind):
             "read_bytes": result.read_bytes, "written_bytes": result.written_bytes,
             "seconds": round(result.seconds, 3),
         }
+
+
+def check_architectures(recipe: MergeRecipe) -> None:
+    """As mergekit: models whose config.json name different architectures are refused
+    unless --allow-crimes; one without `architectures` leaves nothing to compare (mergekit
+    then infers it from the tensors). Local models only: a hub id is resolved later."""
+    found: dict[str, str] = {}
+    for ref in recipe.model_refs():
+        config = Path(ref).expanduser() / "config.json"
+        try:
+            architectures = json.loads(config.read_text()).get("architectures")
+        except (OSError, ValueError, AttributeError):
+            continue  # not a local model directory, or no readable config: checked later
+        if not isinstance(architectures, list) or not architectures:
+            return
+        found[ref] = str(architectures[0])
+    if len(set(found.values())) > 1:
+        shown = ", ".join(f"{arch} in {ref}" for ref, arch in found.items())
+        raise RecipeError(f"the models mix architectures ({shown}); pass --allow-crimes to "
+                          "merge them anyway (as mergekit requires)")
 
 
 def plan_info(plan: MergePlan) -> dict[str, Any]:

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from mergekit_pcb.evolve.config import EvolutionRecipe, parse_evolution_recipe
-from mergekit_pcb.evolve.run import describe_plan, evolve, plan_evolution
+from mergekit_pcb.evolve.run import EvolveSummary, describe_plan, evolve, plan_evolution
 from mergekit_pcb.evolve.strategies import STRATEGIES
 from mergekit_pcb.kinds.base import RAY_FLAGS, MethodInfo, RecipeKind, RunOptions
 
@@ -50,16 +50,21 @@ class SearchKind(RecipeKind):
                          threads=options.threads or 1, shard_size=options.shard_size,
                          allow_pickle=options.allow_pickle, trust_code=options.trust_code,
                          loaded=recipe, ray=options.ray)
-        history = summary.history
-        return {
-            "kind": self.name, "output": str(summary.output), "method": recipe[0].merge_method,
-            "run_dir": str(summary.run_dir), "generations": len(history) - 1,
-            "objective": history[-1]["objective"] if history else None,
-            "scores": [{"label": r.label, "select": r.select, "report": r.report}
-                       for r in summary.scores],
-            "seconds": round(summary.seconds, 3),
-            "fitness_seconds": round(summary.fitness_seconds, 3),
-        }
+        return search_summary(summary, recipe[0].merge_method)
+
+
+def search_summary(summary: EvolveSummary, method: str) -> dict[str, Any]:
+    """What `--json` prints for a finished search (`pcbmerge run` and `pcbmerge evolve`)."""
+    history = summary.history
+    return {
+        "kind": SearchKind.name, "output": str(summary.output), "method": method,
+        "run_dir": str(summary.run_dir), "generations": len(history) - 1,
+        "objective": history[-1]["objective"] if history else None,
+        "scores": [{"label": r.label, "select": r.select, "report": r.report}
+                   for r in summary.scores],
+        "seconds": round(summary.seconds, 3),
+        "fitness_seconds": round(summary.fitness_seconds, 3),
+    }
 
 
 def _type_name(annotation: Any) -> str:

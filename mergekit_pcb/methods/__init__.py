@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from mergekit_pcb.errors import RecipeError
+from mergekit_pcb.errors import unknown_method
 from mergekit_pcb.methods.arcee_fusion import ArceeFusion
 from mergekit_pcb.methods.base import MergeMethod, ParamSpec, TensorInputs
 from mergekit_pcb.methods.breadcrumbs import Breadcrumbs, BreadcrumbsTies
@@ -36,8 +36,7 @@ def get_method(name: str, where: str = "merge_method") -> MergeMethod:
     try:
         return REGISTRY[name]()
     except KeyError:
-        known = ", ".join(sorted(REGISTRY))
-        raise RecipeError(f"{where}: unknown method '{name}' (known: {known})") from None
+        raise unknown_method(where, name, REGISTRY) from None
 
 
 __all__ = ["REGISTRY", "MergeMethod", "ParamSpec", "TensorInputs", "get_method"]

@@ -12,7 +12,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import Field
 
-from mergekit_pcb.errors import RecipeError
+from mergekit_pcb.errors import RecipeError, unknown_method
 from mergekit_pcb.evolve.config import FitnessSpec, InnerMerge, parse_fitness
 from mergekit_pcb.methods import REGISTRY
 from mergekit_pcb.methods.base import MergeMethod, ParamSpec
@@ -180,8 +180,7 @@ def search_space(recipe: CoefficientSearchRecipe, source: str) -> SearchSpace:
     merge = recipe.merge
     cls = REGISTRY.get(merge.merge_method)
     if cls is None:
-        raise RecipeError(f"{source}: merge.merge_method: unknown method "
-                          f"'{merge.merge_method}' (known: {', '.join(sorted(REGISTRY))})")
+        raise unknown_method(f"{source}: merge.merge_method", merge.merge_method, REGISTRY)
     try:
         check_parameter_keys(cls, merge.parameters, [m.parameters for m in recipe.models],
                              prefix="merge.")
