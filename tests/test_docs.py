@@ -235,7 +235,8 @@ def test_shown_command_exists_with_its_flags(where: str, line: str) -> None:
     ("pcbmerge run recipe.yaml -o out --worker 2", "has no option --worker"),
     ("pcbmerge validate recipe.yaml --trust-code", "has no option --trust-code"),
     ("pcbmerge evolve r.yaml --executor spark", "refuses it"),
-    ("pcbmerge run recipe.yaml", "refuses it: Missing option"),
+    ("pcbmerge run", "refuses it: Missing argument"),
+    ("pcbmerge run r.yaml out --threads many", "refuses it: Invalid value"),
 ])
 def test_a_wrong_command_is_caught(line: str, problem: str) -> None:
     problems = command_problems(line)
