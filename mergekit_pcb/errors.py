@@ -1,8 +1,11 @@
 """Errors a user can fix (bad recipe, bad checkpoint, full disk) versus bugs.
 
 A `UserError` is reported as one line on stderr with exit code 2; anything else is an
-internal error (exit code 1).
+internal error (exit code 1). `warn` says, in one line on stderr, what runs otherwise than a
+user may expect.
 """
+
+import sys
 
 
 class UserError(Exception):
@@ -19,3 +22,10 @@ class CheckpointError(UserError):
 
 class OutputError(UserError):
     """The output cannot be written (exists, disk full, permission)."""
+
+
+def warn(message: str) -> None:
+    """A choice made for the user (a value ignored, a rule that does nothing), said once at
+    the time it matters: one line on stderr, `warning: ...`, beside bad input's `error: ...`.
+    """
+    print(f"warning: {message}", file=sys.stderr, flush=True)

@@ -24,6 +24,7 @@ from mergekit_pcb.recipe.params import check_parameter_keys
 from mergekit_pcb.recipe.schema import (
     DTypeName,
     ModelEntry,
+    ModelRef,
     ParameterValue,
     StrictModel,
     TensorRule,
@@ -119,7 +120,7 @@ def expand_ancestors(spec: str | list[str] | AncestorGlob, where: str = "ancesto
 
 class EvolutionRecipe(StrictModel):
     merge_method: str
-    base_model: str | None = None
+    base_model: ModelRef | None = None
     models: list[ModelEntry] = Field(default_factory=list)
     # one run's checkpoints (de-ancestor): a glob, a list, or {glob, last}; instead of models
     ancestors: str | list[str] | AncestorGlob | None = None
@@ -128,7 +129,7 @@ class EvolutionRecipe(StrictModel):
     merge: InnerMerge | None = None
     fitness: FitnessSpec
     dtype: DTypeName | None = None
-    tokenizer_source: str | None = None
+    tokenizer_source: ModelRef | None = None
     seed: int | None = None
     name: str | None = None
 

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from mergekit_pcb.engine import MergePlan, build_plan, run_plan
+from mergekit_pcb.errors import warn
 from mergekit_pcb.kinds.base import MethodInfo, RecipeKind, RunOptions
 from mergekit_pcb.methods import REGISTRY
 from mergekit_pcb.recipe.schema import MergeRecipe, parse_recipe
@@ -37,12 +38,14 @@ class MergeKind(RecipeKind):
              ) -> dict[str, Any]:
         plan = self._build(recipe, options)
         try:
+            _say(plan)
             return plan_info(plan)
         finally:
             plan.close()
 
     def describe(self, plan: dict[str, Any]) -> list[str]:
-        lines = [f"recipe OK: {plan['method']} over {len(plan['models'])} model(s), "
+        slices = f" in {plan['slices']} slice(s)" if plan["slices"] else ""
+        lines = [f"recipe OK: {plan['method']} over {len(plan['models'])} model(s){slices}, "
                  f"{plan['tensors']} tensors",
                  f"reads {plan['read_bytes'] / 1e6:.1f} MB in {plan['passes']} pass(es) "
                  f"({', '.join(plan['pass_names'])}), writes "
@@ -55,6 +58,7 @@ class MergeKind(RecipeKind):
         assert options.output is not None
         plan = self._build(recipe, options)
         try:
+            _say(plan)
             result = run_plan(plan, options.output, force=options.force,
                               shard_size=options.shard_size, device=options.device,
                               quiet=options.quiet, threads=options.threads)
@@ -68,13 +72,23 @@ class MergeKind(RecipeKind):
         }
 
 
+def _say(plan: MergePlan) -> None:
+    """The plan's warnings, once, before anything runs (see `MergePlan.warnings`)."""
+    for line in plan.warnings:
+        warn(line)
+
+
 def plan_info(plan: MergePlan) -> dict[str, Any]:
+    recipe = plan.recipe
     return {
         "valid": True,
         "kind": "merge",
         "method": plan.recipe.merge_method,
         "base_model": plan.base_key,
-        "models": [m.model for m in plan.recipe.models],
+        # the models merged: a `slices:` recipe's are its slices' sources
+        "models": list(dict.fromkeys([m.model for m in recipe.models]
+                                     + [s.model for sl in recipe.slices for s in sl.sources])),
+        "slices": len(recipe.slices),
         "tensors": len(plan.tasks),
         "passes": plan.passes,
         "pass_names": [n for r in plan.routes for n in r.stat_passes] + ["merge"],
@@ -84,4 +98,5 @@ def plan_info(plan: MergePlan) -> dict[str, Any]:
         "rules": [{"rule": r.label, "tensors": len(r.tensor_names)} for r in plan.routes],
         # the output tokenizer, and per model how many tokens were re-mapped and are new
         "tokenizer": plan.vocab.summary() if plan.vocab is not None else None,
+        "warnings": plan.warnings,
     }

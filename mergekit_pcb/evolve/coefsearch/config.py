@@ -21,6 +21,7 @@ from mergekit_pcb.recipe.schema import (
     DTypeName,
     MergeRecipe,
     ModelEntry,
+    ModelRef,
     StrictModel,
     parse_recipe,
     validate_mapping,
@@ -50,7 +51,7 @@ class SearchParameters(StrictModel):
 
 class CoefficientSearchRecipe(StrictModel):
     merge_method: Literal["coefficient-search"]
-    base_model: str | None = None
+    base_model: ModelRef | None = None
     models: list[ModelEntry] = Field(default_factory=list)  # inner merge's per-model values
     merge: InnerMerge
     search: dict[str, tuple[float, float]]  # parameter -> [low, high]
@@ -58,7 +59,7 @@ class CoefficientSearchRecipe(StrictModel):
     fitness: FitnessSpec
     dtype: DTypeName | None = None
     out_dtype: DTypeName | None = None
-    tokenizer_source: str | None = None
+    tokenizer_source: ModelRef | None = None
     seed: int | None = None
     name: str | None = None
 
