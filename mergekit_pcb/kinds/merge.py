@@ -58,10 +58,12 @@ class MergeKind(RecipeKind):
         assert options.output is not None
         plan = self._build(recipe, options)
         try:
-            _say(plan)
             result = run_plan(plan, options.output, force=options.force,
                               shard_size=options.shard_size, device=options.device,
                               quiet=options.quiet, threads=options.threads)
+            # Said once the output is written, so that bad input met during the run still
+            # gets its one line alone; `validate` and `--dry-run` say them before any work.
+            _say(plan)
         finally:
             plan.close()
         return {
@@ -73,7 +75,7 @@ class MergeKind(RecipeKind):
 
 
 def _say(plan: MergePlan) -> None:
-    """The plan's warnings, once, before anything runs (see `MergePlan.warnings`)."""
+    """The plan's warnings, one line each (see `MergePlan.warnings`)."""
     for line in plan.warnings:
         warn(line)
 
