@@ -353,3 +353,37 @@ def test_evolution_json_lists_every_member_of_generation_0(tmp_path: Path) -> No
     assert doc["history"][0]["best"] == min(m["select"] for m in population)
     assert {*doc["final"]["members"]} <= {*names}
 
+
+
+def test_search_recipes_ignore_other_methods_parameters_with_one_line(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """An evolution's inner merge and a coefficient search's models: as in a merge recipe."""
+    from mergekit_pcb.evolve.coefsearch.config import parse_search_recipe
+    from mergekit_pcb.evolve.config import parse_evolution_recipe
+
+    fitness = {"type": "callable", "function": "nowhere:f", "select": "s.npz"}
+    parse_evolution_recipe({
+        "merge_method": "evolver", "base_model": "b", "models": [{"model": "m1"},
+                                                                 {"model": "m2"}],
+        "merge": {"merge_method": "ties", "parameters": {"t": 0.5},
+                  "tensors": [{"filter": "mlp", "method": "slerp",
+                               "parameters": {"density": 0.5}}]},
+        "fitness": fitness}, "e.yaml")
+    parse_search_recipe({
+        "merge_method": "coefficient-search", "base_model": "b",
+        "models": [{"model": "m1", "parameters": {"weight": 1}}, {"model": "m2"}],
+        "merge": {"merge_method": "slerp"}, "search": {"t": [0, 1]}, "fitness": fitness},
+        "c.yaml")
+    assert capsys.readouterr().err.splitlines() == [
+        "warning: e.yaml: merge.parameters.t: ties takes no 't' parameter; ignored, as "
+        "mergekit ignores it",
+        "warning: e.yaml: merge.tensors[0].parameters.density: slerp takes no 'density' "
+        "parameter; ignored, as mergekit ignores it",
+        "warning: c.yaml: models[0].parameters.weight: slerp takes no 'weight' parameter; "
+        "ignored, as mergekit ignores it"]
+    with pytest.raises(RecipeError, match=r"^e\.yaml: merge\.parameters\.tt: unknown "):
+        parse_evolution_recipe({
+            "merge_method": "evolver", "base_model": "b", "models": [{"model": "m1"},
+                                                                     {"model": "m2"}],
+            "merge": {"merge_method": "ties", "parameters": {"tt": 0.5}},
+            "fitness": fitness}, "e.yaml")

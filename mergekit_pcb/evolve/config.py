@@ -17,7 +17,7 @@ from typing import Any, Literal
 
 from pydantic import Field, create_model
 
-from mergekit_pcb.errors import RecipeError
+from mergekit_pcb.errors import RecipeError, warn
 from mergekit_pcb.evolve.strategies import SearchStrategy, get_strategy
 from mergekit_pcb.methods import REGISTRY
 from mergekit_pcb.recipe.params import check_parameter_keys
@@ -195,9 +195,11 @@ def check_recipe(recipe: EvolutionRecipe, source: str) -> None:
             raise RecipeError(f"{source}: merge.merge_method: unknown method "
                               f"'{recipe.merge.merge_method}' (known: {known})")
         try:
-            check_parameter_keys(cls, recipe.merge.parameters, [], prefix="merge.")
+            ignored = check_parameter_keys(cls, recipe.merge.parameters, [], prefix="merge.")
         except RecipeError as e:
             raise RecipeError(f"{source}: {e}") from None
+        for line in ignored:
+            warn(f"{source}: {line}")
         if cls.requires_base and recipe.base_model is None:
             raise RecipeError(f"{source}: base_model: required by the inner merge "
                               f"{cls.name} (merge.merge_method)")
@@ -214,9 +216,12 @@ def check_recipe(recipe: EvolutionRecipe, source: str) -> None:
                     raise RecipeError(f"{where}.method: unknown method '{rule.method}' (known: "
                                       f"{', '.join(sorted(REGISTRY))})")
                 try:
-                    check_parameter_keys(sub, rule.parameters, [], prefix="merge.tensors.")
+                    ignored = check_parameter_keys(sub, rule.parameters, [],
+                                                   prefix=f"merge.tensors[{i}].")
                 except RecipeError as e:
                     raise RecipeError(f"{source}: {e}") from None
+                for line in ignored:
+                    warn(f"{source}: {line}")
                 if sub.requires_base and recipe.base_model is None:
                     raise RecipeError(f"{where}.method: {sub.name} needs a base_model")
     check_fitness(recipe.fitness, source, "fitness")

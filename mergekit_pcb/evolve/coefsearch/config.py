@@ -12,7 +12,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import Field
 
-from mergekit_pcb.errors import RecipeError
+from mergekit_pcb.errors import RecipeError, warn
 from mergekit_pcb.evolve.config import FitnessSpec, InnerMerge, parse_fitness
 from mergekit_pcb.methods import REGISTRY
 from mergekit_pcb.methods.base import MergeMethod, ParamSpec
@@ -184,10 +184,12 @@ def search_space(recipe: CoefficientSearchRecipe, source: str) -> SearchSpace:
         raise RecipeError(f"{source}: merge.merge_method: unknown method "
                           f"'{merge.merge_method}' (known: {', '.join(sorted(REGISTRY))})")
     try:
-        check_parameter_keys(cls, merge.parameters, [m.parameters for m in recipe.models],
-                             prefix="merge.")
+        ignored = check_parameter_keys(cls, merge.parameters,
+                                       [m.parameters for m in recipe.models], prefix="merge.")
     except RecipeError as e:
         raise RecipeError(f"{source}: {e}") from None
+    for line in ignored:
+        warn(f"{source}: {line}")
     if cls.requires_base and recipe.base_model is None:
         raise RecipeError(f"{source}: base_model: required by the inner merge {cls.name} "
                           "(merge.merge_method)")
