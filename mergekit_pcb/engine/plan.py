@@ -327,14 +327,14 @@ def _plan_warnings(plan: MergePlan) -> list[str]:
         matched = [n for n in names if rule.filter in n]
         earlier = [r.filter for r in recipe.tensors[:i]]
         if not matched:
-            lines.append(f"tensors[{i}].filter: '{rule.filter}' matches no tensor name; the "
+            lines.append(f"tensors[{i}].filter: {rule.filter!r} matches no tensor name; the "
                          "rule does nothing")
         elif all(any(f in n for f in earlier) for n in matched):
-            lines.append(f"tensors[{i}].filter: every tensor '{rule.filter}' matches goes to "
+            lines.append(f"tensors[{i}].filter: every tensor {rule.filter!r} matches goes to "
                          "an earlier rule; the rule does nothing")
     for key, pattern in _parameter_filters(recipe):
         if not any(pattern in n for n in names):
-            lines.append(f"{key}: '{pattern}' matches no tensor name; that value is never used")
+            lines.append(f"{key}: {pattern!r} matches no tensor name; that value is never used")
     for route in plan.routes:
         if route.kind == "merge" and route.method is not None and route.method.pairwise \
                 and len(route.inputs) > 1:
