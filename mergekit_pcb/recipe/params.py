@@ -128,26 +128,19 @@ def check_parameter_keys(method: type[MergeMethod], recipe_params: Mapping[str, 
     known = {p.name: p for p in method.params}
     names = ", ".join(known) or "none"
     ignored: dict[str, list[str]] = {}
-    for key, setting in recipe_params.items():
-        spec = known.get(key)
-        if spec is None and _any_method_takes(key):
-            ignored.setdefault(str(key), []).append(f"{prefix}parameters.{key}")
-            continue
-        if spec is None:
-            raise RecipeError(f"{prefix}parameters.{_key_name(key)}: unknown parameter for "
-                              f"{method.name} (known: {names})")
-        check_setting(spec, setting, f"{prefix}parameters.{key}")
-    for i, params in enumerate(model_params):
+    sections = [(f"{prefix}parameters", recipe_params, False),
+                *((f"{models_key}[{i}].parameters", params, True)
+                  for i, params in enumerate(model_params))]
+    for where, params, per_model_only in sections:
         for key, setting in params.items():
             spec = known.get(key)
-            where = f"{models_key}[{i}].parameters"
             if spec is None and _any_method_takes(key):
                 ignored.setdefault(str(key), []).append(f"{where}.{key}")
                 continue
             if spec is None:
                 raise RecipeError(f"{where}.{_key_name(key)}: unknown parameter for "
                                   f"{method.name} (known: {names})")
-            if not spec.per_model:
+            if per_model_only and not spec.per_model:
                 per_model = ", ".join(p.name for p in method.params if p.per_model) or "none"
                 raise RecipeError(
                     f"{where}.{_key_name(key)}: not a per-model parameter of "
