@@ -1,12 +1,14 @@
 """Errors a user can fix (bad recipe, bad checkpoint, full disk) versus bugs.
 
 A `UserError` is reported as one line on stderr with exit code 2; anything else is an
-internal error (exit code 1).
+internal error (exit code 1). `warn` says, in one line on stderr, what runs otherwise than a
+user may expect.
 """
 
 from __future__ import annotations
 
 import difflib
+import sys
 from collections.abc import Iterable
 
 
@@ -33,3 +35,10 @@ def unknown_method(where: str, name: str, known: Iterable[str]) -> RecipeError:
     close = difflib.get_close_matches(name.strip().lower(), names, n=1, cutoff=0.6)
     hint = f"did you mean {close[0]!r}? " if close else ""
     return RecipeError(f"{where}: unknown method {name!r} ({hint}known: {', '.join(names)})")
+
+
+def warn(message: str) -> None:
+    """A choice made for the user (a value ignored, a rule that does nothing), said once at
+    the time it matters: one line on stderr, `warning: ...`, beside bad input's `error: ...`.
+    """
+    print(f"warning: {message}", file=sys.stderr, flush=True)

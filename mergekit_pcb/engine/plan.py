@@ -45,6 +45,7 @@ from mergekit_pcb.recipe.params import (
     depth_position,
     layer_index,
     resolve_params,
+    setting_filters,
 )
 from mergekit_pcb.recipe.schema import MergeRecipe, ParameterValue
 
@@ -143,6 +144,9 @@ class MergePlan:
     # None: the tokenizer files are copied and no row moves.
     vocab: VocabPlan | None = None
     chat_template: str | None = None  # the resolved `chat_template`, written into the tokenizer
+    # What runs otherwise than the recipe may lead one to expect (a parameter ignored, a
+    # filter that matches nothing): one line each, for the caller to show (`errors.warn`).
+    warnings: list[str] = field(default_factory=list)
 
     def rebind(self, sources: Mapping[str, Checkpoint]) -> MergePlan:
         """Read model keys from other checkpoints of the same layout (swapped in, not owned).
@@ -231,23 +235,27 @@ def _numel(shape: tuple[int, ...]) -> int:
     return n
 
 
-def check_merge_recipe(recipe: MergeRecipe) -> MergeMethod:
+def check_merge_recipe(recipe: MergeRecipe) -> tuple[MergeMethod, list[str]]:
     """Every check of a merge recipe that needs no checkpoint: its method, its shape (models,
-    base, slices, rules) and every parameter's name and value. `build_plan` runs these
-    before it opens anything; the documentation's test runs them alone on the recipes the
-    pages show, whose models do not exist."""
+    base, slices, rules) and every parameter's name and value; returns the method and the
+    warnings (parameters ignored as mergekit ignores them). `build_plan` runs these before it
+    opens anything; the documentation's test runs them alone on the recipes the pages show,
+    whose models do not exist."""
     method = get_method(recipe.merge_method)
     _check_recipe_shape(recipe, method)
-    check_parameter_keys(type(method), recipe.parameters,
-                         [m.parameters for m in recipe.models])
+    warnings = check_parameter_keys(type(method), recipe.parameters,
+                                    [m.parameters for m in recipe.models])
     for i, sl in enumerate(recipe.slices):
-        check_parameter_keys(type(method), sl.parameters,
-                             [s.parameters for s in sl.sources], prefix=f"slices[{i}].")
+        warnings += check_parameter_keys(type(method), sl.parameters,
+                                         [s.parameters for s in sl.sources],
+                                         prefix=f"slices[{i}].",
+                                         models_key=f"slices[{i}].sources")
     for i, rule in enumerate(recipe.tensors):
         if rule.method is not None:
             sub = type(get_method(rule.method, where=f"tensors[{i}].method"))
-            check_parameter_keys(sub, rule.parameters, [], prefix=f"tensors[{i}].")
-    return method
+            warnings += check_parameter_keys(sub, rule.parameters, [],
+                                             prefix=f"tensors[{i}].")
+    return method, warnings
 
 
 def build_plan(recipe: MergeRecipe, recipe_text: str, *, seed: int | None = None,
@@ -258,7 +266,7 @@ def build_plan(recipe: MergeRecipe, recipe_text: str, *, seed: int | None = None
     `sources` supplies already open checkpoints by model key (the caller keeps them);
     the other models are opened here and closed by `MergePlan.close`.
     """
-    method = check_merge_recipe(recipe)
+    method, warnings = check_merge_recipe(recipe)
     checkpoints: dict[str, Checkpoint] = {}
     owned: list[str] = []
     try:
@@ -277,6 +285,7 @@ def build_plan(recipe: MergeRecipe, recipe_text: str, *, seed: int | None = None
         if sources is None:
             plan.tokenizer_root()  # a bad tokenizer_source fails now, not after the merge
         _finish_vocab(plan, vocab)
+        plan.warnings = list(dict.fromkeys([*warnings, *_plan_warnings(plan)]))
     except BaseException:
         for ref in owned:
             checkpoints[ref].close()
@@ -315,6 +324,62 @@ def _finish_vocab(plan: MergePlan, vocab: VocabPlan | None) -> None:
     plan.config_overrides["vocab_size"] = vocab.rows
     names = [t.name for t in plan.tasks if is_vocabulary_tensor(t.name)]
     plan.routes.insert(0, Route(vocab.label(), "align", tensor_names=names))
+
+
+def _plan_warnings(plan: MergePlan) -> list[str]:
+    """What the plan does that the recipe does not say plainly, one line each: a `tensors:`
+    rule or a parameter filter that matches no tensor, a two-model method given more
+    models (it takes their mean), an output that gets no tokenizer."""
+    recipe = plan.recipe
+    names = [t.name for t in plan.tasks]
+    lines = []
+    for i, rule in enumerate(recipe.tensors):
+        matched = [n for n in names if rule.filter in n]
+        earlier = [r.filter for r in recipe.tensors[:i]]
+        if not matched:
+            lines.append(f"tensors[{i}].filter: {rule.filter!r} matches no tensor name; the "
+                         "rule does nothing")
+        elif all(any(f in n for f in earlier) for n in matched):
+            lines.append(f"tensors[{i}].filter: every tensor {rule.filter!r} matches goes to "
+                         "an earlier rule; the rule does nothing")
+    for key, pattern in _parameter_filters(recipe):
+        if not any(pattern in n for n in names):
+            lines.append(f"{key}: {pattern!r} matches no tensor name; that value is never used")
+    for route in plan.routes:
+        if route.kind == "merge" and route.method is not None and route.method.pairwise \
+                and len(route.inputs) > 1:
+            lines.append(f"{route.method.name} merges the base with one other model, but is "
+                         f"given {len(route.inputs)} ({', '.join(route.inputs)}): it merges "
+                         "with their uniform mean (mergekit refuses more than one)")
+    if plan.vocab is None and not has_tokenizer(plan.tokenizer_root()):
+        others = [k for k, c in plan.checkpoints.items() if has_tokenizer(c.root)]
+        hint = f"; set tokenizer_source: {others[0]} to take that model's" if others else ""
+        lines.append(f"the output gets no tokenizer: {plan.tokenizer_root()} has no tokenizer "
+                     f"files{hint}")
+    return lines
+
+
+def _parameter_filters(recipe: MergeRecipe) -> list[tuple[str, str]]:
+    """(key path, filter) of every filtered parameter value the recipe's methods use."""
+    method = REGISTRY[recipe.merge_method]
+    used = {p.name for p in method.params}
+    per_model = {p.name for p in method.params if p.per_model}
+    for rule in recipe.tensors:
+        if rule.method is not None:
+            per_model |= {p.name for p in REGISTRY[rule.method].params if p.per_model}
+    sections: list[tuple[str, Mapping[str, ParameterValue], set[str]]] = [
+        ("parameters", recipe.parameters, used)]
+    sections += [(f"models[{i}].parameters", m.parameters, per_model)
+                 for i, m in enumerate(recipe.models)]
+    for i, sl in enumerate(recipe.slices):
+        sections.append((f"slices[{i}].parameters", sl.parameters, used))
+        sections += [(f"slices[{i}].sources[{j}].parameters", src.parameters, per_model)
+                     for j, src in enumerate(sl.sources)]
+    sections += [(f"tensors[{i}].parameters", rule.parameters,
+                  {p.name for p in REGISTRY[rule.method].params})
+                 for i, rule in enumerate(recipe.tensors) if rule.method is not None]
+    return [found for where, params, keys in sections for key, setting in params.items()
+            if key in keys for found in setting_filters(setting, f"{where}.{key}")]
 
 
 def _vocab_group(task: TensorTask, recipe: MergeRecipe, base_key: str | None) -> list[str]:

@@ -17,13 +17,14 @@ from typing import Any, Literal
 
 from pydantic import Field, create_model
 
-from mergekit_pcb.errors import RecipeError, unknown_method
+from mergekit_pcb.errors import RecipeError, unknown_method, warn
 from mergekit_pcb.evolve.strategies import SearchStrategy, get_strategy
 from mergekit_pcb.methods import REGISTRY
 from mergekit_pcb.recipe.params import check_parameter_keys
 from mergekit_pcb.recipe.schema import (
     DTypeName,
     ModelEntry,
+    ModelRef,
     ParameterValue,
     StrictModel,
     TensorRule,
@@ -119,7 +120,7 @@ def expand_ancestors(spec: str | list[str] | AncestorGlob, where: str = "ancesto
 
 class EvolutionRecipe(StrictModel):
     merge_method: str
-    base_model: str | None = None
+    base_model: ModelRef | None = None
     models: list[ModelEntry] = Field(default_factory=list)
     # one run's checkpoints (de-ancestor): a glob, a list, or {glob, last}; instead of models
     ancestors: str | list[str] | AncestorGlob | None = None
@@ -128,7 +129,7 @@ class EvolutionRecipe(StrictModel):
     merge: InnerMerge | None = None
     fitness: FitnessSpec
     dtype: DTypeName | None = None
-    tokenizer_source: str | None = None
+    tokenizer_source: ModelRef | None = None
     seed: int | None = None
     name: str | None = None
 
@@ -193,9 +194,11 @@ def check_recipe(recipe: EvolutionRecipe, source: str) -> None:
             raise unknown_method(f"{source}: merge.merge_method", recipe.merge.merge_method,
                                  REGISTRY)
         try:
-            check_parameter_keys(cls, recipe.merge.parameters, [], prefix="merge.")
+            ignored = check_parameter_keys(cls, recipe.merge.parameters, [], prefix="merge.")
         except RecipeError as e:
             raise RecipeError(f"{source}: {e}") from None
+        for line in ignored:
+            warn(f"{source}: {line}")
         if cls.requires_base and recipe.base_model is None:
             raise RecipeError(f"{source}: base_model: required by the inner merge "
                               f"{cls.name} (merge.merge_method)")
@@ -211,9 +214,12 @@ def check_recipe(recipe: EvolutionRecipe, source: str) -> None:
                 if sub is None:
                     raise unknown_method(f"{where}.method", rule.method, REGISTRY)
                 try:
-                    check_parameter_keys(sub, rule.parameters, [], prefix="merge.tensors.")
+                    ignored = check_parameter_keys(sub, rule.parameters, [],
+                                                   prefix=f"merge.tensors[{i}].")
                 except RecipeError as e:
                     raise RecipeError(f"{source}: {e}") from None
+                for line in ignored:
+                    warn(f"{source}: {line}")
                 if sub.requires_base and recipe.base_model is None:
                     raise RecipeError(f"{where}.method: {sub.name} needs a base_model")
     check_fitness(recipe.fitness, source, "fitness")

@@ -325,10 +325,13 @@ class EvolutionRun:
                 for t in self.layout:
                     if t.name in b and t.dtype.is_floating_point:
                         _finite(b.read(t.name), t.name, self.recipe.base_model)
+        # how each member of generation 0 was made: evolution.json lists them all
+        made: list[dict[str, Any]] = [{"input": ref} for ref in refs]
         for k in range(len(refs), s.pop):  # seeded interpolations of two input members
             a, b = self._rng.sample(range(len(refs)), 2)
             alpha = self._rng.random()
             name = f"init-{k:03d}.safetensors"
+            made.append({"interpolate": [names[a], names[b]], "alpha": alpha})
             pa, pb = (open_readable(self._path(names[i])) for i in (a, b))
             with pa, pb:
                 checksums[name] = write_safetensors(
@@ -353,7 +356,9 @@ class EvolutionRun:
             "phase": "evolve", "members": names, "fitness": fitness, "objective": objective,
             "checksums": checksums,
             "initial": {"members": names[: len(refs)], "select": fitness[: len(refs)],
-                        "merge_select": plain, "objective": objective},
+                        "merge_select": plain, "objective": objective,
+                        "population": [{"member": n, "select": f, **m} for n, f, m
+                                       in zip(names, fitness, made, strict=True)]},
             "evaluations": len(jobs),
         })
         self._tick()

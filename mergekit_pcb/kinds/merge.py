@@ -9,7 +9,7 @@ from typing import Any
 
 from mergekit_pcb.engine import MergePlan, build_plan, run_plan
 from mergekit_pcb.engine.card import OutputFiles
-from mergekit_pcb.errors import RecipeError
+from mergekit_pcb.errors import RecipeError, warn
 from mergekit_pcb.kinds.base import MethodInfo, RecipeKind, RunOptions
 from mergekit_pcb.methods import REGISTRY
 from mergekit_pcb.recipe.schema import MergeRecipe, parse_recipe
@@ -42,12 +42,14 @@ class MergeKind(RecipeKind):
              ) -> dict[str, Any]:
         plan = self._build(recipe, options)
         try:
+            _say(plan)
             return plan_info(plan)
         finally:
             plan.close()
 
     def describe(self, plan: dict[str, Any]) -> list[str]:
-        lines = [f"recipe OK: {plan['method']} over {len(plan['models'])} model(s), "
+        slices = f" in {plan['slices']} slice(s)" if plan["slices"] else ""
+        lines = [f"recipe OK: {plan['method']} over {len(plan['models'])} model(s){slices}, "
                  f"{plan['tensors']} tensors",
                  f"reads {plan['read_bytes'] / 1e6:.1f} MB in {plan['passes']} pass(es) "
                  f"({', '.join(plan['pass_names'])}), writes "
@@ -65,6 +67,9 @@ class MergeKind(RecipeKind):
                               quiet=options.quiet, threads=options.threads,
                               files=OutputFiles(copy_tokenizer=options.copy_tokenizer,
                                                 model_card=options.write_model_card))
+            # Said once the output is written, so that bad input met during the run still
+            # gets its one line alone; `validate` and `--dry-run` say them before any work.
+            _say(plan)
         finally:
             plan.close()
         return {
@@ -95,13 +100,23 @@ def check_architectures(recipe: MergeRecipe) -> None:
                           "merge them anyway (as mergekit requires)")
 
 
+def _say(plan: MergePlan) -> None:
+    """The plan's warnings, one line each (see `MergePlan.warnings`)."""
+    for line in plan.warnings:
+        warn(line)
+
+
 def plan_info(plan: MergePlan) -> dict[str, Any]:
+    recipe = plan.recipe
     return {
         "valid": True,
         "kind": "merge",
         "method": plan.recipe.merge_method,
         "base_model": plan.base_key,
-        "models": [m.model for m in plan.recipe.models],
+        # the models merged: a `slices:` recipe's are its slices' sources
+        "models": list(dict.fromkeys([m.model for m in recipe.models]
+                                     + [s.model for sl in recipe.slices for s in sl.sources])),
+        "slices": len(recipe.slices),
         "tensors": len(plan.tasks),
         "passes": plan.passes,
         "pass_names": [n for r in plan.routes for n in r.stat_passes] + ["merge"],
@@ -111,4 +126,5 @@ def plan_info(plan: MergePlan) -> dict[str, Any]:
         "rules": [{"rule": r.label, "tensors": len(r.tensor_names)} for r in plan.routes],
         # the output tokenizer, and per model how many tokens were re-mapped and are new
         "tokenizer": plan.vocab.summary() if plan.vocab is not None else None,
+        "warnings": plan.warnings,
     }

@@ -54,6 +54,7 @@ def arcee_fusion(base: torch.Tensor, model: torch.Tensor,
 class ArceeFusion(MergeMethod):
     name = "arcee_fusion"
     summary = "take the other model's entries whose importance is an upper outlier"
+    pairwise = True
     uses_rng = True  # only tensors over 10⁶ entries draw (the quartile sample)
 
     def merge(self, inputs: TensorInputs) -> torch.Tensor:

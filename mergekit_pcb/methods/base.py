@@ -156,6 +156,9 @@ class MergeMethod(ABC):
     # mergekit's optional base (multislerp, nuslerp): held apart when the recipe names one;
     # without one, `inputs.base` is None and the models themselves are merged.
     optional_base: ClassVar[bool] = False
+    # Merges the base with ONE other model (slerp, nearswap, arcee_fusion); given several,
+    # it uses their uniform mean, where mergekit refuses: the plan says so when it happens.
+    pairwise: ClassVar[bool] = False
     uses_rng: ClassVar[bool] = False
 
     @abstractmethod

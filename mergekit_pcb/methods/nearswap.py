@@ -32,6 +32,7 @@ class Nearswap(MergeMethod):
     name = "nearswap"
     summary = "swap in the other model's entries that lie within t of the base"
     params = (T,)
+    pairwise = True
 
     def elementwise(self, params: Mapping[str, Any]) -> bool:
         return True

@@ -67,6 +67,7 @@ class Slerp(MergeMethod):
     name = "slerp"
     summary = "spherical interpolation between the base and one other model"
     params = (T,)
+    pairwise = True
 
     def merge(self, inputs: TensorInputs) -> torch.Tensor:
         assert inputs.base is not None

@@ -106,28 +106,59 @@ def check_setting(spec: ParamSpec, setting: object, key: str) -> None:
             check_value(spec, item, f"{key}[{j}]")
 
 
+def _any_method_takes(key: object) -> bool:
+    """Whether `key` is a parameter of some merge method (so not a misspelling)."""
+    from mergekit_pcb.methods import REGISTRY  # the registry imports every method module
+
+    return any(p.name == key for cls in REGISTRY.values() for p in cls.params)
+
+
 def check_parameter_keys(method: type[MergeMethod], recipe_params: Mapping[str, object],
-                         model_params: list[Mapping[str, object]], prefix: str = "") -> None:
+                         model_params: list[Mapping[str, object]], prefix: str = "",
+                         models_key: str = "models") -> list[str]:
     """Unknown parameter names, and values of the wrong type or out of range, are errors
-    naming their key path (checked before any checkpoint is opened)."""
+    naming their key path (checked before any checkpoint is opened).
+
+    A key that is another method's parameter but not this method's (mergekit's recipes give
+    `weight` to every model, also for slerp) is ignored, as mergekit ignores it: returned
+    as one warning line per key name. A key no method takes stays an error (a misspelling).
+    `prefix` leads the key paths of `recipe_params`; `model_params[i]` is named
+    `{models_key}[i]` (`slices[0].sources[i]` for a slice's sources).
+    """
     known = {p.name: p for p in method.params}
     names = ", ".join(known) or "none"
-    for key, setting in recipe_params.items():
-        spec = known.get(key)
-        if spec is None:
-            raise RecipeError(f"{prefix}parameters.{_key_name(key)}: unknown parameter for "
-                              f"{method.name} (known: {names})")
-        check_setting(spec, setting, f"{prefix}parameters.{key}")
-    for i, params in enumerate(model_params):
+    ignored: dict[str, list[str]] = {}
+    sections = [(f"{prefix}parameters", recipe_params, False),
+                *((f"{models_key}[{i}].parameters", params, True)
+                  for i, params in enumerate(model_params))]
+    for where, params, per_model_only in sections:
         for key, setting in params.items():
             spec = known.get(key)
-            if spec is None or not spec.per_model:
+            if spec is None and _any_method_takes(key):
+                ignored.setdefault(str(key), []).append(f"{where}.{key}")
+                continue
+            if spec is None:
+                raise RecipeError(f"{where}.{_key_name(key)}: unknown parameter for "
+                                  f"{method.name} (known: {names})")
+            if per_model_only and not spec.per_model:
                 per_model = ", ".join(p.name for p in method.params if p.per_model) or "none"
                 raise RecipeError(
-                    f"models[{i}].parameters.{_key_name(key)}: not a per-model parameter of "
+                    f"{where}.{_key_name(key)}: not a per-model parameter of "
                     f"{method.name} (per-model: {per_model})"
                 )
-            check_setting(spec, setting, f"models[{i}].parameters.{key}")
+            check_setting(spec, setting, f"{where}.{key}")
+    return [f"{paths[0]}{f' (and {len(paths) - 1} more)' if len(paths) > 1 else ''}: "
+            f"{method.name} takes no '{key}' parameter; ignored, as mergekit ignores it"
+            for key, paths in ignored.items()]
+
+
+def setting_filters(setting: object, key: str) -> list[tuple[str, str]]:
+    """(key path, filter) of every `{filter, value}` item of a setting that names a filter
+    (not `*` or none, which match every tensor)."""
+    if not isinstance(setting, list):
+        return []
+    return [(f"{key}[{j}].filter", item.filter) for j, item in enumerate(setting)
+            if isinstance(item, FilteredValue) and item.filter not in (None, "*")]
 
 
 def _resolve(spec: ParamSpec, setting: ParameterValue | None, key: str, tensor_name: str,

@@ -12,10 +12,17 @@ import os
 import re
 import stat
 from pathlib import Path
-from typing import Any, Literal, TypeVar, Union
+from typing import Annotated, Any, Literal, TypeVar, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    ValidationError,
+    model_validator,
+)
 
 from mergekit_pcb.errors import RecipeError
 
@@ -27,6 +34,10 @@ class StrictModel(BaseModel):
 
 
 ModelT = TypeVar("ModelT", bound=BaseModel)
+
+# A model named by the recipe (a directory, a .safetensors file or a hub id). An empty one
+# would read as "no model" (`base_model: ''` as no base) where the recipe names one.
+ModelRef = Annotated[str, StringConstraints(min_length=1)]
 
 
 class FilteredValue(StrictModel):
@@ -42,7 +53,7 @@ ParameterValue = Union[Scalar, list[FilteredValue], list[Scalar]]  # noqa: UP007
 
 
 class ModelEntry(StrictModel):
-    model: str
+    model: ModelRef
     parameters: dict[str, ParameterValue] = Field(default_factory=dict)
 
 
@@ -57,7 +68,7 @@ class TensorRule(StrictModel):
     """
 
     filter: str
-    take: str | None = None
+    take: ModelRef | None = None
     method: str | None = None
     parameters: dict[str, ParameterValue] = Field(default_factory=dict)
 
@@ -73,7 +84,7 @@ class TensorRule(StrictModel):
 class SliceSource(StrictModel):
     """One input of a slice: layers [start, end) of `model`, with per-model parameters."""
 
-    model: str
+    model: ModelRef
     layer_range: tuple[int, int]
     parameters: dict[str, ParameterValue] = Field(default_factory=dict)
 
@@ -89,7 +100,7 @@ class SliceDef(StrictModel):
     """mergekit's output slice: its sources' layers are merged layer by layer, in order."""
 
     sources: list[SliceSource] = Field(min_length=1)
-    base_model: str | None = None
+    base_model: ModelRef | None = None
     parameters: dict[str, ParameterValue] = Field(default_factory=dict)
 
 
@@ -97,7 +108,7 @@ class ModelTokenSource(StrictModel):
     """A token's embedding taken from one row of a model: by id, or by that model's token."""
 
     kind: Literal["model_token"]
-    model: str
+    model: ModelRef
     token_id: int | None = Field(default=None, ge=0)
     token: str | None = None
 
@@ -126,20 +137,20 @@ class TokenizerSpec(StrictModel):
     """mergekit's `tokenizer:` block: the output vocabulary (`source`: `union`, `base` or a
     model), extra `tokens` and their embeddings, rows padded to `pad_to_multiple_of`."""
 
-    source: str = "union"
+    source: ModelRef = "union"
     tokens: dict[str, TokenEmbedding] = Field(default_factory=dict)
     pad_to_multiple_of: int | None = Field(default=None, ge=1)
 
 
 class MergeRecipe(StrictModel):
     merge_method: str
-    base_model: str | None = None
+    base_model: ModelRef | None = None
     models: list[ModelEntry] = Field(default_factory=list)
     slices: list[SliceDef] = Field(default_factory=list)
     parameters: dict[str, ParameterValue] = Field(default_factory=dict)
     dtype: DTypeName | None = None
     out_dtype: DTypeName | None = None
-    tokenizer_source: str | None = None
+    tokenizer_source: ModelRef | None = None
     tokenizer: TokenizerSpec | None = None
     chat_template: str | None = None
     seed: int | None = None

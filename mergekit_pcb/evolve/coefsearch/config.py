@@ -12,7 +12,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import Field
 
-from mergekit_pcb.errors import RecipeError, unknown_method
+from mergekit_pcb.errors import RecipeError, unknown_method, warn
 from mergekit_pcb.evolve.config import FitnessSpec, InnerMerge, parse_fitness
 from mergekit_pcb.methods import REGISTRY
 from mergekit_pcb.methods.base import MergeMethod, ParamSpec
@@ -21,6 +21,7 @@ from mergekit_pcb.recipe.schema import (
     DTypeName,
     MergeRecipe,
     ModelEntry,
+    ModelRef,
     StrictModel,
     parse_recipe,
     validate_mapping,
@@ -50,7 +51,7 @@ class SearchParameters(StrictModel):
 
 class CoefficientSearchRecipe(StrictModel):
     merge_method: Literal["coefficient-search"]
-    base_model: str | None = None
+    base_model: ModelRef | None = None
     models: list[ModelEntry] = Field(default_factory=list)  # inner merge's per-model values
     merge: InnerMerge
     search: dict[str, tuple[float, float]]  # parameter -> [low, high]
@@ -58,7 +59,7 @@ class CoefficientSearchRecipe(StrictModel):
     fitness: FitnessSpec
     dtype: DTypeName | None = None
     out_dtype: DTypeName | None = None
-    tokenizer_source: str | None = None
+    tokenizer_source: ModelRef | None = None
     seed: int | None = None
     name: str | None = None
 
@@ -182,10 +183,12 @@ def search_space(recipe: CoefficientSearchRecipe, source: str) -> SearchSpace:
     if cls is None:
         raise unknown_method(f"{source}: merge.merge_method", merge.merge_method, REGISTRY)
     try:
-        check_parameter_keys(cls, merge.parameters, [m.parameters for m in recipe.models],
-                             prefix="merge.")
+        ignored = check_parameter_keys(cls, merge.parameters,
+                                       [m.parameters for m in recipe.models], prefix="merge.")
     except RecipeError as e:
         raise RecipeError(f"{source}: {e}") from None
+    for line in ignored:
+        warn(f"{source}: {line}")
     if cls.requires_base and recipe.base_model is None:
         raise RecipeError(f"{source}: base_model: required by the inner merge {cls.name} "
                           "(merge.merge_method)")
