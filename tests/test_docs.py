@@ -303,7 +303,7 @@ fitness: {type: callable, function: "pkg.mod:score"}
     (README_MERGE.replace("merge_method: ties", "merge_method: tiez"),
      "unknown method 'tiez'"),
     (README_MERGE.replace("density: 0.5", "densty: 0.5"),
-     "models[0].parameters.densty: not a per-model parameter of ties"),
+     "models[0].parameters.densty: unknown parameter for ties"),
     (README_MERGE.replace("lambda: 1.0", "lambda: .nan"), "parameters.lambda"),
     (README_SEARCH.replace("F: 0.5", "F: 0.5, mutaton: rand-1"),
      "unknown key 'parameters.mutaton'"),
