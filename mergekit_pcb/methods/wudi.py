@@ -86,6 +86,11 @@ def wudi_adam(deltas: Sequence[torch.Tensor], steps: int = 300, lr: float = 1e-5
     (the gradient in closed form rather than by autograd)."""
     x = mean_of(deltas) * len(deltas)
     grad = _Gradient(deltas)
+    if len(grad.deltas) < 2:
+        # One task with a non-zero Δ (or none): the start Σ Δᵢ is that Δ, where the
+        # official gradient is exactly zero and Adam stays put; our precomputed form would
+        # give rounding noise there, which Adam's normalized steps would follow.
+        return x
     m = torch.zeros_like(x)
     v = torch.zeros_like(x)
     beta1, beta2 = ADAM_BETAS
