@@ -19,13 +19,12 @@ from collections.abc import Sequence
 
 import torch
 
-from mergekit_pcb.methods.base import WEIGHT_RANGE, ParamSpec, Range, TensorInputs
+from mergekit_pcb.methods.base import WEIGHT_RANGE, ParamSpec, TensorInputs
 
 # The scale of the merged task vector (the papers' α): searched on validation data over
 # 0.1…3.0 in the TSV and Iso papers; 1.0 in their code.
 ALPHA = ParamSpec("alpha", 1.0, "scale of the merged task vector (the papers' α)",
                   bounds=WEIGHT_RANGE)
-ALPHA_SEARCH_RANGE = Range(0.0, 3.0)  # what a coefficient search should explore
 VOCABULARY = ParamSpec(
     "vocabulary", False, "decompose vocabulary matrices (embeddings, LM head) too; by default "
     "they take the method's rule for tensors it does not decompose", kind=bool)
