@@ -278,8 +278,11 @@ def test_cart_with_rank_ratio_one_is_the_average() -> None:
     assert rel(out, avg) < 1e-6
 
 
-def test_wudi_closed_form_zeroes_the_gradient_and_adam_lowers_the_loss() -> None:
-    base, models = make_case(4, (12, 8), "rank")
+@pytest.mark.parametrize(("tasks", "shape"), [(4, (12, 8)), (2, (4, 12))])
+def test_wudi_closed_form_zeroes_the_gradient_and_adam_lowers_the_loss(
+        tasks: int, shape: tuple[int, int]) -> None:
+    """(4, 12) with 2 tasks: A = Σ wᵢΔᵢᵀΔᵢ (12×12) has rank 8, the pseudo-inverse path."""
+    base, models = make_case(tasks, shape, "rank")
     deltas = [(m - base).double() for m in models]
     start = sum(deltas)
 
@@ -295,6 +298,14 @@ def test_wudi_closed_form_zeroes_the_gradient_and_adam_lowers_the_loss() -> None
     l_adam, _ = loss_and_grad(wudi_adam([d.float() for d in deltas]))
     assert g_closed < 1e-10 * g_start
     assert l_closed < l_adam < l_start
+    # the solution nearest the start: no move along A's null space
+    a = sum(d.mT @ d / d.square().sum() for d in deltas if d.abs().sum() > 0)
+    evals, evecs = torch.linalg.eigh(a)
+    null = evecs[:, evals < 1e-12 * evals.max()]
+    ranks = sum(int(torch.linalg.matrix_rank(d)) for d in deltas)
+    assert null.shape[1] == max(0, shape[1] - ranks)
+    moved = (wudi_closed_form(deltas) - start) @ null
+    assert moved.numel() == 0 or float(moved.abs().max()) < 1e-12
     print(f"wudi loss: sum {l_start:.4e}, adam {l_adam:.4e}, closed form {l_closed:.4e}")
     # the registry's solver option reaches it, and the closed form is not the default
     out = merge("wudi", base, models, solver="closed_form", matrices="all_2d")

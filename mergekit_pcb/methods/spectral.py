@@ -77,9 +77,9 @@ def is_attn_mlp(name: str) -> bool:
 
 
 def decomposes(inputs: TensorInputs, shape: Sequence[int]) -> bool:
-    """Whether a method decomposes this tensor: a 2-D matrix, not a vocabulary matrix
-    unless the recipe opts in (`vocabulary: true`)."""
-    if len(shape) != 2:
+    """Whether a method decomposes this tensor: a non-empty 2-D matrix, not a vocabulary
+    matrix unless the recipe opts in (`vocabulary: true`)."""
+    if len(shape) != 2 or 0 in shape:  # an empty matrix has no spectrum
         return False
     return not inputs.vocabulary or bool(inputs.params.get("vocabulary", False))
 

@@ -8,7 +8,8 @@ published figures come from it. The gradient is 2(X·A − B) with A = Σᵢ w�
 B = Σᵢ wᵢΔᵢΔᵢᵀΔᵢ, wᵢ = 1/‖Δᵢ‖²_F (an all-zero Δᵢ has no term): one m×n×n product a
 step when n ≤ m, else the per-task m×m form. `solver: closed_form` solves the quadratic
 instead: X·A = B, the solution nearest the Adam start, X = S − (S·A − B)·A⁺ with S = ΣΔᵢ
-(A⁺ in float64, directions of A below the rank threshold dropped). It is the optimum the
+(A⁺ in float64 from A's eigenvalues above 1.9e-9·λ_max, below which float64 rounding
+would exceed float32's). It is the optimum the
 early-stopped Adam only moves towards: a different merge, never substituted.
 
 Output W₀ + X (no α). Which matrices: `matrices: attn_mlp` (the official code's: names
@@ -28,7 +29,6 @@ from mergekit_pcb.methods.spectral import (
     MATRICES,
     VOCABULARY,
     decomposes,
-    default_rtol,
     is_attn_mlp,
     mean_of,
     task_matrices,
@@ -36,6 +36,7 @@ from mergekit_pcb.methods.spectral import (
 
 ADAM_BETAS = (0.9, 0.999)  # torch.optim.Adam's defaults, which the official code uses
 ADAM_EPS = 1e-8
+EIGEN_RTOL = torch.finfo(torch.float64).eps / torch.finfo(torch.float32).eps  # ≈ 1.9e-9
 
 
 def wudi_weights(deltas: Sequence[torch.Tensor]) -> list[float]:
@@ -105,8 +106,7 @@ def wudi_adam(deltas: Sequence[torch.Tensor], steps: int = 300, lr: float = 1e-5
 
 
 def wudi_closed_form(deltas: Sequence[torch.Tensor]) -> torch.Tensor:
-    """The minimiser of L nearest Σ Δᵢ: X = S − (S·A − B)·A⁺, A⁺ from A's eigenvalues above
-    the rank threshold, in float64."""
+    """The minimiser of L nearest Σ Δᵢ: X = S − (S·A − B)·A⁺, in float64."""
     dtype = deltas[0].dtype
     d64 = [d.to(torch.float64) for d in deltas]
     weights = wudi_weights(d64)
@@ -120,7 +120,9 @@ def wudi_closed_form(deltas: Sequence[torch.Tensor]) -> torch.Tensor:
     s = mean_of(d64) * len(d64)
     evals, evecs = torch.linalg.eigh(a)
     top = float(evals.abs().max()) if evals.numel() else 0.0
-    keep = evals > default_rtol(a.shape, torch.float32) * top
+    # Dividing by an eigenvalue λ multiplies float64 rounding (eps64·λ_max) by λ_max/λ:
+    # below λ_max·eps64/eps32 that would exceed float32's own rounding of the result.
+    keep = evals > EIGEN_RTOL * top
     vk = evecs[:, keep]
     residual = s @ a - b
     x = s - ((residual @ vk) / evals[keep]) @ vk.mT
