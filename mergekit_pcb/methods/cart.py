@@ -13,15 +13,13 @@ from __future__ import annotations
 
 import torch
 
-from mergekit_pcb.methods.base import WEIGHT_RANGE, MergeMethod, ParamSpec, Range, TensorInputs
+from mergekit_pcb.methods.base import WEIGHT_RANGE, ParamSpec, Range, TensorInputs
 from mergekit_pcb.methods.spectral import (
     MATRICES,
     SVD_KIND,
     VOCABULARY,
-    decomposes,
-    is_attn_mlp,
+    SelectiveSpectralMethod,
     mean_of,
-    task_matrices,
     top_svd,
 )
 
@@ -46,7 +44,7 @@ def cart_offset(deltas: list[torch.Tensor], ratio: float, lambda_: float, svd: s
     return mean + lambda_ * low_rank
 
 
-class Cart(MergeMethod):
+class Cart(SelectiveSpectralMethod):
     name = "cart"
     summary = "CART: the average plus λ times low-rank parts of the centered task matrices"
     params = (ParamSpec("rank_ratio", 0.12, "share of min(m, n) singular directions kept per "
@@ -56,15 +54,11 @@ class Cart(MergeMethod):
               MATRICES, SVD_KIND, VOCABULARY)
     uses_rng = True  # only `svd: randomized` draws
 
-    def merge(self, inputs: TensorInputs) -> torch.Tensor:
-        assert inputs.base is not None
+    def matrix_offset(self, deltas: list[torch.Tensor], inputs: TensorInputs) -> torch.Tensor:
         params = inputs.params
-        deltas = task_matrices(inputs.base, inputs.models)
-        base = inputs.base.to(deltas[0].dtype)
-        acts = decomposes(inputs, base.shape) and (
-            params["matrices"] == "all_2d" or is_attn_mlp(inputs.name))
-        if not acts:
-            return base + mean_of(deltas)
         generator = inputs.generators[0] if inputs.generators else None
-        return base + cart_offset(deltas, float(params["rank_ratio"]), float(params["lambda"]),
-                                  params["svd"], generator)
+        return cart_offset(deltas, float(params["rank_ratio"]), float(params["lambda"]),
+                           params["svd"], generator)
+
+    def other_offset(self, deltas: list[torch.Tensor], inputs: TensorInputs) -> torch.Tensor:
+        return mean_of(deltas)  # W_avg

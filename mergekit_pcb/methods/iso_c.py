@@ -19,16 +19,15 @@ from collections.abc import Sequence
 
 import torch
 
-from mergekit_pcb.methods.base import MergeMethod, ParamSpec, TensorInputs
+from mergekit_pcb.methods.base import ParamSpec, TensorInputs
 from mergekit_pcb.methods.spectral import (
     ALPHA,
     VOCABULARY,
-    decomposes,
+    ScaledSpectralMethod,
     default_rtol,
     kept,
     mean_of,
     newton_schulz_polar,
-    task_matrices,
     thin_svd,
 )
 
@@ -50,7 +49,7 @@ def iso_c_matrix(deltas: Sequence[torch.Tensor], solver: str = "svd") -> torch.T
     return s.mean() * (u[:, keep] @ vh[keep])
 
 
-class IsoC(MergeMethod):
+class IsoC(ScaledSpectralMethod):
     name = "iso_c"
     summary = "Iso-C: the summed task matrix with a flat singular spectrum"
     params = (ALPHA,
@@ -59,11 +58,5 @@ class IsoC(MergeMethod):
                         choices=("svd", "newton_schulz")),
               VOCABULARY)
 
-    def merge(self, inputs: TensorInputs) -> torch.Tensor:
-        assert inputs.base is not None
-        deltas = task_matrices(inputs.base, inputs.models)
-        alpha = float(inputs.params["alpha"])
-        base = inputs.base.to(deltas[0].dtype)
-        if not decomposes(inputs, base.shape):
-            return base + alpha * mean_of(deltas)
-        return base + alpha * iso_c_matrix(deltas, inputs.params["solver"])
+    def task_matrix(self, deltas: list[torch.Tensor], inputs: TensorInputs) -> torch.Tensor:
+        return iso_c_matrix(deltas, inputs.params["solver"])

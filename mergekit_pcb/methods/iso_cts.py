@@ -22,17 +22,15 @@ from collections.abc import Sequence
 
 import torch
 
-from mergekit_pcb.methods.base import MergeMethod, ParamSpec, Range, TensorInputs
+from mergekit_pcb.methods.base import ParamSpec, Range, TensorInputs
 from mergekit_pcb.methods.iso_c import sum_of
 from mergekit_pcb.methods.spectral import (
     ALPHA,
     VOCABULARY,
-    decomposes,
+    ScaledSpectralMethod,
     default_rtol,
     kept,
-    mean_of,
     polar,
-    task_matrices,
     thin_svd,
 )
 
@@ -74,7 +72,7 @@ def iso_cts_matrix(deltas: Sequence[torch.Tensor], fraction: float = 0.8) -> tor
     return s_all.mean() * (polar(u_all) @ polar(vh_all))
 
 
-class IsoCts(MergeMethod):
+class IsoCts(ScaledSpectralMethod):
     name = "iso_cts"
     summary = "Iso-CTS: a common and per-task subspaces, flat singular spectrum"
     params = (ALPHA,
@@ -82,12 +80,5 @@ class IsoCts(MergeMethod):
                         "the summed task matrix", bounds=Range(0.0, 1.0)),
               VOCABULARY)
 
-    def merge(self, inputs: TensorInputs) -> torch.Tensor:
-        assert inputs.base is not None
-        deltas = task_matrices(inputs.base, inputs.models)
-        alpha = float(inputs.params["alpha"])
-        base = inputs.base.to(deltas[0].dtype)
-        if not decomposes(inputs, base.shape):
-            return base + alpha * mean_of(deltas)
-        return base + alpha * iso_cts_matrix(deltas,
-                                             float(inputs.params["common_space_fraction"]))
+    def task_matrix(self, deltas: list[torch.Tensor], inputs: TensorInputs) -> torch.Tensor:
+        return iso_cts_matrix(deltas, float(inputs.params["common_space_fraction"]))

@@ -15,11 +15,12 @@ official code's.
 
 from __future__ import annotations
 
+from abc import abstractmethod
 from collections.abc import Sequence
 
 import torch
 
-from mergekit_pcb.methods.base import WEIGHT_RANGE, ParamSpec, TensorInputs
+from mergekit_pcb.methods.base import WEIGHT_RANGE, MergeMethod, ParamSpec, TensorInputs
 
 # The scale of the merged task vector (the papers' α): searched on validation data over
 # 0.1…3.0 in the TSV and Iso papers; 1.0 in their code.
@@ -161,3 +162,50 @@ def newton_schulz_polar(m: torch.Tensor, max_iter: int = 100
         if step <= tol:
             return x, True
     return x, False
+
+
+class SpectralMethod(MergeMethod):
+    """What the five share: Δᵢ upcast, the matrices the method acts on go to
+    `matrix_offset`, every other tensor to `other_offset`; the output is W₀ + offset."""
+
+    @abstractmethod
+    def matrix_offset(self, deltas: list[torch.Tensor], inputs: TensorInputs) -> torch.Tensor:
+        """W − W₀ for a matrix the method acts on."""
+
+    @abstractmethod
+    def other_offset(self, deltas: list[torch.Tensor], inputs: TensorInputs) -> torch.Tensor:
+        """W − W₀ for any other tensor (the method's stated rule)."""
+
+    def acts_on(self, inputs: TensorInputs, shape: Sequence[int]) -> bool:
+        return decomposes(inputs, shape)
+
+    def merge(self, inputs: TensorInputs) -> torch.Tensor:
+        assert inputs.base is not None
+        deltas = task_matrices(inputs.base, inputs.models)
+        base = inputs.base.to(deltas[0].dtype)
+        if self.acts_on(inputs, base.shape):
+            return base + self.matrix_offset(deltas, inputs)
+        return base + self.other_offset(deltas, inputs)
+
+
+class ScaledSpectralMethod(SpectralMethod):
+    """TSV-M and Iso: W₀ + α·(merged task matrix); other tensors W₀ + α·mean(Δᵢ)."""
+
+    @abstractmethod
+    def task_matrix(self, deltas: list[torch.Tensor], inputs: TensorInputs) -> torch.Tensor:
+        """The merged task matrix, before α."""
+
+    def matrix_offset(self, deltas: list[torch.Tensor], inputs: TensorInputs) -> torch.Tensor:
+        return float(inputs.params["alpha"]) * self.task_matrix(deltas, inputs)
+
+    def other_offset(self, deltas: list[torch.Tensor], inputs: TensorInputs) -> torch.Tensor:
+        return float(inputs.params["alpha"]) * mean_of(deltas)
+
+
+class SelectiveSpectralMethod(SpectralMethod):
+    """CART and WUDI: act on the attention and MLP weights (`matrices: attn_mlp`, the
+    official code) or on every 2-D tensor (`all_2d`)."""
+
+    def acts_on(self, inputs: TensorInputs, shape: Sequence[int]) -> bool:
+        return decomposes(inputs, shape) and (
+            inputs.params["matrices"] == "all_2d" or is_attn_mlp(inputs.name))

@@ -19,17 +19,15 @@ from collections.abc import Sequence
 
 import torch
 
-from mergekit_pcb.methods.base import MergeMethod, TensorInputs
+from mergekit_pcb.methods.base import TensorInputs
 from mergekit_pcb.methods.spectral import (
     ALPHA,
     SVD_KIND,
     VOCABULARY,
-    decomposes,
+    ScaledSpectralMethod,
     default_rtol,
     kept,
-    mean_of,
     polar,
-    task_matrices,
     top_svd,
 )
 
@@ -60,18 +58,12 @@ def tsv_merge_matrix(deltas: Sequence[torch.Tensor], svd: str = "full",
     return polar(u_bar) @ torch.diag(s_bar) @ polar(vh_bar)
 
 
-class TsvM(MergeMethod):
+class TsvM(ScaledSpectralMethod):
     name = "tsv_m"
     summary = "TSV-M: each task's top singular vectors side by side, orthogonalized"
     params = (ALPHA, SVD_KIND, VOCABULARY)
     uses_rng = True  # only `svd: randomized` draws
 
-    def merge(self, inputs: TensorInputs) -> torch.Tensor:
-        assert inputs.base is not None
-        deltas = task_matrices(inputs.base, inputs.models)
-        alpha = float(inputs.params["alpha"])
-        base = inputs.base.to(deltas[0].dtype)
-        if not decomposes(inputs, base.shape):
-            return base + alpha * mean_of(deltas)
+    def task_matrix(self, deltas: list[torch.Tensor], inputs: TensorInputs) -> torch.Tensor:
         generator = inputs.generators[0] if inputs.generators else None
-        return base + alpha * tsv_merge_matrix(deltas, inputs.params["svd"], generator)
+        return tsv_merge_matrix(deltas, inputs.params["svd"], generator)

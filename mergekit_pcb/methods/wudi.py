@@ -24,14 +24,12 @@ from collections.abc import Sequence
 
 import torch
 
-from mergekit_pcb.methods.base import MergeMethod, ParamSpec, Range, TensorInputs
+from mergekit_pcb.methods.base import ParamSpec, Range, TensorInputs
 from mergekit_pcb.methods.spectral import (
     MATRICES,
     VOCABULARY,
-    decomposes,
-    is_attn_mlp,
+    SelectiveSpectralMethod,
     mean_of,
-    task_matrices,
 )
 
 ADAM_BETAS = (0.9, 0.999)  # torch.optim.Adam's defaults, which the official code uses
@@ -129,7 +127,7 @@ def wudi_closed_form(deltas: Sequence[torch.Tensor]) -> torch.Tensor:
     return x.to(dtype)
 
 
-class Wudi(MergeMethod):
+class Wudi(SelectiveSpectralMethod):
     name = "wudi"
     summary = "WUDI: the matrix whose interference with every task vector is least"
     params = (ParamSpec("solver", "adam", "adam: the official early-stopped Adam; "
@@ -144,15 +142,12 @@ class Wudi(MergeMethod):
                         choices=("base", "mean")),
               VOCABULARY)
 
-    def merge(self, inputs: TensorInputs) -> torch.Tensor:
-        assert inputs.base is not None
+    def matrix_offset(self, deltas: list[torch.Tensor], inputs: TensorInputs) -> torch.Tensor:
         params = inputs.params
-        deltas = task_matrices(inputs.base, inputs.models)
-        base = inputs.base.to(deltas[0].dtype)
-        acts = decomposes(inputs, base.shape) and (
-            params["matrices"] == "all_2d" or is_attn_mlp(inputs.name))
-        if not acts:
-            return base if params["rest"] == "base" else base + mean_of(deltas)
         if params["solver"] == "closed_form":
-            return base + wudi_closed_form(deltas)
-        return base + wudi_adam(deltas, int(params["steps"]), float(params["lr"]))
+            return wudi_closed_form(deltas)
+        return wudi_adam(deltas, int(params["steps"]), float(params["lr"]))
+
+    def other_offset(self, deltas: list[torch.Tensor], inputs: TensorInputs) -> torch.Tensor:
+        return torch.zeros_like(deltas[0]) if inputs.params["rest"] == "base" \
+            else mean_of(deltas)
