@@ -12,8 +12,10 @@ instead: X·A = B, the solution nearest the Adam start, X = S − (S·A − B)·
 would exceed float32's). It is the optimum the
 early-stopped Adam only moves towards: a different merge, never substituted.
 
-Output W₀ + X (no α). Which matrices: `matrices: attn_mlp` (the official code's: names
-holding `attn` or `mlp`, neither `ln` nor `bias`) or `all_2d` (FusionBench); the other
+Output W₀ + X (no α). Which matrices: `matrices: attn_mlp` (names holding `attn` or
+`mlp`, neither `ln` nor `bias`: on CLIP exactly the official code's four keys,
+`attn.in_proj_weight`, `attn.out_proj.weight`, `mlp.c_fc.weight`, `mlp.c_proj.weight`)
+or `all_2d` (FusionBench); the other
 tensors (and vocabulary matrices unless `vocabulary: true`) take `rest`: `base` (the
 official code leaves them at W₀) or `mean` (FusionBench: W₀ + mean Δᵢ).
 """
