@@ -33,7 +33,7 @@ from mergekit_pcb.engine.memo import ModelParts, PreparedKey, PreparedMemo
 from mergekit_pcb.engine.pipeline import InOrder, WriteBehind, read_ahead
 from mergekit_pcb.engine.plan import MergePlan, TensorTask
 from mergekit_pcb.engine.rng import tensor_generator
-from mergekit_pcb.engine.vocab import align_rows
+from mergekit_pcb.engine.vocab import align_rows, is_vocabulary_tensor
 from mergekit_pcb.errors import CheckpointError
 from mergekit_pcb.io.writer import (
     OutputTensor,
@@ -165,6 +165,7 @@ def _method_inputs(plan: MergePlan, task: TensorTask, values: dict[str, torch.Te
         generators=generators,
         stats=route.stats,
         start=start,
+        vocabulary=is_vocabulary_tensor(task.name),
     )
 
 

@@ -6,8 +6,11 @@ from mergekit_pcb.errors import unknown_method
 from mergekit_pcb.methods.arcee_fusion import ArceeFusion
 from mergekit_pcb.methods.base import MergeMethod, ParamSpec, TensorInputs
 from mergekit_pcb.methods.breadcrumbs import Breadcrumbs, BreadcrumbsTies
+from mergekit_pcb.methods.cart import Cart
 from mergekit_pcb.methods.dare import DareLinear, DareTies
 from mergekit_pcb.methods.della import Della, DellaLinear
+from mergekit_pcb.methods.iso_c import IsoC
+from mergekit_pcb.methods.iso_cts import IsoCts
 from mergekit_pcb.methods.karcher import Karcher
 from mergekit_pcb.methods.linear import Linear
 from mergekit_pcb.methods.model_stock import ModelStock
@@ -21,6 +24,8 @@ from mergekit_pcb.methods.sce import Sce
 from mergekit_pcb.methods.slerp import Slerp
 from mergekit_pcb.methods.task_arithmetic import TaskArithmetic
 from mergekit_pcb.methods.ties import Ties
+from mergekit_pcb.methods.tsv_m import TsvM
+from mergekit_pcb.methods.wudi import Wudi
 
 REGISTRY: dict[str, type[MergeMethod]] = {
     m.name: m for m in (
@@ -28,6 +33,8 @@ REGISTRY: dict[str, type[MergeMethod]] = {
         # the rest of mergekit 0.1.5's methods, each with mergekit's parameter names
         Slerp, Passthrough, Breadcrumbs, BreadcrumbsTies, Della, DellaLinear, ModelStock,
         Sce, Nearswap, Multislerp, Karcher, Nuslerp, ArceeFusion, Ram, RamPlusTl,
+        # spectral merges, per matrix through singular values and vectors (methods.spectral)
+        TsvM, IsoC, IsoCts, Cart, Wudi,
     )
 }
 

@@ -92,6 +92,9 @@ class TensorInputs:
     generators: Sequence[torch.Generator] | None = None
     stats: GlobalStats | None = None
     start: int | None = None  # the slice's first element; None: the whole tensor
+    # A vocabulary-indexed matrix (embedding, LM head): methods that decompose matrices
+    # give it a stated fallback unless the recipe opts in.
+    vocabulary: bool = False
 
 
 class PartStore(Protocol):
