@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 from rich.console import Console
@@ -251,6 +252,7 @@ def _output(plan: MergePlan, task: TensorTask, out: torch.Tensor) -> torch.Tenso
 
 
 Part = tuple[int, TensorTask, int | None, int | None, bool]  # index, task, slice, last
+R = TypeVar("R")
 
 # torch threads per part. Slices of 1M elements are memory-bound: a parallel region each
 # buys little when the cores are free and costs several times the work when another process
@@ -302,6 +304,44 @@ class ThreadPolicy:
             self._current = self._initial
 
 
+def part_elements(part: Part) -> int:
+    """Entries of a part's output (a slice, or the whole tensor)."""
+    _, task, start, stop, _ = part
+    return math.prod(task.shape) if start is None or stop is None else stop - start
+
+
+def part_budget(plan: MergePlan, tasks: list[TensorTask] | None = None) -> int:
+    """Entries of the largest part of `tasks` (default: the plan's): what the engine lets
+    be held at once at each stage (read ahead, merging, waiting to be written), whatever
+    the thread count, so that peak memory is a few times the largest part's, not the
+    workers' count times it (two embeddings merged side by side, two more read ahead)."""
+    return max((part_elements(p) for p in _parts(plan, plan.tasks if tasks is None else tasks)),
+               default=1)
+
+
+class Budgeted:
+    """Parts handed to `workers` while the entries of those not yet handed over stay within
+    `budget` (or are one part): past it, the caller waits for those in flight first."""
+
+    def __init__(self, workers: InOrder, budget: int) -> None:
+        self.workers = workers
+        self.budget = budget
+        self.held = 0
+
+    def admit(self, part: Part, done: Callable[[R], None]) -> Callable[[R], None]:
+        """Room for `part` (waiting for the parts in flight if need be); returns `done`
+        wrapped to give its room back when it is handed over."""
+        size = part_elements(part)
+        if self.held + size > self.budget:
+            self.workers.drain()
+        self.held += size
+
+        def handed_over(result: R) -> None:
+            self.held -= size
+            done(result)
+        return handed_over
+
+
 def _parts(plan: MergePlan, tasks: list[TensorTask]) -> Iterator[Part]:
     for i, task in enumerate(tasks):
         parts = slices(plan, task)
@@ -317,7 +357,8 @@ def _reads(plan: MergePlan, tasks: list[TensorTask], device: torch.device, pipel
         return read_part(plan, part[1], device, part[2], part[3])
 
     if pipeline:
-        yield from read_ahead(_parts(plan, tasks), read, depth)
+        yield from read_ahead(_parts(plan, tasks), read, depth, part_elements,
+                              part_budget(plan, tasks))
     else:
         for part in _parts(plan, tasks):
             yield part, read(part)
@@ -378,10 +419,11 @@ def _statistics_pass(plan: MergePlan, stats: GlobalStats, p: int, tasks: list[Te
             progress.update(bar, advance=plan.task_read_bytes(task),
                             tensors=f"{i + 1}/{len(tasks)}")
 
+    budgeted = Budgeted(workers, part_budget(plan, tasks))
     for part, values in _reads(plan, tasks, device, pipeline, workers.width):
         assert isinstance(values, dict)
         task, start = part[1], part[2]
-        done = functools.partial(observed, part)
+        done = budgeted.admit(part, functools.partial(observed, part))
         if threads is None or workers.width == 1 or threads.solo(task, start):
             workers.drain()  # a large whole tensor gets every thread, alone
             if threads is not None:
@@ -437,9 +479,10 @@ def merge_parts(plan: MergePlan, dev: torch.device, pipeline: bool, policy: Thre
                 workers: InOrder, computed: Callable[[Part, torch.Tensor], None]) -> None:
     """Merge every part of `plan` (statistics gathered), read ahead when `pipeline`, on the
     part workers or alone as `policy` says; `computed` gets each output in plan order."""
+    budgeted = Budgeted(workers, part_budget(plan))
     for part, inputs in _reads(plan, plan.tasks, dev, pipeline, workers.width):
         _, task, start, stop, _ = part
-        done = functools.partial(computed, part)
+        done = budgeted.admit(part, functools.partial(computed, part))
         if workers.width == 1 or policy.solo(task, start):
             workers.drain()  # a large whole tensor gets every thread, alone
             policy.enter(task, start)
@@ -481,20 +524,20 @@ def _write(plan: MergePlan, directory: Path, dev: torch.device, shards: list[Sha
     bar = None if progress is None else progress.add_task(
         "merging", total=total, tensors=f"0/{len(plan.tasks)}")
     writer = ShardedSafetensorsWriter(directory, shards, metadata={"merged_by": "mergekit-pcb"})
-    behind = WriteBehind() if pipeline else None
+    behind = WriteBehind(budget=part_budget(plan)) if pipeline else None
 
-    def write(fn: Callable[..., object], *args: object) -> None:
+    def write(fn: Callable[..., object], *args: object, size: int = 0) -> None:
         if behind is None:
             fn(*args)
         else:
-            behind.submit(fn, *args)
+            behind.submit(fn, *args, size=size)
 
     def computed(part: Part, out: torch.Tensor) -> None:
         """A part's output, handed over in order: into the writer."""
         i, task, start, _, last = part
         if start is None or start == 0:
             write(writer.begin, task.name)
-        write(writer.add, out)
+        write(writer.add, out, size=out.numel())
         if last:
             write(writer.end)
             release_freed_memory(plan.task_read_bytes(task))

@@ -1,0 +1,213 @@
+"""Large tensors merged a slice at a time (`methods.ops.combine_in_slices`) and the engine's
+budget of parts in flight (`engine.stream.part_budget`): the sliced merges give the whole
+tensor's bits, the slicing is taken for a large tensor, and the budget holds the parts."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from concurrent.futures import Future
+
+import pytest
+import torch
+
+from mergekit_pcb.engine import pipeline
+from mergekit_pcb.engine.pipeline import InOrder, WriteBehind, read_ahead
+from mergekit_pcb.engine.rng import tensor_generator
+from mergekit_pcb.methods import TensorInputs, get_method, ops
+from mergekit_pcb.threads import torch_threads
+
+N = 300_007  # several slices at the test's slice size, and an uneven last one
+SLICE = 1 << 16  # the test's `ops.SLICE_ELEMENTS`: slices without a large tensor
+
+
+def _models(dtype: torch.dtype, ties: bool, seed: int = 0
+            ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """A base and three fine-tunes. With `ties`, task vectors on a coarse grid: equal
+    magnitudes straddle every cut (the tie-break path); else continuous."""
+    g = torch.Generator().manual_seed(seed)
+    base = torch.randn(N, generator=g)
+    models = []
+    for _ in range(3):
+        delta = torch.randn(N, generator=g)
+        if ties:
+            delta = torch.round(delta * 4) / 16
+        models.append((base + 0.05 * delta).to(dtype))
+    return base.to(dtype), models
+
+
+def _inputs(method: str, base: torch.Tensor, models: list[torch.Tensor],
+            params: dict[str, object], per_model: list[dict[str, object]]) -> TensorInputs:
+    m = get_method(method)
+    top = {p.name: p.default for p in m.params if not p.per_model}
+    top.update(params)
+    model_params = [{**{p.name: p.default for p in m.params if p.per_model}, **pm}
+                    for pm in per_model]
+    gens = ([tensor_generator(7, "t", str(i)) for i in range(len(models))]
+            if m.uses_rng else None)
+    return TensorInputs("t", base, models, model_params, top, generators=gens)
+
+
+CASES = [
+    ("ties", {}, [{"weight": 0.5, "density": 0.5}, {"weight": 0.3, "density": 0.7},
+                  {"weight": 0.7, "density": 0.3}]),
+    ("ties", {"normalize": False, "lambda": 0.8},
+     [{"weight": 1.0, "density": 1.0}, {"weight": -0.5, "density": 0.2},
+      {"weight": 0.7, "density": 1e-6}]),
+    ("dare_ties", {}, [{"weight": 0.5, "density": 0.5}, {"weight": 0.3, "density": 0.7},
+                       {"weight": 0.7, "density": 1.0}]),
+    ("dare_linear", {"normalize": True},
+     [{"weight": 0.5, "density": 0.4}, {"weight": 0.3, "density": 0.9},
+      {"weight": 0.7, "density": 0.3}]),
+    ("breadcrumbs", {}, [{"weight": 0.5, "density": 0.5, "gamma": 0.01},
+                         {"weight": 0.3, "density": 0.9, "gamma": 0.1},
+                         {"weight": 0.7, "density": 1.0, "gamma": 0.2}]),
+    ("breadcrumbs_ties", {"normalize": True},
+     [{"weight": 0.5, "density": 0.3, "gamma": 0.0}, {"weight": 0.3, "density": 0.6,
+                                                       "gamma": 0.05},
+      {"weight": 0.7, "density": 1e-6, "gamma": 0.01}]),
+]
+
+
+def _merge(method: str, params: dict[str, object], per_model: list[dict[str, object]],
+           base: torch.Tensor, models: list[torch.Tensor]) -> torch.Tensor:
+    return get_method(method).merge(_inputs(method, base, models, params, per_model))
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("ties", [False, True])
+@pytest.mark.parametrize("method,params,per_model", CASES)
+def test_sliced_merge_is_the_whole_merge_bit_for_bit(
+        monkeypatch: pytest.MonkeyPatch, method: str, params: dict[str, object],
+        per_model: list[dict[str, object]], ties: bool, dtype: torch.dtype,
+        threads: int) -> None:
+    base, models = _models(dtype, ties)
+    with torch_threads(threads):
+        monkeypatch.setattr(ops, "SLICE_ELEMENTS", 1 << 40)  # one slice: the whole path
+        whole = _merge(method, params, per_model, base, models)
+        monkeypatch.setattr(ops, "SLICE_ELEMENTS", SLICE)
+        sliced = _merge(method, params, per_model, base, models)
+    assert sliced.dtype == whole.dtype and sliced.shape == whole.shape
+    # bits, not values: the same signed zeros too
+    assert torch.equal(sliced.view(torch.int16 if dtype == torch.bfloat16 else torch.int32),
+                       whole.view(torch.int16 if dtype == torch.bfloat16 else torch.int32))
+
+
+def _count_combines(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Sizes of the tensors `combine_task_vectors` is called on."""
+    sizes: list[int] = []
+    real: Callable[..., torch.Tensor] = ops.combine_task_vectors
+
+    def counted(base: torch.Tensor, *args: object, **kwargs: object) -> torch.Tensor:
+        sizes.append(base.numel())
+        return real(base, *args, **kwargs)
+    monkeypatch.setattr(ops, "combine_task_vectors", counted)
+    return sizes
+
+
+@pytest.mark.parametrize("method,params,per_model", CASES[::2])
+def test_a_large_tensor_is_combined_in_slices(
+        monkeypatch: pytest.MonkeyPatch, method: str, params: dict[str, object],
+        per_model: list[dict[str, object]]) -> None:
+    base, models = _models(torch.float32, ties=False)
+    monkeypatch.setattr(ops, "SLICE_ELEMENTS", SLICE)
+    sizes = _count_combines(monkeypatch)
+    with torch_threads(1):
+        _merge(method, params, per_model, base, models)
+    assert sizes == [SLICE] * (N // SLICE) + [N % SLICE]
+    # and a small tensor is merged whole
+    sizes.clear()
+    small = SLICE // 2
+    with torch_threads(1):
+        _merge(method, params, per_model, base[:small], [m[:small] for m in models])
+    assert all(s == small for s in sizes) and sizes
+
+
+def test_slices_are_multiples_of_the_combine_chunk_at_every_thread_count(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    for threads in (1, 2, 3, 5):
+        with torch_threads(threads):
+            bounds = ops.slice_bounds(1 << 24)
+        assert bounds is not None and bounds[0] == (0, bounds[0][1])
+        chunk = ops.COMBINE_CHUNK * threads
+        assert all((b - a) % chunk == 0 for a, b in bounds[:-1])
+        assert bounds[-1][1] == 1 << 24
+        assert all(bounds[i][1] == bounds[i + 1][0] for i in range(len(bounds) - 1))
+    assert ops.slice_bounds(ops.SLICE_ELEMENTS) is None
+
+
+def test_rand_in_pieces_is_rand_at_once() -> None:
+    """What the sliced DARE relies on: torch's CPU generator gives the same uniforms drawn
+    in pieces as drawn at once."""
+    whole = torch.rand(N, generator=torch.Generator().manual_seed(3))
+    g = torch.Generator().manual_seed(3)
+    pieces = torch.cat([torch.rand(min(SLICE + 5, N - a), generator=g)
+                        for a in range(0, N, SLICE + 5)])
+    assert torch.equal(whole, pieces)
+
+
+class _AtOnce:
+    """A stand-in for the reader's thread pool that reads at submission: which reads have
+    started is then known exactly."""
+
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        pass
+
+    def submit(self, fn: Callable[[int], int], item: int) -> Future[int]:
+        future: Future[int] = Future()
+        future.set_result(fn(item))
+        return future
+
+    def shutdown(self, **kwargs: object) -> None:
+        pass
+
+
+def test_read_ahead_holds_at_most_the_budget_or_one_read(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(pipeline, "ThreadPoolExecutor", _AtOnce)
+    sizes = [1, 1, 10, 1, 10, 10, 1, 1, 1, 1]
+    started: list[int] = []
+
+    def read(i: int) -> int:
+        started.append(i)
+        return i * i
+
+    ahead = []
+    for i, value in read_ahead(range(len(sizes)), read, depth=3, size=lambda i: sizes[i],
+                               budget=10):
+        assert value == i * i
+        held = [j for j in started if j > i]  # read, not yet handed on
+        ahead.append(held)
+        assert sum(sizes[j] for j in held) <= 10 or len(held) == 1
+        assert len(held) <= 3
+    # small items are read `depth` ahead; a large one only once the reads before it are
+    # handed on, and nothing is read ahead while it is held
+    assert ahead == [[1], [], [], [], [], [], [7, 8, 9], [8, 9], [9], []]
+    assert started == list(range(len(sizes)))
+
+
+def test_write_behind_waits_past_the_budget() -> None:
+    done: list[int] = []
+    with WriteBehind(depth=8, budget=10) as behind:
+        for i, size in enumerate([6, 6, 3, 3, 10]):
+            behind.submit(done.append, i, size=size)
+            assert behind._held <= 10 or len(behind._pending) == 1
+        behind.drain()
+    assert done == [0, 1, 2, 3, 4]
+
+
+def test_in_order_width_does_not_change_what_is_held(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`Budgeted`: parts in flight on the workers add up to at most the budget."""
+    from mergekit_pcb.engine import stream
+
+    sizes = [3, 3, 8, 2, 2, 2, 8, 8]
+    monkeypatch.setattr(stream, "part_elements", lambda part: sizes[part])
+    peak = [0]
+    with InOrder(4) as workers:
+        budgeted = stream.Budgeted(workers, 8)
+        for i in range(len(sizes)):
+            done = budgeted.admit(i, lambda _: None)  # type: ignore[arg-type]
+            peak[0] = max(peak[0], budgeted.held)
+            workers.submit(lambda x: x, done, i)
+        workers.drain()
+    assert peak[0] == 8 and budgeted.held == 0
