@@ -13,10 +13,10 @@ import torch
 from mergekit_pcb.engine import pipeline
 from mergekit_pcb.engine.pipeline import InOrder, WriteBehind, read_ahead
 from mergekit_pcb.engine.rng import tensor_generator
-from mergekit_pcb.methods import TensorInputs, get_method, ops
+from mergekit_pcb.methods import TensorInputs, get_method, ops, pcb
 from mergekit_pcb.threads import torch_threads
 
-N = 300_007  # several slices at the test's slice size, and an uneven last one
+N = 140_001  # three slices at the test's slice size, the last one uneven
 SLICE = 1 << 16  # the test's `ops.SLICE_ELEMENTS`: slices without a large tensor
 
 
@@ -65,6 +65,13 @@ CASES = [
      [{"weight": 0.5, "density": 0.3, "gamma": 0.0}, {"weight": 0.3, "density": 0.6,
                                                        "gamma": 0.05},
       {"weight": 0.7, "density": 1e-6, "gamma": 0.01}]),
+    ("pcb", {"scope": "tensor"}, [{"weight": 1.0, "density": 0.1}, {"weight": 0.5,
+                                                                  "density": 0.3},
+                                  {"weight": 1.0, "density": 1.0}]),
+    ("pcb", {"scope": "tensor", "inter": "normalized", "clip": 0.0, "lambda": 1.2},
+     [{"weight": 1.0, "density": 0.2}] * 3),
+    ("pcb", {"scope": "tensor", "inter": "pairwise", "clip": 0.1},
+     [{"weight": 0.7, "density": 0.5}, {"weight": -0.3, "density": 0.05}]),
 ]
 
 
@@ -82,6 +89,7 @@ def test_sliced_merge_is_the_whole_merge_bit_for_bit(
         per_model: list[dict[str, object]], ties: bool, dtype: torch.dtype,
         threads: int) -> None:
     base, models = _models(dtype, ties)
+    models = models[:len(per_model)]
     with torch_threads(threads):
         monkeypatch.setattr(ops, "SLICE_ELEMENTS", 1 << 40)  # one slice: the whole path
         whole = _merge(method, params, per_model, base, models)
@@ -94,14 +102,18 @@ def test_sliced_merge_is_the_whole_merge_bit_for_bit(
 
 
 def _count_combines(monkeypatch: pytest.MonkeyPatch) -> list[int]:
-    """Sizes of the tensors `combine_task_vectors` is called on."""
+    """Sizes of the tensors the methods' last step (`combine_task_vectors`, `pcb_combine`)
+    is called on."""
     sizes: list[int] = []
-    real: Callable[..., torch.Tensor] = ops.combine_task_vectors
+    for module, name in ((ops, "combine_task_vectors"), (pcb, "pcb_combine")):
+        real: Callable[..., torch.Tensor] = getattr(module, name)
 
-    def counted(base: torch.Tensor, *args: object, **kwargs: object) -> torch.Tensor:
-        sizes.append(base.numel())
-        return real(base, *args, **kwargs)
-    monkeypatch.setattr(ops, "combine_task_vectors", counted)
+        def counted(base: torch.Tensor, *args: object,
+                    real: Callable[..., torch.Tensor] = real, **kwargs: object
+                    ) -> torch.Tensor:
+            sizes.append(base.numel())
+            return real(base, *args, **kwargs)
+        monkeypatch.setattr(module, name, counted)
     return sizes
 
 
@@ -110,6 +122,7 @@ def test_a_large_tensor_is_combined_in_slices(
         monkeypatch: pytest.MonkeyPatch, method: str, params: dict[str, object],
         per_model: list[dict[str, object]]) -> None:
     base, models = _models(torch.float32, ties=False)
+    models = models[:len(per_model)]
     monkeypatch.setattr(ops, "SLICE_ELEMENTS", SLICE)
     sizes = _count_combines(monkeypatch)
     with torch_threads(1):
@@ -211,3 +224,36 @@ def test_in_order_width_does_not_change_what_is_held(monkeypatch: pytest.MonkeyP
             workers.submit(lambda x: x, done, i)
         workers.drain()
     assert peak[0] == 8 and budgeted.held == 0
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("method,params", [("della", {}), ("della_linear", {"rescale": False}),
+                                           ("della", {"normalize": False, "lambda": 0.7})])
+def test_della_in_row_blocks_is_the_whole_merge_bit_for_bit(
+        monkeypatch: pytest.MonkeyPatch, method: str, params: dict[str, object],
+        dtype: torch.dtype) -> None:
+    base, models = _models(dtype, ties=True)
+    rows = (N - 1) // 100
+    base = base[:rows * 100].reshape(rows, 100)
+    models = [m[:rows * 100].reshape(rows, 100) for m in models]
+    per_model = [{"weight": 0.5, "density": 0.5, "epsilon": 0.1},
+                 {"weight": -0.3, "density": 0.8, "epsilon": 0.15},
+                 {"weight": 0.7, "density": 1.0}]
+    blocks: list[int] = []
+    real = torch.rand
+
+    def counted(*args: object, **kwargs: object) -> torch.Tensor:
+        out = real(*args, **kwargs)  # type: ignore[arg-type]
+        blocks.append(out.shape[0])
+        return out
+
+    with torch_threads(1):
+        monkeypatch.setattr(ops, "SLICE_ELEMENTS", 1 << 40)
+        whole = _merge(method, params, per_model, base, models)
+        monkeypatch.setattr(ops, "SLICE_ELEMENTS", SLICE)
+        monkeypatch.setattr(ops.torch, "rand", counted)
+        sliced = _merge(method, params, per_model, base, models)
+    view = torch.int16 if dtype == torch.bfloat16 else torch.int32
+    assert torch.equal(sliced.view(view), whole.view(view))
+    block = SLICE // 100
+    assert blocks == 2 * ([block] * (rows // block) + [rows % block])  # two models drop

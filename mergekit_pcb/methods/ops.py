@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Callable, Iterator, Sequence
 from types import ModuleType
 
@@ -402,6 +403,38 @@ def della_magprune(delta: torch.Tensor, density: float, epsilon: float,
     masked = work * mask
     out = l1_rescale(work, masked) if rescale else masked
     return out.to(delta.dtype).reshape(delta.shape)
+
+
+def della_magprune_in_rows(base: torch.Tensor, model: torch.Tensor, density: float,
+                           epsilon: float, generator: torch.Generator,
+                           rescale: bool = True) -> torch.Tensor:
+    """`della_magprune(model - base, ...)` of a large tensor (2-D or more), built a block of
+    rows (along dim 0) at a time: each row's ranks are its own and the draws come in the
+    whole tensor's order, so only the result is a whole tensor's worth (with one more for
+    the L1 norm, a whole-tensor sum that must be torch's own); the same bits."""
+    if density >= 1:
+        return model - base
+    shape = base.shape
+    row = math.prod(shape[1:])
+    rows = max(1, SLICE_ELEMENTS // max(1, row))
+    out: torch.Tensor | None = None
+    for r in range(0, shape[0], rows):
+        delta = model[r:r + rows] - base[r:r + rows]
+        probs = della_probabilities(delta, density, epsilon)
+        draws = torch.rand(probs.shape, generator=generator, dtype=torch.float32)
+        mask = (draws.to(probs.device) < probs).to(probs.dtype)
+        part = delta.to(probs.dtype).mul_(mask)
+        if out is None:
+            out = torch.empty(shape, dtype=probs.dtype)
+        out[r:r + rows] = part
+        del delta, probs, draws, mask, part
+    assert out is not None
+    if rescale:
+        before = torch.sub(model, base).to(out.dtype).abs_().sum()
+        after = out.abs().sum()
+        if not (before < L1_RESCALE_EPS or after < L1_RESCALE_EPS):
+            out.mul_(before / after)  # `l1_rescale`'s product, in place
+    return out.to(base.dtype)
 
 
 def uniform_mean(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
