@@ -4,16 +4,21 @@ tensor's bits, the slicing is taken for a large tensor, and the budget holds the
 
 from __future__ import annotations
 
+import math
+import threading
 from collections.abc import Callable
 from concurrent.futures import Future
+from pathlib import Path
 
 import pytest
 import torch
 
-from mergekit_pcb.engine import pipeline
+from mergekit_pcb.engine import pipeline, stream
 from mergekit_pcb.engine.pipeline import InOrder, WriteBehind, read_ahead
+from mergekit_pcb.engine.plan import build_plan
 from mergekit_pcb.engine.rng import tensor_generator
 from mergekit_pcb.methods import TensorInputs, get_method, ops, pcb
+from mergekit_pcb.recipe.schema import parse_recipe
 from mergekit_pcb.threads import torch_threads
 
 N = 140_001  # three slices at the test's slice size, the last one uneven
@@ -211,8 +216,6 @@ def test_write_behind_waits_past_the_budget() -> None:
 
 def test_in_order_width_does_not_change_what_is_held(monkeypatch: pytest.MonkeyPatch) -> None:
     """`Budgeted`: parts in flight on the workers add up to at most the budget."""
-    from mergekit_pcb.engine import stream
-
     sizes = [3, 3, 8, 2, 2, 2, 8, 8]
     monkeypatch.setattr(stream, "part_elements", lambda part: sizes[part])
     peak = [0]
@@ -257,3 +260,58 @@ def test_della_in_row_blocks_is_the_whole_merge_bit_for_bit(
     assert torch.equal(sliced.view(view), whole.view(view))
     block = SLICE // 100
     assert blocks == 2 * ([block] * (rows // block) + [rows % block])  # two models drop
+
+
+@pytest.mark.parametrize("method", ["ties", "della"])
+def test_engine_holds_one_large_part_and_reads_it_once_admitted(
+        hf_models: Callable[[str, int], tuple[Path, list[Path]]], tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch, method: str) -> None:
+    """With three part workers, the parts admitted and not yet handed over never add up to
+    more than the largest part, and a part larger than a slice is read by the thread that
+    merges it (not read ahead); the bytes are the serial merge's."""
+    base, tuned = hf_models("llama", 3)
+    monkeypatch.setattr(stream, "CHUNK_ELEMENTS", 100)
+    recipe = parse_recipe({
+        "merge_method": method, "base_model": str(base),
+        "models": [{"model": str(t), "parameters": {"density": 0.5, "weight": 0.4}}
+                   for t in tuned],
+        "seed": 5}, "test")
+    held: list[tuple[int, int]] = []
+    real_admit = stream.Budgeted.admit
+
+    def admit(self: stream.Budgeted, part: stream.Part, done: Callable[[object], None]
+              ) -> Callable[[object], None]:
+        wrapped = real_admit(self, part, done)
+        held.append((self.held, self.budget))
+        return wrapped
+    monkeypatch.setattr(stream.Budgeted, "admit", admit)
+    reads: list[tuple[str, int]] = []
+    real_read = stream.read_part
+
+    def read_part(plan: object, task: stream.TensorTask, device: torch.device,
+                  start: int | None = None, stop: int | None = None) -> stream.Inputs:
+        reads.append((threading.current_thread().name,
+                      math.prod(task.shape) if start is None or stop is None
+                      else stop - start))
+        return real_read(plan, task, device, start, stop)  # type: ignore[arg-type]
+    monkeypatch.setattr(stream, "read_part", read_part)
+    digests = []
+    for pipelined in (False, True):
+        plan = build_plan(recipe, "")
+        out = tmp_path / f"out-{pipelined}"
+        out.mkdir()
+        try:
+            with torch_threads(3):
+                stream.write_plan(plan, out, shard_size=40_000, artifacts=False,
+                                  pipeline=pipelined)
+        finally:
+            plan.close()
+        digests.append({p.name: p.read_bytes() for p in sorted(out.glob("*.safetensors"))})
+    assert digests[0] == digests[1]
+    assert held and all(h <= budget for h, budget in held)
+    assert max(budget for _, budget in held) == max(
+        math.prod(t.shape) for t in build_plan(recipe, "").tasks)
+    large = [name for name, size in reads if size > 100]
+    small = [name for name, size in reads if size <= 100]
+    assert large and not any(name.startswith("pcbmerge-read") for name in large)
+    assert any(name.startswith("pcbmerge-read") for name in small)

@@ -350,10 +350,15 @@ def _parts(plan: MergePlan, tasks: list[TensorTask]) -> Iterator[Part]:
 
 
 def _reads(plan: MergePlan, tasks: list[TensorTask], device: torch.device, pipeline: bool,
-           depth: int = 1) -> Iterator[tuple[Part, Inputs]]:
+           depth: int = 1) -> Iterator[tuple[Part, Inputs | None]]:
     """Every part of `tasks` with its inputs, read up to `depth` parts ahead in a thread
-    when `pipeline`."""
-    def read(part: Part) -> Inputs:
+    when `pipeline`. A part larger than a slice (a whole tensor the method ranks or draws
+    over) comes without them (None): whoever merges it reads them once `Budgeted` admits
+    it, so that they count in the budget and no two such tensors' inputs are held at once
+    (reading one ahead while another is merged would hold both)."""
+    def read(part: Part) -> Inputs | None:
+        if pipeline and part_elements(part) > CHUNK_ELEMENTS:
+            return None
         return read_part(plan, part[1], device, part[2], part[3])
 
     if pipeline:
@@ -408,7 +413,11 @@ def gather_statistics(plan: MergePlan, device: torch.device,
 def _statistics_pass(plan: MergePlan, stats: GlobalStats, p: int, tasks: list[TensorTask],
                      device: torch.device, pipeline: bool, threads: ThreadPolicy | None,
                      workers: InOrder, progress: Progress | None, bar: TaskID | None) -> None:
-    def observe(task: TensorTask, values: dict[str, torch.Tensor], start: int | None) -> int:
+    def observe(part: Part, values: Inputs | None) -> int:
+        _, task, start, stop, _ = part
+        if values is None:  # a large part, read now (`_reads`)
+            values = read_part(plan, task, device, start, stop)
+        assert isinstance(values, dict)
         stats.observe(p, _method_inputs(plan, task, values, start=start))
         return sum(v.numel() * v.element_size() for v in values.values())
 
@@ -421,16 +430,15 @@ def _statistics_pass(plan: MergePlan, stats: GlobalStats, p: int, tasks: list[Te
 
     budgeted = Budgeted(workers, part_budget(plan, tasks))
     for part, values in _reads(plan, tasks, device, pipeline, workers.width):
-        assert isinstance(values, dict)
         task, start = part[1], part[2]
         done = budgeted.admit(part, functools.partial(observed, part))
         if threads is None or workers.width == 1 or threads.solo(task, start):
             workers.drain()  # a large whole tensor gets every thread, alone
             if threads is not None:
                 threads.enter(task, start)
-            workers.run_here(observe, done, task, values, start)
+            workers.run_here(observe, done, part, values)
         else:
-            workers.submit(observe, done, task, values, start)
+            workers.submit(observe, done, part, values)
         del values
     workers.drain()
 
