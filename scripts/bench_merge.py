@@ -571,10 +571,10 @@ def render_memory_table(rows: list[Row], largest_bytes: int, baseline_mb: float)
     """The memory bound: each method's peak RSS against its largest tensor's float32 size,
     the process baseline taken off (`(peak - baseline) / largest`), beside mergekit's."""
     largest_mb = largest_bytes / 2**20
-    lines = [f"process baseline (import torch and the engine): {baseline_mb:.0f} MB; "
-             f"largest tensor: {largest_bytes / 1e6:.0f} MB in float32",
-             "| method | ours wall s | ours peak RSS MB | largest tensor MB (float32) "
-             "| (ours peak - baseline) / largest | mergekit wall s | mergekit peak RSS MB "
+    lines = [f"process baseline (python, torch and the engine imported): {baseline_mb:.0f} "
+             f"MiB; largest tensor: {largest_mb:.0f} MiB in float32 (MiB throughout)",
+             "| method | ours wall s | ours peak RSS | largest tensor (float32) "
+             "| (ours peak - baseline) / largest | mergekit wall s | mergekit peak RSS "
              "| (mergekit peak - baseline) / largest |",
              "|" + "---|" * 8]
     for row in rows:
