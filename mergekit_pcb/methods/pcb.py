@@ -40,6 +40,7 @@ from mergekit_pcb.methods.base import (
 from mergekit_pcb.methods.compiled import FUSE_MIN, flat_array, fusable, fused_kernels
 from mergekit_pcb.methods.ops import FUSE_MAX_MODELS, sliceable, tail_group, tail_start
 from mergekit_pcb.methods.selection import StreamingSelect, kth_smallest
+from mergekit_pcb.threads import torch_threads
 
 # One score in this many is sampled for the candidates' floors, in runs of SAMPLE_RUN.
 SAMPLE_STRIDE = 32
@@ -312,9 +313,9 @@ def pcb_tensor_in_slices(base: torch.Tensor, models: Sequence[torch.Tensor],
     """`pcb_tensor` of a large tensor with a slice's scratch: its statistics by streamed
     selection over the slices (|τ| twice, the scores twice), then the merge slice by slice;
     the scores are computed again for each pass instead of held. The same bits: every
-    step is elementwise but Σⱼτⱼ, whose columns `slice_bounds` keeps where they fall (on
-    one torch thread: with more, torch splits that sum's columns by the whole tensor's
-    size, so the caller merges whole)."""
+    step is elementwise but Σⱼτⱼ, whose columns `slice_bounds` keeps where they fall on
+    one torch thread (with more, torch splits that sum's columns by the size of the tensor
+    summed: the caller runs this on one)."""
     flat_base, flat_models = base.reshape(-1), [m.reshape(-1) for m in models]
     d = flat_base.numel()
 
@@ -763,12 +764,19 @@ class Pcb(MergeMethod):
         assert inputs.base is not None
         weights = [p["weight"] for p in inputs.model_params]
         params = inputs.params
-        bounds = sliceable(inputs) if torch.get_num_threads() == 1 else None
-        if params["scope"] == "tensor" and bounds is not None:
-            return pcb_tensor_in_slices(inputs.base, inputs.models, weights,
-                                        [p["density"] for p in inputs.model_params], bounds,
-                                        clip=params["clip"], inter=params["inter"],
-                                        lambda_=params["lambda"])
+        if params["scope"] == "tensor" and sliceable(inputs) is not None:
+            # On one torch thread, whatever the caller's count: Σⱼτⱼ's bits depend on how
+            # torch splits its columns among threads, by the size of the tensor summed, so
+            # only on one thread are the slices' bits the whole tensor's. A large tensor's
+            # result is then the same at every thread count (that of one thread, which the
+            # engine gives every tensor below `SOLO_PART_ELEMENTS` anyway).
+            with torch_threads(1):
+                bounds = sliceable(inputs)
+                assert bounds is not None
+                return pcb_tensor_in_slices(inputs.base, inputs.models, weights,
+                                            [p["density"] for p in inputs.model_params],
+                                            bounds, clip=params["clip"],
+                                            inter=params["inter"], lambda_=params["lambda"])
         base = inputs.base.float()
         models = [m.float() for m in inputs.models]
         if params["scope"] == "tensor":
