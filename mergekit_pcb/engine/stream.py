@@ -2,7 +2,11 @@
 
 For each output tensor the engine reads that tensor from each input it needs, checks it is
 finite, hands it to the method on the compute device, and writes the result. Peak memory
-is one tensor's inputs plus the method's scratch, whatever the model size.
+is one tensor's inputs plus the method's scratch, whatever the model size, and whatever
+the thread count: the parts read ahead, those being merged and those waiting to be
+written each add up to at most the largest part (`part_budget`), and a part larger than
+a slice is read only once it is admitted. The methods that rank or draw over a whole
+tensor merge a large one in slices themselves (`methods.ops.combine_in_slices`).
 """
 
 from __future__ import annotations
