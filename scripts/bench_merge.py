@@ -6,6 +6,8 @@ Run with the system python from the repository root::
     python scripts/bench_merge.py --params 120M --repeats 3 --json bench.json
     python scripts/bench_merge.py --methods ties --no-mergekit   # ours only
     python scripts/bench_merge.py --no-ours                      # mergekit only
+    python scripts/bench_merge.py --params 128k --methods memory --no-arithmetic
+                                        # the memory bound: a 128k-vocabulary embedding
 
 What it does:
 
@@ -67,6 +69,12 @@ class ModelShape:
     vocab: int
     heads: int
 
+    def largest_tensor_bytes(self) -> int:
+        """float32 bytes of the largest tensor (the embedding, an MLP or an attention
+        matrix)."""
+        return 4 * max(self.vocab * self.hidden, self.intermediate * self.hidden,
+                       self.hidden * self.hidden)
+
     def param_count(self) -> int:
         """Parameters of an untied LlamaForCausalLM with these dimensions (MHA)."""
         attn = 4 * self.hidden * self.hidden
@@ -81,6 +89,10 @@ PRESETS: dict[str, ModelShape] = {
     "120M": ModelShape(hidden=768, layers=13, intermediate=2048, vocab=16384, heads=12),
     "500M": ModelShape(hidden=1280, layers=21, intermediate=3456, vocab=32000, heads=20),
     "1B": ModelShape(hidden=2048, layers=16, intermediate=5632, vocab=32000, heads=16),
+    # Llama 3's 128,256-token vocabulary on a narrow model: the embedding and lm_head
+    # (32.8M entries, 131 MB in float32 each) dwarf every other tensor, as in an 8B model,
+    # so the peak RSS shows how a merge scales with its largest tensor.
+    "128k": ModelShape(hidden=256, layers=2, intermediate=688, vocab=128256, heads=4),
 }
 
 
@@ -237,6 +249,30 @@ def ties_global_recipe(base: Path, ft_dirs: list[Path]) -> Recipe:
     return Recipe("ties_global", body, peer=False)
 
 
+def dare_ties_recipe(base: Path, ft_dirs: list[Path]) -> Recipe:
+    """DARE-TIES (random masks: ours are drawn from seeded generators, mergekit's from
+    torch's global one, so the outputs differ; the row is for time and memory)."""
+    recipe = ties_recipe(base, ft_dirs)
+    return Recipe("dare_ties", {**recipe.body, "merge_method": "dare_ties"})
+
+
+def breadcrumbs_recipe(base: Path, ft_dirs: list[Path]) -> Recipe:
+    models = [{"model": str(p), "parameters": {"weight": w, "density": d, "gamma": 0.01}}
+              for p, w, d in zip(ft_dirs, WEIGHTS, DENSITIES, strict=True)]
+    body = {"merge_method": "breadcrumbs", "base_model": str(base), "models": models,
+            "dtype": "float32"}
+    return Recipe("breadcrumbs", body)
+
+
+def della_recipe(base: Path, ft_dirs: list[Path]) -> Recipe:
+    """DELLA (random masks, as dare_ties: compared for time and memory only)."""
+    models = [{"model": str(p), "parameters": {"weight": w, "density": d, "epsilon": 0.1}}
+              for p, w, d in zip(ft_dirs, WEIGHTS, (0.5, 0.7, 0.3), strict=True)]
+    body = {"merge_method": "della", "base_model": str(base), "models": models,
+            "parameters": {"normalize": True}, "dtype": "float32"}
+    return Recipe("della", body)
+
+
 RECIPES: dict[str, RecipeBuilder] = {
     "linear": linear_recipe,
     "ties": ties_recipe,
@@ -245,7 +281,13 @@ RECIPES: dict[str, RecipeBuilder] = {
     "ties_global": ties_global_recipe,
     "pcb": pcb_recipe,
     "pcb_tensor": pcb_tensor_recipe,
+    "dare_ties": dare_ties_recipe,
+    "breadcrumbs": breadcrumbs_recipe,
+    "della": della_recipe,
 }
+# `--methods memory`: every per-tensor method of the memory bound's table.
+MEMORY_METHODS = ("linear", "task_arithmetic", "ties", "dare_ties", "breadcrumbs", "della",
+                  "pcb_tensor")
 
 
 def write_recipe(recipe: Recipe, directory: Path, dtype: str | None = None) -> Path:
@@ -518,6 +560,38 @@ def render_table(rows: list[Row]) -> str:
     return "\n".join(lines)
 
 
+def measure_baseline_rss(env: dict[str, str], workdir: Path) -> float:
+    """Peak RSS (MB) of a process that only imports torch and the engine: the part of a
+    merge's peak that does not depend on the model."""
+    return run_measured([sys.executable, "-c", STARTUP_CODE], workdir / "baseline.log",
+                        300.0, env).peak_rss_mb
+
+
+def render_memory_table(rows: list[Row], largest_bytes: int, baseline_mb: float) -> str:
+    """The memory bound: each method's peak RSS against its largest tensor's float32 size,
+    the process baseline taken off (`(peak - baseline) / largest`), beside mergekit's."""
+    largest_mb = largest_bytes / 2**20
+    lines = [f"process baseline (python, torch and the engine imported): {baseline_mb:.0f} "
+             f"MiB; largest tensor: {largest_mb:.0f} MiB in float32 (MiB throughout)",
+             "| method | ours wall s | ours peak RSS | largest tensor (float32) "
+             "| (ours peak - baseline) / largest | mergekit wall s | mergekit peak RSS "
+             "| (mergekit peak - baseline) / largest |",
+             "|" + "---|" * 8]
+    for row in rows:
+        ours, peer = row.ours, row.mergekit
+        lines.append("| " + " | ".join([
+            row.method,
+            _fmt(ours.wall_s if ours else None, ".1f"),
+            _fmt(ours.peak_rss_mb if ours else None, ".0f"),
+            f"{largest_mb:.0f}",
+            _fmt((ours.peak_rss_mb - baseline_mb) / largest_mb if ours else None, ".1f"),
+            _fmt(peer.wall_s if peer else None, ".1f"),
+            _fmt(peer.peak_rss_mb if peer else None, ".0f"),
+            _fmt((peer.peak_rss_mb - baseline_mb) / largest_mb if peer else None, ".1f"),
+        ]) + " |")
+    return "\n".join(lines)
+
+
 def report_details(rows: list[Row]) -> str:
     notes = []
     for row in rows:
@@ -694,7 +768,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def _split(methods: str) -> list[str]:
-    return [m.strip() for m in methods.split(",") if m.strip()]
+    names = [m.strip() for m in methods.split(",") if m.strip()]
+    return [n for m in names for n in (MEMORY_METHODS if m == "memory" else (m,))]
 
 
 def resolve_shape(args: argparse.Namespace) -> ModelShape:
@@ -935,6 +1010,8 @@ def main(argv: list[str] | None = None) -> int:
         rows = run_benchmark(args, shape, workdir, mergekit)
         print(f"\npage cache before each run: {args.cache}; busy core: {args.busy}")
         print(render_table(rows))
+        baseline = measure_baseline_rss(thread_env(args), workdir)
+        print("\n" + render_memory_table(rows, shape.largest_tensor_bytes(), baseline))
         details = report_details(rows)
         if details:
             print("\n" + details)

@@ -19,20 +19,34 @@ T = TypeVar("T")
 R = TypeVar("R")
 
 
-def read_ahead(items: Iterable[T], read: Callable[[T], R], depth: int = 1
+def read_ahead(items: Iterable[T], read: Callable[[T], R], depth: int = 1,
+               size: Callable[[T], int] | None = None, budget: int | None = None
                ) -> Iterator[tuple[T, R]]:
-    """(item, read(item)) in order, with up to `depth` reads done ahead in a thread."""
+    """(item, read(item)) in order, with up to `depth` reads done ahead in a thread.
+
+    With `size` and `budget`, the reads held ahead (started, not yet handed on) also add
+    up to at most `budget` of `size`, or are one read: a next read that would pass it
+    starts only once the reads before it are handed on, so two large tensors are not held
+    ahead at once."""
     pool = ThreadPoolExecutor(1, thread_name_prefix="pcbmerge-read")
-    pending: deque[tuple[T, Future[R]]] = deque()
+    pending: deque[tuple[T, Future[R], int]] = deque()
+    held = 0
     source = iter(items)
     try:
         for item in source:
-            pending.append((item, pool.submit(read, item)))
+            n = 0 if size is None else size(item)
+            while pending and budget is not None and held + n > budget:
+                first, future, m = pending.popleft()
+                held -= m
+                yield first, future.result()
+            pending.append((item, pool.submit(read, item), n))
+            held += n
             if len(pending) > depth:
-                first, future = pending.popleft()
+                first, future, m = pending.popleft()
+                held -= m
                 yield first, future.result()
         while pending:
-            first, future = pending.popleft()
+            first, future, _ = pending.popleft()
             yield first, future.result()
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
@@ -42,19 +56,31 @@ class WriteBehind:
     """Calls run in submission order on one thread, at most `depth` waiting; an error in
     the thread is raised in the caller at its next `submit` or at `drain`."""
 
-    def __init__(self, depth: int = 4) -> None:
+    def __init__(self, depth: int = 4, budget: int | None = None) -> None:
         self.depth = depth
+        # With a budget, the `size`s of the calls waiting add up to at most it (or are one
+        # call): a large tensor's output waits alone for its write.
+        self.budget = budget
+        self._held = 0
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="pcbmerge-write")
-        self._pending: deque[Future[Any]] = deque()
+        self._pending: deque[tuple[Future[Any], int]] = deque()
 
-    def submit(self, fn: Callable[..., Any], *args: Any) -> None:
-        while self._pending and (self._pending[0].done() or len(self._pending) >= self.depth):
-            self._pending.popleft().result()
-        self._pending.append(self._pool.submit(fn, *args))
+    def submit(self, fn: Callable[..., Any], *args: Any, size: int = 0) -> None:
+        while self._pending and (self._pending[0][0].done() or len(self._pending) >= self.depth
+                                 or (self.budget is not None
+                                     and self._held + size > self.budget)):
+            self._take_first()
+        self._pending.append((self._pool.submit(fn, *args), size))
+        self._held += size
+
+    def _take_first(self) -> None:
+        future, size = self._pending.popleft()
+        self._held -= size
+        future.result()
 
     def drain(self) -> None:
         while self._pending:
-            self._pending.popleft().result()
+            self._take_first()
 
     def close(self) -> None:
         self._pool.shutdown(wait=True, cancel_futures=True)

@@ -2,7 +2,11 @@
 
 For each output tensor the engine reads that tensor from each input it needs, checks it is
 finite, hands it to the method on the compute device, and writes the result. Peak memory
-is one tensor's inputs plus the method's scratch, whatever the model size.
+is one tensor's inputs plus the method's scratch, whatever the model size, and whatever
+the thread count: the parts read ahead, those being merged and those waiting to be
+written each add up to at most the largest part (`part_budget`), and a part larger than
+a slice is read only once it is admitted. The methods that rank or draw over a whole
+tensor merge a large one in slices themselves (`methods.ops.combine_in_slices`).
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 from rich.console import Console
@@ -252,6 +257,7 @@ def _output(plan: MergePlan, task: TensorTask, out: torch.Tensor) -> torch.Tenso
 
 
 Part = tuple[int, TensorTask, int | None, int | None, bool]  # index, task, slice, last
+R = TypeVar("R")
 
 # torch threads per part. Slices of 1M elements are memory-bound: a parallel region each
 # buys little when the cores are free and costs several times the work when another process
@@ -303,6 +309,44 @@ class ThreadPolicy:
             self._current = self._initial
 
 
+def part_elements(part: Part) -> int:
+    """Entries of a part's output (a slice, or the whole tensor)."""
+    _, task, start, stop, _ = part
+    return math.prod(task.shape) if start is None or stop is None else stop - start
+
+
+def part_budget(plan: MergePlan, tasks: list[TensorTask] | None = None) -> int:
+    """Entries of the largest part of `tasks` (default: the plan's): what the engine lets
+    be held at once at each stage (read ahead, merging, waiting to be written), whatever
+    the thread count, so that peak memory is a few times the largest part's, not the
+    workers' count times it (two embeddings merged side by side, two more read ahead)."""
+    return max((part_elements(p) for p in _parts(plan, plan.tasks if tasks is None else tasks)),
+               default=1)
+
+
+class Budgeted:
+    """Parts handed to `workers` while the entries of those not yet handed over stay within
+    `budget` (or are one part): past it, the caller waits for those in flight first."""
+
+    def __init__(self, workers: InOrder, budget: int) -> None:
+        self.workers = workers
+        self.budget = budget
+        self.held = 0
+
+    def admit(self, part: Part, done: Callable[[R], None]) -> Callable[[R], None]:
+        """Room for `part` (waiting for the parts in flight if need be); returns `done`
+        wrapped to give its room back when it is handed over."""
+        size = part_elements(part)
+        if self.held + size > self.budget:
+            self.workers.drain()
+        self.held += size
+
+        def handed_over(result: R) -> None:
+            self.held -= size
+            done(result)
+        return handed_over
+
+
 def _parts(plan: MergePlan, tasks: list[TensorTask]) -> Iterator[Part]:
     for i, task in enumerate(tasks):
         parts = slices(plan, task)
@@ -311,14 +355,20 @@ def _parts(plan: MergePlan, tasks: list[TensorTask]) -> Iterator[Part]:
 
 
 def _reads(plan: MergePlan, tasks: list[TensorTask], device: torch.device, pipeline: bool,
-           depth: int = 1) -> Iterator[tuple[Part, Inputs]]:
+           depth: int = 1) -> Iterator[tuple[Part, Inputs | None]]:
     """Every part of `tasks` with its inputs, read up to `depth` parts ahead in a thread
-    when `pipeline`."""
-    def read(part: Part) -> Inputs:
+    when `pipeline`. A part larger than a slice (a whole tensor the method ranks or draws
+    over) comes without them (None): whoever merges it reads them once `Budgeted` admits
+    it, so that they count in the budget and no two such tensors' inputs are held at once
+    (reading one ahead while another is merged would hold both)."""
+    def read(part: Part) -> Inputs | None:
+        if pipeline and part_elements(part) > CHUNK_ELEMENTS:
+            return None
         return read_part(plan, part[1], device, part[2], part[3])
 
     if pipeline:
-        yield from read_ahead(_parts(plan, tasks), read, depth)
+        yield from read_ahead(_parts(plan, tasks), read, depth, part_elements,
+                              part_budget(plan, tasks))
     else:
         for part in _parts(plan, tasks):
             yield part, read(part)
@@ -368,7 +418,11 @@ def gather_statistics(plan: MergePlan, device: torch.device,
 def _statistics_pass(plan: MergePlan, stats: GlobalStats, p: int, tasks: list[TensorTask],
                      device: torch.device, pipeline: bool, threads: ThreadPolicy | None,
                      workers: InOrder, progress: Progress | None, bar: TaskID | None) -> None:
-    def observe(task: TensorTask, values: dict[str, torch.Tensor], start: int | None) -> int:
+    def observe(part: Part, values: Inputs | None) -> int:
+        _, task, start, stop, _ = part
+        if values is None:  # a large part, read now (`_reads`)
+            values = read_part(plan, task, device, start, stop)
+        assert isinstance(values, dict)
         stats.observe(p, _method_inputs(plan, task, values, start=start))
         return sum(v.numel() * v.element_size() for v in values.values())
 
@@ -379,17 +433,17 @@ def _statistics_pass(plan: MergePlan, stats: GlobalStats, p: int, tasks: list[Te
             progress.update(bar, advance=plan.task_read_bytes(task),
                             tensors=f"{i + 1}/{len(tasks)}")
 
+    budgeted = Budgeted(workers, part_budget(plan, tasks))
     for part, values in _reads(plan, tasks, device, pipeline, workers.width):
-        assert isinstance(values, dict)
         task, start = part[1], part[2]
-        done = functools.partial(observed, part)
+        done = budgeted.admit(part, functools.partial(observed, part))
         if threads is None or workers.width == 1 or threads.solo(task, start):
             workers.drain()  # a large whole tensor gets every thread, alone
             if threads is not None:
                 threads.enter(task, start)
-            workers.run_here(observe, done, task, values, start)
+            workers.run_here(observe, done, part, values)
         else:
-            workers.submit(observe, done, task, values, start)
+            workers.submit(observe, done, part, values)
         del values
     workers.drain()
 
@@ -438,9 +492,10 @@ def merge_parts(plan: MergePlan, dev: torch.device, pipeline: bool, policy: Thre
                 workers: InOrder, computed: Callable[[Part, torch.Tensor], None]) -> None:
     """Merge every part of `plan` (statistics gathered), read ahead when `pipeline`, on the
     part workers or alone as `policy` says; `computed` gets each output in plan order."""
+    budgeted = Budgeted(workers, part_budget(plan))
     for part, inputs in _reads(plan, plan.tasks, dev, pipeline, workers.width):
         _, task, start, stop, _ = part
-        done = functools.partial(computed, part)
+        done = budgeted.admit(part, functools.partial(computed, part))
         if workers.width == 1 or policy.solo(task, start):
             workers.drain()  # a large whole tensor gets every thread, alone
             policy.enter(task, start)
@@ -483,20 +538,20 @@ def _write(plan: MergePlan, directory: Path, dev: torch.device, shards: list[Sha
     bar = None if progress is None else progress.add_task(
         "merging", total=total, tensors=f"0/{len(plan.tasks)}")
     writer = ShardedSafetensorsWriter(directory, shards, metadata={"merged_by": "mergekit-pcb"})
-    behind = WriteBehind() if pipeline else None
+    behind = WriteBehind(budget=part_budget(plan)) if pipeline else None
 
-    def write(fn: Callable[..., object], *args: object) -> None:
+    def write(fn: Callable[..., object], *args: object, size: int = 0) -> None:
         if behind is None:
             fn(*args)
         else:
-            behind.submit(fn, *args)
+            behind.submit(fn, *args, size=size)
 
     def computed(part: Part, out: torch.Tensor) -> None:
         """A part's output, handed over in order: into the writer."""
         i, task, start, _, last = part
         if start is None or start == 0:
             write(writer.begin, task.name)
-        write(writer.add, out)
+        write(writer.add, out, size=out.numel())
         if last:
             write(writer.end)
             release_freed_memory(plan.task_read_bytes(task))

@@ -20,7 +20,14 @@ from mergekit_pcb.methods.base import (
     Range,
     TensorInputs,
 )
-from mergekit_pcb.methods.ops import combine_weighted, magnitude_outliers
+from mergekit_pcb.methods.ops import (
+    SliceMask,
+    combine_in_slices,
+    combine_weighted,
+    magnitude_outliers,
+    outliers_mask,
+    sliceable,
+)
 from mergekit_pcb.methods.ties import INT8_MASK, RESCALE_L1
 
 GAMMA = ParamSpec("gamma", 0.01, "fraction of the largest-magnitude entries dropped as "
@@ -36,6 +43,16 @@ class _Breadcrumbs(MergeMethod):
     def merge(self, inputs: TensorInputs) -> torch.Tensor:
         assert inputs.base is not None
         rescale = bool(inputs.params["rescale"])
+        bounds = None if rescale else sliceable(inputs)
+        if bounds is not None:
+            # A large tensor: each window's ends over the whole tensor, then trimmed and
+            # combined a slice at a time (the same bits, a slice's scratch).
+            masks = [SliceMask() if p["density"] >= 1 else
+                     outliers_mask(inputs.base, m, p["density"], p["gamma"], bounds)
+                     for m, p in zip(inputs.models, inputs.model_params, strict=True)]
+            return combine_in_slices(inputs, bounds,
+                                     lambda i, delta, a, b: masks[i].apply(delta, a, b),
+                                     sign_consensus=self.sign_consensus)
         deltas = [magnitude_outliers(m - inputs.base, p["density"], p["gamma"], rescale)
                   for m, p in zip(inputs.models, inputs.model_params, strict=True)]
         return combine_weighted(inputs, deltas, sign_consensus=self.sign_consensus)

@@ -15,7 +15,13 @@ from mergekit_pcb.methods.base import (
     ParamSpec,
     TensorInputs,
 )
-from mergekit_pcb.methods.ops import combine_task_vectors, combine_weighted, random_drop
+from mergekit_pcb.methods.ops import (
+    combine_in_slices,
+    combine_task_vectors,
+    combine_weighted,
+    random_drop,
+    sliceable,
+)
 from mergekit_pcb.methods.ties import INT8_MASK
 
 
@@ -54,6 +60,18 @@ class _Dare(MergeMethod):
         return combine_weighted(inputs, prepared, sign_consensus=self.sign_consensus)
 
     def merge(self, inputs: TensorInputs) -> torch.Tensor:
+        bounds = sliceable(inputs)
+        if bounds is not None and inputs.generators is not None:
+            # A large tensor a slice at a time: each model's generator draws the next
+            # slice's mask, so the masks are the whole tensor's (torch's CPU `rand` gives
+            # the same values in pieces as at once; tests/test_methods.py checks it).
+            generators, models = inputs.generators, inputs.model_params
+            rescale = inputs.params["rescale"]
+            return combine_in_slices(
+                inputs, bounds,
+                lambda i, delta, a, b: random_drop(delta, models[i]["density"],
+                                                   generators[i], rescale=rescale),
+                sign_consensus=self.sign_consensus)
         return self.combine(inputs, self.prepare(inputs))  # = dare_merge
 
 

@@ -25,7 +25,12 @@ from mergekit_pcb.methods.base import (
     Range,
     TensorInputs,
 )
-from mergekit_pcb.methods.ops import combine_weighted, della_magprune
+from mergekit_pcb.methods.ops import (
+    combine_weighted,
+    della_magprune,
+    della_magprune_in_rows,
+    sliceable,
+)
 from mergekit_pcb.methods.ties import INT8_MASK
 
 # One range for every method with an `epsilon` (test_hostile_recipes: one rule per name).
@@ -56,15 +61,20 @@ class _Della(MergeMethod):
                 raise RecipeError(
                     f"models[{i}].parameters: {self.name} needs density ± epsilon inside "
                     f"(0, 1), got density {d:g}, epsilon {e:g} (tensor '{inputs.name}')")
-            delta = m - inputs.base
-            per_row = delta.shape[1] if delta.dim() >= 2 else delta.numel()
+            shape = inputs.base.shape
+            per_row = shape[1] if len(shape) >= 2 else inputs.base.numel()
             if p["density"] < 1 and per_row == 1:
                 # One entry per row: the rank normalisation is 0/0 (mergekit fails too).
                 raise CheckpointError(
                     f"tensor '{inputs.name}': {self.name} ranks entries along each row and "
-                    f"shape {list(delta.shape)} has one per row; route it to another "
+                    f"shape {list(shape)} has one per row; route it to another "
                     "method with a tensors: rule")
-            deltas.append(della_magprune(delta, p["density"], p["epsilon"], g, rescale))
+            if len(shape) >= 2 and sliceable(inputs) is not None:
+                # A large matrix a block of rows at a time: one tensor's worth of scratch
+                # instead of a dozen (ranks, their ranks, probabilities, draws, masks).
+                deltas.append(della_magprune_in_rows(inputs.base, m, d, e, g, rescale))
+                continue
+            deltas.append(della_magprune(m - inputs.base, d, e, g, rescale))
         return combine_weighted(inputs, deltas, sign_consensus=self.sign_consensus)
 
 

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Sequence
+import math
+from collections.abc import Callable, Iterator, Sequence
 from types import ModuleType
 
 import numpy as np
@@ -11,7 +12,7 @@ import torch
 
 from mergekit_pcb.methods.base import TensorInputs
 from mergekit_pcb.methods.compiled import FUSE_MIN, flat_array, fusable, fused_kernels
-from mergekit_pcb.methods.selection import kth_smallest
+from mergekit_pcb.methods.selection import StreamingSelect, kth_smallest
 from mergekit_pcb.methods.side_by_side import start as start_side_by_side
 from mergekit_pcb.methods.sort_order import descending_top, descending_top_bits
 
@@ -404,9 +405,222 @@ def della_magprune(delta: torch.Tensor, density: float, epsilon: float,
     return out.to(delta.dtype).reshape(delta.shape)
 
 
+def della_magprune_in_rows(base: torch.Tensor, model: torch.Tensor, density: float,
+                           epsilon: float, generator: torch.Generator,
+                           rescale: bool = True) -> torch.Tensor:
+    """`della_magprune(model - base, ...)` of a large tensor (2-D or more), built a block of
+    rows (along dim 0) at a time: each row's ranks are its own and the draws come in the
+    whole tensor's order, so only the result is a whole tensor's worth (with one more for
+    the L1 norm, a whole-tensor sum that must be torch's own); the same bits."""
+    if density >= 1:
+        return model - base
+    shape = base.shape
+    row = math.prod(shape[1:])
+    rows = max(1, SLICE_ELEMENTS // max(1, row))
+    out: torch.Tensor | None = None
+    for r in range(0, shape[0], rows):
+        delta = model[r:r + rows] - base[r:r + rows]
+        probs = della_probabilities(delta, density, epsilon)
+        draws = torch.rand(probs.shape, generator=generator, dtype=torch.float32)
+        mask = (draws.to(probs.device) < probs).to(probs.dtype)
+        part = delta.to(probs.dtype).mul_(mask)
+        if out is None:
+            out = torch.empty(shape, dtype=probs.dtype)
+        out[r:r + rows] = part
+        del delta, probs, draws, mask, part
+    assert out is not None
+    if rescale:
+        before = torch.sub(model, base).to(out.dtype).abs_().sum()
+        after = out.abs().sum()
+        if not (before < L1_RESCALE_EPS or after < L1_RESCALE_EPS):
+            out.mul_(before / after)  # `l1_rescale`'s product, in place
+    return out.to(base.dtype)
+
+
 def uniform_mean(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
     """The one "other" operand of a two-model method given several models: their uniform
     mean (a single model is returned as it is, so mergekit's own case stays exact)."""
     if len(tensors) == 1:
         return tensors[0]
     return torch.stack(list(tensors), dim=0).mean(dim=0)
+
+
+# ---------------------------------------------------------------------------------------
+# Large tensors in slices. A per-tensor trim (TIES, Breadcrumbs) ranks a whole task vector,
+# and DARE draws its mask from one generator per tensor, so the engine cannot stream these
+# methods in slices of its own; but all they need of the whole tensor is an order
+# statistic (found by streaming histograms, `StreamingSelect`) or the generator's next
+# draws. So a large tensor is trimmed and combined here one slice at a time, from the
+# inputs the engine read: the scratch is a slice's, not several copies of the tensor, and
+# the bits are the whole tensor's (see `slice_bounds`).
+# ---------------------------------------------------------------------------------------
+
+# Entries per slice per torch thread (the engine streams elementwise methods in slices of
+# 1M entries too).
+SLICE_ELEMENTS = 1 << 20
+
+
+def slice_bounds(n: int) -> list[tuple[int, int]] | None:
+    """[start, stop) slices of a flat tensor of n entries, or None when it is small enough
+    to merge whole.
+
+    Every slice but the last is a multiple of `combine_task_vectors`'s chunk at this thread
+    count (and so of the column group its sums take): the chunks, and the columns past the
+    last whole group, fall where they fall in the whole tensor, and so do the bits."""
+    chunk = COMBINE_CHUNK * max(1, torch.get_num_threads())
+    size = chunk * max(1, SLICE_ELEMENTS // COMBINE_CHUNK)
+    if n <= size:
+        return None
+    return [(a, min(n, a + size)) for a in range(0, n, size)]
+
+
+def sliceable(inputs: TensorInputs) -> list[tuple[int, int]] | None:
+    """The slices to merge `inputs` in (`slice_bounds`), or None: a small tensor, another
+    device than the CPU, or a dtype the streamed selection does not rank (float64)."""
+    base = inputs.base
+    if base is None or base.device.type != "cpu" or base.dtype not in (
+            torch.float32, torch.float16, torch.bfloat16):
+        return None
+    return slice_bounds(base.numel())
+
+
+def _flat(t: torch.Tensor) -> torch.Tensor:
+    return t.reshape(-1)
+
+
+def _slice_deltas(base: torch.Tensor, model: torch.Tensor, bounds: list[tuple[int, int]]
+                  ) -> Iterator[torch.Tensor]:
+    """The task vector `model - base`, slice by slice (flat)."""
+    flat_base, flat_model = _flat(base), _flat(model)
+    for a, b in bounds:
+        yield flat_model[a:b] - flat_base[a:b]
+
+
+class SliceMask:
+    """Which entries of one task vector survive, decided over the whole tensor and applied
+    slice by slice: every entry (`everything`), the order-statistic window
+    `low <= |τ| <= high` (on the int16 bits of a float16/bfloat16 magnitude when `bits`), or
+    an explicit flat `keep` mask where equal magnitudes straddled an end of the window."""
+
+    def __init__(self, low: float | int | None = None, high: float | int | None = None,
+                 bits: bool = False, keep: torch.Tensor | None = None) -> None:
+        self.low, self.high, self.bits, self.keep = low, high, bits, keep
+
+    @property
+    def everything(self) -> bool:
+        return self.low is None and self.high is None and self.keep is None
+
+    def apply(self, delta: torch.Tensor, a: int, b: int) -> torch.Tensor:
+        """`delta` (the slice [a, b) of the task vector) with the trimmed entries zeroed,
+        as `delta * mask` (the whole tensor's product, so the same signed zeros)."""
+        if self.everything:
+            return delta
+        if self.keep is not None:
+            return delta * _as_mask(self.keep[a:b], delta)
+        magnitude = delta.abs()
+        if self.bits:
+            magnitude = magnitude.view(torch.int16)
+        elif magnitude.dtype != torch.float32:
+            magnitude = magnitude.float()
+        keep = magnitude >= self.low if self.low is not None else None
+        if self.high is not None:
+            below = magnitude <= self.high
+            keep = below if keep is None else keep.logical_and_(below)
+        assert keep is not None
+        return delta * _as_mask(keep, delta)
+
+
+def _streamed_select(base: torch.Tensor, model: torch.Tensor, bounds: list[tuple[int, int]],
+                     ks: list[int]) -> StreamingSelect:
+    """The exact ks-th smallest |model - base| (float32, as `ranking_magnitudes` ranks
+    them), in two streamed passes over the slices."""
+    select = StreamingSelect(ks, nonnegative=True)
+    for delta in _slice_deltas(base, model, bounds):
+        select.observe_high(delta.abs_())
+    select.finish_high()
+    for delta in _slice_deltas(base, model, bounds):
+        select.observe_low(delta.abs_())
+    select.finish_low()
+    return select
+
+
+def _whole_magnitude(base: torch.Tensor, model: torch.Tensor) -> torch.Tensor:
+    """|model - base| of the whole tensor, flat (one tensor's worth, for a tie-break)."""
+    return torch.sub(_flat(model), _flat(base)).abs_()
+
+
+def _keep_positions(n: int, positions: torch.Tensor) -> torch.Tensor:
+    keep = torch.zeros(n, dtype=torch.bool)
+    keep[positions] = True
+    return keep
+
+
+def trim_mask(base: torch.Tensor, model: torch.Tensor, density: float,
+              bounds: list[tuple[int, int]]) -> SliceMask:
+    """`magnitude_trim`'s choice for the task vector `model - base`, found with one slice's
+    scratch: the same order statistic (a 2¹⁵-bin histogram of a float16/bfloat16 magnitude's
+    bits, an exact streamed selection for float32), and where equal magnitudes straddle the
+    cut, the same tie-break (`descending_top`, on the whole magnitude of this one model)."""
+    n = base.numel()
+    if density >= 1.0:
+        return SliceMask()
+    k = min(n, max(1, int(density * n)))
+    if base.dtype in (torch.float16, torch.bfloat16):
+        counts = torch.zeros(1 << 15, dtype=torch.int64)
+        for delta in _slice_deltas(base, model, bounds):
+            counts += torch.bincount(delta.abs_().view(torch.int16), minlength=1 << 15)
+        cum = counts.cumsum(0)
+        threshold = int(torch.searchsorted(cum, torch.tensor(n - k), right=True))
+        if n - (int(cum[threshold - 1]) if threshold > 0 else 0) == k:
+            return SliceMask(low=threshold, bits=True)
+        bits = _whole_magnitude(base, model).view(torch.int16)
+        return SliceMask(keep=_keep_positions(n, descending_top_bits(bits, base.dtype, k)))
+    select = _streamed_select(base, model, bounds, [n - k])
+    if n - select.counts_below[0] == k:
+        return SliceMask(low=select.values[0])
+    return SliceMask(keep=_keep_positions(n, descending_top(_whole_magnitude(base, model), k)))
+
+
+def outliers_mask(base: torch.Tensor, model: torch.Tensor, density: float, gamma: float,
+                  bounds: list[tuple[int, int]]) -> SliceMask:
+    """`magnitude_outliers_mask`'s window for `model - base` with one slice's scratch: its
+    two ends as streamed order statistics, and where equal magnitudes straddle an end, the
+    same `torch.sort` order (on the whole magnitude of this one model)."""
+    n = base.numel()
+    target = int(density * n)
+    n_bot = max(0, n - target - int(gamma * n))
+    if target == 0:
+        return SliceMask(keep=torch.zeros(n, dtype=torch.bool))
+    select = _streamed_select(base, model, bounds, [n_bot, n_bot + target - 1])
+    kept = select.counts_below[1] + select.counts_equal[1] - select.counts_below[0]
+    if kept == target:
+        return SliceMask(low=select.values[0], high=select.values[1])
+    w = ranking_magnitudes(_whole_magnitude(base, model))
+    return SliceMask(keep=_keep_positions(
+        n, torch.sort(w, descending=False).indices[n_bot:n_bot + target]))
+
+
+def combine_in_slices(inputs: TensorInputs, bounds: list[tuple[int, int]],
+                      trim: Callable[[int, torch.Tensor, int, int], torch.Tensor], *,
+                      sign_consensus: bool) -> torch.Tensor:
+    """`combine_weighted` of the task vectors `trim(i, τᵢ[a:b], a, b)`, one slice [a, b)
+    at a time, into one output tensor; `trim` is called for each model in order within a
+    slice and slices in order (a generator it draws from advances as over the whole)."""
+    base = inputs.base
+    assert base is not None
+    flat_base = _flat(base)
+    flat_models = [_flat(m) for m in inputs.models]
+    weights = [p["weight"] for p in inputs.model_params]
+    out: torch.Tensor | None = None
+    for a, b in bounds:
+        deltas = [trim(i, m[a:b] - flat_base[a:b], a, b) for i, m in enumerate(flat_models)]
+        part = combine_task_vectors(flat_base[a:b], deltas, weights,
+                                    lambda_=inputs.params["lambda"],
+                                    normalize=inputs.params["normalize"],
+                                    sign_consensus=sign_consensus)
+        if out is None:
+            out = torch.empty(base.numel(), dtype=part.dtype)
+        out[a:b] = part
+        del deltas, part
+    assert out is not None
+    return out.reshape(base.shape)

@@ -16,7 +16,7 @@ from __future__ import annotations
 import functools
 import math
 import threading
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from types import ModuleType
 from typing import Any
@@ -38,8 +38,9 @@ from mergekit_pcb.methods.base import (
     TensorInputs,
 )
 from mergekit_pcb.methods.compiled import FUSE_MIN, flat_array, fusable, fused_kernels
-from mergekit_pcb.methods.ops import FUSE_MAX_MODELS, tail_group, tail_start
+from mergekit_pcb.methods.ops import FUSE_MAX_MODELS, sliceable, tail_group, tail_start
 from mergekit_pcb.methods.selection import StreamingSelect, kth_smallest
+from mergekit_pcb.threads import torch_threads
 
 # One score in this many is sampled for the candidates' floors, in runs of SAMPLE_RUN.
 SAMPLE_STRIDE = 32
@@ -303,6 +304,66 @@ def pcb_tensor(base: torch.Tensor, models: Sequence[torch.Tensor], weights: Sequ
                       _kth(b, drop_index(d, r)), float(b.max()))
              for s, b, r in zip(stats, scores, densities, strict=True)]
     return pcb_combine(base, tau, scores, stats, weights, lambda_)
+
+
+def pcb_tensor_in_slices(base: torch.Tensor, models: Sequence[torch.Tensor],
+                         weights: Sequence[float], densities: Sequence[float],
+                         bounds: list[tuple[int, int]], *, clip: float = 0.01,
+                         inter: str = "consensus", lambda_: float = 1.0) -> torch.Tensor:
+    """`pcb_tensor` of a large tensor with a slice's scratch: its statistics by streamed
+    selection over the slices (|τ| twice, the scores twice), then the merge slice by slice;
+    the scores are computed again for each pass instead of held. The same bits: every
+    step is elementwise but Σⱼτⱼ, whose columns `slice_bounds` keeps where they fall on
+    one torch thread (with more, torch splits that sum's columns by the size of the tensor
+    summed: the caller runs this on one)."""
+    flat_base, flat_models = base.reshape(-1), [m.reshape(-1) for m in models]
+    d = flat_base.numel()
+
+    def taus() -> Iterator[tuple[int, int, torch.Tensor, list[torch.Tensor]]]:
+        for a, b in bounds:
+            part = flat_base[a:b].float()
+            yield a, b, part, [m[a:b].float() - part for m in flat_models]
+
+    lo_k, hi_k = clip_indices(d, clip)
+    clips = [StreamingSelect([lo_k, hi_k], nonnegative=True) for _ in models]
+    lows, highs = [math.inf] * len(models), [-math.inf] * len(models)
+    for _, _, _, tau in taus():
+        for i, t in enumerate(tau):
+            a = t.abs_()
+            low, high = torch.aminmax(a)
+            lows[i], highs[i] = min(lows[i], float(low)), max(highs[i], float(high))
+            clips[i].observe_high(a)
+    for select in clips:
+        select.finish_high()
+    for _, _, _, tau in taus():
+        for select, t in zip(clips, tau, strict=True):
+            select.observe_low(t.abs_())
+    for select in clips:
+        select.finish_low()
+    stats = [RowStats(c.values[0], c.values[1], lo, hi)
+             for c, lo, hi in zip(clips, lows, highs, strict=True)]
+
+    drops = [StreamingSelect([drop_index(d, r)]) for r in densities]
+    tops = [-math.inf] * len(models)
+    for _, _, _, tau in taus():
+        for i, b in enumerate(pcb_scores(tau, stats, inter)):
+            drops[i].observe_high(b)
+            tops[i] = max(tops[i], float(b.max()))
+    for select in drops:
+        select.finish_high()
+    for _, _, _, tau in taus():
+        for select, b in zip(drops, pcb_scores(tau, stats, inter), strict=True):
+            select.observe_low(b)
+    for select in drops:
+        select.finish_low()
+    stats = [RowStats(s.clip_low, s.clip_high, s.abs_min, s.abs_max, sel.values[0], top)
+             for s, sel, top in zip(stats, drops, tops, strict=True)]
+
+    out = torch.empty(d, dtype=torch.float32)
+    for a, b, part, tau in taus():
+        out[a:b] = pcb_combine(part, tau, pcb_scores(tau, stats, inter), stats, weights,
+                               lambda_)
+    return out.reshape(base.shape)
 
 
 Part = tuple[str, int | None]  # tensor name, slice start
@@ -701,10 +762,23 @@ class Pcb(MergeMethod):
 
     def merge(self, inputs: TensorInputs) -> torch.Tensor:
         assert inputs.base is not None
-        base = inputs.base.float()
-        models = [m.float() for m in inputs.models]
         weights = [p["weight"] for p in inputs.model_params]
         params = inputs.params
+        if params["scope"] == "tensor" and sliceable(inputs) is not None:
+            # On one torch thread, whatever the caller's count: Σⱼτⱼ's bits depend on how
+            # torch splits its columns among threads, by the size of the tensor summed, so
+            # only on one thread are the slices' bits the whole tensor's. A large tensor's
+            # result is then the same at every thread count (that of one thread, which the
+            # engine gives every tensor below `SOLO_PART_ELEMENTS` anyway).
+            with torch_threads(1):
+                bounds = sliceable(inputs)
+                assert bounds is not None
+                return pcb_tensor_in_slices(inputs.base, inputs.models, weights,
+                                            [p["density"] for p in inputs.model_params],
+                                            bounds, clip=params["clip"],
+                                            inter=params["inter"], lambda_=params["lambda"])
+        base = inputs.base.float()
+        models = [m.float() for m in inputs.models]
         if params["scope"] == "tensor":
             return pcb_tensor(base, models, weights,
                               [p["density"] for p in inputs.model_params],

@@ -25,10 +25,13 @@ from mergekit_pcb.methods.base import (
     TensorInputs,
 )
 from mergekit_pcb.methods.ops import (
+    combine_in_slices,
     combine_task_vectors,
     combine_weighted,
     l1_rescale,
     magnitude_trim_all,
+    sliceable,
+    trim_mask,
 )
 from mergekit_pcb.methods.selection import StreamingSelect
 
@@ -166,4 +169,13 @@ class Ties(MergeMethod):
                                          [p["weight"] for p in inputs.model_params],
                                          inputs.stats.thresholds, params["lambda"],
                                          params["normalize"])
+        bounds = None if params["rescale"] else sliceable(inputs)
+        if bounds is not None:
+            # A large tensor: each task vector's cut over the whole tensor, then trimmed
+            # and combined a slice at a time (the same bits, a slice's scratch).
+            masks = [trim_mask(inputs.base, m, p["density"], bounds)
+                     for m, p in zip(inputs.models, inputs.model_params, strict=True)]
+            return combine_in_slices(inputs, bounds,
+                                     lambda i, delta, a, b: masks[i].apply(delta, a, b),
+                                     sign_consensus=True)
         return self.combine(inputs, self.prepare(inputs))  # = ties_merge
