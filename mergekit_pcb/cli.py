@@ -143,11 +143,14 @@ TrustOpt = Annotated[bool, typer.Option(
 
 
 def _read(recipe: Path) -> tuple[RecipeKind, str, Any]:
-    """The recipe read once: its kind, method and validated contents."""
-    from mergekit_pcb.kinds import kind_of
+    """The recipe read once: its kind, method and validated contents. The YAML is read
+    before the kinds are imported (torch with them: seconds), so a file that is missing or
+    not YAML is refused at once."""
     from mergekit_pcb.recipe.schema import read_yaml_text
 
     data, text = read_yaml_text(recipe)
+    from mergekit_pcb.kinds import kind_of
+
     kind, method = kind_of(data, recipe)
     return kind, method, kind.load(data, text, recipe)
 
@@ -231,14 +234,15 @@ def run(
     safe_serialization: Annotated[bool, _mk_bool("safetensors (--no-...: refused)")] = True,
 ) -> None:
     """Run a recipe of any kind (a merge or a search) and write the resulting model."""
-    from mergekit_pcb.io.writer import parse_size
-    from mergekit_pcb.kinds import RunOptions
     from mergekit_pcb.mergekit_compat import MERGEKIT_ONLY, translate
 
     given_here = locals()
     mk = translate({name: given_here[name] for name in MERGEKIT_ONLY}, device=device)
     output = _output_dir(out_path, output)
     kind, method, loaded = _read(recipe)
+    from mergekit_pcb.io.writer import parse_size
+    from mergekit_pcb.kinds import RunOptions
+
     given = {flag for flag, value in (
         ("--device", mk.device), ("--shard-size", shard_size), ("--threads", threads),
         ("--allow-pickle", allow_pickle or None), ("--workers", workers),
@@ -310,9 +314,9 @@ def _summary_line(summary: dict[str, Any]) -> str:
 def validate(recipe: RecipeArg, json_out: JsonOpt = False, allow_pickle: PickleOpt = False,
              ) -> None:
     """Check a recipe of any kind without computing: files, tensors, parameters, data."""
+    kind, _, loaded = _read(recipe)
     from mergekit_pcb.kinds import RunOptions
 
-    kind, _, loaded = _read(recipe)
     plan = kind.plan(loaded, recipe, RunOptions(allow_pickle=allow_pickle))
     _print_plan(kind, plan, json_out, dry_run=False)
 

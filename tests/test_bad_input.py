@@ -209,3 +209,27 @@ def test_internal_error_exit_code_is_1(tmp_path: Path, monkeypatch) -> None:
     result = CliRunner().invoke(app, ["validate", str(tmp_path / "r.yaml")])
     assert result.exit_code == 1
     assert "internal error: RuntimeError: bug" in result.output
+
+
+@pytest.mark.parametrize("command", ["validate", "run"])
+def test_a_recipe_that_is_not_yaml_is_refused_before_torch_loads(tmp_path: Path,
+                                                                 command: str) -> None:
+    """A YAML syntax error is refused without importing torch (seconds, before anything
+    else is said): the kinds, and torch with them, are imported once the recipe has parsed."""
+    import subprocess
+    import sys
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("merge_method: [unclosed\n")
+    code = ("import sys\n"
+            "from typer.testing import CliRunner\n"
+            "from mergekit_pcb.cli import app\n"
+            f"r = CliRunner().invoke(app, [{command!r}, {str(bad)!r}, '-o', 'out'][:2 + 2 * "
+            f"({command!r} == 'run')])\n"
+            "print(r.exit_code, 'torch' in sys.modules)\n"
+            "print(r.stderr.strip())\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True, cwd=tmp_path)
+    status, line = out.stdout.splitlines()[:2]
+    assert status == "2 False", out.stdout
+    assert line.startswith(f"error: {bad}: line 2 not valid YAML"), line
