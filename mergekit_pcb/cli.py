@@ -5,12 +5,13 @@ Exit codes: 0 success, 2 bad input (one line on stderr naming what is at fault),
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import os
 import sys
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from enum import Enum
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, TypeVar
@@ -73,8 +74,10 @@ def handle_errors(fn: F) -> F:
         except UserError as e:
             report_error("error", str(e), 2, json_out)
             raise typer.Exit(2) from None
-        except KeyboardInterrupt:
-            report_error("interrupted", "", 130, json_out)
+        except KeyboardInterrupt as e:
+            if not json_out and sys.stderr.isatty():
+                print(file=sys.stderr)  # off the line the terminal's ^C and any table left
+            report_error("interrupted", str(e), 130, json_out)
             raise typer.Exit(130) from None
         except (typer.Exit, typer.Abort):
             raise
@@ -84,6 +87,18 @@ def handle_errors(fn: F) -> F:
             raise typer.Exit(1) from None
 
     return wrapper  # type: ignore[return-value]
+
+
+@contextlib.contextmanager
+def _resume_hint(resumable: bool) -> Iterator[None]:
+    """A search stopped by Ctrl-C keeps its run state: say how to go on from it."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        if not resumable:
+            raise
+        raise KeyboardInterrupt("the run state is kept; the same command with --resume "
+                                "continues it") from None
 
 
 def _setup_torch(device: str, threads: int | None) -> None:
@@ -276,7 +291,8 @@ def run(
     if dry_run:
         _print_plan(kind, kind.plan(loaded, recipe, options), json_out, dry_run=True)
         return
-    summary = kind.run(loaded, recipe, options)
+    with _resume_hint(kind.name != "merge" and kind.name != "reprogram"):
+        summary = kind.run(loaded, recipe, options)
     if json_out:
         print(json.dumps(summary))
     elif not quiet:
@@ -456,11 +472,13 @@ def evolve_command(
                                          generations=generations, seed=seed, run_dir=run_dir,
                                          allow_pickle=allow_pickle), json_out, dry_run=True)
         return
-    summary = evolve(recipe, output, pop=pop, generations=generations,
-                     workers=workers if workers is not None or ray is not None else 1,
-                     resume=resume, seed=seed, force=force, quiet=quiet or json_out,
-                     threads=threads, run_dir=run_dir, shard_size=size,
-                     allow_pickle=allow_pickle, trust_code=trust_code, loaded=loaded, ray=ray)
+    with _resume_hint(True):
+        summary = evolve(recipe, output, pop=pop, generations=generations,
+                         workers=workers if workers is not None or ray is not None else 1,
+                         resume=resume, seed=seed, force=force, quiet=quiet or json_out,
+                         threads=threads, run_dir=run_dir, shard_size=size,
+                         allow_pickle=allow_pickle, trust_code=trust_code, loaded=loaded,
+                         ray=ray)
     if json_out:
         print(json.dumps(search_summary(summary, method)))
     elif not quiet:

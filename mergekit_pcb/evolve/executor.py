@@ -68,7 +68,13 @@ class SerialExecutor:
 
 
 def _init_worker(threads: int | None) -> None:
+    import signal
+
     import torch
+
+    # Ctrl-C reaches the whole process group: the parent stops the run and terminates the
+    # pool, so a worker's own KeyboardInterrupt would only print a traceback per worker.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
     torch.set_num_threads(threads or 1)
 
