@@ -296,7 +296,8 @@ def run(
     if json_out:
         print(json.dumps(summary))
     elif not quiet:
-        stderr.print(_summary_line(summary))
+        # one line whatever the path (rich would wrap it at the width, and read [..] as markup)
+        stderr.print(_summary_line(summary), soft_wrap=True, markup=False, highlight=False)
 
 
 def _output_dir(positional: Path | None, option: Path | None) -> Path:
@@ -483,7 +484,8 @@ def evolve_command(
         print(json.dumps(search_summary(summary, method)))
     elif not quiet:
         stderr.print(f"wrote {summary.output} in {summary.seconds:.1f}s "
-                     f"(run state in {summary.run_dir})")
+                     f"(run state in {summary.run_dir})", soft_wrap=True, markup=False,
+                     highlight=False)
 
 
 @app.command("eval")
@@ -544,7 +546,7 @@ def restore(
         print(json.dumps(summary))
     else:
         stderr.print(f"wrote {summary['images']} image(s) to {summary['output']} in "
-                     f"{summary['seconds']:.1f}s")
+                     f"{summary['seconds']:.1f}s", soft_wrap=True, markup=False, highlight=False)
 
 
 # `mergekit-yaml CONFIG_FILE OUT_PATH [flags]`: `pcbmerge run` under mergekit's name, so

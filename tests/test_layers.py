@@ -11,7 +11,7 @@ import mergekit_pcb
 PACKAGE = Path(mergekit_pcb.__file__).parent
 # Top to bottom; a module may import only from its own layer's package or lower layers.
 LAYERS: list[set[str]] = [
-    {"__main__", "cli"},
+    {"__main__", "cli", "mergekit_compat"},  # the command line, and mergekit-yaml's flags
     {"kinds"},
     {"evolve", "reprogram"},  # the search and reprogramming engines (beside each other)
     {"engine"},  # the merge engine
