@@ -55,6 +55,12 @@ class ArceeFusion(MergeMethod):
     name = "arcee_fusion"
     summary = "take the other model's entries whose importance is an upper outlier"
     uses_rng = True  # only tensors over 10⁶ entries draw (the quartile sample)
+    thread_count_reductions = True  # the softmax and KL sums along rows
+
+    def result_dtype(self, dtype: torch.dtype) -> torch.dtype:
+        # The mask is float32 (mergekit's `.float()`): float16 and bfloat16 inputs give a
+        # float32 result, which mergekit writes as float32 unless `out_dtype` is set.
+        return torch.promote_types(dtype, torch.float32)
 
     def merge(self, inputs: TensorInputs) -> torch.Tensor:
         assert inputs.base is not None

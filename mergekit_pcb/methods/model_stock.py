@@ -54,6 +54,7 @@ def model_stock(base: torch.Tensor, models: Sequence[torch.Tensor],
 class ModelStock(MergeMethod):
     name = "model_stock"
     summary = "Model Stock: move from the base towards the models' mean by their angle"
+    thread_count_reductions = True  # the offsets' norms and dot products
     params = (ParamSpec("filter_wise", False, "one ratio per row (last axis) instead of per "
                         "tensor", kind=bool),)
 

@@ -67,6 +67,7 @@ class Slerp(MergeMethod):
     name = "slerp"
     summary = "spherical interpolation between the base and one other model"
     params = (T,)
+    thread_count_reductions = True  # the norms and the dot product
 
     def merge(self, inputs: TensorInputs) -> torch.Tensor:
         assert inputs.base is not None
