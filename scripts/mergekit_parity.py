@@ -135,6 +135,8 @@ def half_precision_cases() -> list[Case]:
             # examples/arcee_fusion.yml: the base listed under `models:` too
             Case(f"arcee_fusion example {dtype}", "arcee_fusion", [("base", {}), ("ft0", {})],
                  dtype=dtype, wide=True),
+            Case(f"ramplus_tl {dtype}", "ramplus_tl", three, params={"r": 0.5, "alpha": 0.4},
+                 dtype=dtype, wide=True),
         ]
     return out
 

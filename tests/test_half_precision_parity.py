@@ -94,6 +94,22 @@ def ref_arcee_fusion(base: torch.Tensor, model: torch.Tensor) -> torch.Tensor:
     return base + (model - base) * mask
 
 
+def ref_ramplus_tl(base: torch.Tensor, models: Sequence[torch.Tensor], r: float, alpha: float,
+                   epsilon: float = 1e-5) -> torch.Tensor:
+    """mergekit's ramplus_tl: the overlap ratio divides integer counts, so it is float32,
+    and so is the result for float16 or bfloat16 inputs."""
+    tv = torch.stack([m - base for m in models], dim=0).view(len(models), -1)
+    nonzero = tv.abs() > epsilon
+    counts = nonzero.sum(dim=0, keepdim=True)
+    overlap, unique = counts > 1, counts == 1
+    rho = (nonzero & overlap).sum(dim=1) / (nonzero & unique).sum(dim=1).clamp(min=epsilon)
+    boost = 1 + r * rho.clamp(min=0, max=alpha)
+    tv_z = tv * nonzero
+    merged = ((tv_z * unique * boost.unsqueeze(-1))
+              + (tv_z * overlap / counts.clamp(min=1))).sum(dim=0, keepdim=True)
+    return base + merged.reshape_as(base)
+
+
 @pytest.fixture(scope="module")
 def models(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[Path]]:
     """A float32 base and three fine-tunes of one 512×512 tensor (mergekit-docs' recipes
@@ -194,3 +210,17 @@ def test_arcee_fusion_example_bit_identical(models: tuple[Path, list[Path]],
     plain = {"merge_method": "arcee_fusion", "base_model": str(half / "base"),
              "models": [{"model": str(half / "base")}, {"model": str(half / "ft")}]}
     _same(_merge(tmp_path, plain, "fusion-plain"), want)
+
+
+@pytest.mark.parametrize("dtype", HALF, ids=str)
+def test_ramplus_tl_writes_its_float32_result(models: tuple[Path, list[Path]],
+                                              dtype: torch.dtype, tmp_path: Path) -> None:
+    base, tuned = models
+    body = {"merge_method": "ramplus_tl", "base_model": str(base),
+            "dtype": str(dtype).removeprefix("torch."),
+            "models": [{"model": str(p)} for p in tuned[:2]],
+            "parameters": {"r": 0.5, "alpha": 0.4, "epsilon": 0.01}}
+    b, *ms = _inputs([base, *tuned[:2]], dtype)
+    want = ref_ramplus_tl(b, ms, 0.5, 0.4, 0.01)
+    assert want.dtype == torch.float32 and not torch.equal(want, want.to(dtype).float())
+    _same(_merge(tmp_path, body, "ramplus"), want)
