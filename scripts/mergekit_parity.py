@@ -121,6 +121,8 @@ def half_precision_cases() -> list[Case]:
     tensors torch sums on several threads, splitting a reduction at a thread count of its
     own (mergekit uses its process's count)."""
     three = [("ft0", {}), ("ft1", {}), ("ft2", {})]
+    weighted = [("ft0", {"weight": 1.0}), ("ft1", {"weight": 2.0}), ("ft2", {"weight": 0.5})]
+    pair = [("ft0", {"weight": 0.3}), ("ft1", {"weight": 0.7})]
     out = []
     for dtype in ("float16", "bfloat16"):
         out += [
@@ -137,6 +139,9 @@ def half_precision_cases() -> list[Case]:
                  dtype=dtype, wide=True),
             Case(f"ramplus_tl {dtype}", "ramplus_tl", three, params={"r": 0.5, "alpha": 0.4},
                  dtype=dtype, wide=True),
+            Case(f"karcher {dtype}", "karcher", three, base=None, dtype=dtype, wide=True),
+            Case(f"nuslerp {dtype}", "nuslerp", pair, dtype=dtype, wide=True),
+            Case(f"multislerp {dtype}", "multislerp", weighted, dtype=dtype, wide=True),
         ]
     return out
 
