@@ -10,7 +10,13 @@ mergekit_pcb run`), each as a child process, and prints one row per case: both e
 the largest relative difference over tensors (max|ours − mergekit| / max|mergekit|), and
 how many tensors are bit-identical. Random cases (DELLA with density < 1) cannot match
 bits (mergekit draws from torch's global generator); their rows compare the fraction of
-task-vector entries kept instead.
+task-vector entries kept instead. A row is bit-identical only where both tools wrote the
+same dtype too (the last column counts tensors written in another dtype).
+
+Half-precision cases (`half_precision_cases`) run mergekit's documented recipes with
+`dtype: float16` and `bfloat16` on wider copies of the tiny Llama (`WIDE`), whose larger
+tensors torch sums in one partial sum per thread: both tools then run with this machine's
+default torch thread count.
 
 Tokenizer cases run on three other tiny Llamas with word-level tokenizers that number the
 same tokens differently and have tokens of their own (`build_tok_models`). Vocabulary rows
