@@ -147,8 +147,11 @@ def half_precision_cases() -> list[Case]:
                  dtype=dtype, wide=True),
             Case(f"karcher {dtype}", "karcher", three, base=None, dtype=dtype, wide=True),
             Case(f"nuslerp {dtype}", "nuslerp", pair, dtype=dtype, wide=True),
-            Case(f"multislerp {dtype}", "multislerp", weighted, dtype=dtype, wide=True),
         ]
+    # Not in float16: the embeddings (ft2 leaves them as the base's) give a tangent of
+    # exactly 0 there, and eps = 1e-8 is 0 in float16, so sin(0)/0: mergekit writes a NaN
+    # embedding, we stop with one line naming the tensor.
+    out.append(Case("multislerp bfloat16", "multislerp", weighted, dtype="bfloat16", wide=True))
     return out
 
 
