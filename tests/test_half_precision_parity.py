@@ -193,7 +193,7 @@ def _same(got: torch.Tensor, want: torch.Tensor) -> None:
     assert differ == 0, f"{differ} entries differ from mergekit's bits"
 
 
-@pytest.mark.parametrize("dtype", HALF, ids=str)
+@pytest.mark.parametrize("dtype", [*HALF, torch.float32], ids=str)  # float32 splits too
 def test_slerp_docs_recipe_bit_identical(models: tuple[Path, list[Path]],
                                          dtype: torch.dtype, tmp_path: Path) -> None:
     base, tuned = models
