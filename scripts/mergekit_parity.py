@@ -10,7 +10,13 @@ mergekit_pcb run`), each as a child process, and prints one row per case: both e
 the largest relative difference over tensors (max|ours − mergekit| / max|mergekit|), and
 how many tensors are bit-identical. Random cases (DELLA with density < 1) cannot match
 bits (mergekit draws from torch's global generator); their rows compare the fraction of
-task-vector entries kept instead.
+task-vector entries kept instead. A row is bit-identical only where both tools wrote the
+same dtype too (the last column counts tensors written in another dtype).
+
+Half-precision cases (`half_precision_cases`) run mergekit's documented recipes with
+`dtype: float16` and `bfloat16` on wider copies of the tiny Llama (`WIDE`), whose larger
+tensors torch sums in one partial sum per thread: both tools then run with this machine's
+default torch thread count.
 
 Tokenizer cases run on three other tiny Llamas with word-level tokenizers that number the
 same tokens differently and have tokens of their own (`build_tok_models`). Vocabulary rows
@@ -22,6 +28,7 @@ by id), and the last column adds whether both output vocabularies hold the same 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import subprocess
@@ -51,6 +58,9 @@ class Case:
     random: bool = False  # compare keep fractions, not bits
     extra: dict[str, Any] = field(default_factory=dict)  # tokenizer keys, "@m" is model m
     tok_models: bool = False  # the tokenizer models (tk-a, tk-b, tk-c) instead
+    dtype: str = "float32"  # the recipe's `dtype` (mergekit casts the inputs to it)
+    slices: bool = False  # `slices:` over every layer (the base first) instead of `models:`
+    wide: bool = False  # the wide models (`WIDE`): tensors past torch's parallel grain
 
 
 def cases() -> list[Case]:
@@ -101,7 +111,48 @@ def cases() -> list[Case]:
         Case("dare_linear int8_mask density 1", "dare_linear", weighted,
              params={"int8_mask": True}),
         *tokenizer_cases(),
+        *half_precision_cases(),
     ]
+
+
+# mergekit-docs' slerp recipe (examples/gradient-slerp.yml): a 5-point gradient per filter.
+DOCS_SLERP_T = [{"filter": "self_attn", "value": [0, 0.5, 0.3, 0.7, 1]},
+                {"filter": "mlp", "value": [1, 0.5, 0.7, 0.3, 0]},
+                {"value": 0.5}]
+
+
+def half_precision_cases() -> list[Case]:
+    """mergekit's documented recipes in float16 and bfloat16: the inputs are float32, so
+    both tools first round them to the recipe's dtype. On the wide models, whose larger
+    tensors torch sums on several threads, splitting a reduction at a thread count of its
+    own (mergekit uses its process's count)."""
+    three = [("ft0", {}), ("ft1", {}), ("ft2", {})]
+    weighted = [("ft0", {"weight": 1.0}), ("ft1", {"weight": 2.0}), ("ft2", {"weight": 0.5})]
+    pair = [("ft0", {"weight": 0.3}), ("ft1", {"weight": 0.7})]
+    out = []
+    for dtype in ("float16", "bfloat16"):
+        out += [
+            Case(f"slerp docs slices {dtype}", "slerp", [("base", {}), ("ft0", {})],
+                 params={"t": DOCS_SLERP_T}, dtype=dtype, slices=True, wide=True),
+            Case(f"slerp docs models {dtype}", "slerp", [("base", {}), ("ft1", {})],
+                 params={"t": DOCS_SLERP_T}, dtype=dtype, wide=True),
+            Case(f"model_stock {dtype}", "model_stock", [("base", {}), *three], dtype=dtype,
+                 wide=True),
+            Case(f"model_stock filter_wise {dtype}", "model_stock", three,
+                 params={"filter_wise": True}, dtype=dtype, wide=True),
+            # examples/arcee_fusion.yml: the base listed under `models:` too
+            Case(f"arcee_fusion example {dtype}", "arcee_fusion", [("base", {}), ("ft0", {})],
+                 dtype=dtype, wide=True),
+            Case(f"ramplus_tl {dtype}", "ramplus_tl", three, params={"r": 0.5, "alpha": 0.4},
+                 dtype=dtype, wide=True),
+            Case(f"karcher {dtype}", "karcher", three, base=None, dtype=dtype, wide=True),
+            Case(f"nuslerp {dtype}", "nuslerp", pair, dtype=dtype, wide=True),
+        ]
+    # Not in float16: the embeddings (ft2 leaves them as the base's) give a tangent of
+    # exactly 0 there, and eps = 1e-8 is 0 in float16, so sin(0)/0: mergekit writes a NaN
+    # embedding, we stop with one line naming the tensor.
+    out.append(Case("multislerp bfloat16", "multislerp", weighted, dtype="bfloat16", wide=True))
+    return out
 
 
 def tokenizer_cases() -> list[Case]:
@@ -208,13 +259,19 @@ def same_chat(ours_dir: Path, mk_dir: Path) -> bool:
     return texts[0] == texts[1]
 
 
-def build_models(root: Path) -> dict[str, Path]:
+# Hidden size and MLP width of the wide models: their MLP and query/output projections
+# (36,864 and 73,728 entries) pass torch's parallel grain (32,768), the key/value
+# projections and the embeddings stay under it.
+WIDE = (192, 384)
+
+
+def build_models(root: Path, hidden: int = 32, intermediate: int = 64) -> dict[str, Path]:
     """A tiny Llama base and three fine-tuned copies (float32, random task vectors). One
     fine-tune leaves the embeddings untouched, as frozen layers would."""
     import transformers as tf
 
     torch.manual_seed(0)
-    cfg = tf.LlamaConfig(vocab_size=96, hidden_size=32, intermediate_size=64,
+    cfg = tf.LlamaConfig(vocab_size=96, hidden_size=hidden, intermediate_size=intermediate,
                          num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
                          max_position_embeddings=64, torch_dtype="float32")
     base = tf.LlamaForCausalLM(cfg)
@@ -235,8 +292,15 @@ def build_models(root: Path) -> dict[str, Path]:
 
 
 def recipe(case: Case, paths: dict[str, Path]) -> dict[str, Any]:
-    out: dict[str, Any] = {"merge_method": case.method, "dtype": "float32", "models": [
-        {"model": str(paths[k]), **({"parameters": p} if p else {})} for k, p in case.models]}
+    out: dict[str, Any] = {"merge_method": case.method, "dtype": case.dtype}
+    if case.slices:
+        config = json.loads((paths[case.models[0][0]] / "config.json").read_text())
+        layers = config["num_hidden_layers"]
+        out["slices"] = [{"sources": [{"model": str(paths[k]), "layer_range": [0, layers]}
+                                      for k, _ in case.models]}]
+    else:
+        out["models"] = [{"model": str(paths[k]), **({"parameters": p} if p else {})}
+                         for k, p in case.models]
     if case.base is not None:
         out["base_model"] = str(paths[case.base])
     if case.params:
@@ -270,18 +334,21 @@ def run(cmd: list[str], log: Path) -> int:
 
 
 def compare(ours: dict[str, torch.Tensor], theirs: dict[str, torch.Tensor]
-            ) -> tuple[float, int, int]:
-    """(max relative difference, identical tensors, tensors compared)."""
-    worst, same = 0.0, 0
+            ) -> tuple[float, int, int, int]:
+    """(max relative difference, identical tensors, tensors compared, tensors stored in
+    another dtype). Identical means the same dtype and the same values: torch.equal alone
+    compares values across dtypes."""
+    worst, same, other_dtype = 0.0, 0, 0
     names = sorted(set(ours) & set(theirs))
     for n in names:
         a, b = ours[n].double(), theirs[n].double()
         if a.shape != b.shape:
-            return float("inf"), same, len(names)
-        same += int(torch.equal(ours[n], theirs[n]))
+            return float("inf"), same, len(names), other_dtype
+        other_dtype += int(ours[n].dtype != theirs[n].dtype)
+        same += int(ours[n].dtype == theirs[n].dtype and torch.equal(ours[n], theirs[n]))
         scale = b.abs().max().item() or 1.0
         worst = max(worst, (a - b).abs().max().item() / scale)
-    return worst, same, len(names)
+    return worst, same, len(names), other_dtype
 
 
 def kept_fraction(out: dict[str, torch.Tensor], base: dict[str, torch.Tensor]) -> float:
@@ -302,18 +369,20 @@ def main() -> int:
     mergekit = ensure_mergekit(args.mergekit_venv)
     work = args.keep or Path(tempfile.mkdtemp(prefix="mk-parity-"))
     work.mkdir(parents=True, exist_ok=True)
-    paths = build_models(work / "models")
-    paths.update(build_tok_models(work / "tok-models"))
-    base = load_dir(paths["base"])
     selected = [c for c in cases() if not args.cases
                 or any(s in c.name for s in args.cases.split(","))]
+    paths = build_models(work / "models")
+    paths.update(build_tok_models(work / "tok-models"))
+    wide = build_models(work / "wide-models", *WIDE) if any(c.wide for c in selected) else {}
+    base = load_dir(paths["base"])
     rows = []
     for i, case in enumerate(selected):
         d = work / f"case{i:02d}"
         shutil.rmtree(d, ignore_errors=True)
         d.mkdir()
         rec = d / "recipe.yaml"
-        rec.write_text(yaml.safe_dump(recipe(case, paths), sort_keys=False))
+        rec.write_text(yaml.safe_dump(recipe(case, wide if case.wide else paths),
+                                      sort_keys=False))
         mk = run([str(mergekit), str(rec), str(d / "mk"), "--quiet", "--random-seed", "0"],
                  d / "mk.log")
         ours = run([sys.executable, "-m", "mergekit_pcb", "run", str(rec), "-o",
@@ -331,9 +400,10 @@ def main() -> int:
                     if "chat_template" in case.extra:
                         vocab_note += ("; same chat rendering" if same_chat(d / "ours", d / "mk")
                                        else "; chat rendering differs")
-                worst, same, n = compare(a, b)
+                worst, same, n, other_dtype = compare(a, b)
                 row[3] = "0" if worst == 0 else f"{worst:.2e}"
                 row[4] = (f"{same}/{n}" + ("" if set(a) == set(b) else " (names differ)")
+                          + (f" ({other_dtype} in another dtype)" if other_dtype else "")
                           + vocab_note)
         rows.append(row)
         print(" | ".join(row), flush=True)

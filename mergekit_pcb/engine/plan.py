@@ -490,7 +490,7 @@ def _plan_tensors(recipe: MergeRecipe, recipe_text: str, method: MergeMethod,
         if aligned:
             assert vocab is not None
             _attach_vocab(task, vocab, checkpoints, _vocab_group(task, recipe, base_key))
-        task.compute_dtype = compute_dtype or _default_compute_dtype(task, checkpoints, base_key)
+        _set_dtypes(task, recipe, compute_dtype, checkpoints, base_key)
         tasks.append(task)
 
     routes = [r for r in [*rule_routes, copy_route, average_route, main_route] if r.tensor_names]
@@ -534,7 +534,7 @@ def _plan_slices(recipe: MergeRecipe, recipe_text: str, method: MergeMethod,
         if aligned:
             assert vocab is not None
             _attach_vocab(task, vocab, checkpoints, _vocab_group(task, recipe, base_key))
-        task.compute_dtype = compute_dtype or _default_compute_dtype(task, checkpoints, base_key)
+        _set_dtypes(task, recipe, compute_dtype, checkpoints, base_key)
         tasks.append(task)
 
     tasks: list[TensorTask] = []
@@ -576,6 +576,19 @@ def _plan_slices(recipe: MergeRecipe, recipe_text: str, method: MergeMethod,
         if isinstance(loaded, dict):
             plan.config_overrides = layer_count_overrides(loaded, out_layer)
     return plan
+
+
+def _set_dtypes(task: TensorTask, recipe: MergeRecipe, compute_dtype: torch.dtype | None,
+                checkpoints: dict[str, Checkpoint], base_key: str | None) -> None:
+    """The task's compute dtype, and its output dtype where its method's result is wider
+    than what it computes in: without a recipe `out_dtype`, mergekit writes a kernel's
+    result uncast (arcee_fusion's float32 for float16 inputs)."""
+    task.compute_dtype = compute_dtype or _default_compute_dtype(task, checkpoints, base_key)
+    if task.route.kind == "merge" and recipe.out_dtype is None:
+        assert task.route.method is not None
+        result = task.route.method.result_dtype(task.compute_dtype)
+        if result != task.compute_dtype:
+            task.out_dtype = result
 
 
 def _default_compute_dtype(task: TensorTask, checkpoints: dict[str, Checkpoint],

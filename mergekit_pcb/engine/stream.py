@@ -268,7 +268,10 @@ R = TypeVar("R")
 # tensors too: a per-tensor trim's histogram and tie-break run on one core anyway, so two
 # tensors side by side keep both cores busy where one tensor on two threads would not. Only
 # a huge whole tensor (an embedding of a large vocabulary) gets every thread, alone, so
-# that no more than one such tensor's scratch is held at once.
+# that no more than one such tensor's scratch is held at once; so does a tensor whose method
+# sums over it (`thread_count_reductions`): torch splits a sum into one partial sum per
+# thread, and mergekit sums with every thread of its process, so only the same count gives
+# its bits.
 SOLO_PART_ELEMENTS = 1 << 25
 
 
@@ -290,6 +293,9 @@ class ThreadPolicy:
         """Whether this part runs alone in the calling thread (else on a part worker)."""
         if self.fixed is not None or self.most == 1:
             return True
+        if start is None and task.route.method is not None \
+                and task.route.method.thread_count_reductions:
+            return True  # its sums split as mergekit's, on this process's thread count
         return start is None and math.prod(task.shape) >= SOLO_PART_ELEMENTS
 
     def workers(self, device: torch.device, pipeline: bool) -> InOrder:

@@ -6,6 +6,8 @@ axis, 1e-8 added to both distributions); entries with importance ≥ median + 1.
 as mergekit indexes its sorted copy. Tensors over 10⁶ entries estimate them from 10⁶
 entries drawn with replacement, as mergekit does; the draws come from the engine's seeded
 generator (mergekit uses torch's global one), so only smaller tensors match it bit for bit.
+The mask is float32, so float16 and bfloat16 inputs give a float32 result, written as
+float32 unless the recipe sets `out_dtype` (as mergekit writes it).
 
 Plan mapping: the base is held apart (`requires_base`, θ₀) and the other model is θ₁.
 Extension (not mergekit, which takes exactly one other model): several use their uniform
@@ -56,6 +58,10 @@ class ArceeFusion(MergeMethod):
     summary = "take the other model's entries whose importance is an upper outlier"
     pairwise = True
     uses_rng = True  # only tensors over 10⁶ entries draw (the quartile sample)
+    thread_count_reductions = True  # the softmax and KL sums along rows
+    # The mask is float32 (mergekit's `.float()`): float16 and bfloat16 inputs give a
+    # float32 result, which mergekit writes as float32 unless `out_dtype` is set.
+    float32_result = True
 
     def merge(self, inputs: TensorInputs) -> torch.Tensor:
         assert inputs.base is not None

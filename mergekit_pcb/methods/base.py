@@ -163,10 +163,23 @@ class MergeMethod(ABC):
     # it uses their uniform mean, where mergekit refuses: the plan says so when it happens.
     pairwise: ClassVar[bool] = False
     uses_rng: ClassVar[bool] = False
+    # True when the result depends on sums over a whole tensor (or long rows) whose bits
+    # depend on torch's thread count: past 32,768 entries torch splits a sum into one
+    # partial sum per thread. mergekit runs every tensor with its process's thread count,
+    # so the engine gives such a method that count too (alone), not one thread side by side.
+    thread_count_reductions: ClassVar[bool] = False
+    # True when mergekit's kernel mixes a float32 tensor into its result (arcee_fusion's
+    # mask, ramplus_tl's ratio), so that float16 or bfloat16 inputs give a float32 result.
+    float32_result: ClassVar[bool] = False
 
     @abstractmethod
     def merge(self, inputs: TensorInputs) -> torch.Tensor:
         """Return the merged tensor (any float dtype; the engine casts it for output)."""
+
+    def result_dtype(self, dtype: torch.dtype) -> torch.dtype:
+        """The dtype of the merged tensor for inputs in `dtype`, written as it is when the
+        recipe sets no `out_dtype` (mergekit writes its kernels' results uncast)."""
+        return torch.promote_types(dtype, torch.float32) if self.float32_result else dtype
 
     def elementwise(self, params: Mapping[str, Any]) -> bool:
         """True when each output entry depends only on the inputs' entries at the same

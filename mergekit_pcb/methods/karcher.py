@@ -67,6 +67,7 @@ class Karcher(MergeMethod):
     name = "karcher"
     summary = "Karcher mean of the models on the sphere, scaled by their mean norm"
     requires_base = False
+    thread_count_reductions = True  # the norms and torch.dot over the whole tensor
     params = (ParamSpec("max_iter", 10, "most fixed-point iterations", kind=int,
                         bounds=Range(0, 10_000)),
               ParamSpec("tol", 1e-5, "stop when the step's norm is below this; models with a "

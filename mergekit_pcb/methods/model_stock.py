@@ -4,7 +4,9 @@ With offsets τᵢ = θᵢ − θ₀, cos θ is the mean over model pairs of cos
 floored at 1e-6, clamped to [−1, 1]); t = k·cos θ / (1 + (k − 1)·cos θ) for k models, and
 the result is t·mean(θᵢ) + (1 − t)·θ₀. Per tensor (`filter_wise: false`, the default) or
 per row along the last axis (`filter_wise: true`). Where 1 + (k − 1)·cos θ is within 1e-6
-of zero, t = 0 (the base), as mergekit does.
+of zero, t = 0 (the base), as mergekit does. Everything is in the inputs' dtype; the norms
+and dot products are sums whose bits depend on torch's thread count, so the engine runs this
+method with mergekit's (its process's) count (`thread_count_reductions`).
 
 Plan mapping: mergekit's model_stock needs the base among its inputs (`base_model`,
 listed under `models:` or not) plus at least two more; here `requires_base` gives exactly
@@ -54,6 +56,7 @@ def model_stock(base: torch.Tensor, models: Sequence[torch.Tensor],
 class ModelStock(MergeMethod):
     name = "model_stock"
     summary = "Model Stock: move from the base towards the models' mean by their angle"
+    thread_count_reductions = True  # the offsets' norms and dot products
     params = (ParamSpec("filter_wise", False, "one ratio per row (last axis) instead of per "
                         "tensor", kind=bool),)
 

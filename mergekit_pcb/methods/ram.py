@@ -75,6 +75,7 @@ class RamPlusTl(MergeMethod):
               ParamSpec("alpha", 0.2, "cap on the overlap ratio in the boost",
                         bounds=WEIGHT_RANGE),
               EPSILON_RAM)
+    float32_result = True  # the overlap ratio is float32 (counts divided), as in mergekit
 
     def merge(self, inputs: TensorInputs) -> torch.Tensor:
         assert inputs.base is not None

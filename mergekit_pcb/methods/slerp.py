@@ -4,7 +4,10 @@ As mergekit 0.1.5: each tensor is flattened; the angle comes from the dot produc
 two unit vectors (norms ≤ 1e-8 count as 1); where |cos θ| > `DOT_THRESHOLD` the two are
 nearly collinear and plain linear interpolation is used. Work is in float32 (float64 for
 float64 inputs), in chunks of 2²⁰ entries, with the same reductions as mergekit (norms of
-per-chunk norms, sums of per-chunk dot products), so results are bit-identical.
+per-chunk norms, sums of per-chunk dot products), so results are bit-identical, given
+mergekit's thread count: past 32,768 entries torch sums in one partial sum per thread, and
+mergekit sums with all of its process's threads, so the engine does too
+(`thread_count_reductions`). The result is stored in the inputs' dtype, as mergekit's is.
 
 Plan mapping: mergekit's slerp takes exactly two inputs, one of them `base_model`. Here
 `requires_base` holds the base apart (`inputs.base` = v0) and `inputs.models` holds the
@@ -68,6 +71,7 @@ class Slerp(MergeMethod):
     summary = "spherical interpolation between the base and one other model"
     params = (T,)
     pairwise = True
+    thread_count_reductions = True  # the norms and the dot product
 
     def merge(self, inputs: TensorInputs) -> torch.Tensor:
         assert inputs.base is not None
