@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import threading
 from collections.abc import Hashable, Iterator
 from pathlib import Path
 from typing import BinaryIO
@@ -50,6 +51,7 @@ class Checkpoint:
         self.identity: Hashable | None = None
         self.tensors = tensors
         self._handles: dict[Path, BinaryIO] = {}
+        self._open_lock = threading.Lock()
         self._pickled: dict[Path, dict[str, torch.Tensor]] = {}
         self._pickle_files = pickle_files or {}
 
@@ -75,10 +77,11 @@ class Checkpoint:
         if info.file in self._pickle_files:
             tensor = self._read_pickled(info)
             return tensor if start is None and stop is None else tensor.reshape(-1)[start:stop]
-        handle = self._handles.get(info.file)
-        if handle is None:
-            handle = open_regular(info.file)  # kept open across reads
-            self._handles[info.file] = handle
+        with self._open_lock:  # threads read one checkpoint side by side
+            handle = self._handles.get(info.file)
+            if handle is None:
+                handle = open_regular(info.file)  # kept open across reads
+                self._handles[info.file] = handle
         return read_tensor(handle, info, start, stop)
 
     def _read_pickled(self, info: TensorInfo) -> torch.Tensor:

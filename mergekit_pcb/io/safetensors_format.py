@@ -287,6 +287,23 @@ def _check_layout(path: Path, infos: dict[str, TensorInfo], data_start: int,
                               "of the file belong to no tensor")
 
 
+def _read_at(handle: BinaryIO, into: memoryview, offset: int) -> int:
+    """Fill `into` from `offset` of the file; the count read (short only at the end of the
+    file). A positioned read leaves the handle's position alone, so threads that share a
+    checkpoint's handle (a large tensor read by the thread that merges it, beside the
+    read-ahead thread) cannot move each other's reads."""
+    if not hasattr(os, "preadv"):  # no positioned read here (Windows): seek, then read
+        handle.seek(offset)
+        return handle.readinto(into) or 0
+    fd, got = handle.fileno(), 0
+    while got < len(into):  # a read returns at most about 2 GB at once
+        n = os.preadv(fd, [into[got:]], offset + got)
+        if n == 0:
+            break
+        got += n
+    return got
+
+
 def read_tensor(handle: BinaryIO, info: TensorInfo, start: int | None = None,
                 stop: int | None = None) -> torch.Tensor:
     """Read one tensor with a positioned read into a fresh buffer.
@@ -300,8 +317,7 @@ def read_tensor(handle: BinaryIO, info: TensorInfo, start: int | None = None,
     size = info.dtype.itemsize
     nbytes = (last - first) * size
     buffer = torch.empty(nbytes, dtype=torch.uint8)
-    handle.seek(info.start + first * size)
-    got = handle.readinto(memoryview(buffer.numpy())) if nbytes else 0
+    got = _read_at(handle, memoryview(buffer.numpy()), info.start + first * size)
     if got != nbytes:
         raise CheckpointError(
             f"truncated safetensors file {info.file}: tensor '{info.name}' is cut short "
