@@ -61,6 +61,7 @@ class EvolveSummary:
     history: list[dict[str, Any]]
     seconds: float
     fitness_seconds: float
+    notes: tuple[str, ...] = ()  # how the run ended and how the result was chosen
 
 
 def input_paths(recipe: EvolutionRecipe, allow_pickle: bool = False) -> list[Path]:
@@ -144,11 +145,30 @@ def evolve(recipe_path: Path, output: Path | None = None, *, pop: int | None = N
             run.run()
         rows = _finish(run, recipe, text, output, force=force, workers=executor.workers,
                        shard_size=shard_size, inputs=inputs)
+    notes = closing_notes(run)
     if not quiet:
         Console().print(scores_table(rows, recipe.fitness.metric_name, run.maximize))
+        for note in notes:
+            Console().print(note)
     st = run.state
     return EvolveSummary(output.resolve(), rdir.root, rows, st["history"],
-                         time.perf_counter() - start, st["fitness_s"])
+                         time.perf_counter() - start, st["fitness_s"], notes)
+
+
+def closing_notes(run: EvolutionRun) -> tuple[str, ...]:
+    """The lines under the closing table: an early stop and its cause, and a result that is
+    one of the starting points because the search never beat it on the guard."""
+    if "guard" not in run.state:
+        return ()
+    notes = []
+    reason = run.stop_reason()
+    if reason is not None:
+        notes.append(reason[0].upper() + reason[1:] + ".")
+    best = run.guard_best()
+    if best in run.state["guard"]["candidates"][: len(run.recipe.population_refs()) + 1]:
+        notes.append(f"The search did not beat its best start on the guard: the result is "
+                     f"the starting point '{best['label']}'.")
+    return tuple(notes)
 
 
 def _finish(run: EvolutionRun, recipe: EvolutionRecipe, text: str, output: Path, *,
@@ -175,14 +195,25 @@ def _finish(run: EvolutionRun, recipe: EvolutionRecipe, text: str, output: Path,
         result_select = results[0]
         reports: list[float | None] = results[1:] if has_report else [None] * (len(refs) + 2)
         inner = recipe.merge.merge_method if recipe.merge else "linear"
-        rows = [ScoreRow(f"input {Path(ref).name or ref}", ref, sel, rep) for ref, sel, rep in
-                zip(refs, st["initial"]["select"], reports, strict=False)]
+        # with a guard: the starting points' guard scores (the candidates' first rows)
+        guards: list[float | None] = ([c["guard"] for c in st["guard"]["candidates"]]
+                                      if "guard" in st else [None] * (len(refs) + 1))
+        rows = [ScoreRow(f"input {Path(ref).name or ref}", ref, sel, rep, guard)
+                for ref, sel, rep, guard in
+                zip(refs, st["initial"]["select"], reports, guards, strict=False)]
         rows.append(ScoreRow(settings.strategy.merge_row_label(inner), "merge of the inputs",
-                             st["initial"]["merge_select"], reports[len(refs)]))
+                             st["initial"]["merge_select"], reports[len(refs)],
+                             guards[len(refs)]))
         mode = "merged" if settings.merged else "standalone"
         name = settings.strategy.name
-        rows.append(ScoreRow(f"result ({name}, {mode})", "output", result_select,
-                             reports[len(refs) + 1]))
+        # only the evolver has modes: "standalone" would mislabel de-ancestor and cade
+        label = f"result ({name}, {mode})" if "mode" in settings.strategy.describe() \
+            else f"result ({name})"
+        chosen = run.guard_best() if "guard" in st else None
+        if chosen is not None:
+            label = f"{label}: {chosen['label']}"
+        rows.append(ScoreRow(label, "output", result_select, reports[len(refs) + 1],
+                             None if chosen is None else chosen["guard"]))
         config_root = model_dir(recipe.base_model or refs[0])
         tokenizer_root = (model_dir(recipe.tokenizer_source)
                           if recipe.tokenizer_source not in (None, "base") else config_root)

@@ -33,6 +33,9 @@ class SearchParameters(StrictModel):
     generations: int = Field(15, ge=0, description="generations to run")
     pop: int | None = Field(None, ge=2, description="population size (default: the number of "
                             "input models; more are filled with seeded interpolations)")
+    patience: int | None = Field(None, ge=1, description="with a guard (fitness.guard or "
+                                 "guard_fraction): stop after this many generations whose "
+                                 "best does not raise the best guard score")
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,214 @@
+"""The guard split: trials are kept on the fitting data, the result is chosen on the guard
+among the starting points, each generation's best and the soups of the final population;
+early stopping on the guard; report data never read before the result is chosen."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+from test_evolve_engine import (
+    _kill_when,
+    _start,
+    build_population,
+    recipe_dict,
+    same_tensors,
+    search_record,
+    tensors,
+    write_recipe,
+)
+
+from mergekit_pcb.errors import RecipeError
+from mergekit_pcb.evolve.config import load_evolution_recipe, parse_fitness
+from mergekit_pcb.evolve.fitness import build_evaluator, guard_split
+from mergekit_pcb.evolve.run import evaluate_checkpoint, evolve
+
+# A callable fitness that logs which data file each call reads (what the report test
+# checks the order of).
+LOGGING = '''
+import os
+
+from tinynet import loss as _loss
+
+
+def loss(state, data):
+    with open(os.path.join(os.path.dirname(__file__), "calls.log"), "a") as f:
+        f.write(os.path.basename(data) + "\\n")
+    return _loss(state, data)
+'''
+
+
+@pytest.fixture(scope="module")
+def population(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Four tiny MLPs and a guard whose labels are the task's shifted by one class: what
+    lowers the select loss raises the guard's (the select-best trial is worse on it)."""
+    root = build_population(tmp_path_factory.mktemp("guard") / "pop", n=4)
+    g = torch.Generator().manual_seed(9)
+    x = torch.randn(120, 6, generator=g)
+    y = ((x[:, 0] > 0).long() + (x[:, 1] > 0.3).long() + 1) % 3
+    np.savez(root / "guard.npz", inputs=x.numpy(), labels=y.numpy())
+    (root / "logged.py").write_text(LOGGING)
+    return root
+
+
+def guarded(root: Path, **fitness: Any) -> dict[str, Any]:
+    data = recipe_dict(root, n=4, generations=3)
+    data["fitness"].update({"guard": "guard.npz", **fitness})
+    return data
+
+
+def guard_loss(model: Path, root: Path) -> float:
+    return evaluate_checkpoint(str(model), root / "recipe.yaml", ("guard",),
+                               trust_code=True)["guard"]
+
+
+# ----------------------------------------------------------------------------- the split
+
+
+def test_guard_split_is_disjoint_stratified_and_fixed_by_the_seed() -> None:
+    labels = [i % 3 for i in range(10)] + [0] * 20  # classes of 24, 3 and 3 rows
+    fit, guard = guard_split(30, 0.25, seed=3, labels=labels)
+    assert not set(fit.tolist()) & set(guard.tolist())
+    assert sorted(fit.tolist() + guard.tolist()) == list(range(30))
+    # round(0.25 × rows) of each class: 6 of class 0, 1 of class 1, 1 of class 2
+    held = [labels[i] for i in guard.tolist()]
+    assert (held.count(0), held.count(1), held.count(2)) == (6, 1, 1)
+    again = guard_split(30, 0.25, seed=3, labels=labels)
+    assert torch.equal(again[1], guard)
+    assert not torch.equal(guard_split(30, 0.25, seed=4, labels=labels)[1], guard)
+
+
+def test_guard_fraction_splits_the_select_file_of_a_torch_fitness(population: Path) -> None:
+    spec = parse_fitness({"type": "torch", "arch": "tinynet:build", "select": "select.npz",
+                          "guard_fraction": 0.3, "guard_seed": 1}, "test")
+    ev = build_evaluator(spec, population)
+    z = np.load(population / "select.npz")
+    x_all = torch.from_numpy(z["inputs"])
+    (xf, yf), (xg, yg) = ev.data("select"), ev.data("guard")  # type: ignore[attr-defined]
+    assert len(yf) + len(yg) == len(x_all) and len(yg) == pytest.approx(0.3 * 120, abs=2)
+    rows = {tuple(r.tolist()) for r in x_all}
+    fit_rows = {tuple(r.tolist()) for r in xf}
+    guard_rows = {tuple(r.tolist()) for r in xg}
+    assert fit_rows | guard_rows == rows and not fit_rows & guard_rows
+
+
+def test_guard_keys_are_checked() -> None:
+    with pytest.raises(RecipeError, match=r"fitness\.guard_fraction: give guard data"):
+        parse_fitness({"type": "torch", "arch": "a:b", "select": "s.npz", "guard": "g.npz",
+                       "guard_fraction": 0.2}, "r.yaml", "fitness")
+    with pytest.raises(RecipeError, match=r"fitness\.guard_fraction: a callable fitness"):
+        parse_fitness({"type": "callable", "function": "a:b", "guard_fraction": 0.2},
+                      "r.yaml", "fitness")
+
+
+def test_patience_needs_a_guard(population: Path, tmp_path: Path) -> None:
+    data = recipe_dict(population, n=4, generations=3, patience=2)
+    path = write_recipe(tmp_path, data)
+    with pytest.raises(RecipeError, match=r"parameters\.patience: early stopping watches"):
+        load_evolution_recipe(path)
+
+
+# ----------------------------------------------------------------------------- the result
+
+
+def test_result_is_never_below_the_best_start_on_the_guard(population: Path) -> None:
+    root = population
+    write_recipe(root, recipe_dict(root, n=4, generations=3), "plain.yaml")
+    plain = evolve(root / "plain.yaml", root / "plain-out", trust_code=True, force=True)
+    write_recipe(root, guarded(root))
+    out = root / "guarded-out"
+    summary = evolve(root / "recipe.yaml", out, trust_code=True, force=True)
+    starts = [guard_loss(root / f"m{i}", root) for i in range(4)]
+    # the constructed case bites: the select-chosen result is worse on the guard
+    assert plain.scores[-1].select < min(r.select for r in plain.scores[:-1])
+    assert guard_loss(root / "plain-out", root) > min(starts)
+    result = guard_loss(out, root)
+    assert result <= min(starts) + 1e-6
+    assert summary.scores[-1].guard == pytest.approx(result, abs=1e-6)
+    doc = json.loads((out / "evolution.json").read_text())
+    candidates = doc["guard"]["candidates"]
+    assert [c["generation"] for c in candidates] == [0] * 5 + [1, 2, 3]
+    assert [c["guard"] for c in candidates[:4]] == pytest.approx(starts, abs=1e-6)
+    assert any("did not beat its best start" in n for n in summary.notes) == \
+        (summary.scores[-1].label.endswith(tuple(c["label"] for c in candidates[:5])))
+
+
+def test_selection_never_reads_report_data(population: Path, tmp_path: Path) -> None:
+    root = population
+    log = root / "calls.log"
+    log.unlink(missing_ok=True)
+    data = recipe_dict(root, n=4, fitness="callable", generations=2)
+    data["fitness"].update({"function": "logged:loss", "guard": "guard.npz"})
+    write_recipe(root, data, "logged.yaml")
+    evolve(root / "logged.yaml", tmp_path / "out", trust_code=True)
+    calls = log.read_text().split()
+    reports = [i for i, c in enumerate(calls) if c == "report.npz"]
+    # 4 inputs, their merge and the result; every one after every select and guard call
+    assert len(reports) == 6
+    assert calls.count("guard.npz") == 5 + 2  # the starting points, one a generation
+    assert min(reports) > max(i for i, c in enumerate(calls) if c != "report.npz")
+
+
+def test_patience_stops_on_the_guard_and_says_why(population: Path, tmp_path: Path) -> None:
+    root = population
+    data = guarded(root)
+    data["parameters"].update({"generations": 8, "patience": 2})
+    write_recipe(root, data, "patient.yaml")
+    summary = evolve(root / "patient.yaml", tmp_path / "out", trust_code=True)
+    doc = json.loads((tmp_path / "out" / "evolution.json").read_text())
+    guards = [c["guard"] for c in doc["guard"]["candidates"]]
+    best_at = min(range(len(guards)), key=lambda i: (guards[i], i))
+    last_gain = doc["guard"]["candidates"][best_at]["generation"]
+    assert doc["generations"] == last_gain + 2 < 8
+    assert any(n.startswith(f"Stopped early after generation {last_gain + 2} of 8")
+               for n in summary.notes)
+
+
+def test_soups_of_the_final_population(tmp_path: Path) -> None:
+    root = build_population(tmp_path / "pop", n=4)
+    np.savez(root / "guard.npz", **dict(np.load(root / "report.npz")))
+    data = recipe_dict(root, n=4, generations=2)
+    data.update({"merge_method": "cade", "parameters": {
+        "generations": 2, "F": 0.5, "CR": 0.5, "jitter": False}})
+    del data["merge"]
+    data["fitness"].update({"guard": "guard.npz"})
+    write_recipe(root, data)
+    out = tmp_path / "out"
+    evolve(root / "recipe.yaml", out, trust_code=True)
+    doc = json.loads((out / "evolution.json").read_text())
+    final = doc["guard"]["final"]
+    assert [c["label"].split(" (")[0] for c in final] == [
+        "final population: uniform average", "final population: greedy soup on the guard"]
+    members = [load_file(str(out.parent / "out.run" / "members" / m))
+               for m in doc["final"]["members"]]
+    average = {k: torch.stack([m[k] for m in members]).mean(0) for k in members[0]}
+    ev = build_evaluator(parse_fitness(data["fitness"], "test"), root)
+    assert final[0]["guard"] == pytest.approx(ev.score(average, "guard"), abs=1e-5)
+    own = [ev.score(m, "guard") for m in members]
+    assert final[1]["guard"] <= min(own) + 1e-6  # the soup starts from the best member
+    result = tensors(out)
+    assert doc["scores"][-1]["guard"] == pytest.approx(ev.score(result, "guard"), abs=1e-5)
+    assert doc["scores"][-1]["label"].startswith("result (cade)")  # not "standalone"
+
+
+def test_sigkill_then_resume_with_a_guard_matches(tmp_path: Path) -> None:
+    root = build_population(tmp_path / "pop", n=4)
+    np.savez(root / "guard.npz", **dict(np.load(root / "report.npz")))
+    data = recipe_dict(root, n=4, fitness="callable", generations=3)
+    data["fitness"]["guard"] = "guard.npz"
+    recipe = write_recipe(root, data)
+    evolve(recipe, root / "ref", trust_code=True)
+    out, state = root / "out", root / "out.run" / "state.json"
+    _kill_when(_start(recipe, out, sleep="0.02"), state, generation=1, step=2)
+    killed = json.loads(state.read_text())
+    assert killed["phase"] == "evolve" and len(killed["guard"]["candidates"]) == 6
+    proc = _start(recipe, out, "--resume")
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err
+    assert same_tensors(root / "ref", out)
+    assert search_record(root / "ref") == search_record(out)
