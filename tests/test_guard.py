@@ -52,7 +52,7 @@ def population(tmp_path_factory: pytest.TempPathFactory) -> Path:
     x = torch.randn(120, 6, generator=g)
     y = ((x[:, 0] > 0).long() + (x[:, 1] > 0.3).long() + 1) % 3
     np.savez(root / "guard.npz", inputs=x.numpy(), labels=y.numpy())
-    (root / "logged.py").write_text(LOGGING)
+    (root / "guardlog.py").write_text(LOGGING)
     return root
 
 
@@ -143,7 +143,7 @@ def test_selection_never_reads_report_data(population: Path, tmp_path: Path) -> 
     log = root / "calls.log"
     log.unlink(missing_ok=True)
     data = recipe_dict(root, n=4, fitness="callable", generations=2)
-    data["fitness"].update({"function": "logged:loss", "guard": "guard.npz"})
+    data["fitness"].update({"function": "guardlog:loss", "guard": "guard.npz"})
     write_recipe(root, data, "logged.yaml")
     evolve(root / "logged.yaml", tmp_path / "out", trust_code=True)
     calls = log.read_text().split()
