@@ -212,3 +212,42 @@ def test_sigkill_then_resume_with_a_guard_matches(tmp_path: Path) -> None:
     assert proc.returncode == 0, err
     assert same_tensors(root / "ref", out)
     assert search_record(root / "ref") == search_record(out)
+
+
+# ----------------------------------------------------------------------------- the interval
+
+
+def test_paired_bootstrap_against_a_hand_computed_case() -> None:
+    from mergekit_pcb.evolve.stats import paired_bootstrap
+
+    a = torch.tensor([1.0, 1.0, 0.0, 1.0, 0.0, 1.0, 1.0, 1.0])
+    b = torch.tensor([1.0, 0.0, 0.0, 1.0, 0.0, 0.0, 1.0, 1.0])
+    ci = paired_bootstrap(a, b, seed=0, resamples=4000)
+    assert ci.delta == pytest.approx(0.25)
+    # the resampled mean of 8 differences (two 1s, six 0s) is k/8, k ~ Binomial(8, 1/4):
+    # P(k = 0) = 0.100 > 2.5%, P(k >= 5) = 0.027: the interval is [0, 4/8] or [0, 5/8]
+    assert ci.low == 0.0 and ci.high in (0.5, 0.625)
+    same = paired_bootstrap(a, a, seed=0)
+    assert (same.delta, same.low, same.high) == (0.0, 0.0, 0.0)
+
+
+def test_the_closing_notes_give_the_paired_interval(population: Path, tmp_path: Path) -> None:
+    root = population
+    data = guarded(root, metric="accuracy")
+    write_recipe(root, data, "accuracy.yaml")
+    out = tmp_path / "out"
+    summary = evolve(root / "accuracy.yaml", out, trust_code=True)
+    doc = json.loads((out / "evolution.json").read_text())
+    interval = doc["report_interval"]
+    start = interval["start"]
+    # the best start on the guard, and the result, scored again here example by example
+    ev = build_evaluator(parse_fitness(data["fitness"], "test"), root)
+    start_model = (root / f"m{start}" / "model.safetensors") if start < 4 else None
+    assert start_model is not None or doc["guard"]["candidates"][start]["merged"]
+    result = ev.example_scores(tensors(out), "report")  # type: ignore[attr-defined]
+    if start_model is not None:
+        base = ev.example_scores(load_file(str(start_model)), "report")  # type: ignore[attr-defined]
+        assert interval["delta"] == pytest.approx(float((result - base).mean()), abs=1e-9)
+    assert interval["examples"] == len(result) == 120
+    assert interval["low"] <= interval["delta"] <= interval["high"]
+    assert any(n.startswith("report(result) − report(best start: ") for n in summary.notes)

@@ -396,11 +396,16 @@ class EvolutionRun:
         return results
 
     def _best(self, fitness: Sequence[float]) -> tuple[int, float]:
-        best = 0
-        for i, f in enumerate(fitness):
-            if better(f, fitness[best], self.maximize):
-                best = i
+        best = self.best_index(fitness)
         return best, fitness[best]
+
+    def best_index(self, scores: Sequence[float]) -> int:
+        """The first of the best scores."""
+        best = 0
+        for i, f in enumerate(scores):
+            if better(f, scores[best], self.maximize):
+                best = i
+        return best
 
     def _draw_plan(self, generation: int) -> dict[str, Any]:
         """The strategy's plan of a generation, from the controller RNG, drawn before any

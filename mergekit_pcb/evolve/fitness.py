@@ -16,7 +16,7 @@ from __future__ import annotations
 import csv
 import json
 import math
-from collections.abc import Callable, Hashable, Mapping, Sequence
+from collections.abc import Callable, Hashable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -210,27 +210,39 @@ class TorchModuleEvaluator:
             self._data[split] = (x, y.long())
         return self._data[split]
 
-    @torch.inference_mode()
-    def score(self, state: State, split: str, batch: Batch | None = None) -> float:
+    def _outputs(self, state: State, split: str, batch: Batch | None
+                 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """(logits, labels) of each batch of the split (or of its mini-batch `batch`)."""
         x, y = self.data(split)
         rows = batch_indices(len(y), batch) if batch is not None else None
         if rows is not None:
             x, y = x[rows], y[rows]
         load_into(self.module, state, "fitness.arch")
         self.module.eval()
-        correct, loss_sum = 0, 0.0
         bs = self.spec.batch_size
         for start in range(0, len(y), bs):
             if self.reset is not None:
                 self.reset(self.module)
-            logits = self.module(x[start:start + bs])
-            target = y[start:start + bs]
+            yield self.module(x[start:start + bs]), y[start:start + bs]
+
+    @torch.inference_mode()
+    def example_scores(self, state: State, split: str) -> torch.Tensor:
+        """Each example's share of the metric (correct or not; its cross-entropy): the
+        metric is their mean."""
+        return torch.cat([_example_scores(logits, target, self.metric)
+                          for logits, target in self._outputs(state, split, None)])
+
+    @torch.inference_mode()
+    def score(self, state: State, split: str, batch: Batch | None = None) -> float:
+        correct, loss_sum, n = 0, 0.0, 0
+        for logits, target in self._outputs(state, split, batch):
+            n += len(target)
             if self.metric == "accuracy":
                 correct += int((logits.argmax(dim=-1) == target).sum())
             else:
                 loss_sum += float(torch.nn.functional.cross_entropy(
                     logits.float(), target, reduction="sum"))
-        n = max(1, len(y))
+        n = max(1, n)
         return correct / n if self.metric == "accuracy" else loss_sum / n
 
 
@@ -321,6 +333,15 @@ class _HFEvaluator:
 class HFClassificationEvaluator(_HFEvaluator):
     auto_class = "AutoModelForSequenceClassification"
 
+    @torch.inference_mode()
+    def example_scores(self, state: State, split: str) -> torch.Tensor:
+        """Each example's share of the metric (accuracy or loss: their mean)."""
+        batches = self.batches(split)
+        self.load(state)
+        return torch.cat([_example_scores(
+            self.model(**{k: v for k, v in b.items() if k != "labels"}).logits, b["labels"],
+            self.metric) for b in batches])
+
     def strata(self, records: list[dict[str, Any]]) -> list[Hashable] | None:
         return [str(r.get(self.spec.label_field, "")).strip() for r in records]
 
@@ -371,6 +392,23 @@ class HFClassificationEvaluator(_HFEvaluator):
         if self.metric == "accuracy":
             return float((p == g).float().mean())
         return macro_f1(p, g)
+
+
+def _example_scores(logits: torch.Tensor, target: torch.Tensor, metric: str) -> torch.Tensor:
+    if metric == "accuracy":
+        return (logits.argmax(dim=-1) == target).double()
+    return torch.nn.functional.cross_entropy(logits.float(), target, reduction="none").double()
+
+
+def example_scores(evaluator: Evaluator, state: State, split: str) -> torch.Tensor | None:
+    """Each example's share of the metric, where the metric is their mean (torch and
+    hf-classification accuracy or loss); None where it is not (macro-F1, token-weighted
+    causal-LM loss, a callable)."""
+    fn = getattr(evaluator, "example_scores", None)
+    if fn is None or evaluator.metric not in ("accuracy", "loss"):
+        return None
+    scores: torch.Tensor = fn(state, split)
+    return scores
 
 
 def macro_f1(pred: torch.Tensor, gold: torch.Tensor) -> float:
@@ -436,4 +474,4 @@ def build_evaluator(spec: FitnessSpec, root: Path, model_ref: str | None = None)
 
 
 __all__ = ["GUARD", "SPLITS", "Batch", "Evaluator", "batch_indices", "better", "build_evaluator",
-           "code_refs", "guard_split", "macro_f1"]
+           "code_refs", "example_scores", "guard_split", "macro_f1"]

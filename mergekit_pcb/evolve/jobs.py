@@ -35,7 +35,7 @@ from mergekit_pcb.engine.rng import tensor_generator
 from mergekit_pcb.engine.stream import all_finite
 from mergekit_pcb.errors import UserError
 from mergekit_pcb.evolve.config import FitnessSpec, InnerMerge
-from mergekit_pcb.evolve.fitness import Evaluator, better, build_evaluator
+from mergekit_pcb.evolve.fitness import Evaluator, better, build_evaluator, example_scores
 from mergekit_pcb.evolve.operators import Scratch
 from mergekit_pcb.evolve.process_local import ProcessLocal
 from mergekit_pcb.evolve.store import CheckpointCache, TensorSpec
@@ -116,6 +116,7 @@ class ScoreJob:
     # The first step of the search, prepared while this merge (the initial population's)
     # is scored, as a trial job prepares the step after it.
     then: TrialJob | None = None
+    examples: bool = False  # also return each example's score (for a paired interval)
 
 
 @dataclass
@@ -124,6 +125,7 @@ class JobResult:
     member_score: float | None = None  # the trial's own fitness, when it was accepted
     accepted: bool = False
     checksum: int | None = None  # CRC-32 of the trial's file, when it was written
+    examples: list[float] | None = None  # each example's score, when the job asked for them
     fitness_s: float = 0.0
     total_s: float = 0.0
     timings: dict[str, float] = field(default_factory=dict)
@@ -475,7 +477,9 @@ def run_score(item: tuple[WorkContext, ScoreJob]) -> JobResult:
         rt.discard_prepared()  # nothing runs on past a failed job
         raise
     rt.settle_prepared()  # within this job's threads
-    return JobResult(score, fitness_s=rt.fitness_s, total_s=time.perf_counter() - start)
+    per_example = example_scores(rt.evaluator, state, job.split) if job.examples else None
+    return JobResult(score, fitness_s=rt.fitness_s, total_s=time.perf_counter() - start,
+                     examples=None if per_example is None else per_example.tolist())
 
 
 __all__ = ["JobResult", "NextStep", "Prepared", "ScoreJob", "TrialJob", "WorkContext",

@@ -66,6 +66,9 @@ def evolution_document(state: dict[str, Any], *, recipe_name: str | None, method
                     **({"guard": r.guard} if "guard" in state else {}),
                     "report": r.report} for r in scores],
         **({"guard": state["guard"]} if "guard" in state else {}),
+        # report(result) − report(best start), paired bootstrap over the report examples
+        **({"report_interval": state["report_interval"]}
+           if "report_interval" in state else {}),
         "totals": {
             "evaluations": state["evaluations"],
             "speculative_discarded": state["discarded"],

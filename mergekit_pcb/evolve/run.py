@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
 from rich.console import Console
 from rich.live import Live
 
@@ -36,6 +37,7 @@ from mergekit_pcb.evolve.output import (
     write_json,
 )
 from mergekit_pcb.evolve.ray_executor import RaySettings
+from mergekit_pcb.evolve.stats import paired_bootstrap
 from mergekit_pcb.evolve.store import CheckpointCache, RunDir
 from mergekit_pcb.io.artifacts import copy_model_files, model_dir, write_card_and_recipe
 from mergekit_pcb.io.reader import Checkpoint, open_checkpoint
@@ -155,12 +157,46 @@ def evolve(recipe_path: Path, output: Path | None = None, *, pop: int | None = N
                          time.perf_counter() - start, st["fitness_s"], notes)
 
 
+def best_start(run: EvolutionRun) -> int:
+    """The starting point the result is measured against (0..n-1 the inputs, n their
+    merge): the best on the guard with a guard, else on select; never chosen on report."""
+    st = run.state
+    n = len(st["initial"]["members"])
+    if "guard" in st:
+        scores = [c["guard"] for c in st["guard"]["candidates"][: n + 1]]
+    else:
+        scores = [*st["initial"]["select"], st["initial"]["merge_select"]]
+    return run.best_index(scores)
+
+
+def _interval(start: list[float] | None, result: list[float] | None,
+              seed: int) -> dict[str, Any]:
+    """report(result) − report(best start) with its paired bootstrap interval, where the
+    fitness gives scores per example."""
+    if start is None or result is None:
+        return {"delta": None, "reason": "no scores per example for this fitness"}
+    ci = paired_bootstrap(torch.tensor(result), torch.tensor(start), seed=seed)
+    return {"delta": ci.delta, "low": ci.low, "high": ci.high, "examples": ci.examples,
+            "level": ci.level, "resamples": ci.resamples}
+
+
 def closing_notes(run: EvolutionRun) -> tuple[str, ...]:
-    """The lines under the closing table: an early stop and its cause, and a result that is
-    one of the starting points because the search never beat it on the guard."""
-    if "guard" not in run.state:
-        return ()
+    """The lines under the closing table: report(result) − report(best start) with its
+    paired interval, an early stop and its cause, and a result that is one of the starting
+    points because the search never beat it on the guard."""
     notes = []
+    interval = run.state.get("report_interval")
+    if interval is not None and interval["delta"] is not None:
+        n = len(run.state["initial"]["members"])
+        label = run.state["guard"]["candidates"][interval["start"]]["label"] \
+            if "guard" in run.state else ("the inputs' merge" if interval["start"] == n
+                                          else f"input {interval['start']}")
+        notes.append(f"report(result) − report(best start: {label}) = "
+                     f"{interval['delta']:+.4f}, {interval['level']:.0%} paired bootstrap "
+                     f"interval [{interval['low']:+.4f}, {interval['high']:+.4f}] over "
+                     f"{interval['examples']} examples.")
+    if "guard" not in run.state:
+        return tuple(notes)
     reason = run.stop_reason()
     if reason is not None:
         notes.append(reason[0].upper() + reason[1:] + ".")
@@ -187,11 +223,19 @@ def _finish(run: EvolutionRun, recipe: EvolutionRecipe, text: str, output: Path,
         # that cannot read the driver's files score the same tensors from their members.
         result = ((str(tmp),), False) if run.executor.shares_files else (tuple(members), merged)
         jobs = [ScoreJob(*result, "select")]
+        start = best_start(run)  # compared with the result example by example on report
         if has_report:
-            jobs += [ScoreJob((str(p),), False, "report") for p in initial]
-            jobs.append(ScoreJob(tuple(str(p) for p in initial), True, "report"))
-            jobs.append(ScoreJob(*result, "report"))
-        results = [r.score for r in run.executor.map(run_score, [(run.ctx, j) for j in jobs])]
+            jobs += [ScoreJob((str(p),), False, "report", examples=k == start)
+                     for k, p in enumerate(initial)]
+            jobs.append(ScoreJob(tuple(str(p) for p in initial), True, "report",
+                                 examples=start == len(initial)))
+            jobs.append(ScoreJob(*result, "report", examples=True))
+        done = run.executor.map(run_score, [(run.ctx, j) for j in jobs])
+        results = [r.score for r in done]
+        if has_report:
+            st["report_interval"] = _interval(done[1 + start].examples, done[-1].examples,
+                                              settings.seed)
+            st["report_interval"]["start"] = start
         result_select = results[0]
         reports: list[float | None] = results[1:] if has_report else [None] * (len(refs) + 2)
         inner = recipe.merge.merge_method if recipe.merge else "linear"
