@@ -348,9 +348,9 @@ def evolve_command(
                      resume=resume, seed=seed, force=force, quiet=quiet, threads=threads,
                      run_dir=run_dir, shard_size=parse_size(shard_size),
                      allow_pickle=allow_pickle, trust_code=trust_code, loaded=loaded, ray=ray)
-    if not quiet:
-        stderr.print(f"wrote {summary.output} in {summary.seconds:.1f}s "
-                     f"(run state in {summary.run_dir})")
+    # even with --quiet (no live table): where the result is
+    stderr.print(f"wrote {summary.output} in {summary.seconds:.1f}s "
+                 f"(run state in {summary.run_dir})")
 
 
 @app.command("eval")

@@ -4,6 +4,7 @@ early stopping on the guard; report data never read before the result is chosen.
 
 from __future__ import annotations
 
+import itertools
 import json
 from pathlib import Path
 from typing import Any
@@ -251,3 +252,52 @@ def test_the_closing_notes_give_the_paired_interval(population: Path, tmp_path: 
     assert interval["examples"] == len(result) == 120
     assert interval["low"] <= interval["delta"] <= interval["high"]
     assert any(n.startswith("report(result) − report(best start: ") for n in summary.notes)
+
+
+# ----------------------------------------------------------------------------- margin
+
+
+def test_a_margin_keeps_only_trials_that_gain_more_than_it(population: Path,
+                                                           tmp_path: Path) -> None:
+    root = population
+    margin = 0.004
+    write_recipe(root, recipe_dict(root, n=4, generations=3, margin=margin), "margin.yaml")
+    evolve(root / "margin.yaml", tmp_path / "m", trust_code=True)
+    history = json.loads((tmp_path / "m" / "evolution.json").read_text())["history"]
+    # merged mode, loss: each kept trial lowered the objective by more than the margin
+    for before, after in itertools.pairwise(history):
+        assert before["objective"] - after["objective"] >= after["accepted"] * margin
+    assert sum(h["accepted"] for h in history) > 0
+    write_recipe(root, recipe_dict(root, n=4, generations=2, margin=10.0), "never.yaml")
+    evolve(root / "never.yaml", tmp_path / "n", trust_code=True)
+    never = json.loads((tmp_path / "n" / "evolution.json").read_text())["history"]
+    assert [h["accepted"] for h in never] == [0, 0, 0]
+    assert never[-1]["objective"] == never[0]["objective"]
+
+
+def test_the_objective_header_says_when_it_is_scored_on_batches() -> None:
+    from rich.console import Console
+
+    from mergekit_pcb.evolve.output import history_table
+
+    row = {"generation": 0, "objective": 0.5, "best": 0.5, "mean": 0.4, "accepted": 0,
+           "evaluated": 4, "F": None, "CR": None, "wall_s": 0.1}
+    console = Console(width=200, record=True)
+    console.print(history_table([row], "loss", batched=True))
+    assert "objective (loss; gen 0: select, then each gen's batch)" in console.export_text()
+    console.print(history_table([row], "loss"))
+    assert "objective (loss) " in console.export_text()
+
+
+def test_quiet_evolve_still_says_where_the_result_is(population: Path, tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from mergekit_pcb.cli import app
+
+    recipe = write_recipe(population, recipe_dict(population, n=4, generations=1), "q.yaml")
+    out = tmp_path / "quiet-out"
+    res = CliRunner().invoke(app, ["evolve", str(recipe), "-o", str(out), "-q",
+                                   "--trust-code"])
+    assert res.exit_code == 0, res.output
+    assert f"wrote {out.resolve()}" in res.output.replace("\n", "")
+    assert "Scores" not in res.output  # quiet: no tables

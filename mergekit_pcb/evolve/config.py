@@ -280,7 +280,9 @@ class Settings:
 
     def identity(self) -> dict[str, Any]:
         """What a resumed run must agree on (generations may grow: the run goes on)."""
-        return {"pop": self.pop, "seed": self.seed, **self.strategy.identity()}
+        margin = self.strategy.params.margin  # recorded when set: older states resume
+        return {"pop": self.pop, "seed": self.seed, **self.strategy.identity(),
+                **({"margin": margin} if margin else {})}
 
 
 def make_settings(recipe: EvolutionRecipe, *, pop: int | None = None,

@@ -449,6 +449,7 @@ class EvolutionRun:
             members=tuple(self._path(n) for n in st["members"]),
             merged=merged,
             threshold=st["objective"] if merged else st["fitness"][step.slot],
+            margin=self.settings.strategy.params.margin,
             out_path=self._path(f"g{gen + 1:04d}-s{position:04d}.safetensors"),
             spare=self._path(spare) if spare else None,
             batch=self.settings.strategy.batch(st["plan"]),

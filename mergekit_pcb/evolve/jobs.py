@@ -90,6 +90,7 @@ class TrialJob:
     merged: bool
     threshold: float  # what the trial must beat: merged fitness or the parent's fitness
     out_path: str  # where the trial is written when it beats the threshold
+    margin: float = 0.0  # a trial must beat the threshold by more (parameters.margin)
     spare: str | None = None  # a dead member file to overwrite in place instead
     batch: dict[str, int] | None = None  # the generation's mini-batch of the select data
     # The next step (merged mode, one worker with a spare core): built and merged on that
@@ -422,7 +423,7 @@ def _run_trial(rt: Runtime, ctx: WorkContext, job: TrialJob) -> JobResult:
         rt.prepare_next(job, trial, trial_identity, bank, kept=guess)
         score = rt.score(merged, "select")
         del merged
-        accepted = better(score, job.threshold, maximize)
+        accepted = better(score, bar(job, maximize), maximize)
         rt.record(accepted)
         if accepted:
             if not guess:
@@ -437,7 +438,7 @@ def _run_trial(rt: Runtime, ctx: WorkContext, job: TrialJob) -> JobResult:
                 raise
     else:
         score = rt.score(trial, "select", job.batch)
-        accepted = better(score, job.threshold, maximize)
+        accepted = better(score, bar(job, maximize), maximize)
         member_score = score
     t_scored = time.perf_counter()
     rt.settle_prepared()  # before the memo's rename below, and within this job's threads
@@ -451,6 +452,12 @@ def _run_trial(rt: Runtime, ctx: WorkContext, job: TrialJob) -> JobResult:
     return JobResult(score, member_score if accepted else None, accepted, checksum,
                      rt.fitness_s, end - start,
                      {"build": t_built - start, "write": end - t_scored})
+
+
+def bar(job: TrialJob, maximize: bool) -> float:
+    """What a trial's score must beat: its threshold moved by the margin, the way that asks
+    for more."""
+    return job.threshold + job.margin if maximize else job.threshold - job.margin
 
 
 def write_trial_file(ctx: WorkContext, job: TrialJob, trial: dict[str, torch.Tensor]) -> int:

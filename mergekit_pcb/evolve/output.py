@@ -79,8 +79,11 @@ def evolution_document(state: dict[str, Any], *, recipe_name: str | None, method
 
 
 def history_table(history: Sequence[dict[str, Any]], metric: str, title: str | None = None,
-                  current: dict[str, Any] | None = None) -> Table:
-    table = Table("gen", f"objective ({metric})", "best member", "mean member", "accepted",
+                  current: dict[str, Any] | None = None, batched: bool = False) -> Table:
+    # mini-batch searches score generation 0 on all of select, later ones on their batch
+    objective = (f"objective ({metric}; gen 0: select, then each gen's batch)" if batched
+                 else f"objective ({metric})")
+    table = Table("gen", objective, "best member", "mean member", "accepted",
                   "F", "CR", "wall s", title=title, title_justify="left")
     for h in history:
         acc = (f"{h['accepted']}/{h['evaluated']}" if h["generation"] else "initial")

@@ -100,7 +100,8 @@ class LiveView:
                        "best": "", "mean": "", "accepted":
                        f"{cur['accepted']}/{cur['evaluated']} ({st['step']}/{p.settings.pop})",
                        "F": "", "CR": "", "wall": f"{cur['wall_s']:.1f}"}
-        self.live.update(history_table(st["history"], self.metric, self.title, current))
+        self.live.update(history_table(st["history"], self.metric, self.title, current,
+                                       batched=p.settings.strategy.batched))
 
 
 def _f(v: float | None) -> str:
