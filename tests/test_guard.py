@@ -301,3 +301,32 @@ def test_quiet_evolve_still_says_where_the_result_is(population: Path, tmp_path:
     assert res.exit_code == 0, res.output
     assert f"wrote {out.resolve()}" in res.output.replace("\n", "")
     assert "Scores" not in res.output  # quiet: no tables
+
+
+def test_de_ancestor_with_a_guard_fraction(tmp_path: Path) -> None:
+    """Mini-batches on the fitting part, the guard cut from select: the end-of-run
+    candidates include the final member best on the fitting part and the two soups."""
+    root = build_population(tmp_path / "pop", n=4)
+    data = recipe_dict(root, n=4, generations=2)
+    data.update({"merge_method": "de-ancestor", "parameters": {
+        "generations": 2, "F": 0.5, "CR": 0.5, "batch_size": 40}})
+    del data["merge"]
+    data["fitness"].update({"guard_fraction": 0.25, "guard_seed": 2})
+    write_recipe(root, data)
+    out = tmp_path / "out"
+    summary = evolve(root / "recipe.yaml", out, trust_code=True)
+    doc = json.loads((out / "evolution.json").read_text())
+    final = doc["guard"]["final"]
+    assert final[0]["label"] == "final population: best member on select"
+    assert final[0]["select"] == min(doc["final"]["select"])
+    ev = build_evaluator(parse_fitness(data["fitness"], "test"), root)
+    labels = np.load(root / "select.npz")["labels"].tolist()
+    # round(0.25 × rows) of each class
+    expected = sum(round(0.25 * labels.count(c)) for c in set(labels))
+    assert len(ev.data("guard")[1]) == expected  # type: ignore[attr-defined]
+    starts = [ev.score(load_file(str(root / f"m{i}" / "model.safetensors")), "guard")
+              for i in range(4)]
+    result = ev.score(tensors(out), "guard")
+    assert result <= min(starts) + 1e-6
+    assert summary.scores[-1].guard == pytest.approx(result, abs=1e-6)
+    assert summary.scores[-1].label.startswith("result (de-ancestor): ")
