@@ -27,7 +27,7 @@ from test_evolve_engine import (
 from mergekit_pcb.errors import RecipeError
 from mergekit_pcb.evolve.config import load_evolution_recipe, parse_fitness
 from mergekit_pcb.evolve.fitness import build_evaluator, guard_split
-from mergekit_pcb.evolve.run import evaluate_checkpoint, evolve
+from mergekit_pcb.evolve.run import evaluate_checkpoint, evolve, plan_evolution
 
 # A callable fitness that logs which data file each call reads (what the report test
 # checks the order of).
@@ -195,6 +195,11 @@ def test_soups_of_the_final_population(tmp_path: Path) -> None:
     result = tensors(out)
     assert doc["scores"][-1]["guard"] == pytest.approx(ev.score(result, "guard"), abs=1e-5)
     assert doc["scores"][-1]["label"].startswith("result (cade)")  # not "standalone"
+    # the plan counts what the run scores (its final count adds the closing table's
+    # result select and the 4 inputs, the average and the result on report)
+    recipe, text = load_evolution_recipe(root / "recipe.yaml")
+    plan = plan_evolution(recipe, text, root / "recipe.yaml", output=tmp_path / "planned")
+    assert doc["totals"]["evaluations"] == plan["evaluations"]["total_at_most"] - (1 + 4 + 2)
 
 
 def test_sigkill_then_resume_with_a_guard_matches(tmp_path: Path) -> None:

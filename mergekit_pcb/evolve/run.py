@@ -23,7 +23,7 @@ from mergekit_pcb.evolve.config import (
 )
 from mergekit_pcb.evolve.engine import EvolutionRun, Progress
 from mergekit_pcb.evolve.executor import executor_scope, make_executor
-from mergekit_pcb.evolve.fitness import SPLITS, build_evaluator, code_refs
+from mergekit_pcb.evolve.fitness import GUARD, SPLITS, build_evaluator, code_refs
 from mergekit_pcb.evolve.jobs import ScoreJob, member_key, population_recipe, run_score
 from mergekit_pcb.evolve.output import (
     CURVE_PNG,
@@ -329,7 +329,8 @@ def evaluate_checkpoint(model: str, fitness_path: Path, splits: tuple[str, ...] 
     spec = spec if spec is not None else load_fitness_file(fitness_path)
     require_consent(code_refs(spec), trust_code)
     root = fitness_path.resolve().parent
-    wanted = [s for s in splits if s == "select" or getattr(spec, s) is not None]
+    wanted = [s for s in splits if s == "select" or getattr(spec, s) is not None
+              or (s == GUARD and spec.guarded)]
     if not wanted:
         raise UserError(f"{fitness_path}: no report data named (fitness.report)")
     with open_checkpoint(model) as ckpt:
@@ -373,6 +374,10 @@ def plan_evolution(recipe: EvolutionRecipe, text: str, recipe_path: Path, *,
     batched = settings.strategy.batched  # members rescored per generation and at the end
     final = 1 + ((n + 2) if spec.report is not None else 0) + (size if batched else 0)
     per_generation = size * (2 if settings.merged else 1) + (size if batched else 0)
+    if spec.guarded:  # the starting points, each generation's best, the end's candidates
+        initial += n + 1
+        per_generation += 1
+        final += (1 if batched else 0) + (0 if settings.merged else 2 * size + 2)
     return {
         "valid": True, "kind": "search", "method": settings.strategy.name,
         "search": settings.strategy.describe(),
@@ -383,7 +388,8 @@ def plan_evolution(recipe: EvolutionRecipe, text: str, recipe_path: Path, *,
         "inner_merge": {"method": merge.merge_method, "parameters": dict(merge.parameters),
                         "used_for": "objective" if settings.merged else "plain-merge row"},
         "fitness": {"type": spec.type, "metric": spec.metric_name, "maximize": spec.maximize,
-                    "select": spec.select, "report": spec.report},
+                    "select": spec.select, "report": spec.report, "guard": spec.guard,
+                    "guard_fraction": spec.guard_fraction},
         "code": {key: ref for key, ref in code_refs(spec)},  # runs only with --trust-code
         "evaluations": {"initial": initial, "per_generation_at_most": per_generation,
                         "final": final,
