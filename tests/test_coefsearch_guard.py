@@ -67,7 +67,7 @@ def test_the_guard_chooses_the_result_and_patience_stops(pop: Path, tmp_path: Pa
     assert guards[0]["n"] == 0  # the default point, the start
     # each scored on the guard is a new best on select (loss: lower)
     assert all(b["select"] < a["select"] for a, b in itertools.pairwise(guards))
-    best = min(guards, key=lambda g: (g["guard"], g["n"]))
+    best = min(guards, key=lambda g: (g["guard"], g["select"]))  # a tie: better select
     assert summary["scores"][-1]["guard"] == best["guard"] <= guards[0]["guard"]
     calls = (pop / "calls.log").read_text().split()
     assert calls.count("guard.npz") == len(guards)

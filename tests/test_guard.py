@@ -335,3 +335,23 @@ def test_de_ancestor_with_a_guard_fraction(tmp_path: Path) -> None:
     assert result <= min(starts) + 1e-6
     assert summary.scores[-1].guard == pytest.approx(result, abs=1e-6)
     assert summary.scores[-1].label.startswith("result (de-ancestor): ")
+
+
+def test_a_tie_on_the_guard_goes_to_the_better_on_select() -> None:
+    from mergekit_pcb.evolve.engine import _guard_best
+
+    def c(label: str, guard: float, select: float, **extra: str) -> dict[str, Any]:
+        return {"label": label, "guard": guard, "select": select, **extra}
+
+    start = c("input a", 0.97, 0.95)
+    tied = c("generation 1: best member", 0.97, 0.976)
+    on_batch = c("generation 2: best member", 0.97, 0.99, select_on="batch")
+    worse = c("generation 3: best member", 0.96, 0.999)
+    state = {"guard": {"candidates": [start, tied, on_batch, worse], "final": None}}
+    assert _guard_best(state, maximize=True) is tied
+    # a mini-batch score is not compared with whole-select ones
+    state["guard"]["candidates"] = [start, on_batch]
+    assert _guard_best(state, maximize=True) is start
+    # loss: lower is better on both
+    state["guard"]["candidates"] = [c("s", 0.3, 0.5), c("g", 0.3, 0.4), c("h", 0.31, 0.1)]
+    assert _guard_best(state, maximize=False)["label"] == "g"

@@ -638,6 +638,8 @@ class EvolutionRun:
             i, f = self._best(st["fitness"])
             c = {"label": f"generation {g}: best member", "files": [st["members"][i]],
                  "merged": False, "select": f}
+            if self.settings.strategy.batched:  # its select score is on the generation's
+                c["select_on"] = "batch"  # mini-batch: no tie-break against the others
         c["guard"] = self._guard_scores([c["files"]])[0]
         c["generation"] = g
         st["guard"]["candidates"].append(c)
@@ -682,8 +684,9 @@ class EvolutionRun:
         st["guard"]["final"] = final
 
     def guard_best(self) -> dict[str, Any]:
-        """The candidate best on the guard; the earliest wins a tie, so the result is a
-        starting point unless the search found something better on the guard."""
+        """The candidate best on the guard; a tie goes to the better on select (the guard
+        cannot tell them apart, the fitting data can), then to the earliest: the result is
+        never below the best starting point on the guard."""
         return _guard_best(self._state, self.maximize)
 
     def stop_reason(self) -> str | None:
@@ -723,7 +726,9 @@ def _guard_best(state: dict[str, Any], maximize: bool) -> dict[str, Any]:
     candidates = [*guard["candidates"], *(guard.get("final") or [])]
     best = candidates[0]
     for c in candidates[1:]:
-        if better(c["guard"], best["guard"], maximize):
+        if better(c["guard"], best["guard"], maximize) or (
+                c["guard"] == best["guard"] and "select_on" not in c
+                and ("select_on" in best or better(c["select"], best["select"], maximize))):
             best = c
     return best
 

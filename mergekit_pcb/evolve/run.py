@@ -125,6 +125,10 @@ def evolve(recipe_path: Path, output: Path | None = None, *, pop: int | None = N
     start = time.perf_counter()
     recipe, text = loaded if loaded is not None else load_evolution_recipe(recipe_path)
     require_consent(code_refs(recipe.fitness), trust_code)
+    if recipe.fitness.guarded and ray is not None and not ray.shared_run_dir:
+        # the result may be an earlier generation's population, which only the driver keeps
+        raise UserError("fitness.guard: a guarded search on Ray needs --shared-run-dir (the "
+                        "chosen result may be members the workers no longer hold)")
     settings = make_settings(recipe, pop=pop, generations=generations, seed=seed)
     output = output if output is not None else default_output(recipe_path)
     inputs = input_paths(recipe, allow_pickle)

@@ -213,10 +213,13 @@ def guard_stop(guards: list[dict[str, Any]], patience: int | None, maximize: boo
 
 def _guard_best(evals: list[dict[str, Any]], guards: list[dict[str, Any]],
                 maximize: bool) -> dict[str, Any]:
-    """The evaluation best on the guard; the earliest wins a tie (the default point first)."""
+    """The evaluation best on the guard; a tie goes to the better on select (each point the
+    guard scores is a new best on select: the later), so the result is never below the
+    default point on the guard."""
     best = guards[0]
     for g in guards[1:]:
-        if better(g["guard"], best["guard"], maximize):
+        if better(g["guard"], best["guard"], maximize) or (
+                g["guard"] == best["guard"] and better(g["select"], best["select"], maximize)):
             best = g
     return evals[best["n"]]
 
