@@ -16,6 +16,13 @@ A strategy may keep a state in the run state (`search`, updated after each gener
 the steps' `outcomes`), and may draw a mini-batch of the select data per generation: the
 members are then rescored on it before the first step (committed with the plan), and the
 result is the member best on the whole select data (`final_select`).
+
+With a guard (`fitness.guard` or `guard_fraction`), trials are still kept on the select
+data (the fitting part), and the guard scores the starting points once, each generation's
+best (never a trial) and, at the end, the final member best on select and two soups of the
+final population; the result is the candidate best on the guard (`state["guard"]`), whose
+files are kept until a better one replaces it, and `patience` stops the run when no
+generation has raised the guard's best for that many generations.
 """
 
 from __future__ import annotations

@@ -192,10 +192,10 @@ def closing_notes(run: EvolutionRun) -> tuple[str, ...]:
     notes = []
     interval = run.state.get("report_interval")
     if interval is not None and interval["delta"] is not None:
-        n = len(run.state["initial"]["members"])
-        label = run.state["guard"]["candidates"][interval["start"]]["label"] \
-            if "guard" in run.state else ("the inputs' merge" if interval["start"] == n
-                                          else f"input {interval['start']}")
+        refs = run.recipe.population_refs()
+        k = interval["start"]
+        label = (run.settings.strategy.merge_row_label(run.ctx.merge.merge_method)
+                 if k == len(refs) else f"input {Path(refs[k]).name or refs[k]}")
         notes.append(f"report(result) − report(best start: {label}) = "
                      f"{interval['delta']:+.4f}, {interval['level']:.0%} paired bootstrap "
                      f"interval [{interval['low']:+.4f}, {interval['high']:+.4f}] over "
