@@ -392,8 +392,9 @@ def plan_evolution(recipe: EvolutionRecipe, text: str, recipe_path: Path, *,
         "inner_merge": {"method": merge.merge_method, "parameters": dict(merge.parameters),
                         "used_for": "objective" if settings.merged else "plain-merge row"},
         "fitness": {"type": spec.type, "metric": spec.metric_name, "maximize": spec.maximize,
-                    "select": spec.select, "report": spec.report, "guard": spec.guard,
-                    "guard_fraction": spec.guard_fraction},
+                    "select": spec.select, "report": spec.report,
+                    **({"guard": spec.guard, "guard_fraction": spec.guard_fraction}
+                       if spec.guarded else {})},
         "code": {key: ref for key, ref in code_refs(spec)},  # runs only with --trust-code
         "evaluations": {"initial": initial, "per_generation_at_most": per_generation,
                         "final": final,
