@@ -482,7 +482,7 @@ def evolve_command(
                          ray=ray)
     if json_out:
         print(json.dumps(search_summary(summary, method)))
-    elif not quiet:
+    else:  # even with --quiet (no live table): where the result is
         stderr.print(f"wrote {summary.output} in {summary.seconds:.1f}s "
                      f"(run state in {summary.run_dir})", soft_wrap=True, markup=False,
                      highlight=False)

@@ -126,7 +126,7 @@ def test_de_ancestor_beats_every_ancestor_on_select(training_run: Path,
     # every ancestor in natural order (epoch-4 ... epoch-10), their average, the result
     assert [r["label"] for r in rows] == [f"input epoch-{e}" for e in
                                           range(EPOCHS - LAST + 1, EPOCHS + 1)] + \
-        ["uniform average (linear)", "result (de-ancestor, standalone)"]
+        ["uniform average (linear)", "result (de-ancestor)"]
     ancestors, average, result = rows[:LAST], rows[LAST], rows[-1]
     assert result["select"] <= min(r["select"] for r in ancestors)
     # the result is the member best on the whole select data

@@ -162,7 +162,7 @@ def test_cade_on_a_spiking_network(fine_tunes: Path, tmp_path: Path) -> None:
     doc = json.loads((out / "evolution.json").read_text())
     rows = {r["label"]: r for r in doc["scores"]}
     members = [rows[f"input ft{i}"] for i in range(4)]
-    result = rows["result (cade, standalone)"]
+    result = rows["result (cade)"]
     assert "uniform average (linear)" in rows and "report accuracy" in res.output
     assert all(m["select"] > 0.5 for m in members)  # trained: far above chance
     assert result["select"] >= max(m["select"] for m in members)

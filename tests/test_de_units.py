@@ -64,9 +64,12 @@ def test_cade_defaults_are_the_reference_setting_and_jitter_is_seeded() -> None:
     assert plan0["F"] == plan0["CR"] == pytest.approx(1e-5)  # no jitter in the first
     plans = [cade.draw_generation(random.Random(s), 20, 99, 6) for s in (1, 1, 2)]
     assert plans[0] == plans[1] and plans[0] != plans[2]
-    for p in plans:  # cosine midpoint + U(min, max)
-        assert 5.5e-6 + 1e-6 <= p["F"] <= 5.5e-6 + 1e-5
-        assert 5.5e-6 + 1e-6 <= p["CR"] <= 5.5e-6 + 1e-5
+    for p in plans:  # cosine midpoint + U(min, max), capped at max
+        assert 5.5e-6 + 1e-6 <= p["F"] <= 1e-5
+        assert 5.5e-6 + 1e-6 <= p["CR"] <= 1e-5
+    # the cap binds where the jitter would pass max: U(1e-6, 1e-5) > 4.5e-6 in most draws
+    draws = [cade.draw_generation(random.Random(s), 20, 99, 6)["F"] for s in range(20)]
+    assert max(draws) == 1e-5 and min(draws) < 1e-5
     plain = CADE(CADEParameters(jitter=False)).draw_generation(random.Random(1), 20, 99, 6)
     assert plain["F"] == pytest.approx(5.5e-6) and plain["order"] == list(range(6))
     with pytest.raises(RecipeError, match=r"parameters.jitter: .* parameters.F is not a cosine"):
@@ -188,9 +191,11 @@ def test_ancestors_in_natural_order(tmp_path: Path) -> None:
 def test_mini_batches_need_a_torch_fitness(tmp_path: Path) -> None:
     data = {"merge_method": "de-ancestor", "ancestors": ["a", "b", "c", "d"],
             "fitness": {"type": "callable", "function": "m:f"}}
-    with pytest.raises(RecipeError, match=r"parameters.batch_size: mini-batches need "
-                                          r"fitness type torch"):
+    with pytest.raises(RecipeError, match=r"parameters\.batch_size: mini-batches \(the "
+                                          r"default batch_size: 256\) need fitness type torch"):
         parse_evolution_recipe(data, "r.yaml")
+    with pytest.raises(RecipeError, match=r"mini-batches \(batch_size: 32\) need"):
+        parse_evolution_recipe({**data, "parameters": {"batch_size": 32}}, "r.yaml")
     parse_evolution_recipe({**data, "parameters": {"batch_size": None}}, "r.yaml")
     with pytest.raises(RecipeError, match="not both"):
         parse_evolution_recipe({**data, "models": [{"model": "x"}]}, "r.yaml")

@@ -54,11 +54,19 @@ class InnerMerge(StrictModel):
 
 
 class FitnessSpec(StrictModel):
-    """What a candidate is scored by; `select` is what the search sees, `report` is not."""
+    """What a candidate is scored by; `select` is what the search sees, `report` is not.
+
+    A guard (`guard:` data of its own, or `guard_fraction:` of the select rows split off
+    once, seeded by `guard_seed`, stratified by label where there are labels) chooses the
+    result among the starting points and each generation's best; trials never see it.
+    """
 
     type: Literal["callable", "torch", "hf-classification", "causal-lm"]
     select: str | None = None
     report: str | None = None
+    guard: str | None = None
+    guard_fraction: float | None = Field(None, gt=0.0, lt=1.0)
+    guard_seed: int = Field(0, ge=0)
     metric: str | None = None
     minimize: bool = False
     function: str | None = None  # callable: package.module:function
@@ -77,6 +85,11 @@ class FitnessSpec(StrictModel):
     @property
     def metric_name(self) -> str:
         return self.metric or METRICS[self.type][0]
+
+    @property
+    def guarded(self) -> bool:
+        """Whether the result is chosen on a guard split."""
+        return self.guard is not None or self.guard_fraction is not None
 
     @property
     def maximize(self) -> bool:
@@ -187,6 +200,9 @@ def check_recipe(recipe: EvolutionRecipe, source: str) -> None:
             raise RecipeError(f"{source}: models[{i}].parameters.{key}: {name} members take no "
                               "parameters; put the inner merge's under merge.parameters")
     strategy.check(recipe.merge is not None, f"{source}: ")
+    if strategy.params.patience is not None and not recipe.fitness.guarded:
+        raise RecipeError(f"{source}: parameters.patience: early stopping watches the guard; "
+                          "add fitness.guard or fitness.guard_fraction")
     strategy.check_fitness(recipe.fitness.type, f"{source}: ")
     if recipe.merge is not None:
         cls = REGISTRY.get(recipe.merge.merge_method)
@@ -239,6 +255,12 @@ def check_fitness(spec: FitnessSpec, source: str, prefix: str) -> None:
         raise RecipeError(f"{source}: {p}{required}: required by fitness type {spec.type}")
     if spec.type != "callable" and spec.select is None:
         raise RecipeError(f"{source}: {p}select: required (the data the search selects on)")
+    if spec.guard is not None and spec.guard_fraction is not None:
+        raise RecipeError(f"{source}: {p}guard_fraction: give guard data (guard) or a "
+                          "fraction of the select data (guard_fraction), not both")
+    if spec.guard_fraction is not None and spec.type == "callable":
+        raise RecipeError(f"{source}: {p}guard_fraction: a callable fitness reads its data "
+                          "file itself and cannot be split; name guard data (guard) instead")
     check_plain_data(spec.arch_kwargs, f"{p}arch_kwargs")  # before any code sees them
     for key in ("function", "arch", "reset"):
         value = getattr(spec, key)
@@ -262,7 +284,9 @@ class Settings:
 
     def identity(self) -> dict[str, Any]:
         """What a resumed run must agree on (generations may grow: the run goes on)."""
-        return {"pop": self.pop, "seed": self.seed, **self.strategy.identity()}
+        margin = self.strategy.params.margin  # recorded when set: older states resume
+        return {"pop": self.pop, "seed": self.seed, **self.strategy.identity(),
+                **({"margin": margin} if margin else {})}
 
 
 def make_settings(recipe: EvolutionRecipe, *, pop: int | None = None,

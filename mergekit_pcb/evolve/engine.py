@@ -16,6 +16,13 @@ A strategy may keep a state in the run state (`search`, updated after each gener
 the steps' `outcomes`), and may draw a mini-batch of the select data per generation: the
 members are then rescored on it before the first step (committed with the plan), and the
 result is the member best on the whole select data (`final_select`).
+
+With a guard (`fitness.guard` or `guard_fraction`), trials are still kept on the select
+data (the fitting part), and the guard scores the starting points once, each generation's
+best (never a trial) and, at the end, the final member best on select and two soups of the
+final population; the result is the candidate best on the guard (`state["guard"]`), whose
+files are kept until a better one replaces it, and `patience` stops the run when no
+generation has raised the guard's best for that many generations.
 """
 
 from __future__ import annotations
@@ -35,7 +42,7 @@ from mergekit_pcb.engine.stream import all_finite
 from mergekit_pcb.errors import CheckpointError, UserError
 from mergekit_pcb.evolve.config import EvolutionRecipe, InnerMerge, Settings, fingerprint
 from mergekit_pcb.evolve.executor import Executor
-from mergekit_pcb.evolve.fitness import better, code_refs
+from mergekit_pcb.evolve.fitness import GUARD, better, code_refs
 from mergekit_pcb.evolve.jobs import (
     JobResult,
     NextStep,
@@ -160,17 +167,21 @@ class EvolutionRun:
         """What a resumed run must share with the run it continues."""
         spec = self.recipe.fitness
         data = {}
-        for split in ("select", "report"):
+        for split in ("select", "report", "guard"):
             ref = getattr(spec, split)
             if ref is not None:
                 path = resolve_data_file(ref, self.root, f"fitness.{split}")
                 data[split] = fingerprint([path.stat().st_size, _file_digest(path)])
+        fitness = spec.model_dump()
+        if not spec.guarded:  # the run states of earlier versions, without these keys, resume
+            for key in ("guard", "guard_fraction", "guard_seed"):
+                del fitness[key]
         return {
             **self.settings.identity(),
             "models": self.recipe.population_refs(),
             "base_model": self.recipe.base_model,
             "merge": _merge_identity(self.recipe.merge),
-            "fitness": spec.model_dump(),
+            "fitness": fitness,
             "data": data,
             # the fitness code's source: a changed module would score another way
             "code": {key: code_digest(ref, self.root) for key, ref in code_refs(spec)},
@@ -224,9 +235,12 @@ class EvolutionRun:
             self._check_members(existing)
             self._state = existing
             self._state["generations"] = self.settings.generations
-            if existing["phase"] == "done" and existing["generation"] < self.settings.generations:
+            if existing["phase"] == "done" and existing["generation"] < self.settings.generations \
+                    and self.stop_reason() is None:
                 self._state["phase"] = "evolve"  # more generations asked for: go on
                 self._state.pop("final_select", None)  # the result is chosen again at the end
+                if "guard" in self._state:
+                    self._state["guard"]["final"] = None
             self._check_resumable(existing)
             if existing["phase"] == "init":
                 self._initialize()
@@ -283,7 +297,11 @@ class EvolutionRun:
         if existing["phase"] == "init":
             return  # the initial population is rewritten whole
         checksums = existing.get("checksums", {})
-        for name in dict.fromkeys([*existing["members"], *existing["initial"]["members"]]):
+        for name in dict.fromkeys([*existing["members"], *existing["initial"]["members"],
+                                   *_guard_files(existing, self.maximize)]):
+            if not isinstance(name, str) or Path(name).name != name:
+                raise CheckpointError(f"corrupt run state {self.run_dir.state_path} (member "
+                                      f"name {str(name)[:40]!r})")
             path = self.run_dir.member_path(name)
             if not path.is_file():
                 raise UserError(f"--resume: member file {path} is missing; start over with "
@@ -348,10 +366,20 @@ class EvolutionRun:
             jobs.append(ScoreJob(paths, True, "select"))
         if merged_mode:  # while the population's merge is scored, prepare the first step
             jobs[-1] = replace(jobs[-1], then=self._first_trial(paths))
+        starts = self._starting_points(names[: len(refs)])
+        if self.recipe.fitness.guarded:  # the starting points on the guard, once
+            jobs += [ScoreJob(tuple(self._path(n) for n in c["files"]), c["merged"], GUARD)
+                     for c in starts]
         results = self._score(jobs)
         fitness = [r.score for r in results[: s.pop]]
         plain = results[s.pop].score
-        objective = (results[-1].score if merged_mode else self._best(fitness)[1])
+        scored = len(jobs) - (len(starts) if self.recipe.fitness.guarded else 0)
+        objective = (results[scored - 1].score if merged_mode else self._best(fitness)[1])
+        if self.recipe.fitness.guarded:
+            for c, r, sel in zip(starts, results[scored:], [*fitness[: len(refs)], plain],
+                                 strict=True):
+                c.update({"select": sel, "guard": r.score})
+            self._state["guard"] = {"candidates": starts, "final": None}
         self._state.update({
             "phase": "evolve", "members": names, "fitness": fitness, "objective": objective,
             "checksums": checksums,
@@ -380,11 +408,16 @@ class EvolutionRun:
         return results
 
     def _best(self, fitness: Sequence[float]) -> tuple[int, float]:
-        best = 0
-        for i, f in enumerate(fitness):
-            if better(f, fitness[best], self.maximize):
-                best = i
+        best = self.best_index(fitness)
         return best, fitness[best]
+
+    def best_index(self, scores: Sequence[float]) -> int:
+        """The first of the best scores."""
+        best = 0
+        for i, f in enumerate(scores):
+            if better(f, scores[best], self.maximize):
+                best = i
+        return best
 
     def _draw_plan(self, generation: int) -> dict[str, Any]:
         """The strategy's plan of a generation, from the controller RNG, drawn before any
@@ -406,11 +439,17 @@ class EvolutionRun:
         st["objective"] = self._best(st["fitness"])[1]
         st["evaluations"] += len(jobs)
 
+    def _referenced(self) -> list[str]:
+        """The member files the state names: the population, the starting members, and the
+        files of the best candidate on the guard (the result, if nothing beats it)."""
+        st = self._state
+        return list(dict.fromkeys([*st["members"], *st["initial"]["members"],
+                                   *_guard_files(st, self.maximize)]))
+
     def _tidy(self) -> None:
         """Keep one spare member file per worker for accepted trials to overwrite."""
-        st = self._state
-        self._spares = self.run_dir.collect_garbage(
-            [*st["members"], *st["initial"]["members"]], spares=self.executor.workers)
+        self._spares = self.run_dir.collect_garbage(self._referenced(),
+                                                    spares=self.executor.workers)
 
     def _trial_job(self, position: int, spare: str | None) -> TrialJob:
         st = self._state
@@ -422,6 +461,7 @@ class EvolutionRun:
             members=tuple(self._path(n) for n in st["members"]),
             merged=merged,
             threshold=st["objective"] if merged else st["fitness"][step.slot],
+            margin=self.settings.strategy.params.margin,
             out_path=self._path(f"g{gen + 1:04d}-s{position:04d}.safetensors"),
             spare=self._path(spare) if spare else None,
             batch=self.settings.strategy.batch(st["plan"]),
@@ -486,7 +526,8 @@ class EvolutionRun:
         st = self._state
         pop = self.settings.pop
         self._tidy()
-        while st["phase"] == "evolve" and st["generation"] < st["generations"]:
+        while st["phase"] == "evolve" and st["generation"] < st["generations"] \
+                and self.stop_reason() is None:
             if st["plan"] is None:
                 st["plan"] = self._draw_plan(st["generation"])
                 self._rescore_on_batch()
@@ -515,7 +556,7 @@ class EvolutionRun:
                         self._write_trial(job, res.checksum)
                     st["members"][slot] = new
                     st["checksums"][new] = res.checksum
-                    if old not in st["initial"]["members"]:
+                    if old not in self._referenced():
                         del st["checksums"][old]
                     assert res.member_score is not None
                     st["fitness"][slot] = res.member_score
@@ -539,6 +580,8 @@ class EvolutionRun:
                     st["search"] = self.settings.strategy.end_generation(
                         st["search"], plan, st["outcomes"])
                     st["outcomes"] = []
+                if "guard" in st:
+                    self._guard_generation()
                 st["step"], st["plan"] = 0, None
                 st["current"] = _fresh_counters()
                 self._commit(durable=True)
@@ -551,7 +594,10 @@ class EvolutionRun:
             st["final_select"] = [r.score for r in self._score(jobs)]
             st["evaluations"] += len(jobs)
             self._commit()
-        self.run_dir.collect_garbage([*st["members"], *st["initial"]["members"]])  # spares
+        if "guard" in st and st["guard"]["final"] is None:
+            self._guard_final()
+            self._commit()
+        self.run_dir.collect_garbage(self._referenced())  # spares
 
     def _record(self, generation: int, *, accepted: int, evaluated: int, F: float | None,
                 CR: float | None) -> dict[str, Any]:
@@ -570,15 +616,140 @@ class EvolutionRun:
             "fitness_s": cur["fitness_s"],
         }
 
+    # ------------------------------------------------------------------ the guard
+
+    def _starting_points(self, inputs: list[str]) -> list[dict[str, Any]]:
+        """The candidates a guarded result is chosen from before any search: each input
+        member and their plain merge (the closing table's first rows)."""
+        refs = self.recipe.population_refs()
+        starts: list[dict[str, Any]] = [
+            {"label": f"input {Path(ref).name or ref}", "files": [name], "merged": False,
+             "generation": 0} for ref, name in zip(refs, inputs, strict=True)]
+        label = self.settings.strategy.merge_row_label(self.ctx.merge.merge_method)
+        starts.append({"label": label, "files": list(inputs), "merged": True,
+                       "generation": 0})
+        return starts
+
+    def _guard_scores(self, groups: Sequence[Sequence[str]], split: str = GUARD
+                      ) -> list[float]:
+        """Each group of member names scored on `split` (a group of one as itself, more as
+        their merge), counted as evaluations."""
+        jobs = [ScoreJob(tuple(self._path(n) for n in g), len(g) > 1, split) for g in groups]
+        self._state["evaluations"] += len(jobs)
+        return [r.score for r in self._score(jobs)]
+
+    def _guard_generation(self) -> None:
+        """Score the generation's best on the guard (the one guard evaluation a generation
+        makes): the merged population, or the member best on the fitting data."""
+        st = self._state
+        g = st["generation"]
+        if self.settings.merged:
+            c = {"label": f"generation {g}: merged population", "files": list(st["members"]),
+                 "merged": True, "select": st["objective"]}
+        else:
+            i, f = self._best(st["fitness"])
+            c = {"label": f"generation {g}: best member", "files": [st["members"][i]],
+                 "merged": False, "select": f}
+            if self.settings.strategy.batched:  # its select score is on the generation's
+                c["select_on"] = "batch"  # mini-batch: no tie-break against the others
+        c["guard"] = self._guard_scores([c["files"]])[0]
+        c["generation"] = g
+        st["guard"]["candidates"].append(c)
+        keep = set(self._referenced())  # the files of a former best are no longer kept
+        st["checksums"] = {k: v for k, v in st["checksums"].items() if k in keep}
+
+    def _guard_final(self) -> None:
+        """The end-of-run candidates: the final member best on all of the select data
+        (mini-batch searches), and for searches over single members, two soups of the final
+        population: its uniform merge and a greedy soup on the guard (members added best
+        on the guard first, each kept only if the guard does not fall)."""
+        st = self._state
+        final: list[dict[str, Any]] = []
+        if "final_select" in st:
+            i, f = self._best(st["final_select"])
+            final.append({"label": "final population: best member on select",
+                          "files": [st["members"][i]], "merged": False, "select": f})
+            final[-1]["guard"] = self._guard_scores([final[-1]["files"]])[0]
+        if not self.settings.merged:
+            members = list(dict.fromkeys(st["members"]))
+            own = self._guard_scores([[m] for m in members])
+            order = sorted(range(len(members)), key=lambda k: own[k],
+                           reverse=self.maximize)
+            soup, soup_guard = [members[order[0]]], own[order[0]]
+            for k in order[1:]:
+                trial = self._guard_scores([[*soup, members[k]]])[0]
+                if not better(soup_guard, trial, self.maximize):  # the guard did not fall
+                    soup, soup_guard = [*soup, members[k]], trial
+            label = self.settings.strategy.merge_row_label(self.ctx.merge.merge_method)
+            uniform = self._guard_scores([members])[0]
+            final += [
+                {"label": f"final population: {label}", "files": members,
+                 "merged": True, "guard": uniform},
+                {"label": f"final population: greedy soup on the guard ({len(soup)} of "
+                          f"{len(members)})", "files": soup, "merged": len(soup) > 1,
+                 "guard": soup_guard}]
+            selects = self._guard_scores([c["files"] for c in final[-2:]], "select")
+            for c, sel in zip(final[-2:], selects, strict=True):
+                c["select"] = sel
+        for c in final:
+            c["generation"] = st["generation"]
+        st["guard"]["final"] = final
+
+    def guard_best(self) -> dict[str, Any]:
+        """The candidate best on the guard; a tie goes to the better on select (the guard
+        cannot tell them apart, the fitting data can), then to the earliest: the result is
+        never below the best starting point on the guard."""
+        return _guard_best(self._state, self.maximize)
+
+    def stop_reason(self) -> str | None:
+        """Why the run stopped before its last generation (patience spent on the guard), or
+        None."""
+        st = self._state
+        patience = self.settings.strategy.params.patience
+        if "guard" not in st or patience is None:
+            return None
+        best, since = None, 0
+        for c in st["guard"]["candidates"]:
+            if best is None or better(c["guard"], best, self.maximize):
+                best, since = c["guard"], c["generation"]
+        g = st["generation"]
+        if g - since >= patience and g < st["generations"]:
+            return (f"stopped early after generation {g} of {st['generations']}: no "
+                    f"generation's best raised the guard's best ({best:.4f}, generation "
+                    f"{since}) in {patience} generations (parameters.patience)")
+        return None
+
     # ------------------------------------------------------------------ results
 
     def result_members(self) -> tuple[list[str], bool]:
         """The member files the result is made of, and whether they are merged."""
         st = self._state
+        if "guard" in st:
+            best = self.guard_best()
+            return [self._path(n) for n in best["files"]], best["merged"]
         if self.settings.merged:
             return [self._path(n) for n in st["members"]], True
         best, _ = self._best(st.get("final_select", st["fitness"]))
         return [self._path(st["members"][best])], False
+
+
+def _guard_best(state: dict[str, Any], maximize: bool) -> dict[str, Any]:
+    guard = state["guard"]
+    candidates = [*guard["candidates"], *(guard.get("final") or [])]
+    best = candidates[0]
+    for c in candidates[1:]:
+        if better(c["guard"], best["guard"], maximize) or (
+                c["guard"] == best["guard"] and "select_on" not in c
+                and ("select_on" in best or better(c["select"], best["select"], maximize))):
+            best = c
+    return best
+
+
+def _guard_files(state: dict[str, Any], maximize: bool) -> list[str]:
+    """The member files of the best candidate on the guard (none without a guard)."""
+    if "guard" not in state:
+        return []
+    return list(_guard_best(state, maximize)["files"])
 
 
 def _merge_identity(merge: InnerMerge | None) -> dict[str, Any] | None:

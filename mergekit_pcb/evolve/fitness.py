@@ -16,7 +16,7 @@ from __future__ import annotations
 import csv
 import json
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Hashable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -30,6 +30,7 @@ from mergekit_pcb.usercode import check_plain_data, import_object
 State = Mapping[str, torch.Tensor]
 Batch = Mapping[str, int]  # {"seed": ..., "size": ...}: a mini-batch of a split
 SPLITS = ("select", "report")
+GUARD = "guard"  # the split that chooses the result (fitness.guard or guard_fraction)
 
 
 class Evaluator(Protocol):
@@ -67,13 +68,55 @@ def better(a: float, b: float, maximize: bool) -> bool:
     return a > b if maximize else a < b
 
 
+def guard_split(n: int, fraction: float, seed: int,
+                labels: Sequence[Hashable] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The rows (sorted) of the fitting part and of the guard when `fraction` of `n` select
+    rows is held out: drawn once from `seed`, per label when there are labels (each class
+    gives round(fraction × its rows) to the guard, so both parts keep the class mix)."""
+    if labels is None:
+        groups = [list(range(n))]
+    else:
+        by_label: dict[Hashable, list[int]] = {}
+        for i, label in enumerate(labels):
+            by_label.setdefault(label, []).append(i)
+        groups = [by_label[k] for k in sorted(by_label, key=repr)]
+    g = torch.Generator().manual_seed(seed)
+    guard: list[int] = []
+    for rows in groups:
+        order = torch.randperm(len(rows), generator=g).tolist()
+        guard += [rows[i] for i in order[: round(fraction * len(rows))]]
+    held = torch.zeros(n, dtype=torch.bool)
+    held[guard] = True
+    if not held.any() or held.all():
+        raise UserError(f"fitness.guard_fraction: {fraction} of {n} select rows leaves "
+                        f"{'no guard' if not held.any() else 'nothing to fit on'}")
+    return (~held).nonzero().flatten(), held.nonzero().flatten()
+
+
+def _source_split(spec: FitnessSpec, split: str) -> str:
+    """The split whose data file `split` reads: the guard cut from select reads select."""
+    return "select" if split == GUARD and spec.guard_fraction is not None else split
+
+
 def _check_split(spec: FitnessSpec, split: str) -> str:
-    if split not in SPLITS:
+    if split not in (*SPLITS, GUARD):
         raise ValueError(split)
-    ref = getattr(spec, split)
+    ref = getattr(spec, _source_split(spec, split))
     if ref is None and split == "report":
         raise UserError("fitness.report: no report data named")
+    if ref is None and split == GUARD:
+        raise UserError("fitness.guard: no guard data named (fitness.guard or guard_fraction)")
     return ref
+
+
+def _part(spec: FitnessSpec, split: str, n: int,
+          labels: Sequence[Hashable] | None) -> torch.Tensor | None:
+    """The rows of the select data that `split` scores when guard_fraction splits it (None:
+    all the rows of its own file)."""
+    if spec.guard_fraction is None or split not in ("select", GUARD):
+        return None
+    fit, guard = guard_split(n, spec.guard_fraction, spec.guard_seed, labels)
+    return guard if split == GUARD else fit
 
 
 class CallableEvaluator:
@@ -89,9 +132,7 @@ class CallableEvaluator:
     def score(self, state: State, split: str, batch: Batch | None = None) -> float:
         no_batches(batch, "callable")
         if split not in self._data:
-            ref = getattr(self.spec, split)
-            if ref is None and split == "report":
-                raise UserError("fitness.report: no report data named")
+            ref = _check_split(self.spec, split)  # guard_fraction is refused for callables
             self._data[split] = (None if ref is None
                                  else str(resolve_data_file(ref, self.root, f"fitness.{split}")))
         data = self._data[split]
@@ -158,35 +199,50 @@ class TorchModuleEvaluator:
     def data(self, split: str) -> tuple[torch.Tensor, torch.Tensor]:
         if split not in self._data:
             ref = _check_split(self.spec, split)
-            path = resolve_data_file(ref, self.root, f"fitness.{split}")
-            x, y = load_tensor_dataset(path, self.spec.inputs_key, self.spec.labels_key,
-                                       f"fitness.{split}")
+            key = f"fitness.{_source_split(self.spec, split)}"
+            path = resolve_data_file(ref, self.root, key)
+            x, y = load_tensor_dataset(path, self.spec.inputs_key, self.spec.labels_key, key)
             if self.spec.limit is not None:
                 x, y = x[: self.spec.limit], y[: self.spec.limit]
+            rows = _part(self.spec, split, len(y), y.tolist())
+            if rows is not None:
+                x, y = x[rows], y[rows]
             self._data[split] = (x, y.long())
         return self._data[split]
 
-    @torch.inference_mode()
-    def score(self, state: State, split: str, batch: Batch | None = None) -> float:
+    def _outputs(self, state: State, split: str, batch: Batch | None
+                 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """(logits, labels) of each batch of the split (or of its mini-batch `batch`)."""
         x, y = self.data(split)
         rows = batch_indices(len(y), batch) if batch is not None else None
         if rows is not None:
             x, y = x[rows], y[rows]
         load_into(self.module, state, "fitness.arch")
         self.module.eval()
-        correct, loss_sum = 0, 0.0
         bs = self.spec.batch_size
         for start in range(0, len(y), bs):
             if self.reset is not None:
                 self.reset(self.module)
-            logits = self.module(x[start:start + bs])
-            target = y[start:start + bs]
+            yield self.module(x[start:start + bs]), y[start:start + bs]
+
+    @torch.inference_mode()
+    def example_scores(self, state: State, split: str) -> torch.Tensor:
+        """Each example's share of the metric (correct or not; its cross-entropy): the
+        metric is their mean."""
+        return torch.cat([_example_scores(logits, target, self.metric)
+                          for logits, target in self._outputs(state, split, None)])
+
+    @torch.inference_mode()
+    def score(self, state: State, split: str, batch: Batch | None = None) -> float:
+        correct, loss_sum, n = 0, 0.0, 0
+        for logits, target in self._outputs(state, split, batch):
+            n += len(target)
             if self.metric == "accuracy":
                 correct += int((logits.argmax(dim=-1) == target).sum())
             else:
                 loss_sum += float(torch.nn.functional.cross_entropy(
                     logits.float(), target, reduction="sum"))
-        n = max(1, len(y))
+        n = max(1, n)
         return correct / n if self.metric == "accuracy" else loss_sum / n
 
 
@@ -247,17 +303,25 @@ class _HFEvaluator:
     def batches(self, split: str) -> list[dict[str, torch.Tensor]]:
         if split not in self._batches:
             ref = _check_split(self.spec, split)
-            path = resolve_data_file(ref, self.root, f"fitness.{split}")
-            records = read_records(path, f"fitness.{split}")
+            key = f"fitness.{_source_split(self.spec, split)}"
+            path = resolve_data_file(ref, self.root, key)
+            records = read_records(path, key)
             if self.spec.limit is not None:
                 records = records[: self.spec.limit]
             if not records:
-                raise UserError(f"fitness.{split}: {path} holds no examples")
-            self._batches[split] = self.tokenize(records, f"fitness.{split}")
+                raise UserError(f"{key}: {path} holds no examples")
+            rows = _part(self.spec, split, len(records), self.strata(records))
+            if rows is not None:
+                records = [records[i] for i in rows.tolist()]
+            self._batches[split] = self.tokenize(records, key)
         return self._batches[split]
 
     def tokenize(self, records: list[dict[str, Any]], key: str) -> list[dict[str, torch.Tensor]]:
         raise NotImplementedError
+
+    def strata(self, records: list[dict[str, Any]]) -> list[Hashable] | None:
+        """What a guard_fraction split is stratified by (None: no labels, a plain draw)."""
+        return None
 
     def _texts(self, records: list[dict[str, Any]], key: str) -> list[str]:
         field = self.spec.text_field
@@ -268,6 +332,18 @@ class _HFEvaluator:
 
 class HFClassificationEvaluator(_HFEvaluator):
     auto_class = "AutoModelForSequenceClassification"
+
+    @torch.inference_mode()
+    def example_scores(self, state: State, split: str) -> torch.Tensor:
+        """Each example's share of the metric (accuracy or loss: their mean)."""
+        batches = self.batches(split)
+        self.load(state)
+        return torch.cat([_example_scores(
+            self.model(**{k: v for k, v in b.items() if k != "labels"}).logits, b["labels"],
+            self.metric) for b in batches])
+
+    def strata(self, records: list[dict[str, Any]]) -> list[Hashable] | None:
+        return [str(r.get(self.spec.label_field, "")).strip() for r in records]
 
     def tokenize(self, records: list[dict[str, Any]], key: str) -> list[dict[str, torch.Tensor]]:
         texts = self._texts(records, key)
@@ -316,6 +392,23 @@ class HFClassificationEvaluator(_HFEvaluator):
         if self.metric == "accuracy":
             return float((p == g).float().mean())
         return macro_f1(p, g)
+
+
+def _example_scores(logits: torch.Tensor, target: torch.Tensor, metric: str) -> torch.Tensor:
+    if metric == "accuracy":
+        return (logits.argmax(dim=-1) == target).double()
+    return torch.nn.functional.cross_entropy(logits.float(), target, reduction="none").double()
+
+
+def example_scores(evaluator: Evaluator, state: State, split: str) -> torch.Tensor | None:
+    """Each example's share of the metric, where the metric is their mean (torch and
+    hf-classification accuracy or loss); None where it is not (macro-F1, token-weighted
+    causal-LM loss, a callable)."""
+    fn = getattr(evaluator, "example_scores", None)
+    if fn is None or evaluator.metric not in ("accuracy", "loss"):
+        return None
+    scores: torch.Tensor = fn(state, split)
+    return scores
 
 
 def macro_f1(pred: torch.Tensor, gold: torch.Tensor) -> float:
@@ -380,5 +473,5 @@ def build_evaluator(spec: FitnessSpec, root: Path, model_ref: str | None = None)
     return CausalLMEvaluator(spec, root, model_ref)
 
 
-__all__ = ["SPLITS", "Batch", "Evaluator", "batch_indices", "better", "build_evaluator",
-           "code_refs", "macro_f1"]
+__all__ = ["GUARD", "SPLITS", "Batch", "Evaluator", "batch_indices", "better", "build_evaluator",
+           "code_refs", "example_scores", "guard_split", "macro_f1"]

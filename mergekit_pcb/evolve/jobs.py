@@ -35,7 +35,7 @@ from mergekit_pcb.engine.rng import tensor_generator
 from mergekit_pcb.engine.stream import all_finite
 from mergekit_pcb.errors import UserError
 from mergekit_pcb.evolve.config import FitnessSpec, InnerMerge
-from mergekit_pcb.evolve.fitness import Evaluator, better, build_evaluator
+from mergekit_pcb.evolve.fitness import Evaluator, better, build_evaluator, example_scores
 from mergekit_pcb.evolve.operators import Scratch
 from mergekit_pcb.evolve.process_local import ProcessLocal
 from mergekit_pcb.evolve.store import CheckpointCache, TensorSpec
@@ -90,6 +90,7 @@ class TrialJob:
     merged: bool
     threshold: float  # what the trial must beat: merged fitness or the parent's fitness
     out_path: str  # where the trial is written when it beats the threshold
+    margin: float = 0.0  # a trial must beat the threshold by more (parameters.margin)
     spare: str | None = None  # a dead member file to overwrite in place instead
     batch: dict[str, int] | None = None  # the generation's mini-batch of the select data
     # The next step (merged mode, one worker with a spare core): built and merged on that
@@ -116,6 +117,7 @@ class ScoreJob:
     # The first step of the search, prepared while this merge (the initial population's)
     # is scored, as a trial job prepares the step after it.
     then: TrialJob | None = None
+    examples: bool = False  # also return each example's score (for a paired interval)
 
 
 @dataclass
@@ -124,6 +126,7 @@ class JobResult:
     member_score: float | None = None  # the trial's own fitness, when it was accepted
     accepted: bool = False
     checksum: int | None = None  # CRC-32 of the trial's file, when it was written
+    examples: list[float] | None = None  # each example's score, when the job asked for them
     fitness_s: float = 0.0
     total_s: float = 0.0
     timings: dict[str, float] = field(default_factory=dict)
@@ -420,7 +423,7 @@ def _run_trial(rt: Runtime, ctx: WorkContext, job: TrialJob) -> JobResult:
         rt.prepare_next(job, trial, trial_identity, bank, kept=guess)
         score = rt.score(merged, "select")
         del merged
-        accepted = better(score, job.threshold, maximize)
+        accepted = better(score, bar(job, maximize), maximize)
         rt.record(accepted)
         if accepted:
             if not guess:
@@ -435,7 +438,7 @@ def _run_trial(rt: Runtime, ctx: WorkContext, job: TrialJob) -> JobResult:
                 raise
     else:
         score = rt.score(trial, "select", job.batch)
-        accepted = better(score, job.threshold, maximize)
+        accepted = better(score, bar(job, maximize), maximize)
         member_score = score
     t_scored = time.perf_counter()
     rt.settle_prepared()  # before the memo's rename below, and within this job's threads
@@ -449,6 +452,12 @@ def _run_trial(rt: Runtime, ctx: WorkContext, job: TrialJob) -> JobResult:
     return JobResult(score, member_score if accepted else None, accepted, checksum,
                      rt.fitness_s, end - start,
                      {"build": t_built - start, "write": end - t_scored})
+
+
+def bar(job: TrialJob, maximize: bool) -> float:
+    """What a trial's score must beat: its threshold moved by the margin, the way that asks
+    for more."""
+    return job.threshold + job.margin if maximize else job.threshold - job.margin
 
 
 def write_trial_file(ctx: WorkContext, job: TrialJob, trial: dict[str, torch.Tensor]) -> int:
@@ -475,7 +484,9 @@ def run_score(item: tuple[WorkContext, ScoreJob]) -> JobResult:
         rt.discard_prepared()  # nothing runs on past a failed job
         raise
     rt.settle_prepared()  # within this job's threads
-    return JobResult(score, fitness_s=rt.fitness_s, total_s=time.perf_counter() - start)
+    per_example = example_scores(rt.evaluator, state, job.split) if job.examples else None
+    return JobResult(score, fitness_s=rt.fitness_s, total_s=time.perf_counter() - start,
+                     examples=None if per_example is None else per_example.tolist())
 
 
 __all__ = ["JobResult", "NextStep", "Prepared", "ScoreJob", "TrialJob", "WorkContext",

@@ -24,6 +24,7 @@ class ScoreRow:
     model: str
     select: float | None
     report: float | None
+    guard: float | None = None  # with a guard split: what chose the result
 
 
 def clean(value: Any) -> Any:
@@ -62,7 +63,12 @@ def evolution_document(state: dict[str, Any], *, recipe_name: str | None, method
                   **({"search_state": state["search"]} if "search" in state else {})},
         "history": history,
         "scores": [{"label": r.label, "model": r.model, "select": r.select,
+                    **({"guard": r.guard} if "guard" in state else {}),
                     "report": r.report} for r in scores],
+        **({"guard": state["guard"]} if "guard" in state else {}),
+        # report(result) − report(best start), paired bootstrap over the report examples
+        **({"report_interval": state["report_interval"]}
+           if "report_interval" in state else {}),
         "totals": {
             "evaluations": state["evaluations"],
             "speculative_discarded": state["discarded"],
@@ -73,8 +79,11 @@ def evolution_document(state: dict[str, Any], *, recipe_name: str | None, method
 
 
 def history_table(history: Sequence[dict[str, Any]], metric: str, title: str | None = None,
-                  current: dict[str, Any] | None = None) -> Table:
-    table = Table("gen", f"objective ({metric})", "best member", "mean member", "accepted",
+                  current: dict[str, Any] | None = None, batched: bool = False) -> Table:
+    # mini-batch searches score generation 0 on all of select, later ones on their batch
+    objective = (f"objective ({metric}; gen 0: select, then each gen's batch)" if batched
+                 else f"objective ({metric})")
+    table = Table("gen", objective, "best member", "mean member", "accepted",
                   "F", "CR", "wall s", title=title, title_justify="left")
     for h in history:
         acc = (f"{h['accepted']}/{h['evaluated']}" if h["generation"] else "initial")
@@ -87,11 +96,16 @@ def history_table(history: Sequence[dict[str, Any]], metric: str, title: str | N
 
 def scores_table(rows: Sequence[ScoreRow], metric: str, maximize: bool) -> Table:
     direction = "higher" if maximize else "lower"
-    table = Table("model", f"select {metric}", f"report {metric}",
-                  title=f"Scores ({direction} is better; the search saw only select)",
+    guarded = any(r.guard is not None for r in rows)
+    seen = ("trials saw only select, the guard chose the result" if guarded
+            else "the search saw only select")
+    columns = [f"select {metric}", *([f"guard {metric}"] if guarded else []),
+               f"report {metric}"]
+    table = Table("model", *columns, title=f"Scores ({direction} is better; {seen})",
                   title_justify="left")
     for r in rows:
-        table.add_row(r.label, fmt(r.select), fmt(r.report))
+        table.add_row(r.label, fmt(r.select), *([fmt(r.guard)] if guarded else []),
+                      fmt(r.report))
     return table
 
 
@@ -137,10 +151,17 @@ def search_card(*, recipe_text: str, recipe_name: str | None, base_model: str | 
                 library_name: str = "transformers") -> str:
     inner = f", inner merge **{merge_method}**" if merge_method else ""
     inputs = ([f"- base: `{base_model}`"] if base_model else []) + [f"- `{m}`" for m in models]
-    table = ["| model | select | report |", "|---|---|---|"]
-    table += [f"| {r.label} | {fmt(r.select)} | {fmt(r.report)} |" for r in scores]
-    table += ["", "Selection used only the `select` data; `report` was never seen by the "
-              "search."]
+    if any(r.guard is not None for r in scores):
+        table = ["| model | select | guard | report |", "|---|---|---|---|"]
+        table += [f"| {r.label} | {fmt(r.select)} | {fmt(r.guard)} | {fmt(r.report)} |"
+                  for r in scores]
+        table += ["", "Trials were kept on the `select` data; the result was chosen on the "
+                  "`guard` data; `report` was never seen by the search."]
+    else:
+        table = ["| model | select | report |", "|---|---|---|"]
+        table += [f"| {r.label} | {fmt(r.select)} | {fmt(r.report)} |" for r in scores]
+        table += ["", "Selection used only the `select` data; `report` was never seen by "
+                  "the search."]
     curve = ["| generation | objective | best | mean | accepted |", "|---|---|---|---|---|"]
     curve += [f"| {h['generation']} | {fmt(h['objective'])} | {fmt(h['best'])} | "
               f"{fmt(h['mean'])} | {h['accepted']}/{h['evaluated']} |" for h in history]

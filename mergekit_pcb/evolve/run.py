@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
 from rich.console import Console
 from rich.live import Live
 
@@ -22,7 +23,7 @@ from mergekit_pcb.evolve.config import (
 )
 from mergekit_pcb.evolve.engine import EvolutionRun, Progress
 from mergekit_pcb.evolve.executor import executor_scope, make_executor
-from mergekit_pcb.evolve.fitness import SPLITS, build_evaluator, code_refs
+from mergekit_pcb.evolve.fitness import GUARD, SPLITS, build_evaluator, code_refs
 from mergekit_pcb.evolve.jobs import ScoreJob, member_key, population_recipe, run_score
 from mergekit_pcb.evolve.output import (
     CURVE_PNG,
@@ -36,6 +37,7 @@ from mergekit_pcb.evolve.output import (
     write_json,
 )
 from mergekit_pcb.evolve.ray_executor import RaySettings
+from mergekit_pcb.evolve.stats import paired_bootstrap
 from mergekit_pcb.evolve.store import CheckpointCache, RunDir
 from mergekit_pcb.io.artifacts import (
     copy_model_files,
@@ -66,6 +68,7 @@ class EvolveSummary:
     history: list[dict[str, Any]]
     seconds: float
     fitness_seconds: float
+    notes: tuple[str, ...] = ()  # how the run ended and how the result was chosen
 
 
 def input_paths(recipe: EvolutionRecipe, allow_pickle: bool = False) -> list[Path]:
@@ -102,7 +105,8 @@ class LiveView:
                        "best": "", "mean": "", "accepted":
                        f"{cur['accepted']}/{cur['evaluated']} ({st['step']}/{p.settings.pop})",
                        "F": "", "CR": "", "wall": f"{cur['wall_s']:.1f}"}
-        self.live.update(history_table(st["history"], self.metric, self.title, current))
+        self.live.update(history_table(st["history"], self.metric, self.title, current,
+                                       batched=p.settings.strategy.batched))
 
 
 def _f(v: float | None) -> str:
@@ -126,6 +130,10 @@ def evolve(recipe_path: Path, output: Path | None = None, *, pop: int | None = N
     start = time.perf_counter()
     recipe, text = loaded if loaded is not None else load_evolution_recipe(recipe_path)
     require_consent(code_refs(recipe.fitness), trust_code)
+    if recipe.fitness.guarded and ray is not None and not ray.shared_run_dir:
+        # the result may be an earlier generation's population, which only the driver keeps
+        raise UserError("fitness.guard: a guarded search on Ray needs --shared-run-dir (the "
+                        "chosen result may be members the workers no longer hold)")
     settings = make_settings(recipe, pop=pop, generations=generations, seed=seed)
     output = output if output is not None else default_output(recipe_path)
     inputs = input_paths(recipe, allow_pickle)
@@ -149,11 +157,64 @@ def evolve(recipe_path: Path, output: Path | None = None, *, pop: int | None = N
             run.run()
         rows = _finish(run, recipe, text, output, force=force, workers=executor.workers,
                        shard_size=shard_size, inputs=inputs)
+    notes = closing_notes(run)
     if not quiet:
         Console().print(scores_table(rows, recipe.fitness.metric_name, run.maximize))
+        for note in notes:
+            Console().print(note)
     st = run.state
     return EvolveSummary(output.resolve(), rdir.root, rows, st["history"],
-                         time.perf_counter() - start, st["fitness_s"])
+                         time.perf_counter() - start, st["fitness_s"], notes)
+
+
+def best_start(run: EvolutionRun) -> int:
+    """The starting point the result is measured against (0..n-1 the inputs, n their
+    merge): the best on the guard with a guard, else on select; never chosen on report."""
+    st = run.state
+    n = len(st["initial"]["members"])
+    if "guard" in st:
+        scores = [c["guard"] for c in st["guard"]["candidates"][: n + 1]]
+    else:
+        scores = [*st["initial"]["select"], st["initial"]["merge_select"]]
+    return run.best_index(scores)
+
+
+def _interval(start: list[float] | None, result: list[float] | None,
+              seed: int) -> dict[str, Any]:
+    """report(result) − report(best start) with its paired bootstrap interval, where the
+    fitness gives scores per example."""
+    if start is None or result is None:
+        return {"delta": None, "reason": "no scores per example for this fitness"}
+    ci = paired_bootstrap(torch.tensor(result), torch.tensor(start), seed=seed)
+    return {"delta": ci.delta, "low": ci.low, "high": ci.high, "examples": ci.examples,
+            "level": ci.level, "resamples": ci.resamples}
+
+
+def closing_notes(run: EvolutionRun) -> tuple[str, ...]:
+    """The lines under the closing table: report(result) − report(best start) with its
+    paired interval, an early stop and its cause, and a result that is one of the starting
+    points because the search never beat it on the guard."""
+    notes = []
+    interval = run.state.get("report_interval")
+    if interval is not None and interval["delta"] is not None:
+        refs = run.recipe.population_refs()
+        k = interval["start"]
+        label = (run.settings.strategy.merge_row_label(run.ctx.merge.merge_method)
+                 if k == len(refs) else f"input {Path(refs[k]).name or refs[k]}")
+        notes.append(f"report(result) − report(best start: {label}) = "
+                     f"{interval['delta']:+.4f}, {interval['level']:.0%} paired bootstrap "
+                     f"interval [{interval['low']:+.4f}, {interval['high']:+.4f}] over "
+                     f"{interval['examples']} examples.")
+    if "guard" not in run.state:
+        return tuple(notes)
+    reason = run.stop_reason()
+    if reason is not None:
+        notes.append(reason[0].upper() + reason[1:] + ".")
+    best = run.guard_best()
+    if best in run.state["guard"]["candidates"][: len(run.recipe.population_refs()) + 1]:
+        notes.append(f"The search did not beat its best start on the guard: the result is "
+                     f"the starting point '{best['label']}'.")
+    return tuple(notes)
 
 
 def _finish(run: EvolutionRun, recipe: EvolutionRecipe, text: str, output: Path, *,
@@ -172,22 +233,41 @@ def _finish(run: EvolutionRun, recipe: EvolutionRecipe, text: str, output: Path,
         # that cannot read the driver's files score the same tensors from their members.
         result = ((str(tmp),), False) if run.executor.shares_files else (tuple(members), merged)
         jobs = [ScoreJob(*result, "select")]
+        start = best_start(run)  # compared with the result example by example on report
         if has_report:
-            jobs += [ScoreJob((str(p),), False, "report") for p in initial]
-            jobs.append(ScoreJob(tuple(str(p) for p in initial), True, "report"))
-            jobs.append(ScoreJob(*result, "report"))
-        results = [r.score for r in run.executor.map(run_score, [(run.ctx, j) for j in jobs])]
+            jobs += [ScoreJob((str(p),), False, "report", examples=k == start)
+                     for k, p in enumerate(initial)]
+            jobs.append(ScoreJob(tuple(str(p) for p in initial), True, "report",
+                                 examples=start == len(initial)))
+            jobs.append(ScoreJob(*result, "report", examples=True))
+        done = run.executor.map(run_score, [(run.ctx, j) for j in jobs])
+        results = [r.score for r in done]
+        if has_report:
+            st["report_interval"] = _interval(done[1 + start].examples, done[-1].examples,
+                                              settings.seed)
+            st["report_interval"]["start"] = start
         result_select = results[0]
         reports: list[float | None] = results[1:] if has_report else [None] * (len(refs) + 2)
         inner = recipe.merge.merge_method if recipe.merge else "linear"
-        rows = [ScoreRow(f"input {Path(ref).name or ref}", ref, sel, rep) for ref, sel, rep in
-                zip(refs, st["initial"]["select"], reports, strict=False)]
+        # with a guard: the starting points' guard scores (the candidates' first rows)
+        guards: list[float | None] = ([c["guard"] for c in st["guard"]["candidates"]]
+                                      if "guard" in st else [None] * (len(refs) + 1))
+        rows = [ScoreRow(f"input {Path(ref).name or ref}", ref, sel, rep, guard)
+                for ref, sel, rep, guard in
+                zip(refs, st["initial"]["select"], reports, guards, strict=False)]
         rows.append(ScoreRow(settings.strategy.merge_row_label(inner), "merge of the inputs",
-                             st["initial"]["merge_select"], reports[len(refs)]))
+                             st["initial"]["merge_select"], reports[len(refs)],
+                             guards[len(refs)]))
         mode = "merged" if settings.merged else "standalone"
         name = settings.strategy.name
-        rows.append(ScoreRow(f"result ({name}, {mode})", "output", result_select,
-                             reports[len(refs) + 1]))
+        # only the evolver has modes: "standalone" would mislabel de-ancestor and cade
+        label = f"result ({name}, {mode})" if "mode" in settings.strategy.describe() \
+            else f"result ({name})"
+        chosen = run.guard_best() if "guard" in st else None
+        if chosen is not None:
+            label = f"{label}: {chosen['label']}"
+        rows.append(ScoreRow(label, "output", result_select, reports[len(refs) + 1],
+                             None if chosen is None else chosen["guard"]))
         donor = recipe.base_model or refs[0]
         config_root = model_dir(donor)
         tokenizer_root = (model_dir(recipe.tokenizer_source)
@@ -261,7 +341,8 @@ def evaluate_checkpoint(model: str, fitness_path: Path, splits: tuple[str, ...] 
     spec = spec if spec is not None else load_fitness_file(fitness_path)
     require_consent(code_refs(spec), trust_code)
     root = fitness_path.resolve().parent
-    wanted = [s for s in splits if s == "select" or getattr(spec, s) is not None]
+    wanted = [s for s in splits if s == "select" or getattr(spec, s) is not None
+              or (s == GUARD and spec.guarded)]
     if not wanted:
         raise UserError(f"{fitness_path}: no report data named (fitness.report)")
     with open_checkpoint(model) as ckpt:
@@ -305,6 +386,10 @@ def plan_evolution(recipe: EvolutionRecipe, text: str, recipe_path: Path, *,
     batched = settings.strategy.batched  # members rescored per generation and at the end
     final = 1 + ((n + 2) if spec.report is not None else 0) + (size if batched else 0)
     per_generation = size * (2 if settings.merged else 1) + (size if batched else 0)
+    if spec.guarded:  # the starting points, each generation's best, the end's candidates
+        initial += n + 1
+        per_generation += 1
+        final += (1 if batched else 0) + (0 if settings.merged else 2 * size + 2)
     return {
         "valid": True, "kind": "search", "method": settings.strategy.name,
         "search": settings.strategy.describe(),
@@ -315,7 +400,9 @@ def plan_evolution(recipe: EvolutionRecipe, text: str, recipe_path: Path, *,
         "inner_merge": {"method": merge.merge_method, "parameters": dict(merge.parameters),
                         "used_for": "objective" if settings.merged else "plain-merge row"},
         "fitness": {"type": spec.type, "metric": spec.metric_name, "maximize": spec.maximize,
-                    "select": spec.select, "report": spec.report},
+                    "select": spec.select, "report": spec.report,
+                    **({"guard": spec.guard, "guard_fraction": spec.guard_fraction}
+                       if spec.guarded else {})},
         "code": {key: ref for key, ref in code_refs(spec)},  # runs only with --trust-code
         "evaluations": {"initial": initial, "per_generation_at_most": per_generation,
                         "final": final,

@@ -69,4 +69,5 @@ _DOCS = {
     "budget": "candidates the optimizer proposes (the default merge and grid are extra)",
     "layer_groups": "per-model parameters: points of a gradient over the layers",
     "grid": "values per searched parameter; their product is scored for the closing table",
+    "patience": "with a guard: stop after this many new bests on select without a guard gain",
 }

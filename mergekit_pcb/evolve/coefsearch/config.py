@@ -47,6 +47,9 @@ class SearchParameters(StrictModel):
     # points scored besides the search, for the closing table (each a list of values;
     # per-model parameters take one value for every model); the product of the lists
     grid: dict[str, list[float]] = Field(default_factory=dict)
+    # with a guard (fitness.guard or guard_fraction): stop after this many new bests on
+    # select that do not raise the best guard score
+    patience: int | None = Field(None, ge=1)
 
 
 class CoefficientSearchRecipe(StrictModel):
@@ -174,6 +177,9 @@ def recipe_text(data: dict[str, Any], header: str) -> str:
 def parse_search_recipe(data: Any, source: str) -> tuple[CoefficientSearchRecipe, SearchSpace]:
     recipe = validate_mapping(CoefficientSearchRecipe, data, source)
     parse_fitness(data["fitness"], source, "fitness")  # the evolution recipes' own checks
+    if recipe.parameters.patience is not None and not recipe.fitness.guarded:
+        raise RecipeError(f"{source}: parameters.patience: early stopping watches the guard; "
+                          "add fitness.guard or fitness.guard_fraction")
     return recipe, search_space(recipe, source)
 
 

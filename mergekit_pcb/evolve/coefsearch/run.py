@@ -19,8 +19,9 @@ from rich.table import Table
 from mergekit_pcb.engine import MergePlan, build_plan, write_plan
 from mergekit_pcb.errors import RecipeError, UserError
 from mergekit_pcb.evolve.executor import Executor, executor_scope
-from mergekit_pcb.evolve.fitness import better, code_refs
-from mergekit_pcb.evolve.output import clean, fmt, plot_png
+from mergekit_pcb.evolve.fitness import GUARD, better, code_refs
+from mergekit_pcb.evolve.output import ScoreRow, clean, fmt, plot_png
+from mergekit_pcb.evolve.output import scores_table as evolve_scores_table
 from mergekit_pcb.io.artifacts import library_of, model_card, write_card_and_recipe
 from mergekit_pcb.io.files import atomic_write_json
 from mergekit_pcb.io.writer import atomic_output_dir, check_destination, prepare_run_dir
@@ -56,6 +57,7 @@ class Row:
     label: str
     select: float | None
     report: float | None
+    guard: float | None = None
 
 
 def default_run_dir(output: Path) -> Path:
@@ -180,8 +182,46 @@ def _identity(recipe: CoefficientSearchRecipe, space: SearchSpace, seed: int) ->
     return {"merge": _fingerprint(space.merge_data(None)),
             "search": {k: list(v) for k, v in recipe.search.items()},
             "optimizer": p.optimizer, "budget": p.budget, "layer_groups": p.layer_groups,
-            "grid": _fingerprint(p.grid), "fitness": _fingerprint(recipe.fitness.model_dump()),
+            "grid": _fingerprint(p.grid), "fitness": _fitness_fingerprint(recipe),
             "seed": seed, "nevergrad": nevergrad_version()}
+
+
+def _fitness_fingerprint(recipe: CoefficientSearchRecipe) -> str:
+    data = recipe.fitness.model_dump()
+    if not recipe.fitness.guarded:  # the states of earlier versions, without these, resume
+        for key in ("guard", "guard_fraction", "guard_seed"):
+            del data[key]
+    return _fingerprint(data)
+
+
+def _point_key(x: list[float] | None, space: SearchSpace) -> tuple[float, ...]:
+    """What the point cache is keyed by: the point's values (None is the recipe's own)."""
+    return tuple(float(v) for v in (x if x is not None else space.defaults()))
+
+
+def guard_stop(guards: list[dict[str, Any]], patience: int | None, maximize: bool) -> bool:
+    """True when the last `patience` points scored on the guard (each a new best on select)
+    did not raise the best guard score."""
+    if patience is None or not guards:
+        return False
+    best, since = guards[0]["guard"], 0
+    for k, g in enumerate(guards[1:], 1):
+        if better(g["guard"], best, maximize):
+            best, since = g["guard"], k
+    return len(guards) - 1 - since >= patience
+
+
+def _guard_best(evals: list[dict[str, Any]], guards: list[dict[str, Any]],
+                maximize: bool) -> dict[str, Any]:
+    """The evaluation best on the guard; a tie goes to the better on select (each point the
+    guard scores is a new best on select: the later), so the result is never below the
+    default point on the guard."""
+    best = guards[0]
+    for g in guards[1:]:
+        if better(g["guard"], best["guard"], maximize) or (
+                g["guard"] == best["guard"] and better(g["select"], best["select"], maximize)):
+            best = g
+    return evals[best["n"]]
 
 
 def _load_state(rdir: Path, identity: dict[str, Any]) -> dict[str, Any]:
@@ -244,6 +284,8 @@ def run_search(loaded: Loaded, source: Path, output: Path, *, force: bool = Fals
         else:
             rdir.mkdir(parents=True, exist_ok=True)
             st = {"identity": identity, "batch": workers, "evaluations": []}
+            if spec.guarded:
+                st["guard"] = []
             atomic_write_json(rdir / STATE, st)
         where = _parts_where(space, plan, workers)
         build_s = 0.0
@@ -279,6 +321,14 @@ def run_search(loaded: Loaded, source: Path, output: Path, *, force: bool = Fals
         seed=s, parts_file=str(rdir / PARTS) if where == "file" and not remote else None,
         allow_pickle=allow_pickle, build_parts=where == "file" and remote)
     evals: list[dict[str, Any]] = st["evaluations"]
+    guards: list[dict[str, Any]] | None = st.get("guard")
+    if spec.guarded and not isinstance(guards, list):
+        raise UserError(f"--resume: {rdir / STATE} has no guard log")
+    # the point cache: no point is scored twice (the optimizer may ask for the default, a
+    # grid point or one of its own points again); a repeat is logged with its first score
+    seen: dict[tuple[float, ...], dict[str, Any]] = {}
+    for e in evals:
+        seen.setdefault(_point_key(e["x"], space), e)
     batch = st["batch"]
     try:
         with executor_scope(workers, threads, ray) as ex:
@@ -287,15 +337,41 @@ def run_search(loaded: Loaded, source: Path, output: Path, *, force: bool = Fals
                 del parts
 
             def evaluate(phase: str, xs: list[list[float] | None], index: int) -> list[Outcome]:
-                jobs = [(ctx, PointJob(tuple(x) if x is not None else None)) for x in xs]
-                outs = ex.map(run_point, jobs)
-                for x, o in zip(xs, outs, strict=True):
+                fresh: dict[tuple[float, ...], list[float] | None] = {}
+                for x in xs:
+                    key = _point_key(x, space)
+                    if key not in seen:
+                        fresh.setdefault(key, x)
+                jobs = [(ctx, PointJob(tuple(x) if x is not None else None))
+                        for x in fresh.values()]
+                scored = dict(zip(fresh, ex.map(run_point, jobs), strict=True))
+                previous = _best(evals, spec.maximize)
+                outs = []
+                for x in xs:
+                    key = _point_key(x, space)
+                    if key in seen:  # scored before: its first evaluation's outcome
+                        first = seen[key]
+                        o = Outcome(first["select"], first["error"], first["fast"])
+                        extra = {"cached": first["n"]}
+                    else:
+                        o, extra = scored[key], {}
+                    outs.append(o)
                     evals.append({
                         "n": len(evals), "phase": phase, "batch": index,
-                        "x": x if x is not None else space.defaults(),
-                        "point": space.point(x if x is not None else space.defaults()),
+                        "x": list(key), "point": space.point(list(key)),
                         "select": o.score, "error": o.error, "fast": o.fast,
-                        "seconds": round(o.seconds, 6), "fitness_s": round(o.fitness_s, 6)})
+                        "seconds": round(o.seconds, 6), "fitness_s": round(o.fitness_s, 6),
+                        **extra})
+                    seen.setdefault(key, evals[-1])
+                if guards is not None:
+                    # the guard scores a point when it is the first or a new best on select
+                    # (never every trial)
+                    best = _best(evals, spec.maximize)
+                    if best is not None and (previous is None or best is not previous):
+                        x = None if best["phase"] == "default" else tuple(best["x"])
+                        (g,) = ex.map(run_point, [(ctx, PointJob(x, GUARD))])
+                        guards.append({"n": best["n"], "guard": g.score,
+                                       "select": best["select"]})
                 atomic_write_json(rdir / STATE, st)  # after every batch: a kill loses one
                 best = _best(evals, spec.maximize)
                 console.print(f"{phase} {len([e for e in evals if e['phase'] == phase])}: "
@@ -311,6 +387,10 @@ def run_search(loaded: Loaded, source: Path, output: Path, *, force: bool = Fals
                 chunk = grid[done:done + batch]
                 evaluate("grid", list(chunk), done // batch)
                 done += len(chunk)
+            def stopped() -> bool:
+                return guards is not None and guard_stop(guards, params.patience,
+                                                         spec.maximize)
+
             search = Search(params.optimizer, *space.bounds(), params.budget, batch, s)
             logged = [e for e in evals if e["phase"] == "search"]
             batches: dict[int, list[tuple[list[float], float]]] = {}
@@ -319,7 +399,7 @@ def run_search(loaded: Loaded, source: Path, output: Path, *, force: bool = Fals
                     (e["x"], loss_of(e["select"], spec.maximize)))
             search.replay([batches[k] for k in sorted(batches)])
             done, index = len(logged), len(batches)
-            while done < params.budget:
+            while done < params.budget and not stopped():
                 xs = search.ask(min(batch, params.budget - done))
                 outs = evaluate("search", list(xs), index)
                 search.tell([loss_of(o.score, spec.maximize) for o in outs])
@@ -329,8 +409,19 @@ def run_search(loaded: Loaded, source: Path, output: Path, *, force: bool = Fals
             if best is None:
                 raise UserError("no candidate could be scored (every evaluation failed: "
                                 f"{next((e['error'] for e in evals if e['error']), 'NaN')})")
+            notes = []
+            if guards:
+                best = _guard_best(evals, guards, spec.maximize)
+                if stopped():
+                    notes.append(f"Stopped early after {done} of {params.budget} searched "
+                                 f"points: the last {params.patience} new bests on select "
+                                 "did not raise the guard (parameters.patience).")
+                if best["phase"] == "default":
+                    notes.append("The search did not beat its start on the guard: the result "
+                                 "is the recipe's own point.")
             rows, check = _finish(ctx, ex, space, recipe, text, best, evals, output, rdir,
-                                  inputs=inputs, force=force, seed=s, shard_size=shard_size,
+                                  guards=guards, inputs=inputs, force=force, seed=s,
+                                  shard_size=shard_size,
                                   allow_pickle=allow_pickle, workers=workers,
                                   extra={"parts_in": where, "parts_build_s": round(build_s, 3),
                                          "parts_mismatch": mismatch, "batch": batch})
@@ -338,10 +429,14 @@ def run_search(loaded: Loaded, source: Path, output: Path, *, force: bool = Fals
         release(ctx)
     if not quiet:
         Console().print(scores_table(rows, spec.metric_name, spec.maximize))
+        for note in notes:
+            Console().print(note)
     return {
         "kind": "coefficient-search", "output": str(output.resolve()), "run_dir": str(rdir),
         "method": recipe.merge.merge_method, "optimizer": params.optimizer,
-        "evaluations": len(evals), "best": {"n": best["n"], "phase": best["phase"],
+        "evaluations": len(evals),
+        "scored": sum("cached" not in e for e in evals), "notes": notes,
+        "guard": guards, "best": {"n": best["n"], "phase": best["phase"],
                                             "point": best["point"], "select": best["select"]},
         "scores": [asdict(r) for r in rows], "engine_check": check,
         "seconds": round(time.perf_counter() - start, 3),
@@ -362,7 +457,8 @@ def _parts_current(path: Path, plan: MergePlan) -> bool:
 
 def _finish(ctx: SearchContext, ex: Executor, space: SearchSpace,
             recipe: CoefficientSearchRecipe, text: str, best: dict[str, Any],
-            evals: list[dict[str, Any]], output: Path, rdir: Path, *, inputs: list[Path],
+            evals: list[dict[str, Any]], output: Path, rdir: Path, *,
+            guards: list[dict[str, Any]] | None, inputs: list[Path],
             force: bool, seed: int, shard_size: int, allow_pickle: bool, workers: int,
             extra: dict[str, Any]) -> tuple[list[Row], dict[str, Any]]:
     spec = recipe.fitness
@@ -404,13 +500,16 @@ def _finish(ctx: SearchContext, ex: Executor, space: SearchSpace,
         result_report = model_outs[1].score if len(model_outs) > 1 else None
         reports = [o.score for o in point_outs] + [None, None]
         method = recipe.merge.merge_method
+        guarded = {g["n"]: g["guard"] for g in guards or []}
         rows = [Row(f"default merge ({method}, the recipe's values)", default["select"],
-                    reports[0])]
+                    reports[0], guarded.get(default["n"]))]
         if grid_best is not None:
             rows.append(Row(f"best grid point ({len(grid)} points)", grid_best["select"],
-                            reports[1]))
-        rows.append(Row(f"searched result ({recipe.parameters.optimizer}, best of "
-                        f"{len(evals)})", result_select, result_report))
+                            reports[1], guarded.get(grid_best["n"])))
+        chosen = "best on the guard" if guards else "best"
+        rows.append(Row(f"searched result ({recipe.parameters.optimizer}, {chosen} of "
+                        f"{len(evals)})", result_select, result_report,
+                        guarded.get(best["n"])))
         check = {"select_in_search": best["select"], "select_of_output": result_select,
                  "equal": best["select"] == result_select}
         doc = {
@@ -423,7 +522,9 @@ def _finish(ctx: SearchContext, ex: Executor, space: SearchSpace,
             "evaluations": evals,
             "scores": [asdict(r) for r in rows],
             "engine_check": check,
+            **({"guard": guards} if guards is not None else {}),
             "totals": {"evaluations": len(evals),
+                       "scored": sum("cached" not in e for e in evals),
                        "search_evaluations": sum(e["phase"] == "search" for e in evals),
                        "fitness_s": round(sum(e["fitness_s"] for e in evals), 3),
                        "evaluation_s": round(sum(e["seconds"] for e in evals), 3)},
@@ -436,12 +537,9 @@ def _finish(ctx: SearchContext, ex: Executor, space: SearchSpace,
 
 
 def scores_table(rows: list[Row], metric: str, maximize: bool) -> Table:
-    table = Table("model", f"select {metric}", f"report {metric}",
-                  title=f"Scores ({'higher' if maximize else 'lower'} is better; the search "
-                  "saw only select)", title_justify="left")
-    for r in rows:
-        table.add_row(r.label, fmt(r.select), fmt(r.report))
-    return table
+    """The evolution's closing table, over these rows."""
+    return evolve_scores_table([ScoreRow(r.label, "", r.select, r.report, r.guard)
+                                for r in rows], metric, maximize)
 
 
 def write_curve(evals: list[dict[str, Any]], metric: str, maximize: bool, path: Path) -> bool:

@@ -33,6 +33,12 @@ class SearchParameters(StrictModel):
     generations: int = Field(15, ge=0, description="generations to run")
     pop: int | None = Field(None, ge=2, description="population size (default: the number of "
                             "input models; more are filled with seeded interpolations)")
+    margin: float = Field(0.0, ge=0.0, description="keep a trial only if it beats what it "
+                          "must beat on the fitting data by more than this (metric units; 0: "
+                          "any gain, the papers' rule), so that noise is not taken for progress")
+    patience: int | None = Field(None, ge=1, description="with a guard (fitness.guard or "
+                                 "guard_fraction): stop after this many generations whose "
+                                 "best does not raise the best guard score")
 
 
 @dataclass(frozen=True)

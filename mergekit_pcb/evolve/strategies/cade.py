@@ -8,7 +8,8 @@ parent's. Selection is immediate: a kept trial is a donor for the rest of the ge
 
 F and CR follow a cosine from max to min over `period` generations (default the reference
 setting: 1e-5 to 1e-6, period 40, 99 generations). With `jitter` (default, as the authors'
-code does from the second generation on), each generation adds U(min, max) to both.
+code does from the second generation on), each generation adds U(min, max) to both, capped
+at `max` (the authors' code lets the sum pass it, up to twice max: here `max` is a bound).
 The crossover draws a float32 uniform an entry, fine enough for CR ~ 1e-6.
 """
 
@@ -47,7 +48,8 @@ class CADEParameters(SearchParameters):
     CR: ScheduleSetting = Field(default_factory=_reference, description="crossover rate: "
                                 "{schedule: cosine, max, min, period} or a number")
     jitter: bool = Field(True, description="add U(min, max) of the cosine to F and CR from "
-                         "the second generation on (seeded), as the authors' code does")
+                         "the second generation on (seeded), as the authors' code does, "
+                         "capped at max")
 
 
 class CADE(SearchStrategy):
@@ -90,7 +92,7 @@ class CADE(SearchStrategy):
         value = schedule.value(generation, generations)
         if self.params.jitter and generation > 0:
             assert isinstance(schedule, Cosine)
-            value += rng.uniform(schedule.low, schedule.high)
+            value = min(value + rng.uniform(schedule.low, schedule.high), schedule.high)
         return value
 
     def draw_generation(self, rng: random.Random, generation: int, generations: int,

@@ -91,8 +91,12 @@ class DEAncestor(SearchStrategy):
 
     def check_fitness(self, fitness_type: str, where: str) -> None:
         if self.batched and fitness_type != "torch":
-            raise RecipeError(f"{where}parameters.batch_size: mini-batches need fitness type "
-                              f"torch, not {fitness_type} (or set batch_size: null)")
+            given = "batch_size" in self.params.model_fields_set
+            what = (f"batch_size: {self.params.batch_size}" if given
+                    else f"the default batch_size: {self.params.batch_size}")
+            raise RecipeError(f"{where}parameters.batch_size: mini-batches ({what}) need "
+                              f"fitness type torch, not {fitness_type}; set batch_size: null "
+                              "to score on all of the select data")
 
     def merge_row_label(self, inner: str) -> str:
         return "uniform average (linear)" if inner == "linear" else f"merge ({inner})"

@@ -1,0 +1,42 @@
+"""The paired bootstrap of a difference between two models scored on the same examples."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class PairedInterval:
+    """mean(a) − mean(b) over the examples and its percentile bootstrap interval."""
+
+    delta: float
+    low: float
+    high: float
+    examples: int
+    level: float
+    resamples: int
+
+
+def paired_bootstrap(a: torch.Tensor, b: torch.Tensor, *, seed: int = 0,
+                     resamples: int = 2000, level: float = 0.95) -> PairedInterval:
+    """Resample the examples (the same rows for both models: the pairing) `resamples`
+    times from `seed`; the interval holds the central `level` of the resampled means of
+    a − b."""
+    if a.shape != b.shape or a.ndim != 1 or len(a) == 0:
+        raise ValueError(f"paired scores of different or empty shapes {tuple(a.shape)} and "
+                         f"{tuple(b.shape)}")
+    diff = a.double() - b.double()
+    g = torch.Generator().manual_seed(seed)
+    chunk = max(1, 2_000_000 // len(diff))  # resamples drawn at a time: bounded memory
+    means = torch.cat([diff[torch.randint(len(diff), (min(chunk, resamples - k), len(diff)),
+                                          generator=g)].mean(dim=1)
+                       for k in range(0, resamples, chunk)])
+    tail = (1.0 - level) / 2
+    low, high = torch.quantile(means, torch.tensor([tail, 1.0 - tail], dtype=torch.float64))
+    return PairedInterval(float(diff.mean()), float(low), float(high), len(diff), level,
+                          resamples)
+
+
+__all__ = ["PairedInterval", "paired_bootstrap"]
