@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_pipeline import serial_and_pipelined
 
 from mergekit_pcb.engine import pipeline, stream
 from mergekit_pcb.engine.pipeline import InOrder, WriteBehind, read_ahead
@@ -295,18 +296,7 @@ def test_engine_holds_one_large_part_and_reads_it_once_admitted(
                       else stop - start))
         return real_read(plan, task, device, start, stop)  # type: ignore[arg-type]
     monkeypatch.setattr(stream, "read_part", read_part)
-    digests = []
-    for pipelined in (False, True):
-        plan = build_plan(recipe, "")
-        out = tmp_path / f"out-{pipelined}"
-        out.mkdir()
-        try:
-            with torch_threads(3):
-                stream.write_plan(plan, out, shard_size=40_000, artifacts=False,
-                                  pipeline=pipelined)
-        finally:
-            plan.close()
-        digests.append({p.name: p.read_bytes() for p in sorted(out.glob("*.safetensors"))})
+    digests = serial_and_pipelined(recipe, tmp_path)
     assert digests[0] == digests[1]
     assert held and all(h <= budget for h, budget in held)
     assert max(budget for _, budget in held) == max(

@@ -44,6 +44,24 @@ def _digest(directory: Path) -> dict[str, str]:
             for p in sorted(directory.glob("*.safetensors"))}
 
 
+def serial_and_pipelined(recipe: Any, tmp_path: Path, threads: int = 3
+                         ) -> list[dict[str, str]]:
+    """The shards' digests written serially, then pipelined, at `threads` torch threads."""
+    outs = []
+    for pipeline in (False, True):
+        plan = build_plan(recipe, "")
+        out = tmp_path / f"out-{pipeline}"
+        out.mkdir()
+        try:
+            with torch_threads(threads):
+                stream.write_plan(plan, out, shard_size=40_000, artifacts=False,
+                                  pipeline=pipeline)
+        finally:
+            plan.close()
+        outs.append(_digest(out))
+    return outs
+
+
 @pytest.mark.parametrize(("method", "params"), _cases(),
                          ids=[f"{m}-{p.get('scope', '')}" for m, p in _cases()])
 def test_pipelined_equals_serial(hf_models: Any, tmp_path: Path, method: str,
@@ -94,18 +112,7 @@ def test_parts_side_by_side_equal_serial(hf_models: Any, tmp_path: Path, method:
     global_stats = {"pcb": PcbGlobalStats, "ties": TiesGlobalStats}.get(method)
     if params.get("scope") == "global" and global_stats is not None:
         monkeypatch.setattr(global_stats, "observe", spy(observed_on, global_stats.observe))
-    outs = []
-    for pipeline in (False, True):
-        plan = build_plan(recipe, "")
-        out = tmp_path / f"out-{pipeline}"
-        out.mkdir()
-        try:
-            with torch_threads(3):
-                stream.write_plan(plan, out, shard_size=40_000, artifacts=False,
-                                  pipeline=pipeline)
-        finally:
-            plan.close()
-        outs.append(_digest(out))
+    outs = serial_and_pipelined(recipe, tmp_path)
     assert outs[0] == outs[1]
     assert "pcbmerge-part" in computed_on
     if params.get("scope") == "global":
