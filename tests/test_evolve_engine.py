@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 import torch
 import yaml
+from matplotlib.figure import Figure
 from safetensors.torch import load_file
 from tiny_mlp import write_mlp_population
 from typer.testing import CliRunner
@@ -176,6 +177,38 @@ def test_larger_population_is_filled_with_seeded_interpolations(pop_dir: Path) -
             assert torch.equal(tk[name], interpolate(ta[name], tb[name], alpha))
     doc = json.loads((pop_dir / "out" / "evolution.json").read_text())
     assert len(doc["final"]["members"]) == 5 and doc["history"][0]["generation"] == 0
+
+
+@pytest.mark.parametrize("generations", [0, 4])
+def test_a_result_no_better_than_the_plain_merge_is_said_and_drawn(
+        pop_dir: Path, generations: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without a guard, a result that does not beat the plain merge on select gets one
+    closing note; fitness.png always draws the plain merge's select score."""
+    drawn: list[Figure] = []
+    save = Figure.savefig
+
+    def keep(fig: Figure, *args: Any, **kwargs: Any) -> None:
+        drawn.append(fig)  # the figure as it is written, read back below
+        save(fig, *args, **kwargs)
+
+    monkeypatch.setattr(Figure, "savefig", keep)
+    recipe = write_recipe(pop_dir, recipe_dict(pop_dir, generations=generations))
+    out = pop_dir / "out"
+    summary = evolve(recipe, out, trust_code=True)
+    plain = json.loads((out / "evolution.json").read_text())["initial"]["merge_select"]
+    result = summary.scores[-1].select
+    assert summary.scores[-2].select == plain
+    said = [n for n in summary.notes if "did not beat the plain merge" in n]
+    if generations == 0:  # merged mode, no generation: the result is the plain merge
+        assert result == plain
+        assert said == [f"The search did not beat the plain merge of its inputs on select: "
+                         f"the result scores {result:.4f}, 'plain merge (ties)' {plain:.4f}."]
+    else:  # the loss went down: nothing to say
+        assert result < plain and said == []
+    [fig] = drawn
+    lines = {line.get_label(): line for line in fig.axes[0].get_lines()}
+    assert list(lines["plain merge (ties)"].get_ydata()) == [plain, plain]
+    assert (out / "fitness.png").stat().st_size > 0
 
 
 def test_rand_1_with_a_minimized_callable(pop_dir: Path) -> None:

@@ -110,38 +110,54 @@ def scores_table(rows: Sequence[ScoreRow], metric: str, maximize: bool) -> Table
 
 
 Series = tuple[Sequence[float], str, str]  # values, matplotlib style, label
+Reference = tuple[float, str]  # a score drawn across the plot (horizontal line), its label
 
 
-def plot_png(path: Path, xs: Sequence[float], series: Sequence[Series], xlabel: str,
-             ylabel: str) -> bool:
-    """Line plots of `series` against `xs` as a PNG; False when matplotlib is not installed.
-    Every search's curve goes through here."""
+def curve_figure(xs: Sequence[float], series: Sequence[Series], xlabel: str, ylabel: str,
+                 references: Sequence[Reference] = ()) -> Any:
+    """The matplotlib Figure of `series` against `xs`, with each reference score as a
+    horizontal line; None when matplotlib is not installed. A bare Figure (no pyplot) so
+    that nothing global changes and nothing needs closing."""
     try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        from matplotlib.figure import Figure
     except ImportError:
-        return False
-    fig, ax = plt.subplots(figsize=(6, 4))
+        return None
+    fig = Figure(figsize=(6, 4))
+    ax = fig.subplots()
     for values, style, label in series:
         ax.plot(xs, values, style, label=label, **({"alpha": 0.5} if style == "." else {}))
+    for value, label in references:
+        if math.isfinite(value):  # a failed plain merge has no score to draw
+            ax.axhline(value, linestyle="-.", color="gray", label=label)
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.legend()
     ax.grid(alpha=0.3)
     fig.tight_layout()
+    return fig
+
+
+def plot_png(path: Path, xs: Sequence[float], series: Sequence[Series], xlabel: str,
+             ylabel: str, references: Sequence[Reference] = ()) -> bool:
+    """Line plots of `series` against `xs` as a PNG; False when matplotlib is not installed.
+    Every search's curve goes through here."""
+    fig = curve_figure(xs, series, xlabel, ylabel, references)
+    if fig is None:
+        return False
     fig.savefig(path, dpi=100)
-    plt.close(fig)
     return True
 
 
-def write_curve(history: Sequence[dict[str, Any]], metric: str, path: Path) -> bool:
-    """The fitness curve as a PNG; False when matplotlib is not installed."""
+def write_curve(history: Sequence[dict[str, Any]], metric: str, path: Path,
+                plain_merge: Reference | None = None) -> bool:
+    """The fitness curve as a PNG, with the plain merge of the inputs' select score as a
+    reference line (what the search has to beat); False when matplotlib is not installed."""
     gens = [h["generation"] for h in history]
     series = [([h[key] if h[key] is not None else math.nan for h in history], style, key)
               for key, style in (("objective", "-o"), ("best", "--"), ("mean", ":"))]
-    return plot_png(path, gens, series, "generation", f"select {metric}")
+    references = [plain_merge] if plain_merge is not None and plain_merge[0] is not None \
+        else []
+    return plot_png(path, gens, series, "generation", f"select {metric}", references)
 
 
 def search_card(*, recipe_text: str, recipe_name: str | None, base_model: str | None,
@@ -182,6 +198,7 @@ __all__ = [
     "CURVE_PNG",
     "EVOLUTION_JSON",
     "ScoreRow",
+    "curve_figure",
     "evolution_document",
     "history_table",
     "plot_png",

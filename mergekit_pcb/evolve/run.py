@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,13 +24,14 @@ from mergekit_pcb.evolve.config import (
 )
 from mergekit_pcb.evolve.engine import EvolutionRun, Progress
 from mergekit_pcb.evolve.executor import executor_scope, make_executor
-from mergekit_pcb.evolve.fitness import GUARD, SPLITS, build_evaluator, code_refs
+from mergekit_pcb.evolve.fitness import GUARD, SPLITS, better, build_evaluator, code_refs
 from mergekit_pcb.evolve.jobs import ScoreJob, member_key, population_recipe, run_score
 from mergekit_pcb.evolve.output import (
     CURVE_PNG,
     EVOLUTION_JSON,
     ScoreRow,
     evolution_document,
+    fmt,
     history_table,
     scores_table,
     search_card,
@@ -157,7 +159,7 @@ def evolve(recipe_path: Path, output: Path | None = None, *, pop: int | None = N
             run.run()
         rows = _finish(run, recipe, text, output, force=force, workers=executor.workers,
                        shard_size=shard_size, inputs=inputs)
-    notes = closing_notes(run)
+    notes = closing_notes(run, result_select=rows[-1].select)
     if not quiet:
         Console().print(scores_table(rows, recipe.fitness.metric_name, run.maximize))
         for note in notes:
@@ -190,10 +192,12 @@ def _interval(start: list[float] | None, result: list[float] | None,
             "level": ci.level, "resamples": ci.resamples}
 
 
-def closing_notes(run: EvolutionRun) -> tuple[str, ...]:
+def closing_notes(run: EvolutionRun, result_select: float | None = None) -> tuple[str, ...]:
     """The lines under the closing table: report(result) − report(best start) with its
     paired interval, an early stop and its cause, and a result that is one of the starting
-    points because the search never beat it on the guard."""
+    points because the search never beat it on the guard or, without a guard, a result no
+    better on select than the plain merge of the inputs (`result_select`: the result's
+    select score, measured on the written model)."""
     notes = []
     interval = run.state.get("report_interval")
     if interval is not None and interval["delta"] is not None:
@@ -206,6 +210,15 @@ def closing_notes(run: EvolutionRun) -> tuple[str, ...]:
                      f"interval [{interval['low']:+.4f}, {interval['high']:+.4f}] over "
                      f"{interval['examples']} examples.")
     if "guard" not in run.state:
+        merge_select = run.state["initial"]["merge_select"]
+        if result_select is not None and not better(
+                result_select, math.nan if merge_select is None else merge_select,
+                run.maximize):
+            # the guard's note says the same of its starting points; here select chose
+            label = run.settings.strategy.merge_row_label(run.ctx.merge.merge_method)
+            notes.append(f"The search did not beat the plain merge of its inputs on select: "
+                         f"the result scores {fmt(result_select)}, '{label}' "
+                         f"{fmt(merge_select)}.")
         return tuple(notes)
     reason = run.stop_reason()
     if reason is not None:
@@ -281,7 +294,8 @@ def _finish(run: EvolutionRun, recipe: EvolutionRecipe, text: str, output: Path,
             maximize=spec.maximize, merge_method=recipe.merge.merge_method
             if recipe.merge else None, scores=rows)
         write_json(tmp / EVOLUTION_JSON, doc)
-        write_curve(doc["history"], spec.metric_name, tmp / CURVE_PNG)
+        write_curve(doc["history"], spec.metric_name, tmp / CURVE_PNG,
+                    plain_merge=(st["initial"]["merge_select"], rows[len(refs)].label))
         write_card_and_recipe(tmp, search_card(
             recipe_text=text, recipe_name=recipe.name, base_model=recipe.base_model,
             models=refs, method=name, mode=mode, merge_method=recipe.merge.merge_method
