@@ -380,9 +380,14 @@ def inspect(
     allow_pickle: Annotated[bool, typer.Option(help="allow pickled .bin checkpoints")] = False,
 ) -> None:
     """List a checkpoint's tensors with shapes and dtypes, and totals."""
+    from mergekit_pcb.io.resolve import resolve_model_path
+
+    # A path that is not there (or a hub id not to be had) is refused before the reader
+    # imports torch: seconds sooner.
+    where = resolve_model_path(path, allow_pickle=allow_pickle)
     from mergekit_pcb.io.reader import open_checkpoint
 
-    with open_checkpoint(path, allow_pickle=allow_pickle) as ckpt:
+    with open_checkpoint(path, allow_pickle=allow_pickle, resolved=where) as ckpt:
         rows = [(i.name, list(i.shape), str(i.dtype).removeprefix("torch."), i.numel, i.file.name)
                 for i in ckpt.tensors.values()]
         by_dtype: dict[str, int] = {}

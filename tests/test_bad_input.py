@@ -233,3 +233,28 @@ def test_a_recipe_that_is_not_yaml_is_refused_before_torch_loads(tmp_path: Path,
     status, line = out.stdout.splitlines()[:2]
     assert status == "2 False", out.stdout
     assert line.startswith(f"error: {bad}: line 2 not valid YAML"), line
+
+
+@pytest.mark.parametrize("ref", ["no-such-model", "no-such-org/no-such-model"])
+def test_inspect_refuses_a_model_that_is_not_there_before_torch_loads(tmp_path: Path,
+                                                                      ref: str) -> None:
+    """A missing path, or a hub id not in the (empty, offline) cache, is refused with its one
+    line before the reader imports torch."""
+    import os
+    import subprocess
+    import sys
+
+    code = ("import sys\n"
+            "from typer.testing import CliRunner\n"
+            "from mergekit_pcb.cli import app\n"
+            f"r = CliRunner().invoke(app, ['inspect', {ref!r}])\n"
+            "print(r.exit_code, 'torch' in sys.modules)\n"
+            "print(r.stderr.strip())\n")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(tmp_path / "hub")}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True, cwd=tmp_path, env=env)
+    status, line = out.stdout.splitlines()[:2]
+    assert status == "2 False", out.stdout
+    assert line == (f"error: model not found: {ref} is not a local path and is not in the "
+                    "Hugging Face cache (HF_HUB_OFFLINE is set)" if "/" in ref else
+                    f"error: model not found: {ref} (no such file or directory)")

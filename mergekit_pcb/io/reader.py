@@ -114,13 +114,15 @@ class Checkpoint:
 
 
 def open_checkpoint(ref: str, *, allow_pickle: bool = False,
-                    base_dir: Path | None = None) -> Checkpoint:
+                    base_dir: Path | None = None, resolved: Path | None = None) -> Checkpoint:
     """Open a model reference: a directory, a `.safetensors` file or a hub id.
 
     Inside a directory, only regular files that stay in it (after symlinks) are opened: an
     index naming `../../etc/passwd`, an absolute path or a FIFO is refused unopened.
+    `resolved`: the path `resolve_model_path` already gave for `ref` (not asked again).
     """
-    path = resolve_model_path(ref, base_dir=base_dir, allow_pickle=allow_pickle)
+    path = resolved if resolved is not None else resolve_model_path(
+        ref, base_dir=base_dir, allow_pickle=allow_pickle)
     if not path.is_dir():
         if path.suffix == ".safetensors":
             return Checkpoint(ref, path.parent, _read_files(ref, [path]))
