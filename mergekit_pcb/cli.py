@@ -63,30 +63,56 @@ def report_error(label: str, message: str, code: int, json_out: bool) -> None:
         print(f"{label}: {text}" if text else label, file=sys.stderr)
 
 
+KERNEL_BUILD_NOTE = ("note: finishing the one-time build of the compiled kernels (cached "
+                     "for later runs)")
+
+
+def note_kernel_build() -> None:
+    """One line on stderr when a compiled kernel is still loading as the command ends: the
+    process's exit waits for it (a first build takes about a minute), which would otherwise
+    look like a hang."""
+    # Not imported here when the command never loaded it (it would import torch for nothing).
+    compiled = sys.modules.get("mergekit_pcb.methods.compiled")
+    if compiled is not None and compiled.still_loading():
+        print(KERNEL_BUILD_NOTE, file=sys.stderr)
+
+
 def handle_errors(fn: F) -> F:
-    """Bad input -> one line and exit 2; anything else is a bug -> traceback and exit 1."""
+    """Bad input -> one line and exit 2; anything else is a bug -> traceback and exit 1.
+    Whichever way the command ends, a kernel build its exit waits for is said (not with
+    --quiet or --json)."""
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         json_out = bool(kwargs.get("json_out"))
         try:
-            return fn(*args, **kwargs)
-        except UserError as e:
-            report_error("error", str(e), 2, json_out)
-            raise typer.Exit(2) from None
-        except KeyboardInterrupt as e:
-            if not json_out and sys.stderr.isatty():
-                print(file=sys.stderr)  # off the line the terminal's ^C and any table left
-            report_error("interrupted", str(e), 130, json_out)
-            raise typer.Exit(130) from None
-        except (typer.Exit, typer.Abort):
-            raise
-        except Exception as e:
-            traceback.print_exc()
-            report_error("internal error", f"{type(e).__name__}: {e}", 1, json_out)
-            raise typer.Exit(1) from None
+            return _reporting(fn, args, kwargs, json_out)
+        finally:
+            if not (json_out or kwargs.get("quiet")):
+                note_kernel_build()
 
     return wrapper  # type: ignore[return-value]
+
+
+def _reporting(fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any],
+               json_out: bool) -> Any:
+    """`fn` run with its errors reported as `handle_errors` says."""
+    try:
+        return fn(*args, **kwargs)
+    except UserError as e:
+        report_error("error", str(e), 2, json_out)
+        raise typer.Exit(2) from None
+    except KeyboardInterrupt as e:
+        if not json_out and sys.stderr.isatty():
+            print(file=sys.stderr)  # off the line the terminal's ^C and any table left
+        report_error("interrupted", str(e), 130, json_out)
+        raise typer.Exit(130) from None
+    except (typer.Exit, typer.Abort):
+        raise
+    except Exception as e:
+        traceback.print_exc()
+        report_error("internal error", f"{type(e).__name__}: {e}", 1, json_out)
+        raise typer.Exit(1) from None
 
 
 @contextlib.contextmanager

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import math
 import random
+import threading
+from pathlib import Path
 
 import pytest
 import torch
@@ -375,3 +377,41 @@ def test_loading_the_kernels_never_rewraps_sys_stdout(tmp_path):
     assert calls == "0"
     assert loaded.strip() == str(sorted(["fused-kernels", "histogram-kernels", "introsort-kernel",
                                          "pcb-kernels"]))
+
+
+@pytest.mark.parametrize("flags", [(), ("--quiet",), ("--json",)])
+def test_the_cli_says_when_its_exit_waits_for_a_kernel_build(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, flags: tuple[str, ...]) -> None:
+    """A command that ends while a kernel loader still runs (what the process's exit then
+    waits for) says so in one line on stderr, and only then; never with --quiet or --json."""
+    from conftest import run_cli, write_recipe
+    from safetensors.torch import load_file, save_file
+
+    from mergekit_pcb.cli import KERNEL_BUILD_NOTE
+    from mergekit_pcb.methods import compiled
+
+    for i in range(2):
+        save_file({"w": torch.full((4,), float(i))}, str(tmp_path / f"m{i}.safetensors"))
+    recipe = write_recipe(tmp_path / "r.yaml", {
+        "merge_method": "linear",
+        "models": [{"model": str(tmp_path / f"m{i}.safetensors"),
+                    "parameters": {"weight": 1.0}} for i in range(2)]})
+    gate = threading.Event()
+    probe = StagedKernel("probe", 0, lambda: "kernel" if gate.wait(30) else None,
+                         lambda k: k == "kernel", register=False)
+    monkeypatch.setattr(compiled, "_ALL", [probe])  # the kernels the exit would wait for
+
+    def notes(out: str) -> int:
+        res = run_cli("run", recipe, "-o", tmp_path / out, *flags)
+        assert res.returncode == 0, res.stderr
+        assert load_file(str(tmp_path / out / "model.safetensors"))["w"].tolist() == [0.5] * 4
+        return res.stderr.splitlines().count(KERNEL_BUILD_NOTE)
+
+    try:
+        assert notes("before") == 0 and not probe.loading()  # no loader started
+        probe.request()
+        assert notes("while") == (0 if flags else 1) and probe.loading()
+    finally:
+        gate.set()
+    assert probe.wait(timeout=30) == "kernel"
+    assert notes("after") == 0  # loaded: nothing to wait for

@@ -72,6 +72,10 @@ class StagedKernel:
                                             daemon=True)
         self._loader.start()
 
+    def loading(self) -> bool:
+        """True while its loader runs (importing, compiling or checking the kernel)."""
+        return self._loader is not None and self._loader.is_alive()
+
     def wait(self, timeout: float | None = None) -> Any:
         """Request the kernel and wait for it; None when it cannot be used here."""
         self.request()
@@ -124,6 +128,12 @@ def request_all() -> None:
         kernel.request()
 
 
+def still_loading() -> list[str]:
+    """The kernels whose loader is still running: what the process's exit will wait for
+    (the first load compiles, which takes a minute; the command line says so)."""
+    return [kernel.name for kernel in _ALL if kernel.loading()]
+
+
 def _join_loaders() -> None:
     """At exit, let a loader finish: a compiler stopped halfway through interpreter shutdown
     can take the process down with it."""
@@ -135,4 +145,4 @@ def _join_loaders() -> None:
 atexit.register(_join_loaders)
 
 __all__ = ["FUSED_KERNELS", "FUSE_AFTER", "FUSE_MIN", "StagedKernel", "flat_array", "fusable",
-           "fused_kernels", "request_all"]
+           "fused_kernels", "request_all", "still_loading"]
