@@ -65,15 +65,17 @@ def report_error(label: str, message: str, code: int, json_out: bool) -> None:
 
 KERNEL_BUILD_NOTE = ("note: finishing the one-time build of the compiled kernels (cached "
                      "for later runs)")
+# A kernel loaded from numba's cache takes about 1.6 s (measured); a first build, a minute.
+# Whatever still loads after this long is a build.
+KERNEL_NOTE_AFTER_S = 3.0
 
 
 def note_kernel_build() -> None:
-    """One line on stderr when a compiled kernel is still loading as the command ends: the
-    process's exit waits for it (a first build takes about a minute), which would otherwise
-    look like a hang."""
+    """One line on stderr when a compiled kernel is still being built as the command ends:
+    the process's exit waits for it, which would otherwise look like a hang."""
     # Not imported here when the command never loaded it (it would import torch for nothing).
     compiled = sys.modules.get("mergekit_pcb.methods.compiled")
-    if compiled is not None and compiled.still_loading():
+    if compiled is not None and compiled.still_loading(KERNEL_NOTE_AFTER_S):
         print(KERNEL_BUILD_NOTE, file=sys.stderr)
 
 

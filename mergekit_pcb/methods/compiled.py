@@ -15,6 +15,7 @@ import atexit
 import importlib
 import os
 import threading
+import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -128,9 +129,14 @@ def request_all() -> None:
         kernel.request()
 
 
-def still_loading() -> list[str]:
-    """The kernels whose loader is still running: what the process's exit will wait for
-    (the first load compiles, which takes a minute; the command line says so)."""
+def still_loading(wait_s: float = 0.0) -> list[str]:
+    """The kernels whose loader still runs after up to `wait_s` seconds: what the process's
+    exit will wait for. A first load compiles (a minute; the command line says so), a cached
+    one takes a second or two (said by nobody: `wait_s` lets it finish)."""
+    deadline = time.monotonic() + wait_s
+    for kernel in _ALL:
+        if kernel._loader is not None:
+            kernel._loader.join(max(0.0, deadline - time.monotonic()))
     return [kernel.name for kernel in _ALL if kernel.loading()]
 
 
