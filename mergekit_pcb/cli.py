@@ -14,7 +14,7 @@ import traceback
 from collections.abc import Callable, Iterator
 from enum import Enum
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any, NoReturn, TypeVar
 
 import typer
 from rich.console import Console
@@ -80,41 +80,29 @@ def note_kernel_build() -> None:
 
 
 def handle_errors(fn: F) -> F:
-    """Bad input -> one line and exit 2; anything else is a bug -> traceback and exit 1.
-    Whichever way the command ends, a kernel build its exit waits for is said (not with
-    --quiet or --json)."""
+    """Bad input -> one line and exit 2; anything else is a bug -> traceback and exit 1."""
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         json_out = bool(kwargs.get("json_out"))
         try:
-            return _reporting(fn, args, kwargs, json_out)
-        finally:
-            if not (json_out or kwargs.get("quiet")):
-                note_kernel_build()
+            return fn(*args, **kwargs)
+        except UserError as e:
+            report_error("error", str(e), 2, json_out)
+            raise typer.Exit(2) from None
+        except KeyboardInterrupt as e:
+            if not json_out and sys.stderr.isatty():
+                print(file=sys.stderr)  # off the line the terminal's ^C and any table left
+            report_error("interrupted", str(e), 130, json_out)
+            raise typer.Exit(130) from None
+        except (typer.Exit, typer.Abort):
+            raise
+        except Exception as e:
+            traceback.print_exc()
+            report_error("internal error", f"{type(e).__name__}: {e}", 1, json_out)
+            raise typer.Exit(1) from None
 
     return wrapper  # type: ignore[return-value]
-
-
-def _reporting(fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any],
-               json_out: bool) -> Any:
-    """`fn` run with its errors reported as `handle_errors` says."""
-    try:
-        return fn(*args, **kwargs)
-    except UserError as e:
-        report_error("error", str(e), 2, json_out)
-        raise typer.Exit(2) from None
-    except KeyboardInterrupt as e:
-        if not json_out and sys.stderr.isatty():
-            print(file=sys.stderr)  # off the line the terminal's ^C and any table left
-        report_error("interrupted", str(e), 130, json_out)
-        raise typer.Exit(130) from None
-    except (typer.Exit, typer.Abort):
-        raise
-    except Exception as e:
-        traceback.print_exc()
-        report_error("internal error", f"{type(e).__name__}: {e}", 1, json_out)
-        raise typer.Exit(1) from None
 
 
 @contextlib.contextmanager
@@ -623,14 +611,24 @@ def _quiet_omp() -> None:
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 
+def _exit(code: int, argv: list[str] | None) -> NoReturn:
+    """The process's exit, which waits for a kernel build under way: said in one line
+    (not with --quiet or --json). Here, at the process's end, not in each command: a
+    command run in process (tests, scripts) leaves its process running."""
+    args = sys.argv[1:] if argv is None else argv
+    if not {"--quiet", "--json"} & set(args):
+        note_kernel_build()
+    sys.exit(code)
+
+
 def main(argv: list[str] | None = None) -> None:
     _quiet_omp()
-    sys.exit(_invoke(app, argv, "pcbmerge"))
+    _exit(_invoke(app, argv, "pcbmerge"), argv)
 
 
 def mergekit_yaml_main(argv: list[str] | None = None) -> None:
     _quiet_omp()
-    sys.exit(_invoke(mergekit_yaml_app, argv, "mergekit-yaml"))
+    _exit(_invoke(mergekit_yaml_app, argv, "mergekit-yaml"), argv)
 
 
 if __name__ == "__main__":

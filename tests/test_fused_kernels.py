@@ -381,13 +381,15 @@ def test_loading_the_kernels_never_rewraps_sys_stdout(tmp_path):
 
 @pytest.mark.parametrize("flags", [(), ("--quiet",), ("--json",)])
 def test_the_cli_says_when_its_exit_waits_for_a_kernel_build(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, flags: tuple[str, ...]) -> None:
-    """A command that ends while a kernel loader still runs (what the process's exit then
-    waits for) says so in one line on stderr, and only then; never with --quiet or --json."""
-    from conftest import run_cli, write_recipe
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
+        flags: tuple[str, ...]) -> None:
+    """A process that ends while a kernel loader still runs (what its exit then waits for)
+    says so in one line on stderr, and only then; never with --quiet or --json. Only the
+    process's entry point says it: a command run in process (a test) does not wait."""
+    from conftest import write_recipe
     from safetensors.torch import load_file, save_file
 
-    from mergekit_pcb.cli import KERNEL_BUILD_NOTE
+    from mergekit_pcb.cli import KERNEL_BUILD_NOTE, main
     from mergekit_pcb.methods import compiled
 
     for i in range(2):
@@ -403,10 +405,12 @@ def test_the_cli_says_when_its_exit_waits_for_a_kernel_build(
     monkeypatch.setattr("mergekit_pcb.cli.KERNEL_NOTE_AFTER_S", 0.1)
 
     def notes(out: str) -> int:
-        res = run_cli("run", recipe, "-o", tmp_path / out, *flags)
-        assert res.returncode == 0, res.stderr
+        capsys.readouterr()
+        with pytest.raises(SystemExit) as done:  # the process's entry point, run in process
+            main(["run", str(recipe), "-o", str(tmp_path / out), *flags])
+        assert done.value.code == 0, capsys.readouterr().err
         assert load_file(str(tmp_path / out / "model.safetensors"))["w"].tolist() == [0.5] * 4
-        return res.stderr.splitlines().count(KERNEL_BUILD_NOTE)
+        return capsys.readouterr().err.splitlines().count(KERNEL_BUILD_NOTE)
 
     try:
         assert notes("before") == 0 and not probe.loading()  # no loader started
