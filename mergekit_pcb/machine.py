@@ -38,3 +38,26 @@ def usable_cores() -> int:
 
 
 __all__ = ["available_memory", "physical_memory", "usable_cores"]
+
+
+def numeric_environment(device: str = "cpu") -> dict[str, str]:
+    """What a float result depends on besides the inputs and the seed: torch's version, its
+    BLAS and LAPACK, the device. An SVD (the spectral merges) differs across LAPACK builds
+    and devices within rounding, so outputs record these beside the recipe."""
+    import re
+
+    import torch
+
+    config = torch.__config__.show()
+
+    def setting(key: str) -> str:
+        found = re.search(rf"\b{key}=([^,\s]+)", config)
+        return found.group(1) if found else "unknown"
+
+    if device.startswith("cuda") and torch.cuda.is_available():
+        index = torch.device(device).index or 0
+        shown = f"{device} ({torch.cuda.get_device_name(index)})"
+    else:
+        shown = device
+    return {"torch": torch.__version__, "blas": setting("BLAS_INFO"),
+            "lapack": setting("LAPACK_INFO"), "device": shown}

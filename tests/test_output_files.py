@@ -326,3 +326,27 @@ def test_card_base_model_metadata_is_the_hub_id(
     # The modules came along from the snapshot (symlinks into blobs/ followed).
     assert files_of(out) >= ST_FILES
     assert isinstance(st.SentenceTransformer(str(out), device="cpu")[2], st_modules.Normalize)
+
+
+def test_card_and_json_record_the_numeric_environment(tmp_path: Path) -> None:
+    """An SVD's bits follow torch's LAPACK and the device: the card and `--json` say which."""
+    from safetensors.torch import save_file
+
+    for i in range(2):
+        save_file({"w": torch.full((2, 2), float(i))}, str(tmp_path / f"m{i}.safetensors"))
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump({
+        "merge_method": "linear",
+        "models": [{"model": str(tmp_path / f"m{i}.safetensors"),
+                    "parameters": {"weight": 1.0}} for i in range(2)]}))
+    res = CliRunner().invoke(app, ["run", str(recipe), str(tmp_path / "out"), "--json"])
+    assert res.exit_code == 0, res.output
+    env = json.loads(res.stdout)["environment"]
+    config = torch.__config__.show()  # what torch says it was built with
+    assert env["torch"] == torch.__version__ and env["device"] == "cpu"
+    assert f"BLAS_INFO={env['blas']}," in config and f"LAPACK_INFO={env['lapack']}," in config
+    card = (tmp_path / "out" / "README.md").read_text()
+    section = card.split("## Numeric environment", 1)[1].split("##", 1)[0]
+    assert [line for line in section.splitlines() if line] == [
+        f"- torch: {torch.__version__}", f"- blas: {env['blas']}",
+        f"- lapack: {env['lapack']}", "- device: cpu"]

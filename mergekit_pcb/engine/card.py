@@ -21,6 +21,7 @@ from mergekit_pcb.io.artifacts import (
     write_card_and_recipe,
 )
 from mergekit_pcb.io.tokenizer import load_tokenizer, save_tokenizer
+from mergekit_pcb.machine import numeric_environment
 
 
 @dataclass(frozen=True)
@@ -32,7 +33,8 @@ class OutputFiles:
     model_card: bool = True  # README.md and mergekit_config.yml, as mergekit pairs them
 
 
-def write_artifacts(plan: MergePlan, out: Path, files: OutputFiles | None = None) -> list[str]:
+def write_artifacts(plan: MergePlan, out: Path, files: OutputFiles | None = None,
+                    device: str = "cpu") -> list[str]:
     """Config and tokenizer: a built tokenizer (`plan.vocab`) is saved, with the config's
     `vocab_size` set to the merged embedding's rows; otherwise the files are copied, or
     saved again with the recipe's `chat_template` (as mergekit does; like mergekit, neither
@@ -53,7 +55,8 @@ def write_artifacts(plan: MergePlan, out: Path, files: OutputFiles | None = None
         tok = load_tokenizer(plan.tokenizer_root(), "chat_template")
         save_tokenizer(tok, out, plan.chat_template)
     if files.model_card:
-        write_card_and_recipe(out, merge_card(plan, notes, library_of(out)), plan.recipe_text)
+        write_card_and_recipe(out, merge_card(plan, notes, library_of(out), device),
+                              plan.recipe_text)
         (out / MERGEKIT_CONFIG_FILE).write_text(plan.recipe_text, encoding="utf-8")
     else:  # our recipe file stays: the output says how it was made
         (out / RECIPE_FILE).write_text(plan.recipe_text)
@@ -137,13 +140,16 @@ def _routes_table(plan: MergePlan) -> list[str]:
 
 
 def merge_card(plan: MergePlan, left_out: Sequence[str] = (),
-               library_name: str = "transformers") -> str:
+               library_name: str = "transformers", device: str = "cpu") -> str:
     recipe = plan.recipe
     sections: list[tuple[str, list[str]]] = [("Inputs", _inputs_table(plan))]
     if recipe.parameters:
         sections.append(("Parameters", [f"- `{k}`: {value_text(v)}"
                                         for k, v in recipe.parameters.items()]))
     sections.append(("How each tensor was produced", _routes_table(plan)))
+    # An SVD's bits follow the LAPACK build and the device: say which made these.
+    sections.append(("Numeric environment", [f"- {k}: {v}" for k, v in
+                                             numeric_environment(device).items()]))
     if left_out:
         sections.append(("Not carried over from the inputs", [f"- {n}" for n in left_out]))
     return model_card(

@@ -582,7 +582,7 @@ def _write(plan: MergePlan, directory: Path, dev: torch.device, shards: list[Sha
         if behind is not None:
             behind.close()
     if artifacts is not None:
-        left_out = write_artifacts(plan, directory, artifacts)
+        left_out = write_artifacts(plan, directory, artifacts, device=str(dev))
         if progress is not None and not progress.disable:  # the card lists them too
             for note in left_out:
                 progress.console.print("note: not carried over from the inputs: "

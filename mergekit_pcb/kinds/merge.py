@@ -11,6 +11,7 @@ from mergekit_pcb.engine import MergePlan, build_plan, run_plan
 from mergekit_pcb.engine.card import OutputFiles
 from mergekit_pcb.errors import RecipeError, warn
 from mergekit_pcb.kinds.base import MethodInfo, RecipeKind, RunOptions
+from mergekit_pcb.machine import numeric_environment
 from mergekit_pcb.methods import REGISTRY
 from mergekit_pcb.recipe.schema import MergeRecipe, parse_recipe
 
@@ -77,6 +78,7 @@ class MergeKind(RecipeKind):
             "tensors": result.tensors, "shards": result.shards,
             "read_bytes": result.read_bytes, "written_bytes": result.written_bytes,
             "seconds": round(result.seconds, 3),
+            "environment": numeric_environment(options.device),
         }
 
 
