@@ -21,6 +21,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import bench_de
 import torch
 import yaml
 from bench_de import (
@@ -94,7 +95,10 @@ def measure(name: str, root: Path, data: dict[str, Any], dirs: list[Path],
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data", default="digits", help="digits or fashion")
+    ap.add_argument("--fashion-dir", type=Path, default=Path("/usr/share/datasets/fashion-mnist"),
+                    help="the Fashion-MNIST *-ubyte.gz files (as bench_de.py's --fashion-dir)")
     args = ap.parse_args()
+    bench_de.FASHION_DIR = args.fashion_dir  # where bench_de's data loader reads them
     torch.set_num_threads(1)
     task = TASKS[args.data]
     lines = ["| search | guard | best start | its report acc. | result | report acc. | "
