@@ -10,7 +10,9 @@ rows, stratified by label, chooses the result; trials see the other three quarte
 best start is the starting point (an input or their uniform average) best on select
 without a guard, best on the guard with one: what the search is measured against without
 reading report. The interval is report accuracy(result) − report accuracy(best start),
-95% paired bootstrap over the report rows (2,000 resamples, seed 0).
+95% paired bootstrap over the report rows (2,000 resamples, seed 0). `--accept paired`
+runs the same searches with `parameters.accept: paired` (a trial kept only if its gain per
+example passes a one-sided paired test) and writes `guard-<data>-paired.md`.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import bench_de
 import torch
 import yaml
 from bench_de import (
@@ -67,10 +70,13 @@ def searches(task: Any) -> list[tuple[str, Path, dict[str, Any], list[Path]]]:
 
 
 def measure(name: str, root: Path, data: dict[str, Any], dirs: list[Path],
-            guard: bool) -> str:
+            guard: bool, accept: str = "greedy") -> str:
     if guard:
         data = {**data, "fitness": {**data["fitness"], "guard_fraction": GUARD_FRACTION}}
     tag = "guard" if guard else "plain"
+    if accept != "greedy":
+        data = {**data, "parameters": {**data["parameters"], "accept": accept}}
+        tag += f"-{accept}"
     recipe = root / f"guard-bench-{tag}.yaml"
     recipe.write_text(yaml.safe_dump(data, sort_keys=False))
     out = root / f"guard-bench-{tag}-out"
@@ -85,7 +91,8 @@ def measure(name: str, root: Path, data: dict[str, Any], dirs: list[Path],
     ci = paired_bootstrap(result, base, seed=0)
     start_label = doc["scores"][start]["label"]
     result_label = doc["scores"][-1]["label"]
-    return (f"| {name} | {'guard ' + str(GUARD_FRACTION) if guard else 'none'} | "
+    label = name if accept == "greedy" else f"{name}, accept: {accept}"
+    return (f"| {label} | {'guard ' + str(GUARD_FRACTION) if guard else 'none'} | "
             f"{start_label} | {float(base.mean()):.4f} | {result_label} | "
             f"{float(result.mean()):.4f} | {ci.delta:+.4f} [{ci.low:+.4f}, {ci.high:+.4f}] | "
             f"{doc['generations']} | {wall:.0f} s |")
@@ -94,19 +101,26 @@ def measure(name: str, root: Path, data: dict[str, Any], dirs: list[Path],
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data", default="digits", help="digits or fashion")
+    ap.add_argument("--fashion-dir", type=Path, default=Path("/usr/share/datasets/fashion-mnist"),
+                    help="the Fashion-MNIST *-ubyte.gz files (as bench_de.py's --fashion-dir)")
+    ap.add_argument("--accept", default="greedy", choices=("greedy", "paired"),
+                    help="the searches' parameters.accept (paired: a one-sided paired test)")
     args = ap.parse_args()
+    bench_de.FASHION_DIR = args.fashion_dir  # where bench_de's data loader reads them
     torch.set_num_threads(1)
     task = TASKS[args.data]
     lines = ["| search | guard | best start | its report acc. | result | report acc. | "
              "Δ [95% paired CI] | generations | wall |", "|---|---|---|---|---|---|---|---|---|"]
     for name, root, data, dirs in searches(task):
         for guard in (False, True):
-            lines.append(measure(name, root, data, dirs, guard))
+            lines.append(measure(name, root, data, dirs, guard, args.accept))
             print(lines[-1], flush=True)
     text = "\n".join(lines)
-    (WORK / f"guard-{args.data}.md").write_text(text + "\n")
+    suffix = "" if args.accept == "greedy" else f"-{args.accept}"
+    (WORK / f"guard-{args.data}{suffix}.md").write_text(text + "\n")
     print("\n" + text)
-    print(json.dumps({"data": args.data, "guard_fraction": GUARD_FRACTION}))
+    print(json.dumps({"data": args.data, "guard_fraction": GUARD_FRACTION,
+                      "accept": args.accept}))
 
 
 if __name__ == "__main__":

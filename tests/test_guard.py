@@ -24,7 +24,7 @@ from test_evolve_engine import (
     write_recipe,
 )
 
-from mergekit_pcb.errors import RecipeError
+from mergekit_pcb.errors import RecipeError, UserError
 from mergekit_pcb.evolve.config import load_evolution_recipe, parse_fitness
 from mergekit_pcb.evolve.fitness import build_evaluator, guard_split
 from mergekit_pcb.evolve.run import evaluate_checkpoint, evolve, plan_evolution
@@ -355,3 +355,83 @@ def test_a_tie_on_the_guard_goes_to_the_better_on_select() -> None:
     # loss: lower is better on both
     state["guard"]["candidates"] = [c("s", 0.3, 0.5), c("g", 0.3, 0.4), c("h", 0.31, 0.1)]
     assert _guard_best(state, maximize=False)["label"] == "g"
+
+
+# ----------------------------------------------------------------------------- paired
+
+
+def test_a_gain_within_noise_fails_the_paired_test_and_passes_the_papers_rule() -> None:
+    from mergekit_pcb.evolve.fitness import better
+    from mergekit_pcb.evolve.stats import paired_gain_holds
+
+    parent = torch.tensor([1.0, 0.0] * 100)  # accuracy 0.5 on 200 examples
+    noisy = parent.clone()
+    noisy[[1, 3, 5, 7]] = 1.0  # 4 examples gained,
+    noisy[[0, 2]] = 0.0  # 2 lost: mean gain +0.01
+    assert better(float(noisy.mean()), float(parent.mean()), True)  # the papers' rule keeps it
+    # the resampled gain is (wins − losses)/200 with wins ~ Bin(200, 4/200), losses ~
+    # Bin(200, 2/200): P(gain ≤ 0) ≈ 0.24, far above 5 %
+    assert not paired_gain_holds(noisy, parent, maximize=True, level=0.95)
+    clear = parent.clone()
+    clear[1:40:2] = 1.0  # 20 gained, none lost: P(no gain resampled) = (180/200)^200 ≈ 0
+    assert paired_gain_holds(clear, parent, maximize=True, level=0.95)
+    # a loss: lower is the gain (the same rows, negated, read as per-example losses)
+    assert paired_gain_holds(-clear, -parent, maximize=False, level=0.95)
+    assert not paired_gain_holds(-noisy, -parent, maximize=False, level=0.95)
+    assert not paired_gain_holds(parent, clear, maximize=True, level=0.95)  # a clear loss
+
+
+@pytest.mark.parametrize(("search", "metric", "greedy", "paired"),
+                         [("merged", "accuracy", [0, 2, 0, 2], [0, 1, 0, 0]),
+                          ("standalone", "loss", [0, 2, 3, 1], [0, 1, 1, 0]),
+                          ("de-ancestor", "loss", [0, 1, 2, 1], [0, 1, 0, 1])])
+def test_paired_acceptance_keeps_fewer_trials_than_the_papers_rule(
+        population: Path, tmp_path: Path, search: str, metric: str, greedy: list[int],
+        paired: list[int]) -> None:
+    kept = {}
+    for accept in ("greedy", "paired"):
+        if search == "de-ancestor":  # mini-batches: the test is on the generation's batch
+            data = recipe_dict(population, n=4)
+            data.update({"merge_method": "de-ancestor", "parameters": {
+                "generations": 3, "F": 0.5, "CR": 0.5, "batch_size": 40, "accept": accept}})
+            del data["merge"]
+        else:
+            data = recipe_dict(population, n=4, generations=3, mode=search, accept=accept)
+        data["fitness"]["metric"] = metric
+        write_recipe(population, data, f"{accept}.yaml")
+        evolve(population / f"{accept}.yaml", tmp_path / accept, trust_code=True)
+        doc = json.loads((tmp_path / accept / "evolution.json").read_text())
+        kept[accept] = [h["accepted"] for h in doc["history"]]
+    # the same seed: the trials are the same up to the first one the test refuses
+    assert kept == {"greedy": greedy, "paired": paired}
+
+
+def test_paired_acceptance_resumes_and_is_part_of_the_run_settings(population: Path,
+                                                                    tmp_path: Path) -> None:
+    root = population
+
+    def recipe(generations: int, **params: Any) -> Path:
+        data = recipe_dict(root, n=4, generations=generations, **params)
+        data["fitness"]["metric"] = "accuracy"
+        return write_recipe(root, data, "paired-resume.yaml")
+
+    evolve(recipe(3, accept="paired"), tmp_path / "ref", trust_code=True)
+    evolve(recipe(2, accept="paired"), tmp_path / "out", trust_code=True)
+    evolve(recipe(3, accept="paired"), tmp_path / "out", trust_code=True, resume=True,
+           force=True)  # force: the finished run's output is replaced
+    assert same_tensors(tmp_path / "ref", tmp_path / "out")
+    assert search_record(tmp_path / "ref") == search_record(tmp_path / "out")
+    with pytest.raises(UserError, match=r"--resume: 'accept' differs .* now the default"):
+        evolve(recipe(4), tmp_path / "out", trust_code=True, resume=True, force=True)
+    with pytest.raises(UserError, match=r"--resume: 'accept_level' differs .* \(was 0\.95, now "
+                                        r"0\.9\)"):
+        evolve(recipe(4, accept="paired", accept_level=0.9), tmp_path / "out",
+               trust_code=True, resume=True, force=True)
+
+
+def test_paired_acceptance_needs_scores_per_example(population: Path, tmp_path: Path) -> None:
+    data = recipe_dict(population, n=4, fitness="callable", generations=1, accept="paired")
+    path = write_recipe(tmp_path, data)
+    with pytest.raises(RecipeError, match=r"parameters\.accept: paired needs scores per "
+                                          r"example, which fitness type callable"):
+        load_evolution_recipe(path)

@@ -203,6 +203,13 @@ def check_recipe(recipe: EvolutionRecipe, source: str) -> None:
     if strategy.params.patience is not None and not recipe.fitness.guarded:
         raise RecipeError(f"{source}: parameters.patience: early stopping watches the guard; "
                           "add fitness.guard or fitness.guard_fraction")
+    if strategy.params.accept == "paired" and (
+            recipe.fitness.type not in ("torch", "hf-classification")
+            or recipe.fitness.metric_name not in ("accuracy", "loss")):
+        raise RecipeError(f"{source}: parameters.accept: paired needs scores per example, which "
+                          f"fitness type {recipe.fitness.type} with metric "
+                          f"'{recipe.fitness.metric_name}' has not (torch or hf-classification "
+                          "with accuracy or loss); use margin instead")
     strategy.check_fitness(recipe.fitness.type, f"{source}: ")
     if recipe.merge is not None:
         cls = REGISTRY.get(recipe.merge.merge_method)
@@ -284,9 +291,12 @@ class Settings:
 
     def identity(self) -> dict[str, Any]:
         """What a resumed run must agree on (generations may grow: the run goes on)."""
-        margin = self.strategy.params.margin  # recorded when set: older states resume
+        params = self.strategy.params  # margin and accept recorded when set: older states
+        margin = params.margin  # resume
+        paired = {"accept": "paired", "accept_level": params.accept_level} \
+            if params.accept == "paired" else {}
         return {"pop": self.pop, "seed": self.seed, **self.strategy.identity(),
-                **({"margin": margin} if margin else {})}
+                **({"margin": margin} if margin else {}), **paired}
 
 
 def make_settings(recipe: EvolutionRecipe, *, pop: int | None = None,

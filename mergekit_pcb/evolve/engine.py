@@ -71,6 +71,9 @@ from mergekit_pcb.usercode import code_digest
 STATE_FORMAT = 2  # 2: member checksums
 # Identity keys added to format 2 later: a state without them still resumes.
 RECORDED_SINCE_FORMAT_2 = frozenset({"code", "base_weights"})
+# Identity keys recorded only when set away from their default (`Settings.identity`): a
+# state that has one differs from settings that have it not.
+RECORDED_WHEN_SET = frozenset({"margin", "accept", "accept_level"})
 
 
 def rng_state(rng: random.Random) -> list[Any]:
@@ -139,7 +142,10 @@ class EvolutionRun:
         )
         # Preparing the next candidate ahead holds a second trial and merge in memory.
         model_bytes = sum(math.prod(t.shape) * t.dtype.itemsize for t in self.layout)
-        self._prepare_ahead = self.settings.merged and 2 * model_bytes <= prepared_budget()
+        # Not with accept: paired, whose parent merge (once per population) would share the
+        # prepared memo with the thread preparing ahead.
+        self._prepare_ahead = self.settings.merged and 2 * model_bytes <= prepared_budget() \
+            and self.settings.strategy.params.accept != "paired"
 
     def _check_inner_merge(self, merge: InnerMerge, refs: list[str]) -> None:
         """Plan the population's merge over the input models themselves: every check the
@@ -291,6 +297,9 @@ class EvolutionRun:
                 raise UserError(f"--resume: '{key}' differs from the run in {self.run_dir.root} "
                                 f"(was {theirs.get(key)!r}, now {value!r}); start over with "
                                 "--force")
+        for key in sorted(RECORDED_WHEN_SET & (theirs.keys() - mine.keys())):
+            raise UserError(f"--resume: '{key}' differs from the run in {self.run_dir.root} "
+                            f"(was {theirs[key]!r}, now the default); start over with --force")
 
     def _check_members(self, existing: dict[str, Any]) -> None:
         """Every member the state names must read back as it was written."""
@@ -462,6 +471,8 @@ class EvolutionRun:
             merged=merged,
             threshold=st["objective"] if merged else st["fitness"][step.slot],
             margin=self.settings.strategy.params.margin,
+            paired=self.settings.strategy.params.accept_level
+            if self.settings.strategy.params.accept == "paired" else None,
             out_path=self._path(f"g{gen + 1:04d}-s{position:04d}.safetensors"),
             spare=self._path(spare) if spare else None,
             batch=self.settings.strategy.batch(st["plan"]),

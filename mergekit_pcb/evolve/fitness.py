@@ -226,11 +226,12 @@ class TorchModuleEvaluator:
             yield self.module(x[start:start + bs]), y[start:start + bs]
 
     @torch.inference_mode()
-    def example_scores(self, state: State, split: str) -> torch.Tensor:
+    def example_scores(self, state: State, split: str, batch: Batch | None = None
+                       ) -> torch.Tensor:
         """Each example's share of the metric (correct or not; its cross-entropy): the
-        metric is their mean."""
+        metric is their mean (over the split, or its mini-batch `batch`)."""
         return torch.cat([_example_scores(logits, target, self.metric)
-                          for logits, target in self._outputs(state, split, None)])
+                          for logits, target in self._outputs(state, split, batch)])
 
     @torch.inference_mode()
     def score(self, state: State, split: str, batch: Batch | None = None) -> float:
@@ -334,8 +335,10 @@ class HFClassificationEvaluator(_HFEvaluator):
     auto_class = "AutoModelForSequenceClassification"
 
     @torch.inference_mode()
-    def example_scores(self, state: State, split: str) -> torch.Tensor:
+    def example_scores(self, state: State, split: str, batch: Batch | None = None
+                       ) -> torch.Tensor:
         """Each example's share of the metric (accuracy or loss: their mean)."""
+        no_batches(batch, self.spec.type)
         batches = self.batches(split)
         self.load(state)
         return torch.cat([_example_scores(
@@ -400,14 +403,15 @@ def _example_scores(logits: torch.Tensor, target: torch.Tensor, metric: str) -> 
     return torch.nn.functional.cross_entropy(logits.float(), target, reduction="none").double()
 
 
-def example_scores(evaluator: Evaluator, state: State, split: str) -> torch.Tensor | None:
+def example_scores(evaluator: Evaluator, state: State, split: str, batch: Batch | None = None
+                   ) -> torch.Tensor | None:
     """Each example's share of the metric, where the metric is their mean (torch and
     hf-classification accuracy or loss); None where it is not (macro-F1, token-weighted
     causal-LM loss, a callable)."""
     fn = getattr(evaluator, "example_scores", None)
     if fn is None or evaluator.metric not in ("accuracy", "loss"):
         return None
-    scores: torch.Tensor = fn(state, split)
+    scores: torch.Tensor = fn(state, split, batch)
     return scores
 
 

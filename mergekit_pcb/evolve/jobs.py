@@ -38,6 +38,7 @@ from mergekit_pcb.evolve.config import FitnessSpec, InnerMerge
 from mergekit_pcb.evolve.fitness import Evaluator, better, build_evaluator, example_scores
 from mergekit_pcb.evolve.operators import Scratch
 from mergekit_pcb.evolve.process_local import ProcessLocal
+from mergekit_pcb.evolve.stats import paired_gain_holds
 from mergekit_pcb.evolve.store import CheckpointCache, TensorSpec
 from mergekit_pcb.evolve.strategies import SearchStrategy, Step
 from mergekit_pcb.io.mapped import file_identity
@@ -91,6 +92,9 @@ class TrialJob:
     threshold: float  # what the trial must beat: merged fitness or the parent's fitness
     out_path: str  # where the trial is written when it beats the threshold
     margin: float = 0.0  # a trial must beat the threshold by more (parameters.margin)
+    # parameters.accept: paired: the one-sided level its gain over the parent, example by
+    # example on the fitting data, must pass (None: the papers' rule)
+    paired: float | None = None
     spare: str | None = None  # a dead member file to overwrite in place instead
     batch: dict[str, int] | None = None  # the generation's mini-batch of the select data
     # The next step (merged mode, one worker with a spare core): built and merged on that
@@ -180,6 +184,9 @@ class Runtime:
         self._pending: Future[Prepared] | None = None
         self._pending_key: tuple[object, ...] | None = None
         self._kept: collections.deque[bool] = collections.deque(maxlen=8)
+        # parents' scores per example (accept: paired), by member file(s) and mini-batch: a
+        # parent faces several trials, and its files are never rewritten under one name
+        self._parent_examples: dict[Hashable, torch.Tensor] = {}
         if ctx.merge is not None:
             request_all()  # every candidate merges: the fused kernels pay for loading at once
 
@@ -337,6 +344,36 @@ class Runtime:
         ckpt = self.cache.get(path)
         return {s.name: ckpt.read(s.name) for s in self.ctx.layout}
 
+    def examples(self, state: dict[str, torch.Tensor], batch: dict[str, int] | None
+                 ) -> torch.Tensor:
+        """`state`'s scores per example on the fitting data (or its mini-batch)."""
+        start = time.perf_counter()
+        try:
+            scores = example_scores(self.evaluator, state, "select", batch)
+        finally:
+            self.fitness_s += time.perf_counter() - start
+        if scores is None:  # the recipe check refuses this first
+            raise UserError("parameters.accept: paired needs a fitness with scores per example")
+        return scores
+
+    def paired_gain(self, job: TrialJob, candidate: dict[str, torch.Tensor]) -> bool:
+        """Whether `candidate` (the trial, or the population merged with it) gains over its
+        parent (the member in its slot, or the population's merge) example by example, by
+        a one-sided paired bootstrap test at `job.paired`."""
+        assert job.paired is not None
+        parent_files = job.members if job.merged else (job.members[job.plan.slot],)
+        key = (parent_files, tuple(sorted(job.batch.items())) if job.batch else None)
+        parent = self._parent_examples.get(key)
+        if parent is None:
+            state = self.merge(self.members(job)) if job.merged else self.load(parent_files[0])
+            parent = self.examples(state, job.batch)
+            if len(self._parent_examples) >= 256:  # bounded: old populations are not asked
+                self._parent_examples.clear()
+            self._parent_examples[key] = parent
+        return paired_gain_holds(self.examples(candidate, job.batch), parent,
+                                 maximize=self.evaluator.maximize, level=job.paired,
+                                 seed=self.ctx.seed)
+
 
 def prepared_budget() -> int:
     """Bytes of prepared tensors one process keeps: an eighth of the machine's memory (a
@@ -422,8 +459,10 @@ def _run_trial(rt: Runtime, ctx: WorkContext, job: TrialJob) -> JobResult:
         guess = rt.likely_kept()
         rt.prepare_next(job, trial, trial_identity, bank, kept=guess)
         score = rt.score(merged, "select")
-        del merged
         accepted = better(score, bar(job, maximize), maximize)
+        if accepted and job.paired is not None:
+            accepted = rt.paired_gain(job, merged)
+        del merged
         rt.record(accepted)
         if accepted:
             if not guess:
@@ -439,6 +478,8 @@ def _run_trial(rt: Runtime, ctx: WorkContext, job: TrialJob) -> JobResult:
     else:
         score = rt.score(trial, "select", job.batch)
         accepted = better(score, bar(job, maximize), maximize)
+        if accepted and job.paired is not None:
+            accepted = rt.paired_gain(job, trial)
         member_score = score
     t_scored = time.perf_counter()
     rt.settle_prepared()  # before the memo's rename below, and within this job's threads

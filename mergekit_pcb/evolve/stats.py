@@ -39,4 +39,15 @@ def paired_bootstrap(a: torch.Tensor, b: torch.Tensor, *, seed: int = 0,
                           resamples)
 
 
-__all__ = ["PairedInterval", "paired_bootstrap"]
+def paired_gain_holds(trial: torch.Tensor, parent: torch.Tensor, *, maximize: bool,
+                      level: float, seed: int = 0, resamples: int = 2000) -> bool:
+    """One-sided paired bootstrap test of a trial against its parent on the same examples:
+    True when the mean gain per example (trial − parent, or parent − trial for a loss) is
+    above 0 with confidence `level`, i.e. the (1 − level) quantile of the resampled mean
+    gains is above 0 (the lower end of the central 2·level − 1 interval)."""
+    gain, base = (trial, parent) if maximize else (parent, trial)
+    return paired_bootstrap(gain, base, seed=seed, resamples=resamples,
+                            level=2 * level - 1).low > 0
+
+
+__all__ = ["PairedInterval", "paired_bootstrap", "paired_gain_holds"]

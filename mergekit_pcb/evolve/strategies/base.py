@@ -18,7 +18,7 @@ import random
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 import torch
 from pydantic import Field
@@ -36,6 +36,13 @@ class SearchParameters(StrictModel):
     margin: float = Field(0.0, ge=0.0, description="keep a trial only if it beats what it "
                           "must beat on the fitting data by more than this (metric units; 0: "
                           "any gain, the papers' rule), so that noise is not taken for progress")
+    accept: Literal["greedy", "paired"] = Field(
+        "greedy", description="greedy: keep a trial whose score beats its parent's (the "
+        "papers' rule); paired: keep it only if, besides, its gain over the parent example "
+        "by example on the fitting data passes a one-sided paired bootstrap test at "
+        "accept_level (torch and hf-classification fitness, accuracy or loss)")
+    accept_level: float = Field(0.95, gt=0.5, lt=1.0, description="with accept: paired, the "
+                                "one-sided confidence that the mean gain is above 0")
     patience: int | None = Field(None, ge=1, description="with a guard (fitness.guard or "
                                  "guard_fraction): stop after this many generations whose "
                                  "best does not raise the best guard score")
