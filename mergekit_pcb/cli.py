@@ -117,13 +117,23 @@ def _resume_hint(resumable: bool) -> Iterator[None]:
                                 "continues it") from None
 
 
-def _setup_torch(device: str, threads: int | None) -> None:
+def _setup_torch(device: str, threads: int | None, ray: RaySettings | None = None) -> None:
     """Check the device and thread flags; the engines set torch's thread count themselves
-    (a merge by its thread policy, a search per scoring process)."""
+    (a merge by its thread policy, a search per scoring process). A search on Ray scores
+    on its workers: `cuda` there is the GPU Ray gives each one (--gpus-per-worker), which
+    the worker checks itself; the driver needs none."""
     import torch
 
     if threads is not None and threads < 1:
         raise UserError(f"--threads must be at least 1, got {threads}")
+    if ray is not None and device.startswith("cuda"):
+        if device != "cuda":
+            raise UserError(f"--device {device}: with --executor ray each worker uses the GPU "
+                            "Ray gives it; use --device cuda")
+        if ray.gpus_per_worker <= 0:
+            raise UserError("--device cuda: with --executor ray, give --gpus-per-worker (Ray "
+                            "gives a worker no GPU without it)")
+        return
     if device.startswith("cuda"):
         if not torch.cuda.is_available():
             raise UserError(f"--device {device}: no CUDA device is available "
@@ -205,7 +215,8 @@ def run(
     = None,
     force: Annotated[bool, typer.Option(help="replace an output a previous run wrote")] = False,
     device: Annotated[str | None, typer.Option(
-        help="merges: device for the math: cpu, cuda, cuda:N or auto [default: cpu]")] = None,
+        help="device for the math (a search's merges and fitness): cpu, cuda, cuda:N or "
+             "auto [default: cpu]")] = None,
     shard_size: Annotated[str | None, typer.Option(
         "--shard-size", "--out-shard-size",
         help="largest output shard in bytes, e.g. 5GB; K, M, B as mergekit reads them (5B = "
@@ -298,7 +309,7 @@ def run(
         workers=workers if workers is not None or ray is not None else 1, resume=resume,
         trust_code=trust_code, ray=ray, allow_crimes=allow_crimes,
         copy_tokenizer=copy_tokenizer, write_model_card=write_model_card)
-    _setup_torch(options.device, threads)
+    _setup_torch(options.device, threads, ray)
     if transformers_cache is not None:  # read by io.resolve when a hub model is fetched
         os.environ["HF_HUB_CACHE"] = str(Path(transformers_cache).expanduser())
     if not (quiet or json_out):
@@ -466,6 +477,9 @@ def evolve_command(
     cpus_per_worker: CpusOpt = None,
     gpus_per_worker: GpusOpt = None,
     shared_run_dir: SharedOpt = False,
+    device: Annotated[str, typer.Option(
+        help="where the population is merged and scored: cpu, cuda, cuda:N or auto (with "
+             "--executor ray: cuda, each worker's own GPU)")] = "cpu",
     dry_run: Annotated[bool, typer.Option(help="plan and check, write nothing")] = False,
     json_out: Annotated[bool, typer.Option("--json", help="print a JSON summary")] = False,
 ) -> None:
@@ -474,6 +488,7 @@ def evolve_command(
     from mergekit_pcb.evolve.run import evolve, plan_evolution
     from mergekit_pcb.io.writer import parse_size
     from mergekit_pcb.kinds.search import search_summary
+    from mergekit_pcb.mergekit_compat import parse_device
 
     if not recipe.exists():
         raise RecipeError(f"recipe not found: {recipe}"
@@ -487,6 +502,8 @@ def evolve_command(
         raise UserError(f"--workers must be at least 1, got {workers}")
     ray = _ray_settings(executor, ray_address, cpus_per_worker, gpus_per_worker,
                         shared_run_dir)
+    device = parse_device(device)
+    _setup_torch(device, None, ray)
     size = parse_size(shard_size)
     if dry_run:  # as `pcbmerge run --dry-run` on a search, with this command's overrides
         parsed, text = loaded
@@ -500,7 +517,7 @@ def evolve_command(
                          resume=resume, seed=seed, force=force, quiet=quiet or json_out,
                          threads=threads, run_dir=run_dir, shard_size=size,
                          allow_pickle=allow_pickle, trust_code=trust_code, loaded=loaded,
-                         ray=ray)
+                         ray=ray, device=device)
     if json_out:
         print(json.dumps(search_summary(summary, method)))
     else:  # even with --quiet (no live table): where the result is

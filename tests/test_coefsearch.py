@@ -432,7 +432,8 @@ def test_code_runs_only_with_trust_code_and_merge_flags_are_refused(pop: Path) -
     line = _error(cli("run", recipe, "-o", pop / "out"))
     assert "fitness.function" in line and "--trust-code" in line
     assert not (pop / "out.run").exists()
-    line = _error(cli("run", recipe, "-o", pop / "out", "--device", "cpu"))
-    assert line.startswith("error: --device: not used by coefficient-search recipes")
+    line = _error(cli("run", recipe, "-o", pop / "out", "--allow-crimes"))
+    assert line.startswith("error: --allow-crimes: a mergekit-yaml flag, used by merge "
+                           "recipes only")
     line = _error(cli("evolve", recipe, "-o", pop / "out", "--trust-code"))
     assert "run it with `pcbmerge run`" in line

@@ -42,7 +42,13 @@ from mergekit_pcb.engine.stream import all_finite
 from mergekit_pcb.errors import CheckpointError, UserError
 from mergekit_pcb.evolve.config import EvolutionRecipe, InnerMerge, Settings, fingerprint
 from mergekit_pcb.evolve.executor import Executor
-from mergekit_pcb.evolve.fitness import GUARD, better, code_refs
+from mergekit_pcb.evolve.fitness import (
+    GUARD,
+    better,
+    check_resumed_device,
+    code_refs,
+    device_kind,
+)
 from mergekit_pcb.evolve.jobs import (
     JobResult,
     NextStep,
@@ -105,6 +111,7 @@ class EvolutionRun:
     on_progress: Callable[[Progress], None] | None = None
     allow_pickle: bool = False
     inputs: list[Path] = field(default_factory=list)  # never to be touched (models, output)
+    device: str = "cpu"  # `--device`: where the population is merged and scored
     _state: dict[str, Any] = field(default_factory=dict)
     _rng: random.Random = field(default_factory=random.Random)
     _mark: float = 0.0
@@ -138,7 +145,7 @@ class EvolutionRun:
             root=str(self.root), model_ref=spec.model or self.recipe.base_model or refs[0],
             merge=merge, base=self.recipe.base_model, dtype=self.recipe.dtype,
             seed=self.settings.seed, layout=tuple(self.layout),
-            strategy=self.settings.strategy, allow_pickle=allow_pickle,
+            strategy=self.settings.strategy, allow_pickle=allow_pickle, device=self.device,
         )
         # Preparing the next candidate ahead holds a second trial and merge in memory.
         model_bytes = sum(math.prod(t.shape) * t.dtype.itemsize for t in self.layout)
@@ -191,6 +198,9 @@ class EvolutionRun:
             "data": data,
             # the fitness code's source: a changed module would score another way
             "code": {key: code_digest(ref, self.root) for key, ref in code_refs(spec)},
+            # a GPU run records its device (a CPU run's state is as before --device)
+            **({} if device_kind(self.device) == "cpu"
+               else {"device": device_kind(self.device)}),
         }
 
     def _full_identity(self) -> dict[str, Any]:
@@ -290,6 +300,7 @@ class EvolutionRun:
         mine, theirs = self._full_identity(), existing.get("identity", {})
         if not isinstance(theirs, dict):
             raise UserError(f"--resume: {self.run_dir.state_path} has no valid identity")
+        check_resumed_device(theirs.get("device"), self.device, self.run_dir.root)
         for key, value in mine.items():
             if key in RECORDED_SINCE_FORMAT_2 and key not in theirs:
                 continue  # a run started before these were recorded

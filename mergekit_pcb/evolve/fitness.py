@@ -9,6 +9,9 @@ Four kinds, chosen by `fitness.type`:
 - `causal-lm`: mean token cross-entropy or perplexity on a text or JSONL file.
 Every evaluator walks its data in a fixed order and fixed batches, so a trial and its
 parent are always scored on the same batches, and the same state gives the same float.
+The built-in kinds run on a `device` (`--device`): the model is moved there once, each
+batch as it is fed; the data stays on the CPU and scores come back as Python floats (and
+CPU tensors). A callable gets the state dict as it is (on the CPU).
 """
 
 from __future__ import annotations
@@ -31,6 +34,38 @@ State = Mapping[str, torch.Tensor]
 Batch = Mapping[str, int]  # {"seed": ..., "size": ...}: a mini-batch of a split
 SPLITS = ("select", "report")
 GUARD = "guard"  # the split that chooses the result (fitness.guard or guard_fraction)
+
+
+def device_kind(device: str) -> str:
+    """What a run state records of `--device`: its type (cpu, cuda). Scores on one GPU or
+    another of a kind agree; on the CPU and a GPU they may differ in the last bits."""
+    return torch.device(device).type
+
+
+def check_device(device: str) -> torch.device:
+    """`device` as a torch device, refused in one line when it is a GPU this process
+    cannot see (a Ray worker sees the GPUs Ray gave it: none without --gpus-per-worker)."""
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"--device {device}: no CUDA device is available to the scoring "
+                        "process (with --executor ray, give --gpus-per-worker)")
+    return dev
+
+
+def check_resumed_device(recorded: str | None, device: str, where: Path) -> None:
+    """A resumed run is scored on the kind of device it started on: refused otherwise, as
+    CPU and GPU scores may differ in the last bits (the run would mix them)."""
+    was, now = recorded or "cpu", device_kind(device)  # states before --device: the CPU
+    if was != now:
+        raise UserError(f"--resume: the run in {where} was scored on {was}, now --device "
+                        f"{device} (scores may differ in the last bits); resume with "
+                        f"--device {was} or start over with --force")
+
+
+def to_device(batch: Mapping[str, torch.Tensor], device: torch.device
+              ) -> dict[str, torch.Tensor]:
+    """A tokenized batch on `device` (on the CPU: the same tensors, no copy)."""
+    return {k: v.to(device) for k, v in batch.items()}
 
 
 class Evaluator(Protocol):
@@ -180,7 +215,7 @@ def load_into(module: torch.nn.Module, state: State, what: str) -> None:
 
 
 class TorchModuleEvaluator:
-    def __init__(self, spec: FitnessSpec, root: Path) -> None:
+    def __init__(self, spec: FitnessSpec, root: Path, device: str = "cpu") -> None:
         assert spec.arch is not None
         self.spec = spec
         self.root = root
@@ -192,7 +227,9 @@ class TorchModuleEvaluator:
         if not isinstance(module, torch.nn.Module):
             raise RecipeError(f"fitness.arch: {spec.arch} returned {type(module).__name__}, "
                               "not a torch.nn.Module")
-        self.module = module.eval()
+        self.device = check_device(device)
+        # on the CPU, .to returns the module itself: the same bits as before --device
+        self.module = module.to(self.device).eval()
         self.reset = import_object(spec.reset, root, "fitness.reset") if spec.reset else None
         self._data: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
 
@@ -223,7 +260,8 @@ class TorchModuleEvaluator:
         for start in range(0, len(y), bs):
             if self.reset is not None:
                 self.reset(self.module)
-            yield self.module(x[start:start + bs]), y[start:start + bs]
+            yield (self.module(x[start:start + bs].to(self.device)),
+                   y[start:start + bs].to(self.device))
 
     @torch.inference_mode()
     def example_scores(self, state: State, split: str, batch: Batch | None = None
@@ -231,7 +269,7 @@ class TorchModuleEvaluator:
         """Each example's share of the metric (correct or not; its cross-entropy): the
         metric is their mean (over the split, or its mini-batch `batch`)."""
         return torch.cat([_example_scores(logits, target, self.metric)
-                          for logits, target in self._outputs(state, split, batch)])
+                          for logits, target in self._outputs(state, split, batch)]).cpu()
 
     @torch.inference_mode()
     def score(self, state: State, split: str, batch: Batch | None = None) -> float:
@@ -265,7 +303,8 @@ def read_records(path: Path, key: str) -> list[dict[str, Any]]:
 class _HFEvaluator:
     auto_class = ""
 
-    def __init__(self, spec: FitnessSpec, root: Path, model_ref: str | None) -> None:
+    def __init__(self, spec: FitnessSpec, root: Path, model_ref: str | None,
+                 device: str = "cpu") -> None:
         import transformers
 
         from mergekit_pcb.io.resolve import resolve_model_path
@@ -285,7 +324,9 @@ class _HFEvaluator:
         except (OSError, ValueError) as e:
             raise UserError(f"fitness.model: cannot load config/tokenizer from {path} "
                             f"({str(e).splitlines()[0]})") from None
-        self.model = getattr(transformers, self.auto_class).from_config(config).eval()
+        self.device = check_device(device)
+        self.model = getattr(transformers, self.auto_class).from_config(config).to(
+            self.device).eval()
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token or self.tokenizer.unk_token
         self._batches: dict[str, list[dict[str, torch.Tensor]]] = {}
@@ -341,9 +382,13 @@ class HFClassificationEvaluator(_HFEvaluator):
         no_batches(batch, self.spec.type)
         batches = self.batches(split)
         self.load(state)
-        return torch.cat([_example_scores(
-            self.model(**{k: v for k, v in b.items() if k != "labels"}).logits, b["labels"],
-            self.metric) for b in batches])
+        out = []
+        for b in batches:
+            b = to_device(b, self.device)
+            out.append(_example_scores(
+                self.model(**{k: v for k, v in b.items() if k != "labels"}).logits,
+                b["labels"], self.metric))
+        return torch.cat(out).cpu()
 
     def strata(self, records: list[dict[str, Any]]) -> list[Hashable] | None:
         return [str(r.get(self.spec.label_field, "")).strip() for r in records]
@@ -383,6 +428,7 @@ class HFClassificationEvaluator(_HFEvaluator):
         self.load(state)
         preds, gold, loss_sum = [], [], 0.0
         for b in batches:
+            b = to_device(b, self.device)
             labels = b["labels"]
             logits = self.model(**{k: v for k, v in b.items() if k != "labels"}).logits
             loss_sum += float(torch.nn.functional.cross_entropy(logits.float(), labels,
@@ -447,6 +493,7 @@ class CausalLMEvaluator(_HFEvaluator):
         self.load(state)
         nll, tokens = 0.0, 0
         for b in batches:
+            b = to_device(b, self.device)
             logits = self.model(**b).logits[:, :-1].float()
             target = b["input_ids"][:, 1:]
             mask = b["attention_mask"][:, 1:].bool()
@@ -466,16 +513,19 @@ def code_refs(spec: FitnessSpec) -> list[tuple[str, str]]:
             if getattr(spec, key) is not None]
 
 
-def build_evaluator(spec: FitnessSpec, root: Path, model_ref: str | None = None) -> Evaluator:
-    """The evaluator of `spec`; the caller has checked consent for its code (code_refs)."""
+def build_evaluator(spec: FitnessSpec, root: Path, model_ref: str | None = None,
+                    device: str = "cpu") -> Evaluator:
+    """The evaluator of `spec` on `device`; the caller has checked consent for its code
+    (code_refs)."""
     if spec.type == "callable":
         return CallableEvaluator(spec, root)
     if spec.type == "torch":
-        return TorchModuleEvaluator(spec, root)
+        return TorchModuleEvaluator(spec, root, device)
     if spec.type == "hf-classification":
-        return HFClassificationEvaluator(spec, root, model_ref)
-    return CausalLMEvaluator(spec, root, model_ref)
+        return HFClassificationEvaluator(spec, root, model_ref, device)
+    return CausalLMEvaluator(spec, root, model_ref, device)
 
 
 __all__ = ["GUARD", "SPLITS", "Batch", "Evaluator", "batch_indices", "better", "build_evaluator",
-           "code_refs", "example_scores", "guard_split", "macro_f1"]
+           "check_device", "check_resumed_device", "code_refs", "device_kind",
+           "example_scores", "guard_split", "macro_f1", "to_device"]

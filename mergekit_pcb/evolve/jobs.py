@@ -65,6 +65,9 @@ class WorkContext:
     layout: tuple[TensorSpec, ...]
     strategy: SearchStrategy
     allow_pickle: bool = False
+    # `--device`: where the population is merged and scored (in a Ray worker, "cuda" is
+    # the GPU Ray gave it)
+    device: str = "cpu"
 
 
 def member_key(i: int) -> str:
@@ -194,7 +197,8 @@ class Runtime:
     def evaluator(self) -> Evaluator:
         if self._evaluator is None:
             ctx = self.ctx
-            self._evaluator = build_evaluator(ctx.fitness, Path(ctx.root), ctx.model_ref)
+            self._evaluator = build_evaluator(ctx.fitness, Path(ctx.root), ctx.model_ref,
+                                              ctx.device)
         return self._evaluator
 
     def buffer(self, spec: TensorSpec, bank: int = 0) -> torch.Tensor | None:
@@ -316,7 +320,7 @@ class Runtime:
                 # copied each time (the plan keeps owning it)
                 plan.map_model(plan.base_key)
             self.plans[n] = plan
-        merged = merge_in_memory(plan.rebind(sources), memo=self.prepared)
+        merged = merge_in_memory(plan.rebind(sources), self.ctx.device, memo=self.prepared)
         # Keep what the population's members (the open files) prepared: a rejected trial's
         # parent merges again in a later candidate.
         self.prepared.keep_only([m.identity for m in members]

@@ -122,12 +122,14 @@ def evolve(recipe_path: Path, output: Path | None = None, *, pop: int | None = N
            console: Console | None = None, shard_size: int = DEFAULT_SHARD_SIZE,
            allow_pickle: bool = False, trust_code: bool = False,
            loaded: tuple[EvolutionRecipe, str] | None = None,
-           ray: RaySettings | None = None) -> EvolveSummary:
+           ray: RaySettings | None = None, device: str = "cpu") -> EvolveSummary:
     """Run (or resume) an evolution recipe and write the result to `output`.
 
     `loaded` is the recipe already read and validated (the command line reads it once);
     `trust_code` is the user's consent to import and run the code the fitness names;
-    `ray` scores candidates on a Ray cluster (`workers` None: as many as it holds).
+    `ray` scores candidates on a Ray cluster (`workers` None: as many as it holds);
+    `device` is where the population is merged and scored (the output is written on the
+    CPU, as `pcbmerge run` writes it, and scored again).
     """
     start = time.perf_counter()
     recipe, text = loaded if loaded is not None else load_evolution_recipe(recipe_path)
@@ -147,7 +149,7 @@ def evolve(recipe_path: Path, output: Path | None = None, *, pop: int | None = N
         view = None if quiet else LiveView(console, recipe.fitness.metric_name,
                                            settings.strategy.name)
         run = EvolutionRun(recipe, text, root, settings, rdir, executor, on_progress=view,
-                           allow_pickle=allow_pickle, inputs=[*inputs, output])
+                           allow_pickle=allow_pickle, inputs=[*inputs, output], device=device)
         if view is not None:
             with view.live:
                 run.start(resume=resume, force=force)

@@ -26,8 +26,8 @@ from mergekit_pcb.kinds.base import RAY_FLAGS, MethodInfo, RecipeKind, RunOption
 class CoefficientSearchKind(RecipeKind):
     # Its own kind name: `pcbmerge evolve` takes only population searches ("search").
     name = "coefficient-search"
-    flags = frozenset({"--shard-size", "--threads", "--allow-pickle", "--workers", "--resume",
-                       "--trust-code", *RAY_FLAGS})
+    flags = frozenset({"--device", "--shard-size", "--threads", "--allow-pickle", "--workers",
+                       "--resume", "--trust-code", *RAY_FLAGS})
 
     def methods(self) -> list[MethodInfo]:
         params: list[dict[str, Any]] = []
@@ -61,7 +61,8 @@ class CoefficientSearchKind(RecipeKind):
                           seed=options.seed, quiet=options.quiet, workers=options.workers,
                           resume=options.resume, threads=options.threads or 1,
                           shard_size=options.shard_size, allow_pickle=options.allow_pickle,
-                          trust_code=options.trust_code, ray=options.ray)
+                          trust_code=options.trust_code, ray=options.ray,
+                          device=options.device)
 
 
 _DOCS = {

@@ -14,8 +14,8 @@ from mergekit_pcb.kinds.base import RAY_FLAGS, MethodInfo, RecipeKind, RunOption
 
 class SearchKind(RecipeKind):
     name = "search"
-    flags = frozenset({"--shard-size", "--threads", "--allow-pickle", "--workers", "--resume",
-                       "--trust-code", *RAY_FLAGS})
+    flags = frozenset({"--device", "--shard-size", "--threads", "--allow-pickle", "--workers",
+                       "--resume", "--trust-code", *RAY_FLAGS})
 
     def methods(self) -> list[MethodInfo]:
         out = []
@@ -49,7 +49,7 @@ class SearchKind(RecipeKind):
                          quiet=options.quiet, workers=options.workers, resume=options.resume,
                          threads=options.threads or 1, shard_size=options.shard_size,
                          allow_pickle=options.allow_pickle, trust_code=options.trust_code,
-                         loaded=recipe, ray=options.ray)
+                         loaded=recipe, ray=options.ray, device=options.device)
         return search_summary(summary, recipe[0].merge_method)
 
 

@@ -35,6 +35,9 @@ class SearchContext:
     parts_file: str | None  # where the parts are, or None: installed in this process
     allow_pickle: bool = False
     build_parts: bool = False  # each process builds the parts itself (no shared files)
+    # `--device`: where the engine merges a point and the fitness scores it (the fast
+    # path's combine of cached parts stays on the CPU)
+    device: str = "cpu"
 
 
 @dataclass(frozen=True)
@@ -70,7 +73,7 @@ class Runtime:
     def evaluator(self) -> Evaluator:
         if self._evaluator is None:
             c = self.ctx
-            self._evaluator = build_evaluator(c.fitness, Path(c.root), c.model_ref)
+            self._evaluator = build_evaluator(c.fitness, Path(c.root), c.model_ref, c.device)
         return self._evaluator
 
     def plan(self, x: tuple[float, ...] | None) -> MergePlan:
@@ -92,7 +95,7 @@ class Runtime:
                 self.parts = build_parts(self.plan(None))
             if self.parts is not None and matches(plan, self.parts):
                 return fast_merge(plan, self.parts), True
-        return merge_in_memory(plan), False
+        return merge_in_memory(plan, self.ctx.device), False
 
     def score(self, state: dict[str, torch.Tensor], split: str) -> tuple[float, float]:
         start = time.perf_counter()

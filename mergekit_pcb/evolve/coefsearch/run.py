@@ -19,7 +19,13 @@ from rich.table import Table
 from mergekit_pcb.engine import MergePlan, build_plan, write_plan
 from mergekit_pcb.errors import RecipeError, UserError
 from mergekit_pcb.evolve.executor import Executor, executor_scope
-from mergekit_pcb.evolve.fitness import GUARD, better, code_refs
+from mergekit_pcb.evolve.fitness import (
+    GUARD,
+    better,
+    check_resumed_device,
+    code_refs,
+    device_kind,
+)
 from mergekit_pcb.evolve.output import ScoreRow, clean, fmt, plot_png
 from mergekit_pcb.evolve.output import scores_table as evolve_scores_table
 from mergekit_pcb.io.artifacts import library_of, model_card, write_card_and_recipe
@@ -224,7 +230,7 @@ def _guard_best(evals: list[dict[str, Any]], guards: list[dict[str, Any]],
     return evals[best["n"]]
 
 
-def _load_state(rdir: Path, identity: dict[str, Any]) -> dict[str, Any]:
+def _load_state(rdir: Path, identity: dict[str, Any], device: str = "cpu") -> dict[str, Any]:
     path = rdir / STATE
     try:
         st = json.loads(path.read_text())
@@ -236,6 +242,7 @@ def _load_state(rdir: Path, identity: dict[str, Any]) -> dict[str, Any]:
             or not isinstance(st.get("batch"), int) or st["batch"] < 1:
         raise UserError(f"--resume: {path} is not a coefficient-search state")
     old = st.get("identity", {})
+    check_resumed_device(old.get("device") if isinstance(old, dict) else None, device, rdir)
     for key, value in identity.items():
         if old.get(key) != value:
             raise UserError(f"--resume: the run in {rdir} was started with another {key} "
@@ -258,7 +265,7 @@ def run_search(loaded: Loaded, source: Path, output: Path, *, force: bool = Fals
                resume: bool = False, threads: int | None = 1,
                shard_size: int = 5 * 10**9, allow_pickle: bool = False,
                trust_code: bool = False, run_dir: Path | None = None,
-               ray: RaySettings | None = None) -> dict[str, Any]:
+               ray: RaySettings | None = None, device: str = "cpu") -> dict[str, Any]:
     start = time.perf_counter()
     recipe, space, text = loaded
     require_consent(code_refs(recipe.fitness), trust_code)  # before anything imports it
@@ -279,8 +286,10 @@ def run_search(loaded: Loaded, source: Path, output: Path, *, force: bool = Fals
         rdir = prepare_run_dir(run_dir or default_run_dir(output), force=force, inputs=inputs,
                                state_file=STATE, resume=resume)
         identity = _identity(recipe, space, s)
+        if device_kind(device) != "cpu":  # a CPU run's state is as before --device
+            identity["device"] = device_kind(device)
         if resume:
-            st = _load_state(rdir, identity)
+            st = _load_state(rdir, identity, device)
         else:
             rdir.mkdir(parents=True, exist_ok=True)
             st = {"identity": identity, "batch": workers, "evaluations": []}
@@ -319,7 +328,7 @@ def run_search(loaded: Loaded, source: Path, output: Path, *, force: bool = Fals
         key=f"{_fingerprint(identity)}-{rdir}-{time.time_ns()}", space=space, fitness=spec,
         root=str(source.resolve().parent), model_ref=recipe.base_model or recipe.models[0].model,
         seed=s, parts_file=str(rdir / PARTS) if where == "file" and not remote else None,
-        allow_pickle=allow_pickle, build_parts=where == "file" and remote)
+        allow_pickle=allow_pickle, build_parts=where == "file" and remote, device=device)
     evals: list[dict[str, Any]] = st["evaluations"]
     guards: list[dict[str, Any]] | None = st.get("guard")
     if spec.guarded and not isinstance(guards, list):
