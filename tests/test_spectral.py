@@ -517,7 +517,11 @@ def test_text_dry_run_and_methods_say_the_rules(llamas: tuple[Path, list[Path]],
     assert ("fallback (vocabulary matrix, vocabulary: false): W₀ + α·mean(Δᵢ): 2 tensors "
             "(lm_head.weight, model.embed_tokens.weight)") in text
     res = run_cli("methods", "--json")
-    summaries = {k: v["summary"] for k, v in json.loads(res.stdout).items()}
+    listing = json.loads(res.stdout)
+    summaries = {k: v["summary"] for k, v in listing.items()}
+    docs = {p["name"]: p["doc"] for p in listing["cart"]["parameters"]}
+    assert "default range: [0, 3]" in docs["lambda"] and "default range: [0, 1]" in \
+        docs["rank_ratio"] and "default range" not in docs["svd"]
     assert "matrix: W₀ + mean(Δᵢ) + λ·Σ LowRank_k" in summaries["cart"]
     assert "not an attention/MLP weight, matrices: attn_mlp" in summaries["wudi"]
     assert "not an attention/MLP weight" not in summaries["tsv_m"]

@@ -75,8 +75,9 @@ class ParamSpec:
     def doc(self) -> str:
         """What `pcbmerge methods` shows: the meaning and, for numbers, the range (and the
         coefficient search's default range)."""
-        doc = self.meaning if self.bounds is None else f"{self.meaning}; in {self.bounds}"
-        return doc if self.search_range is None else f"{doc}; searched over {self.search_range}"
+        meaning = self.meaning if self.search_range is None else \
+            f"{self.meaning} (a coefficient search's default range: {self.search_range})"
+        return meaning if self.bounds is None else f"{meaning}; in {self.bounds}"
 
 
 @dataclass(frozen=True)
