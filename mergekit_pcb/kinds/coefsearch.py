@@ -37,7 +37,7 @@ class CoefficientSearchKind(RecipeKind):
                            "where": "parameters",
                            "choices": list(OPTIMIZERS) if field == "optimizer" else [],
                            "doc": _DOCS[field]})
-        params.append({"name": "search", "default": None, "type": "dict[str, [low, high]]",
+        params.append({"name": "search", "default": None, "type": "dict[str, [low, high] | null]",
                        "where": "search", "choices": [],
                        "doc": "numeric parameters of the inner merge to search, with bounds "
                               "[low, high], or null for the parameter's own search range "
