@@ -6,6 +6,7 @@ Run with the system python from the repository root::
     python scripts/bench_merge.py --params 120M --repeats 3 --json bench.json
     python scripts/bench_merge.py --methods ties --no-mergekit   # ours only
     python scripts/bench_merge.py --no-ours                      # mergekit only
+    python scripts/bench_merge.py --methods ties,spectral --no-mergekit  # the spectral rows
     python scripts/bench_merge.py --params 128k --methods memory --no-arithmetic
                                         # the memory bound: a 128k-vocabulary embedding
 
@@ -273,6 +274,20 @@ def della_recipe(base: Path, ft_dirs: list[Path]) -> Recipe:
     return Recipe("della", body)
 
 
+def spectral_recipe(method: str) -> RecipeBuilder:
+    """A spectral method (tsv_m, iso_c, iso_cts, cart, wudi) at its defaults: mergekit has
+    none, so it is timed against our own `ties` only."""
+
+    def build(base: Path, ft_dirs: list[Path]) -> Recipe:
+        body = {"merge_method": method, "base_model": str(base),
+                "models": [{"model": str(p)} for p in ft_dirs], "dtype": "float32"}
+        return Recipe(method, body, peer=False)
+
+    return build
+
+
+SPECTRAL_METHODS = ("tsv_m", "iso_c", "iso_cts", "cart", "wudi")
+
 RECIPES: dict[str, RecipeBuilder] = {
     "linear": linear_recipe,
     "ties": ties_recipe,
@@ -284,6 +299,7 @@ RECIPES: dict[str, RecipeBuilder] = {
     "dare_ties": dare_ties_recipe,
     "breadcrumbs": breadcrumbs_recipe,
     "della": della_recipe,
+    **{m: spectral_recipe(m) for m in SPECTRAL_METHODS},
 }
 # `--methods memory`: every per-tensor method of the memory bound's table.
 MEMORY_METHODS = ("linear", "task_arithmetic", "ties", "dare_ties", "breadcrumbs", "della",
@@ -724,7 +740,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--methods",
         default="linear,ties,task_arithmetic,ties_global,pcb,pcb_tensor",
-        help=f"comma-separated recipes to run; known: {', '.join(RECIPES)}",
+        help=f"comma-separated recipes to run; known: {', '.join(RECIPES)}; memory and "
+        "spectral name groups of them",
     )
     parser.add_argument(
         "--repeats", type=int, default=1, help="runs per tool; best wall time is reported"
@@ -769,7 +786,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def _split(methods: str) -> list[str]:
     names = [m.strip() for m in methods.split(",") if m.strip()]
-    return [n for m in names for n in (MEMORY_METHODS if m == "memory" else (m,))]
+    groups = {"memory": MEMORY_METHODS, "spectral": SPECTRAL_METHODS}
+    return [n for m in names for n in groups.get(m, (m,))]
 
 
 def resolve_shape(args: argparse.Namespace) -> ModelShape:

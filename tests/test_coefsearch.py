@@ -437,3 +437,25 @@ def test_code_runs_only_with_trust_code_and_merge_flags_are_refused(pop: Path) -
                            "recipes only")
     line = _error(cli("evolve", recipe, "-o", pop / "out", "--trust-code"))
     assert "run it with `pcbmerge run`" in line
+
+
+def test_a_parameter_named_without_bounds_gets_the_methods_own_range(pop: Path) -> None:
+    """`search: {alpha: null}` over iso_c spans the papers' 0 to 3 (the issue's range); CART's
+    λ and rank ratio theirs; a parameter with no range of its own is refused, naming it."""
+    iso = recipe_dict(pop, merge={"merge_method": "iso_c", "parameters": {}},
+                      search={"alpha": None})
+    res = cli("run", write_recipe(pop, iso), "-o", pop / "out", "--dry-run", "--json")
+    assert res.exit_code == 0, res.output
+    [alpha] = json.loads(res.output)["variables"]
+    assert (alpha["label"], alpha["low"], alpha["high"], alpha["default"]) == ("alpha", 0, 3, 1)
+    cart = recipe_dict(pop, merge={"merge_method": "cart", "parameters": {}},
+                       search={"lambda": None, "rank_ratio": [0.1, 0.2]})
+    _, space = parse_search_recipe(cart, "cart.yaml")
+    assert space.bounds() == ([0.0, 0.1], [3.0, 0.2])
+    assert space.ranges == {"lambda": (0.0, 3.0), "rank_ratio": (0.1, 0.2)}
+    _, space = parse_search_recipe({**cart, "search": {"rank_ratio": None}}, "cart.yaml")
+    assert space.bounds() == ([0.0], [1.0])
+    pcb = recipe_dict(pop, search={"lambda": None})
+    res = cli("validate", write_recipe(pop, pcb, "pcb.yaml"))
+    assert res.exit_code == 2
+    assert "search.lambda: pcb's lambda has no search range of its own" in res.output

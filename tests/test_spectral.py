@@ -443,3 +443,85 @@ def test_pcbmerge_run_matches_the_reference(name: str, llamas: tuple[Path, list[
     want = {"tsv_m": b + 1.3 * mean_delta, "iso_c": b + 1.3 * mean_delta,
             "iso_cts": b + 1.3 * mean_delta, "cart": b + mean_delta, "wudi": b}[name]
     assert torch.allclose(read_tensor(tmp_path / "out", emb), want, atol=1e-6)
+
+
+# ------------------------------------------------------------------ which rule each tensor gets
+# Llama's vocabulary-indexed matrices (named here, not taken from the engine's list).
+LLAMA_VOCABULARY = {"model.embed_tokens.weight", "lm_head.weight"}
+RULE_CASES = [(name, {}) for name in SPECTRAL] + [
+    ("tsv_m", {"vocabulary": True}),
+    ("cart", {"vocabulary": True}),  # 2-D, opted in, but outside `attn_mlp`
+    ("wudi", {"vocabulary": True, "matrices": "all_2d", "rest": "mean"}),
+]
+
+
+def expected_rules(shapes: dict[str, list[int]], name: str, params: dict[str, Any]
+                   ) -> dict[str, set[str]]:
+    """Tensor names by the rule they should get, from the names and shapes alone."""
+    selective = name in ("cart", "wudi") and params.get("matrices", "attn_mlp") == "attn_mlp"
+    groups: dict[str, set[str]] = {}
+    for key, shape in shapes.items():
+        if len(shape) != 2:
+            rule = "not 2-D"
+        elif key in LLAMA_VOCABULARY and not params.get("vocabulary"):
+            rule = "vocabulary matrix, vocabulary: false"
+        elif selective and not (("attn" in key or "mlp" in key) and "ln" not in key):
+            rule = "not an attention/MLP weight, matrices: attn_mlp"
+        else:
+            rule = "matrix"
+        groups.setdefault(rule, set()).add(key)
+    return groups
+
+
+@pytest.mark.parametrize(("name", "params"), RULE_CASES)
+def test_dry_run_groups_tensors_by_the_rule_they_get(
+        name: str, params: dict[str, Any], llamas: tuple[Path, list[Path]],
+        tmp_path: Path) -> None:
+    base_dir, tuned = llamas
+    shapes = {}
+    for shard in base_dir.glob("*.safetensors"):
+        shapes.update({k: list(v.shape) for k, v in load_file(str(shard)).items()})
+    recipe = write_recipe(tmp_path / "r.yaml", {
+        "merge_method": name, "base_model": str(base_dir),
+        "models": [{"model": str(t)} for t in tuned], "parameters": params})
+    res = run_cli("run", recipe, "-o", tmp_path / "out", "--dry-run", "--json")
+    assert res.returncode == 0, res.stderr
+    [route] = json.loads(res.stdout)["rules"]
+    got: dict[str, set[str]] = {}
+    for group in route["groups"]:
+        rule = group["rule"]
+        key = "matrix" if rule.startswith("matrix: ") else rule.split("(", 1)[1].split(")")[0]
+        assert group["tensors"] == len(group["names"]) and key not in got
+        got[key] = set(group["names"])
+    assert got == expected_rules(shapes, name, params)
+    # the fallback's formula follows the method (and WUDI's `rest`)
+    fallback = next(g["rule"] for g in route["groups"] if g["rule"].startswith("fallback"))
+    assert fallback.endswith({"tsv_m": "W₀ + α·mean(Δᵢ)", "iso_c": "W₀ + α·mean(Δᵢ)",
+                              "iso_cts": "W₀ + α·mean(Δᵢ)", "cart": "W₀ + mean(Δᵢ)",
+                              "wudi": "W₀ (rest: base)"}[name]
+                             if name != "wudi" or not params else "W₀ + mean(Δᵢ) (rest: mean)")
+
+
+def test_text_dry_run_and_methods_say_the_rules(llamas: tuple[Path, list[Path]],
+                                                tmp_path: Path) -> None:
+    base_dir, tuned = llamas
+    recipe = write_recipe(tmp_path / "r.yaml", {
+        "merge_method": "iso_c", "base_model": str(base_dir),
+        "models": [{"model": str(t)} for t in tuned]})
+    res = run_cli("run", recipe, "-o", tmp_path / "out", "--dry-run")
+    assert res.returncode == 0, res.stderr
+    text = res.stdout + res.stderr
+    # 2 layers × (4 attention + 3 MLP) matrices; 2 × 2 layer norms + the final norm
+    assert "matrix: W₀ + α·Iso-C(ΣΔᵢ): 14 tensors (model.layers.0." in text
+    assert "fallback (not 2-D): W₀ + α·mean(Δᵢ): 5 tensors (" in text
+    assert ("fallback (vocabulary matrix, vocabulary: false): W₀ + α·mean(Δᵢ): 2 tensors "
+            "(lm_head.weight, model.embed_tokens.weight)") in text
+    res = run_cli("methods", "--json")
+    listing = json.loads(res.stdout)
+    summaries = {k: v["summary"] for k, v in listing.items()}
+    docs = {p["name"]: p["doc"] for p in listing["cart"]["parameters"]}
+    assert "default range: [0, 3]" in docs["lambda"] and "default range: [0, 1]" in \
+        docs["rank_ratio"] and "default range" not in docs["svd"]
+    assert "matrix: W₀ + mean(Δᵢ) + λ·Σ LowRank_k" in summaries["cart"]
+    assert "not an attention/MLP weight, matrices: attn_mlp" in summaries["wudi"]
+    assert "not an attention/MLP weight" not in summaries["tsv_m"]

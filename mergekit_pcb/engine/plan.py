@@ -181,6 +181,22 @@ class MergePlan:
         for route in self.routes:
             route.reset_statistics()
 
+    def rule_groups(self, route: Route) -> dict[str, list[str]]:
+        """The tensors of `route` grouped by the rule of its method that serves each
+        (`MergeMethod.rule_for`), in plan order; empty when the method has one rule."""
+        groups: dict[str, list[str]] = {}
+        if route.kind != "merge" or route.method is None:
+            return groups
+        for task in self.tasks:
+            if task.route is not route:
+                continue
+            rule = route.method.rule_for(task.name, task.shape,
+                                         is_vocabulary_tensor(task.name), task.global_params)
+            if rule is None:
+                return {}
+            groups.setdefault(rule, []).append(task.name)
+        return groups
+
     def task_read_bytes(self, task: TensorTask) -> int:
         return sum(self.checkpoints[k].info(task.source(k)).nbytes
                    for k in task.reads(self.base_key))

@@ -37,10 +37,12 @@ class CoefficientSearchKind(RecipeKind):
                            "where": "parameters",
                            "choices": list(OPTIMIZERS) if field == "optimizer" else [],
                            "doc": _DOCS[field]})
-        params.append({"name": "search", "default": None, "type": "dict[str, [low, high]]",
+        params.append({"name": "search", "default": None, "type": "dict[str, [low, high] | null]",
                        "where": "search", "choices": [],
                        "doc": "numeric parameters of the inner merge to search, with bounds "
-                              "(per-model ones get one variable per model)"})
+                              "[low, high], or null for the parameter's own search range "
+                              "(`pcbmerge methods` says it: e.g. alpha [0, 3] of tsv_m, iso_c, "
+                              "iso_cts); per-model ones get one variable per model"})
         return [MethodInfo(METHOD, self.name, "search an inner merge's coefficients with an "
                            "evolution strategy (PCB + ES)", params)]
 

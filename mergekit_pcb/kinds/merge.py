@@ -15,6 +15,8 @@ from mergekit_pcb.machine import numeric_environment
 from mergekit_pcb.methods import REGISTRY
 from mergekit_pcb.recipe.schema import MergeRecipe, parse_recipe
 
+SHOWN_NAMES = 3  # tensor names the text of `validate` shows per rule
+
 
 class MergeKind(RecipeKind):
     name = "merge"
@@ -22,7 +24,7 @@ class MergeKind(RecipeKind):
 
     def methods(self) -> list[MethodInfo]:
         return [
-            MethodInfo(name, self.name, cls.summary, [
+            MethodInfo(name, self.name, "; ".join((cls.summary, *cls.rule_docs())), [
                 {"name": p.name, "default": p.default, "type": p.kind.__name__,
                  "where": "models[].parameters" if p.per_model else "parameters",
                  "choices": list(p.choices or []), "doc": p.doc}
@@ -55,7 +57,12 @@ class MergeKind(RecipeKind):
                  f"reads {plan['read_bytes'] / 1e6:.1f} MB in {plan['passes']} pass(es) "
                  f"({', '.join(plan['pass_names'])}), writes "
                  f"{plan['output_bytes'] / 1e6:.1f} MB"]
-        lines += [f"  {r['rule']}: {r['tensors']} tensors" for r in plan["rules"]]
+        for r in plan["rules"]:
+            lines.append(f"  {r['rule']}: {r['tensors']} tensors")
+            for g in r["groups"]:
+                names = g["names"][:SHOWN_NAMES]
+                more = ", …" if len(g["names"]) > len(names) else ""
+                lines.append(f"    {g['rule']}: {g['tensors']} tensors ({', '.join(names)}{more})")
         return lines
 
     def run(self, recipe: tuple[MergeRecipe, str], source: Path, options: RunOptions
@@ -125,7 +132,12 @@ def plan_info(plan: MergePlan) -> dict[str, Any]:
         "read_bytes": plan.read_bytes,
         "output_bytes": plan.write_bytes,
         "seed": plan.seed,
-        "rules": [{"rule": r.label, "tensors": len(r.tensor_names)} for r in plan.routes],
+        # per route, its tensors grouped by the method's rule for each (spectral methods:
+        # the matrix rule or a fallback), every name listed
+        "rules": [{"rule": r.label, "tensors": len(r.tensor_names),
+                   "groups": [{"rule": rule, "tensors": len(names), "names": names}
+                              for rule, names in plan.rule_groups(r).items()]}
+                  for r in plan.routes],
         # the output tokenizer, and per model how many tokens were re-mapped and are new
         "tokenizer": plan.vocab.summary() if plan.vocab is not None else None,
         "warnings": plan.warnings,

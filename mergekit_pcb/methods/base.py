@@ -63,6 +63,9 @@ class ParamSpec:
     choices: tuple[str, ...] | None = None
     required: bool = False
     bounds: Range | None = None
+    # The interval a coefficient search spans when the recipe names the parameter without
+    # bounds (the method's papers' own search range); None: the recipe must give bounds.
+    search_range: Range | None = None
 
     def __post_init__(self) -> None:
         if self.kind in (float, int) and self.bounds is None:
@@ -70,8 +73,11 @@ class ParamSpec:
 
     @property
     def doc(self) -> str:
-        """What `pcbmerge methods` shows: the meaning and, for numbers, the range."""
-        return self.meaning if self.bounds is None else f"{self.meaning}; in {self.bounds}"
+        """What `pcbmerge methods` shows: the meaning and, for numbers, the range (and the
+        coefficient search's default range)."""
+        meaning = self.meaning if self.search_range is None else \
+            f"{self.meaning} (a coefficient search's default range: {self.search_range})"
+        return meaning if self.bounds is None else f"{meaning}; in {self.bounds}"
 
 
 @dataclass(frozen=True)
@@ -212,6 +218,18 @@ class MergeMethod(ABC):
         with global statistics requires them not to vary by tensor.
         """
         return None
+
+    def rule_for(self, name: str, shape: Sequence[int], vocabulary: bool,
+                 params: Mapping[str, Any]) -> str | None:
+        """Which of the method's rules serves tensor `name` (its `shape`; `vocabulary`: an
+        embedding or LM head; `params`: its resolved global parameters), for `validate` and
+        `--dry-run`. None: the method has one rule for every tensor."""
+        return None
+
+    @classmethod
+    def rule_docs(cls) -> tuple[str, ...]:
+        """The method's rules as `pcbmerge methods` lists them; empty: one rule."""
+        return ()
 
     @classmethod
     def param_spec(cls, name: str) -> ParamSpec | None:

@@ -11,6 +11,9 @@ and neither `ln` nor `bias`) or `all_2d`. Defaults are the shipped 8-task settin
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any
+
 import torch
 
 from mergekit_pcb.methods.base import WEIGHT_RANGE, ParamSpec, Range, TensorInputs
@@ -48,11 +51,18 @@ class Cart(SelectiveSpectralMethod):
     name = "cart"
     summary = "CART: the average plus λ times low-rank parts of the centered task matrices"
     params = (ParamSpec("rank_ratio", 0.12, "share of min(m, n) singular directions kept per "
-                        "centered matrix", bounds=Range(0.0, 1.0)),
+                        "centered matrix", bounds=Range(0.0, 1.0),
+                        search_range=Range(0.0, 1.0)),
+              # [0, 3] holds the shipped settings (1.5 to 2.0) with room either side
               ParamSpec("lambda", 2.0, "scale of the summed low-rank parts",
-                        bounds=WEIGHT_RANGE),
+                        bounds=WEIGHT_RANGE, search_range=Range(0.0, 3.0)),
               MATRICES, SVD_KIND, VOCABULARY)
     uses_rng = True  # only `svd: randomized` draws
+    matrix_rule = "W₀ + mean(Δᵢ) + λ·Σ LowRank_k(Δᵢ − mean(Δ))"
+
+    @classmethod
+    def other_rule(cls, params: Mapping[str, Any]) -> str:
+        return "W₀ + mean(Δᵢ)"
 
     def matrix_offset(self, deltas: list[torch.Tensor], inputs: TensorInputs) -> torch.Tensor:
         params = inputs.params

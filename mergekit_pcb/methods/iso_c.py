@@ -52,6 +52,7 @@ def iso_c_matrix(deltas: Sequence[torch.Tensor], solver: str = "svd") -> torch.T
 class IsoC(ScaledSpectralMethod):
     name = "iso_c"
     summary = "Iso-C: the summed task matrix with a flat singular spectrum"
+    matrix_rule = "W₀ + α·Iso-C(ΣΔᵢ)"
     params = (ALPHA,
               ParamSpec("solver", "svd", "the SVD (official) or a Newton–Schulz polar "
                         "factor (matmuls only; same result)", kind=str,

@@ -75,6 +75,7 @@ def iso_cts_matrix(deltas: Sequence[torch.Tensor], fraction: float = 0.8) -> tor
 class IsoCts(ScaledSpectralMethod):
     name = "iso_cts"
     summary = "Iso-CTS: a common and per-task subspaces, flat singular spectrum"
+    matrix_rule = "W₀ + α·Iso-CTS(Δ₁…Δ_T)"
     params = (ALPHA,
               ParamSpec("common_space_fraction", 0.8, "share of the r directions taken from "
                         "the summed task matrix", bounds=Range(0.0, 1.0)),

@@ -16,16 +16,17 @@ official code's.
 from __future__ import annotations
 
 from abc import abstractmethod
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any, ClassVar
 
 import torch
 
-from mergekit_pcb.methods.base import WEIGHT_RANGE, MergeMethod, ParamSpec, TensorInputs
+from mergekit_pcb.methods.base import WEIGHT_RANGE, MergeMethod, ParamSpec, Range, TensorInputs
 
 # The scale of the merged task vector (the papers' α): searched on validation data over
 # 0.1…3.0 in the TSV and Iso papers; 1.0 in their code.
 ALPHA = ParamSpec("alpha", 1.0, "scale of the merged task vector (the papers' α)",
-                  bounds=WEIGHT_RANGE)
+                  bounds=WEIGHT_RANGE, search_range=Range(0.0, 3.0))
 VOCABULARY = ParamSpec(
     "vocabulary", False, "decompose vocabulary matrices (embeddings, LM head) too; by default "
     "they take the method's rule for tensors it does not decompose", kind=bool)
@@ -75,14 +76,6 @@ def default_rtol(shape: Sequence[int], dtype: torch.dtype) -> float:
 def is_attn_mlp(name: str) -> bool:
     """The official CART/WUDI selection of the matrices they act on."""
     return ("attn" in name or "mlp" in name) and not ("ln" in name or "bias" in name)
-
-
-def decomposes(inputs: TensorInputs, shape: Sequence[int]) -> bool:
-    """Whether a method decomposes this tensor: a non-empty 2-D matrix, not a vocabulary
-    matrix unless the recipe opts in (`vocabulary: true`)."""
-    if len(shape) != 2 or 0 in shape:  # an empty matrix has no spectrum
-        return False
-    return not inputs.vocabulary or bool(inputs.params.get("vocabulary", False))
 
 
 def thin_svd(m: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -164,9 +157,19 @@ def newton_schulz_polar(m: torch.Tensor, max_iter: int = 100
     return x, False
 
 
+# The reasons a tensor takes a method's fallback rule, as `validate` and `--dry-run` say them.
+NOT_2D = "not 2-D"
+EMPTY = "empty matrix"
+VOCABULARY_MATRIX = "vocabulary matrix, vocabulary: false"
+NOT_ATTN_MLP = "not an attention/MLP weight, matrices: attn_mlp"
+
+
 class SpectralMethod(MergeMethod):
     """What the five share: Δᵢ upcast, the matrices the method acts on go to
-    `matrix_offset`, every other tensor to `other_offset`; the output is W₀ + offset."""
+    `matrix_offset`, every other tensor to `other_offset`; the output is W₀ + offset.
+    `fallback_reason` decides which, for the merge and for `rule_for` alike."""
+
+    matrix_rule: ClassVar[str]  # what a matrix the method acts on gets
 
     @abstractmethod
     def matrix_offset(self, deltas: list[torch.Tensor], inputs: TensorInputs) -> torch.Tensor:
@@ -176,14 +179,44 @@ class SpectralMethod(MergeMethod):
     def other_offset(self, deltas: list[torch.Tensor], inputs: TensorInputs) -> torch.Tensor:
         """W − W₀ for any other tensor (the method's stated rule)."""
 
-    def acts_on(self, inputs: TensorInputs, shape: Sequence[int]) -> bool:
-        return decomposes(inputs, shape)
+    @classmethod
+    def other_rule(cls, params: Mapping[str, Any]) -> str:
+        """What `other_offset` computes, in words."""
+        return "W₀ + α·mean(Δᵢ)"
+
+    @classmethod
+    def fallback_reasons(cls) -> tuple[str, ...]:
+        return (NOT_2D, EMPTY, VOCABULARY_MATRIX)
+
+    def fallback_reason(self, name: str, shape: Sequence[int], vocabulary: bool,
+                        params: Mapping[str, Any]) -> str | None:
+        """Why tensor `name` takes the fallback rule; None: the method decomposes it."""
+        if len(shape) != 2:
+            return NOT_2D
+        if 0 in shape:  # an empty matrix has no spectrum
+            return EMPTY
+        if vocabulary and not params.get("vocabulary", False):
+            return VOCABULARY_MATRIX
+        return None
+
+    def rule_for(self, name: str, shape: Sequence[int], vocabulary: bool,
+                 params: Mapping[str, Any]) -> str | None:
+        reason = self.fallback_reason(name, shape, vocabulary, params)
+        if reason is None:
+            return f"matrix: {self.matrix_rule}"
+        return f"fallback ({reason}): {self.other_rule(params)}"
+
+    @classmethod
+    def rule_docs(cls) -> tuple[str, ...]:
+        return (f"matrix: {cls.matrix_rule}",
+                f"fallback ({'; '.join(cls.fallback_reasons())}): {cls.other_rule({})}")
 
     def merge(self, inputs: TensorInputs) -> torch.Tensor:
         assert inputs.base is not None
         deltas = task_matrices(inputs.base, inputs.models)
         base = inputs.base.to(deltas[0].dtype)
-        if self.acts_on(inputs, base.shape):
+        if self.fallback_reason(inputs.name, base.shape, inputs.vocabulary,
+                                inputs.params) is None:
             return base + self.matrix_offset(deltas, inputs)
         return base + self.other_offset(deltas, inputs)
 
@@ -206,6 +239,14 @@ class SelectiveSpectralMethod(SpectralMethod):
     """CART and WUDI: act on the attention and MLP weights (`matrices: attn_mlp`, the
     official code) or on every 2-D tensor (`all_2d`)."""
 
-    def acts_on(self, inputs: TensorInputs, shape: Sequence[int]) -> bool:
-        return decomposes(inputs, shape) and (
-            inputs.params["matrices"] == "all_2d" or is_attn_mlp(inputs.name))
+    @classmethod
+    def fallback_reasons(cls) -> tuple[str, ...]:
+        return (*super().fallback_reasons(), NOT_ATTN_MLP)
+
+    def fallback_reason(self, name: str, shape: Sequence[int], vocabulary: bool,
+                        params: Mapping[str, Any]) -> str | None:
+        reason = super().fallback_reason(name, shape, vocabulary, params)
+        if reason is None and params.get("matrices", "attn_mlp") == "attn_mlp" \
+                and not is_attn_mlp(name):
+            return NOT_ATTN_MLP
+        return reason

@@ -62,6 +62,7 @@ class TsvM(ScaledSpectralMethod):
     name = "tsv_m"
     summary = "TSV-M: each task's top singular vectors side by side, orthogonalized"
     params = (ALPHA, SVD_KIND, VOCABULARY)
+    matrix_rule = "W₀ + α·TSV-M(Δ₁…Δ_T)"
     uses_rng = True  # only `svd: randomized` draws
 
     def task_matrix(self, deltas: list[torch.Tensor], inputs: TensorInputs) -> torch.Tensor:

@@ -22,7 +22,8 @@ official code leaves them at W₀) or `mean` (FusionBench: W₀ + mean Δᵢ).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 
@@ -143,6 +144,14 @@ class Wudi(SelectiveSpectralMethod):
                         "(official code) or the models' mean (FusionBench)", kind=str,
                         choices=("base", "mean")),
               VOCABULARY)
+    matrix_rule = "W₀ + X, X = argmin Σᵢ ‖(X − Δᵢ)Δᵢᵀ‖²/‖Δᵢ‖² (solver)"
+
+    @classmethod
+    def other_rule(cls, params: Mapping[str, Any]) -> str:
+        rest = params.get("rest")
+        if rest is None:  # `pcbmerge methods`: both choices
+            return "W₀ (rest: base) or W₀ + mean(Δᵢ) (rest: mean)"
+        return "W₀ (rest: base)" if rest == "base" else "W₀ + mean(Δᵢ) (rest: mean)"
 
     def matrix_offset(self, deltas: list[torch.Tensor], inputs: TensorInputs) -> torch.Tensor:
         params = inputs.params

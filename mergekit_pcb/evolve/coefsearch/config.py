@@ -4,7 +4,7 @@ search space it declares, and the plain merge recipe of any point in that space.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from itertools import product
 from pathlib import Path
 from typing import Any, Literal
@@ -57,7 +57,8 @@ class CoefficientSearchRecipe(StrictModel):
     base_model: ModelRef | None = None
     models: list[ModelEntry] = Field(default_factory=list)  # inner merge's per-model values
     merge: InnerMerge
-    search: dict[str, tuple[float, float]]  # parameter -> [low, high]
+    # parameter -> [low, high]; null: the parameter's own search range (ParamSpec.search_range)
+    search: dict[str, tuple[float, float] | None]
     parameters: SearchParameters = Field(default_factory=SearchParameters)
     fitness: FitnessSpec
     dtype: DTypeName | None = None
@@ -87,6 +88,8 @@ class SearchSpace:
     method: type[MergeMethod]
     variables: tuple[Variable, ...]
     members: tuple[int, ...]  # positions in `models` of the models the inner merge combines
+    # parameter -> (low, high) searched: the recipe's bounds, or the parameter's own range
+    ranges: dict[str, tuple[float, float]] = field(default_factory=dict)
 
     @property
     def fast(self) -> bool:
@@ -208,9 +211,16 @@ def search_space(recipe: CoefficientSearchRecipe, source: str) -> SearchSpace:
                           "e.g. weight: [0.5, 1.5]")
     groups = recipe.parameters.layer_groups
     variables: list[Variable] = []
-    for name, (low, high) in recipe.search.items():
+    ranges: dict[str, tuple[float, float]] = {}
+    for name, given in recipe.search.items():
         spec = _numeric_spec(cls, name, f"{source}: search.{name}")
         where = f"{source}: search.{name}"
+        if given is None:
+            if spec.search_range is None:
+                raise RecipeError(f"{where}: {cls.name}'s {name} has no search range of its "
+                                  "own; give [low, high]")
+            given = (spec.search_range.low, spec.search_range.high)
+        low, high = ranges[name] = given
         for end in (low, high):
             if not math.isfinite(end) or spec.bounds is None or end not in spec.bounds:
                 raise RecipeError(f"{where}: bounds must lie in {spec.bounds}, got "
@@ -258,7 +268,7 @@ def search_space(recipe: CoefficientSearchRecipe, source: str) -> SearchSpace:
     if size > MAX_GRID_POINTS:
         raise RecipeError(f"{source}: parameters.grid: {size} points; at most "
                           f"{MAX_GRID_POINTS}")
-    return SearchSpace(recipe, cls, tuple(variables), members)
+    return SearchSpace(recipe, cls, tuple(variables), members, ranges)
 
 
 def _numeric_spec(cls: type[MergeMethod], name: str, where: str) -> ParamSpec:

@@ -186,7 +186,7 @@ def _identity(recipe: CoefficientSearchRecipe, space: SearchSpace, seed: int) ->
     """What a resumed run must agree on."""
     p = recipe.parameters
     return {"merge": _fingerprint(space.merge_data(None)),
-            "search": {k: list(v) for k, v in recipe.search.items()},
+            "search": {k: list(v) for k, v in space.ranges.items()},
             "optimizer": p.optimizer, "budget": p.budget, "layer_groups": p.layer_groups,
             "grid": _fingerprint(p.grid), "fitness": _fitness_fingerprint(recipe),
             "seed": seed, "nevergrad": nevergrad_version()}
