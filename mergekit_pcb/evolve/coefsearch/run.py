@@ -191,6 +191,8 @@ def _fitness_fingerprint(recipe: CoefficientSearchRecipe) -> str:
     if not recipe.fitness.guarded:  # the states of earlier versions, without these, resume
         for key in ("guard", "guard_fraction", "guard_seed"):
             del data[key]
+    if data["guard_level"] is None:  # unset: the states before it resume
+        del data["guard_level"]
     return _fingerprint(data)
 
 
