@@ -212,3 +212,67 @@ def test_sigkill_then_resume_with_the_test_matches(tmp_path: Path) -> None:
     assert same_tensors(root / "ref", out)
     assert search_record(root / "ref") == search_record(out)
     assert json.loads(state.read_text())["guard"]["test"] == ref_state["guard"]["test"]
+
+
+# ----------------------------------------------------------------------------- coefficient search
+
+
+def _coef_test(chosen: torch.Tensor, start: torch.Tensor, type_: str = "torch",
+               state: dict[str, Any] | None = None
+               ) -> tuple[dict[str, Any], str | None, list[Any], dict[str, Any]]:
+    """The coefficient search's guard test on a log whose point 2 is the best on the guard
+    (scores per guard example `chosen`) and point 0 the recipe's own (`start`)."""
+    from mergekit_pcb.evolve.coefsearch.jobs import Outcome
+    from mergekit_pcb.evolve.coefsearch.run import _guard_test
+
+    asked: list[Any] = []
+    rows = {(0.5,): chosen, None: start}
+
+    class Ex:
+        def map(self, fn: Any, items: list[Any]) -> list[Outcome]:
+            asked.extend(job for _, job in items)
+            return [Outcome(float(rows[j.x].mean()), examples=rows[j.x].tolist())
+                    for _, j in items]
+
+    spec = parse_fitness({"type": type_, "select": "s.npz", "guard": "g.npz",
+                          **({"arch": "x:y", "metric": "accuracy"} if type_ == "torch"
+                             else {"function": "x:y"})}, "test")
+    evals = [{"n": 0, "phase": "default", "x": [1.0]}, {"n": 1, "phase": "grid", "x": [0.7]},
+             {"n": 2, "phase": "search", "x": [0.5]}]
+    st = state if state is not None else {}
+    best, note = _guard_test(st, evals, evals[2], None, Ex(), spec, 3)  # type: ignore[arg-type]
+    return best, note, asked, st
+
+
+def test_the_coefficient_search_keeps_its_own_point_on_a_noisy_guard_gain() -> None:
+    chosen, start = _rows(gained=5, lost=2)
+    best, note, asked, st = _coef_test(chosen, start)
+    assert [(j.x, j.split, j.examples) for j in asked] == [((0.5,), GUARD, True),
+                                                            (None, GUARD, True)]
+    ref = paired_bootstrap(chosen, start, seed=3, level=0.90)
+    test = st["guard_test"]
+    assert (test["gain"], test["low"], test["high"]) == pytest.approx((0.015, ref.low,
+                                                                       ref.high))
+    assert not test["passed"] and best["phase"] == "default"
+    assert note is not None and note.startswith(
+        "The search did not beat its start on the guard by the paired test: the result is "
+        "the recipe's own point (evaluation 2, the best on the guard, gained +0.0150")
+    # a resume reads the committed test: nothing is scored again
+    again, note2, asked2, _ = _coef_test(chosen, start, state=st)
+    assert asked2 == [] and again["phase"] == "default" and note2 == note
+
+
+def test_the_coefficient_search_takes_a_clear_guard_gain() -> None:
+    chosen, start = _rows(gained=20, lost=2)
+    best, note, _, st = _coef_test(chosen, start)
+    assert st["guard_test"]["passed"] and best["n"] == 2
+    assert note is not None and note.startswith("Evaluation 2 beat the recipe's own point "
+                                                "+0.0900 on the guard")
+
+
+def test_the_coefficient_search_without_scores_per_example_keeps_the_best_on_the_guard(
+        ) -> None:
+    chosen, start = _rows(gained=5, lost=2)
+    best, note, asked, st = _coef_test(chosen, start, type_="callable")
+    assert asked == [] and st == {} and best["n"] == 2
+    assert note is not None and "not tested against the recipe's own point" in note
