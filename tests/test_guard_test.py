@@ -276,3 +276,31 @@ def test_the_coefficient_search_without_scores_per_example_keeps_the_best_on_the
     best, note, asked, st = _coef_test(chosen, start, type_="callable")
     assert asked == [] and st == {} and best["n"] == 2
     assert note is not None and "not tested against the recipe's own point" in note
+
+
+def test_a_real_coefficient_search_tests_its_guard_choice(tmp_path: Path) -> None:
+    """A torch fitness (scores per example) on the coefficient search: the committed test's
+    mean gain is the guard accuracy of the point best on the guard minus the recipe's own
+    point's, and the result is the one the test picks."""
+    from test_coefsearch import build_population as coef_population
+    from test_coefsearch import recipe_dict as coef_recipe
+    from test_coefsearch import search
+    from test_coefsearch import write_recipe as coef_write
+
+    root = coef_population(tmp_path / "pop")
+    np.savez(root / "guard.npz", **dict(np.load(root / "report.npz")))
+    data = coef_recipe(root, budget=12, optimizer="RandomSearch")
+    data["fitness"] = {"type": "torch", "arch": "coefnet:build", "select": "select.npz",
+                       "report": "report.npz", "guard": "guard.npz", "metric": "accuracy"}
+    summary = search(coef_write(root, data), tmp_path / "out")
+    state = json.loads((tmp_path / "out.run" / "state.json").read_text())
+    guards = state["guard"]
+    best = max(guards, key=lambda g: (g["guard"], g["select"]))
+    assert best["n"] != 0  # the search found a point better on the guard than its own
+    test = state["guard_test"]
+    assert test["n"] == best["n"]
+    assert test["gain"] == pytest.approx(best["guard"] - guards[0]["guard"])
+    assert (test["low"] > 0) == test["passed"]
+    assert summary["best"]["n"] == (best["n"] if test["passed"] else 0)
+    assert summary["notes"][-1].startswith(
+        f"Evaluation {best['n']} beat" if test["passed"] else "The search did not beat")
