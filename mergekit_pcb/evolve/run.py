@@ -32,6 +32,7 @@ from mergekit_pcb.evolve.output import (
     ScoreRow,
     evolution_document,
     fmt,
+    guard_test_detail,
     history_table,
     scores_table,
     search_card,
@@ -230,13 +231,12 @@ def closing_notes(run: EvolutionRun, result_select: float | None = None) -> tupl
     test = run.state["guard"].get("test")
     if test is not None and test["tested"]:
         start = run.state["guard"]["candidates"][test["start"]]["label"]
-        verdict = (f"'{test['label']}' beat the best start '{start}'" if test["passed"] else
-                   f"The search did not beat its best start on the guard by the paired test: "
-                   f"the result is the starting point '{start}' ('{test['label']}' gained")
-        notes.append(f"{verdict} {test['gain']:+.4f} on the guard, one-sided paired test at "
-                     f"{test['level']:.0%} (fitness.guard_level): {test['interval_level']:.0%} "
-                     f"interval [{test['low']:+.4f}, {test['high']:+.4f}] over "
-                     f"{test['examples']} examples{'' if test['passed'] else ')'}.")
+        detail = guard_test_detail(test)
+        notes.append(f"'{test['label']}' beat the best start '{start}' {detail}."
+                     if test["passed"] else
+                     f"The search did not beat its best start on the guard by the paired test: "
+                     f"the result is the starting point '{start}' ('{test['label']}' gained "
+                     f"{detail}).")
     elif best in run.state["guard"]["candidates"][: len(run.recipe.population_refs()) + 1]:
         notes.append(f"The search did not beat its best start on the guard: the result is "
                      f"the starting point '{best['label']}'.")

@@ -22,7 +22,7 @@ from mergekit_pcb.errors import RecipeError, UserError
 from mergekit_pcb.evolve.config import FitnessSpec
 from mergekit_pcb.evolve.executor import Executor, executor_scope
 from mergekit_pcb.evolve.fitness import GUARD, better, code_refs
-from mergekit_pcb.evolve.output import ScoreRow, clean, fmt, plot_png
+from mergekit_pcb.evolve.output import ScoreRow, clean, fmt, guard_test_detail, plot_png
 from mergekit_pcb.evolve.output import scores_table as evolve_scores_table
 from mergekit_pcb.evolve.stats import one_sided_gain
 from mergekit_pcb.io.artifacts import library_of, model_card, write_card_and_recipe
@@ -255,9 +255,7 @@ def _guard_test(st: dict[str, Any], evals: list[dict[str, Any]], best: dict[str,
                 "gain": ci.delta, "low": ci.low, "high": ci.high, "examples": ci.examples,
                 "interval_level": ci.level}
         st["guard_test"] = test
-    detail = (f"{test['gain']:+.4f} on the guard, one-sided paired test at {test['level']:.0%} "
-              f"(fitness.guard_level): {test['interval_level']:.0%} interval "
-              f"[{test['low']:+.4f}, {test['high']:+.4f}] over {test['examples']} examples")
+    detail = guard_test_detail(test)
     if test["passed"]:
         return best, f"Evaluation {best['n']} beat the recipe's own point {detail}."
     return default, (f"The search did not beat its start on the guard by the paired test: "
