@@ -67,6 +67,10 @@ class FitnessSpec(StrictModel):
     guard: str | None = None
     guard_fraction: float | None = Field(None, gt=0.0, lt=1.0)
     guard_seed: int = Field(0, ge=0)
+    # the result replaces the best start only if a one-sided paired test over the guard's
+    # examples passes at this level (None: 0.95; kept out of the identity when unset, so
+    # the run states of earlier versions resume)
+    guard_level: float | None = Field(None, gt=0.5, lt=1.0)
     metric: str | None = None
     minimize: bool = False
     function: str | None = None  # callable: package.module:function
@@ -90,6 +94,18 @@ class FitnessSpec(StrictModel):
     def guarded(self) -> bool:
         """Whether the result is chosen on a guard split."""
         return self.guard is not None or self.guard_fraction is not None
+
+    @property
+    def guard_confidence(self) -> float:
+        """The level of the paired test the result must pass against the best start."""
+        return 0.95 if self.guard_level is None else self.guard_level
+
+    @property
+    def per_example(self) -> bool:
+        """Whether the metric is the mean of scores per example (what a paired test needs):
+        torch and hf-classification with accuracy or loss."""
+        return self.type in ("torch", "hf-classification") and \
+            self.metric_name in ("accuracy", "loss")
 
     @property
     def maximize(self) -> bool:
@@ -203,9 +219,7 @@ def check_recipe(recipe: EvolutionRecipe, source: str) -> None:
     if strategy.params.patience is not None and not recipe.fitness.guarded:
         raise RecipeError(f"{source}: parameters.patience: early stopping watches the guard; "
                           "add fitness.guard or fitness.guard_fraction")
-    if strategy.params.accept == "paired" and (
-            recipe.fitness.type not in ("torch", "hf-classification")
-            or recipe.fitness.metric_name not in ("accuracy", "loss")):
+    if strategy.params.accept == "paired" and not recipe.fitness.per_example:
         raise RecipeError(f"{source}: parameters.accept: paired needs scores per example, which "
                           f"fitness type {recipe.fitness.type} with metric "
                           f"'{recipe.fitness.metric_name}' has not (torch or hf-classification "
@@ -265,6 +279,9 @@ def check_fitness(spec: FitnessSpec, source: str, prefix: str) -> None:
     if spec.guard is not None and spec.guard_fraction is not None:
         raise RecipeError(f"{source}: {p}guard_fraction: give guard data (guard) or a "
                           "fraction of the select data (guard_fraction), not both")
+    if spec.guard_level is not None and not spec.guarded:
+        raise RecipeError(f"{source}: {p}guard_level: the level of the test against the best "
+                          "start on the guard; add fitness.guard or fitness.guard_fraction")
     if spec.guard_fraction is not None and spec.type == "callable":
         raise RecipeError(f"{source}: {p}guard_fraction: a callable fitness reads its data "
                           "file itself and cannot be split; name guard data (guard) instead")

@@ -22,7 +22,10 @@ data (the fitting part), and the guard scores the starting points once, each gen
 best (never a trial) and, at the end, the final member best on select and two soups of the
 final population; the result is the candidate best on the guard (`state["guard"]`), whose
 files are kept until a better one replaces it, and `patience` stops the run when no
-generation has raised the guard's best for that many generations.
+generation has raised the guard's best for that many generations. That candidate replaces
+the best starting point only if its gain per guard example passes a one-sided paired test
+(`fitness.guard_level`; fitness kinds without scores per example skip the test), the
+outcome committed as `state["guard"]["test"]`.
 """
 
 from __future__ import annotations
@@ -66,6 +69,7 @@ from mergekit_pcb.evolve.jobs import (
 )
 from mergekit_pcb.evolve.operators import interpolate
 from mergekit_pcb.evolve.replica import PopulationLog
+from mergekit_pcb.evolve.stats import one_sided_gain
 from mergekit_pcb.evolve.store import RunDir, TensorSpec, layout_of
 from mergekit_pcb.io.files import resolve_data_file
 from mergekit_pcb.io.mapped import open_readable
@@ -189,6 +193,8 @@ class EvolutionRun:
         if not spec.guarded:  # the run states of earlier versions, without these keys, resume
             for key in ("guard", "guard_fraction", "guard_seed"):
                 del fitness[key]
+        if fitness["guard_level"] is None:  # unset: the states before it resume
+            del fitness["guard_level"]
         return {
             **self.settings.identity(),
             "models": self.recipe.population_refs(),
@@ -257,6 +263,7 @@ class EvolutionRun:
                 self._state.pop("final_select", None)  # the result is chosen again at the end
                 if "guard" in self._state:
                     self._state["guard"]["final"] = None
+                    self._state["guard"].pop("test", None)  # made again after the final
             self._check_resumable(existing)
             if existing["phase"] == "init":
                 self._initialize()
@@ -619,6 +626,9 @@ class EvolutionRun:
         if "guard" in st and st["guard"]["final"] is None:
             self._guard_final()
             self._commit()
+        if "guard" in st and "test" not in st["guard"]:
+            self._guard_test()
+            self._commit()
         self.run_dir.collect_garbage(self._referenced())  # spares
 
     def _record(self, generation: int, *, accepted: int, evaluated: int, F: float | None,
@@ -717,6 +727,35 @@ class EvolutionRun:
             c["generation"] = st["generation"]
         st["guard"]["final"] = final
 
+    def _guard_test(self) -> None:
+        """Test the candidate best on the guard against the best starting point: it becomes
+        the result only if its gain per guard example passes a one-sided paired bootstrap
+        test at `fitness.guard_level` (seeded by the run's seed); picking the best of many
+        candidates on a few hundred guard rows is itself selection on noise. The outcome is
+        committed (`state["guard"]["test"]`): a resume never tests again. A fitness without
+        scores per example keeps the best on the guard (`tested: False`)."""
+        st = self._state
+        guard = st["guard"]
+        starts = len(self.recipe.population_refs()) + 1
+        start, chosen = _guard_choice(guard["candidates"][:starts], self.maximize), \
+            _guard_choice(_guard_candidates(st), self.maximize)
+        spec = self.recipe.fitness
+        test: dict[str, Any] = {"start": guard["candidates"].index(start),
+                                "level": spec.guard_confidence, "tested": False}
+        if chosen is not start and spec.per_example:
+            jobs = [ScoreJob(tuple(self._path(n) for n in c["files"]), c["merged"], GUARD,
+                             examples=True) for c in (chosen, start)]
+            self._state["evaluations"] += len(jobs)
+            done = self._score(jobs)
+            assert done[0].examples is not None and done[1].examples is not None
+            ci = one_sided_gain(torch.tensor(done[0].examples), torch.tensor(done[1].examples),
+                                maximize=self.maximize, level=spec.guard_confidence,
+                                seed=self.settings.seed)
+            test.update({"tested": True, "passed": ci.low > 0, "label": chosen["label"],
+                         "gain": ci.delta, "low": ci.low, "high": ci.high,
+                         "examples": ci.examples, "interval_level": ci.level})
+        guard["test"] = test
+
     def guard_best(self) -> dict[str, Any]:
         """The candidate best on the guard; a tie goes to the better on select (the guard
         cannot tell them apart, the fitting data can), then to the earliest: the result is
@@ -755,9 +794,24 @@ class EvolutionRun:
         return [self._path(st["members"][best])], False
 
 
-def _guard_best(state: dict[str, Any], maximize: bool) -> dict[str, Any]:
+def _guard_candidates(state: dict[str, Any]) -> list[dict[str, Any]]:
     guard = state["guard"]
-    candidates = [*guard["candidates"], *(guard.get("final") or [])]
+    return [*guard["candidates"], *(guard.get("final") or [])]
+
+
+def _guard_best(state: dict[str, Any], maximize: bool) -> dict[str, Any]:
+    """The result of a guarded run: the best start when the best on the guard failed the
+    paired test against it (`state["guard"]["test"]`), else the best on the guard."""
+    test = state["guard"].get("test")
+    if test is not None and test["tested"] and not test["passed"]:
+        start: dict[str, Any] = state["guard"]["candidates"][test["start"]]
+        return start
+    return _guard_choice(_guard_candidates(state), maximize)
+
+
+def _guard_choice(candidates: list[dict[str, Any]], maximize: bool) -> dict[str, Any]:
+    """The candidate best on the guard; a tie goes to the better on select, then to the
+    earliest."""
     best = candidates[0]
     for c in candidates[1:]:
         if better(c["guard"], best["guard"], maximize) or (

@@ -44,6 +44,15 @@ def fmt(value: float | None) -> str:
     return f"{value:.4f}" if abs(value) < 1e4 else f"{value:.4g}"
 
 
+def guard_test_detail(test: dict[str, Any]) -> str:
+    """A committed guard test (the result against the best start) in words: the gain on
+    the guard, the test's level and its interval (the population and coefficient searches'
+    closing notes)."""
+    return (f"{test['gain']:+.4f} on the guard, one-sided paired test at {test['level']:.0%} "
+            f"(fitness.guard_level): {test['interval_level']:.0%} interval "
+            f"[{test['low']:+.4f}, {test['high']:+.4f}] over {test['examples']} examples")
+
+
 def evolution_document(state: dict[str, Any], *, recipe_name: str | None, method: str,
                        search: dict[str, Any], pop: int, seed: int, workers: int, metric: str,
                        maximize: bool, merge_method: str | None,

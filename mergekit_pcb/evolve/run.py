@@ -32,6 +32,7 @@ from mergekit_pcb.evolve.output import (
     ScoreRow,
     evolution_document,
     fmt,
+    guard_test_detail,
     history_table,
     scores_table,
     search_card,
@@ -176,6 +177,9 @@ def best_start(run: EvolutionRun) -> int:
     merge): the best on the guard with a guard, else on select; never chosen on report."""
     st = run.state
     n = len(st["initial"]["members"])
+    if "guard" in st and "test" in st["guard"]:  # the start the result was tested against
+        start: int = st["guard"]["test"]["start"]
+        return start
     if "guard" in st:
         scores = [c["guard"] for c in st["guard"]["candidates"][: n + 1]]
     else:
@@ -226,9 +230,22 @@ def closing_notes(run: EvolutionRun, result_select: float | None = None) -> tupl
     if reason is not None:
         notes.append(reason[0].upper() + reason[1:] + ".")
     best = run.guard_best()
-    if best in run.state["guard"]["candidates"][: len(run.recipe.population_refs()) + 1]:
+    test = run.state["guard"].get("test")
+    if test is not None and test["tested"]:
+        start = run.state["guard"]["candidates"][test["start"]]["label"]
+        detail = guard_test_detail(test)
+        notes.append(f"'{test['label']}' beat the best start '{start}' {detail}."
+                     if test["passed"] else
+                     f"The search did not beat its best start on the guard by the paired test: "
+                     f"the result is the starting point '{start}' ('{test['label']}' gained "
+                     f"{detail}).")
+    elif best in run.state["guard"]["candidates"][: len(run.recipe.population_refs()) + 1]:
         notes.append(f"The search did not beat its best start on the guard: the result is "
                      f"the starting point '{best['label']}'.")
+    elif test is not None:
+        notes.append(f"The result is the best on the guard, not tested against the best "
+                     f"start: fitness type {run.recipe.fitness.type} with metric "
+                     f"'{run.recipe.fitness.metric_name}' has no scores per example.")
     return tuple(notes)
 
 
@@ -406,6 +423,8 @@ def plan_evolution(recipe: EvolutionRecipe, text: str, recipe_path: Path, *,
         initial += n + 1
         per_generation += 1
         final += (1 if batched else 0) + (0 if settings.merged else 2 * size + 2)
+        # the result's paired test against the best start: both on the guard, per example
+        final += 2 if spec.per_example else 0
     return {
         "valid": True, "kind": "search", "method": settings.strategy.name,
         "search": settings.strategy.describe(),

@@ -39,15 +39,23 @@ def paired_bootstrap(a: torch.Tensor, b: torch.Tensor, *, seed: int = 0,
                           resamples)
 
 
+def one_sided_gain(trial: torch.Tensor, parent: torch.Tensor, *, maximize: bool,
+                   level: float, seed: int = 0, resamples: int = 2000) -> PairedInterval:
+    """The mean gain per example of `trial` over `parent` (trial − parent, or parent −
+    trial for a loss) with its central 2·level − 1 bootstrap interval: the gain passes a
+    one-sided test at `level` when the interval's lower end is above 0."""
+    gain, base = (trial, parent) if maximize else (parent, trial)
+    return paired_bootstrap(gain, base, seed=seed, resamples=resamples, level=2 * level - 1)
+
+
 def paired_gain_holds(trial: torch.Tensor, parent: torch.Tensor, *, maximize: bool,
                       level: float, seed: int = 0, resamples: int = 2000) -> bool:
     """One-sided paired bootstrap test of a trial against its parent on the same examples:
     True when the mean gain per example (trial − parent, or parent − trial for a loss) is
     above 0 with confidence `level`, i.e. the (1 − level) quantile of the resampled mean
     gains is above 0 (the lower end of the central 2·level − 1 interval)."""
-    gain, base = (trial, parent) if maximize else (parent, trial)
-    return paired_bootstrap(gain, base, seed=seed, resamples=resamples,
-                            level=2 * level - 1).low > 0
+    return one_sided_gain(trial, parent, maximize=maximize, level=level, seed=seed,
+                          resamples=resamples).low > 0
 
 
-__all__ = ["PairedInterval", "paired_bootstrap", "paired_gain_holds"]
+__all__ = ["PairedInterval", "one_sided_gain", "paired_bootstrap", "paired_gain_holds"]

@@ -16,7 +16,7 @@ import torch
 from mergekit_pcb.engine import MergePlan, build_plan, merge_in_memory
 from mergekit_pcb.errors import UserError
 from mergekit_pcb.evolve.config import FitnessSpec
-from mergekit_pcb.evolve.fitness import Evaluator, build_evaluator
+from mergekit_pcb.evolve.fitness import Evaluator, build_evaluator, example_scores
 from mergekit_pcb.evolve.process_local import ProcessLocal
 from mergekit_pcb.io.reader import Checkpoint, open_checkpoint
 
@@ -45,6 +45,7 @@ class PointJob:
     x: tuple[float, ...] | None  # None: the recipe's own values
     split: str = "select"
     engine: bool = False  # True: always the full merge through the engine
+    examples: bool = False  # also return each example's score (the guard's paired test)
 
 
 @dataclass(frozen=True)
@@ -60,6 +61,7 @@ class Outcome:
     fast: bool = False
     seconds: float = 0.0
     fitness_s: float = 0.0
+    examples: list[float] | None = None  # each example's score, when the job asked for them
 
 
 class Runtime:
@@ -134,7 +136,9 @@ def run_point(item: tuple[SearchContext, PointJob]) -> Outcome:
     except UserError as e:  # a point the merge refuses (e.g. linear weights summing to 0)
         return Outcome(None, str(e), seconds=time.perf_counter() - start)
     score, fitness_s = rt.score(state, job.split)
-    return Outcome(score, None, fast, time.perf_counter() - start, fitness_s)
+    rows = example_scores(rt.evaluator, state, job.split) if job.examples else None
+    return Outcome(score, None, fast, time.perf_counter() - start, fitness_s,
+                   None if rows is None else rows.tolist())
 
 
 def run_model(item: tuple[SearchContext, ModelJob]) -> Outcome:

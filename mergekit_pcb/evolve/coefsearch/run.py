@@ -12,12 +12,14 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
 import yaml
 from rich.console import Console
 from rich.table import Table
 
 from mergekit_pcb.engine import MergePlan, build_plan, write_plan
 from mergekit_pcb.errors import RecipeError, UserError
+from mergekit_pcb.evolve.config import FitnessSpec
 from mergekit_pcb.evolve.executor import Executor, executor_scope
 from mergekit_pcb.evolve.fitness import (
     GUARD,
@@ -26,8 +28,9 @@ from mergekit_pcb.evolve.fitness import (
     code_refs,
     device_kind,
 )
-from mergekit_pcb.evolve.output import ScoreRow, clean, fmt, plot_png
+from mergekit_pcb.evolve.output import ScoreRow, clean, fmt, guard_test_detail, plot_png
 from mergekit_pcb.evolve.output import scores_table as evolve_scores_table
+from mergekit_pcb.evolve.stats import one_sided_gain
 from mergekit_pcb.io.artifacts import library_of, model_card, write_card_and_recipe
 from mergekit_pcb.io.files import atomic_write_json
 from mergekit_pcb.io.writer import atomic_output_dir, check_destination, prepare_run_dir
@@ -197,6 +200,8 @@ def _fitness_fingerprint(recipe: CoefficientSearchRecipe) -> str:
     if not recipe.fitness.guarded:  # the states of earlier versions, without these, resume
         for key in ("guard", "guard_fraction", "guard_seed"):
             del data[key]
+    if data["guard_level"] is None:  # unset: the states before it resume
+        del data["guard_level"]
     return _fingerprint(data)
 
 
@@ -228,6 +233,40 @@ def _guard_best(evals: list[dict[str, Any]], guards: list[dict[str, Any]],
                 g["guard"] == best["guard"] and better(g["select"], best["select"], maximize)):
             best = g
     return evals[best["n"]]
+
+
+def _guard_test(st: dict[str, Any], evals: list[dict[str, Any]], best: dict[str, Any],
+                ctx: SearchContext, ex: Executor, spec: FitnessSpec, seed: int
+                ) -> tuple[dict[str, Any], str | None]:
+    """The point best on the guard replaces the recipe's own point only if its gain per
+    guard example passes a one-sided paired bootstrap test at `fitness.guard_level` (seeded
+    by the run's seed), as a population search's result must; the outcome is kept in the
+    state (`guard_test`). Returns the result's evaluation and the closing note."""
+    default = next(e for e in evals if e["phase"] == "default")
+    if best is default:
+        return best, ("The search did not beat its start on the guard: the result is the "
+                      "recipe's own point.")
+    if not spec.per_example:
+        return best, (f"The result is the best on the guard, not tested against the "
+                      f"recipe's own point: fitness type {spec.type} with metric "
+                      f"'{spec.metric_name}' has no scores per example.")
+    test = st.get("guard_test")
+    if test is None or test["n"] != best["n"]:
+        done = ex.map(run_point, [(ctx, PointJob(x, GUARD, examples=True))
+                                  for x in (tuple(best["x"]), None)])
+        assert done[0].examples is not None and done[1].examples is not None
+        ci = one_sided_gain(torch.tensor(done[0].examples), torch.tensor(done[1].examples),
+                            maximize=spec.maximize, level=spec.guard_confidence, seed=seed)
+        test = {"n": best["n"], "level": spec.guard_confidence, "passed": ci.low > 0,
+                "gain": ci.delta, "low": ci.low, "high": ci.high, "examples": ci.examples,
+                "interval_level": ci.level}
+        st["guard_test"] = test
+    detail = guard_test_detail(test)
+    if test["passed"]:
+        return best, f"Evaluation {best['n']} beat the recipe's own point {detail}."
+    return default, (f"The search did not beat its start on the guard by the paired test: "
+                     f"the result is the recipe's own point (evaluation {best['n']}, the "
+                     f"best on the guard, gained {detail}).")
 
 
 def _load_state(rdir: Path, identity: dict[str, Any], device: str = "cpu") -> dict[str, Any]:
@@ -425,9 +464,10 @@ def run_search(loaded: Loaded, source: Path, output: Path, *, force: bool = Fals
                     notes.append(f"Stopped early after {done} of {params.budget} searched "
                                  f"points: the last {params.patience} new bests on select "
                                  "did not raise the guard (parameters.patience).")
-                if best["phase"] == "default":
-                    notes.append("The search did not beat its start on the guard: the result "
-                                 "is the recipe's own point.")
+                best, note = _guard_test(st, evals, best, ctx, ex, spec, s)
+                if note is not None:
+                    notes.append(note)
+                atomic_write_json(rdir / STATE, st)  # the test is made once: a resume reads it
             rows, check = _finish(ctx, ex, space, recipe, text, best, evals, output, rdir,
                                   guards=guards, inputs=inputs, force=force, seed=s,
                                   shard_size=shard_size,
