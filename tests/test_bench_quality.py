@@ -20,6 +20,10 @@ sys.path.insert(0, str(SCRIPTS))
 import bench_quality as bq  # noqa: E402
 import quality_fitness as qf  # noqa: E402
 
+# The paired-differences test reads the grid run's output: under pytest-xdist the module's
+# tests stay in one worker, in order (a worker of its own would skip it).
+pytestmark = pytest.mark.xdist_group("bench_quality")
+
 
 def fake_tokenizer(texts: list[str], truncation: bool = True, max_length: int = 64) -> dict:
     return {"input_ids": [[2 + ord(c) % 90 for c in t[:max_length]] for t in texts]}
