@@ -69,7 +69,7 @@ from mergekit_pcb.evolve.jobs import (
 )
 from mergekit_pcb.evolve.operators import interpolate
 from mergekit_pcb.evolve.replica import PopulationLog
-from mergekit_pcb.evolve.stats import one_sided_gain
+from mergekit_pcb.evolve.stats import guard_test
 from mergekit_pcb.evolve.store import RunDir, TensorSpec, layout_of
 from mergekit_pcb.io.files import resolve_data_file
 from mergekit_pcb.io.mapped import open_readable
@@ -748,12 +748,10 @@ class EvolutionRun:
             self._state["evaluations"] += len(jobs)
             done = self._score(jobs)
             assert done[0].examples is not None and done[1].examples is not None
-            ci = one_sided_gain(torch.tensor(done[0].examples), torch.tensor(done[1].examples),
-                                maximize=self.maximize, level=spec.guard_confidence,
-                                seed=self.settings.seed)
-            test.update({"tested": True, "passed": ci.low > 0, "label": chosen["label"],
-                         "gain": ci.delta, "low": ci.low, "high": ci.high,
-                         "examples": ci.examples, "interval_level": ci.level})
+            test.update({"tested": True, "label": chosen["label"],
+                         **guard_test(done[0].examples, done[1].examples,
+                                      maximize=self.maximize, level=spec.guard_confidence,
+                                      seed=self.settings.seed)})
         guard["test"] = test
 
     def guard_best(self) -> dict[str, Any]:

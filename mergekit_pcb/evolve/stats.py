@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -48,6 +50,17 @@ def one_sided_gain(trial: torch.Tensor, parent: torch.Tensor, *, maximize: bool,
     return paired_bootstrap(gain, base, seed=seed, resamples=resamples, level=2 * level - 1)
 
 
+def guard_test(chosen: Sequence[float], start: Sequence[float], *, maximize: bool,
+               level: float, seed: int) -> dict[str, Any]:
+    """The guard's test of a search's result against its best start, as a run state keeps
+    it: whether the chosen candidate's gain per guard example over the start passes the
+    one-sided test at `level`, the gain, its interval and how many examples it rests on."""
+    ci = one_sided_gain(torch.tensor(chosen), torch.tensor(start), maximize=maximize,
+                        level=level, seed=seed)
+    return {"passed": ci.low > 0, "gain": ci.delta, "low": ci.low, "high": ci.high,
+            "examples": ci.examples, "interval_level": ci.level}
+
+
 def paired_gain_holds(trial: torch.Tensor, parent: torch.Tensor, *, maximize: bool,
                       level: float, seed: int = 0, resamples: int = 2000) -> bool:
     """One-sided paired bootstrap test of a trial against its parent on the same examples:
@@ -58,4 +71,5 @@ def paired_gain_holds(trial: torch.Tensor, parent: torch.Tensor, *, maximize: bo
                           resamples=resamples).low > 0
 
 
-__all__ = ["PairedInterval", "one_sided_gain", "paired_bootstrap", "paired_gain_holds"]
+__all__ = ["PairedInterval", "guard_test", "one_sided_gain", "paired_bootstrap",
+           "paired_gain_holds"]

@@ -12,7 +12,6 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
 import yaml
 from rich.console import Console
 from rich.table import Table
@@ -30,7 +29,7 @@ from mergekit_pcb.evolve.fitness import (
 )
 from mergekit_pcb.evolve.output import ScoreRow, clean, fmt, guard_test_detail, plot_png
 from mergekit_pcb.evolve.output import scores_table as evolve_scores_table
-from mergekit_pcb.evolve.stats import one_sided_gain
+from mergekit_pcb.evolve.stats import guard_test
 from mergekit_pcb.io.artifacts import library_of, model_card, write_card_and_recipe
 from mergekit_pcb.io.files import atomic_write_json
 from mergekit_pcb.io.writer import atomic_output_dir, check_destination, prepare_run_dir
@@ -255,11 +254,9 @@ def _guard_test(st: dict[str, Any], evals: list[dict[str, Any]], best: dict[str,
         done = ex.map(run_point, [(ctx, PointJob(x, GUARD, examples=True))
                                   for x in (tuple(best["x"]), None)])
         assert done[0].examples is not None and done[1].examples is not None
-        ci = one_sided_gain(torch.tensor(done[0].examples), torch.tensor(done[1].examples),
-                            maximize=spec.maximize, level=spec.guard_confidence, seed=seed)
-        test = {"n": best["n"], "level": spec.guard_confidence, "passed": ci.low > 0,
-                "gain": ci.delta, "low": ci.low, "high": ci.high, "examples": ci.examples,
-                "interval_level": ci.level}
+        test = {"n": best["n"], "level": spec.guard_confidence,
+                **guard_test(done[0].examples, done[1].examples, maximize=spec.maximize,
+                             level=spec.guard_confidence, seed=seed)}
         st["guard_test"] = test
     detail = guard_test_detail(test)
     if test["passed"]:
