@@ -14,7 +14,7 @@ import pytest
 import torch
 import yaml
 from safetensors.torch import load_file, save_file
-from test_evolve_engine import _kill_when, _start, same_tensors, search_record
+from test_evolve_engine import _kill_when, _resume_matches, _start, same_tensors, search_record
 from typer.testing import CliRunner
 
 from mergekit_pcb.evolve.config import parse_fitness
@@ -177,8 +177,4 @@ def test_sigkill_then_resume_matches(training_run: Path, tmp_path: Path) -> None
     _kill_when(_start(path, out, "--workers", "2", sleep="0.03"), state, generation=2, step=3)
     killed = json.loads(state.read_text())
     assert killed["phase"] == "evolve" and killed["search"] is not None
-    proc = _start(path, out, "--resume", "--workers", "2")
-    _, err = proc.communicate(timeout=300)
-    assert proc.returncode == 0, err
-    assert same_tensors(tmp_path / "ref", out)
-    assert search_record(tmp_path / "ref") == search_record(out)
+    _resume_matches(path, out, tmp_path / "ref", "--workers", "2")

@@ -14,7 +14,7 @@ import pytest
 import torch
 import yaml
 from safetensors.torch import save_file
-from test_evolve_engine import _kill_when, _start, same_tensors, search_record
+from test_evolve_engine import _kill_when, _resume_matches, _start, same_tensors, search_record
 from typer.testing import CliRunner
 
 from mergekit_pcb.evolve.run import evolve
@@ -191,8 +191,4 @@ def test_sigkill_then_resume_matches(fine_tunes: Path, tmp_path: Path) -> None:
     out, state = tmp_path / "out", tmp_path / "out.run" / "state.json"
     _kill_when(_start(path, out, sleep="0.05"), state, generation=1, step=2)
     assert json.loads(state.read_text())["phase"] == "evolve"
-    proc = _start(path, out, "--resume")
-    _, err = proc.communicate(timeout=300)
-    assert proc.returncode == 0, err
-    assert same_tensors(tmp_path / "ref", out)
-    assert search_record(tmp_path / "ref") == search_record(out)
+    _resume_matches(path, out, tmp_path / "ref")

@@ -342,6 +342,16 @@ def _start(recipe: Path, out: Path, *extra: str, sleep: str = "0") -> subprocess
         env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
+def _resume_matches(recipe: Path, out: Path, ref: Path, *extra: str) -> None:
+    """`evolve --resume` of a killed run finishes with the uninterrupted run's output and
+    record, bit for bit."""
+    proc = _start(recipe, out, "--resume", *extra)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err
+    assert same_tensors(ref, out)
+    assert search_record(ref) == search_record(out)
+
+
 def _kill_when(proc: subprocess.Popen[str], state: Path, generation: int, step: int) -> None:
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
@@ -376,11 +386,7 @@ def test_sigkill_mid_generation_then_resume_matches(pop_dir: Path, workers: str,
     assert first["phase"] == "evolve" and 0 < first["step"] < 4
     _kill_when(_start(recipe, out, "--resume", *par, sleep="0.05"), state, generation=2,
                step=2)
-    proc = _start(recipe, out, "--resume", *par)
-    _, err = proc.communicate(timeout=300)
-    assert proc.returncode == 0, err
-    assert same_tensors(pop_dir / "ref", out)
-    assert search_record(pop_dir / "ref") == search_record(out)
+    _resume_matches(recipe, out, pop_dir / "ref", *par)
 
 
 # ----------------------------------------------------------------------------- CLI

@@ -15,6 +15,7 @@ import torch
 from safetensors.torch import load_file
 from test_evolve_engine import (
     _kill_when,
+    _resume_matches,
     _start,
     build_population,
     recipe_dict,
@@ -213,11 +214,7 @@ def test_sigkill_then_resume_with_a_guard_matches(tmp_path: Path) -> None:
     _kill_when(_start(recipe, out, sleep="0.02"), state, generation=1, step=2)
     killed = json.loads(state.read_text())
     assert killed["phase"] == "evolve" and len(killed["guard"]["candidates"]) == 6
-    proc = _start(recipe, out, "--resume")
-    _, err = proc.communicate(timeout=300)
-    assert proc.returncode == 0, err
-    assert same_tensors(root / "ref", out)
-    assert search_record(root / "ref") == search_record(out)
+    _resume_matches(recipe, out, root / "ref")
 
 
 # ----------------------------------------------------------------------------- the interval
