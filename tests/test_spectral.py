@@ -392,6 +392,27 @@ def test_tensors_a_method_does_not_decompose(name: str) -> None:
     assert rel(opted - mat_base, fallback - mat_base) > 1e-3
 
 
+@pytest.mark.parametrize("name", SPECTRAL)
+def test_conv_kernels_as_matrices_only_when_asked(name: str) -> None:
+    base2, models2 = make_case(3, (8, 12), "")
+    base4 = base2.reshape(8, 3, 2, 2)
+    models4 = [m.reshape(8, 3, 2, 2) for m in models2]
+    method = get_method(name)
+    as_matrix = method.merge(inputs_for(name, base4, models4, conv="matrix"))
+    assert torch.equal(as_matrix, merge(name, base2, models2).reshape(8, 3, 2, 2))
+    assert rel(as_matrix.reshape(8, 12).double(), reference(name, base2, models2)) < TOL
+    fallback = method.merge(inputs_for(name, base4, models4))  # conv: fallback, the papers
+    d = torch.stack([m - base4 for m in models4]).mean(0)
+    assert torch.allclose(fallback, {"cart": base4 + d, "wudi": base4}.get(name, base4 + d),
+                          atol=1e-6)
+    params = {s.name: s.default for s in REGISTRY[name].params}
+    shape = (8, 3, 2, 2)
+    assert method.rule_for("m.layers.0.mlp.conv.weight", shape, False,
+                           params).startswith("fallback (not 2-D)")
+    assert method.rule_for("m.layers.0.mlp.conv.weight", shape, False,
+                           {**params, "conv": "matrix"}).startswith("matrix")
+
+
 @pytest.mark.parametrize("name", ["cart", "wudi"])
 def test_official_selection_of_matrices(name: str) -> None:
     base, models = make_case(3, (12, 8), "")

@@ -18,6 +18,7 @@ import torch
 
 from mergekit_pcb.methods.base import WEIGHT_RANGE, ParamSpec, Range, TensorInputs
 from mergekit_pcb.methods.spectral import (
+    CONV,
     MATRICES,
     SVD_KIND,
     VOCABULARY,
@@ -56,7 +57,7 @@ class Cart(SelectiveSpectralMethod):
               # [0, 3] holds the shipped settings (1.5 to 2.0) with room either side
               ParamSpec("lambda", 2.0, "scale of the summed low-rank parts",
                         bounds=WEIGHT_RANGE, search_range=Range(0.0, 3.0)),
-              MATRICES, SVD_KIND, VOCABULARY)
+              MATRICES, SVD_KIND, VOCABULARY, CONV)
     uses_rng = True  # only `svd: randomized` draws
     matrix_rule = "W₀ + mean(Δᵢ) + λ·Σ LowRank_k(Δᵢ − mean(Δ))"
 

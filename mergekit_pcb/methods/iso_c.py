@@ -22,6 +22,7 @@ import torch
 from mergekit_pcb.methods.base import ParamSpec, TensorInputs
 from mergekit_pcb.methods.spectral import (
     ALPHA,
+    CONV,
     VOCABULARY,
     ScaledSpectralMethod,
     default_rtol,
@@ -57,7 +58,7 @@ class IsoC(ScaledSpectralMethod):
               ParamSpec("solver", "svd", "the SVD (official) or a Newton–Schulz polar "
                         "factor (matmuls only; same result)", kind=str,
                         choices=("svd", "newton_schulz")),
-              VOCABULARY)
+              VOCABULARY, CONV)
 
     def task_matrix(self, deltas: list[torch.Tensor], inputs: TensorInputs) -> torch.Tensor:
         return iso_c_matrix(deltas, inputs.params["solver"])

@@ -26,6 +26,7 @@ from mergekit_pcb.methods.base import ParamSpec, Range, TensorInputs
 from mergekit_pcb.methods.iso_c import sum_of
 from mergekit_pcb.methods.spectral import (
     ALPHA,
+    CONV,
     VOCABULARY,
     ScaledSpectralMethod,
     default_rtol,
@@ -79,7 +80,7 @@ class IsoCts(ScaledSpectralMethod):
     params = (ALPHA,
               ParamSpec("common_space_fraction", 0.8, "share of the r directions taken from "
                         "the summed task matrix", bounds=Range(0.0, 1.0)),
-              VOCABULARY)
+              VOCABULARY, CONV)
 
     def task_matrix(self, deltas: list[torch.Tensor], inputs: TensorInputs) -> torch.Tensor:
         return iso_cts_matrix(deltas, float(inputs.params["common_space_fraction"]))

@@ -42,6 +42,13 @@ MATRICES = ParamSpec(
     "(the official code) or every 2-D tensor (FusionBench)", kind=str,
     choices=("attn_mlp", "all_2d"))
 
+# Conv kernels (out, in, k…) as out × (in·k…) matrices: an extension beyond the papers,
+# which merge ViTs and LLMs and give every non-2-D tensor the fallback.
+CONV = ParamSpec(
+    "conv", "fallback", "conv kernels (3-D to 5-D weights): the fallback rule (the papers) or "
+    "decomposed as out × (in·kernel) matrices (matrix; an extension beyond the papers)",
+    kind=str, choices=("fallback", "matrix"))
+
 RANDOMIZED_OVERSAMPLE = 10
 RANDOMIZED_POWER_ITERS = 4
 
@@ -191,7 +198,7 @@ class SpectralMethod(MergeMethod):
     def fallback_reason(self, name: str, shape: Sequence[int], vocabulary: bool,
                         params: Mapping[str, Any]) -> str | None:
         """Why tensor `name` takes the fallback rule; None: the method decomposes it."""
-        if len(shape) != 2:
+        if len(shape) != 2 and not (3 <= len(shape) <= 5 and params.get("conv") == "matrix"):
             return NOT_2D
         if 0 in shape:  # an empty matrix has no spectrum
             return EMPTY
@@ -217,7 +224,11 @@ class SpectralMethod(MergeMethod):
         base = inputs.base.to(deltas[0].dtype)
         if self.fallback_reason(inputs.name, base.shape, inputs.vocabulary,
                                 inputs.params) is None:
-            return base + self.matrix_offset(deltas, inputs)
+            if base.dim() == 2:
+                return base + self.matrix_offset(deltas, inputs)
+            # a conv kernel under `conv: matrix`: one row per output channel
+            rows = [d.reshape(base.shape[0], -1) for d in deltas]
+            return base + self.matrix_offset(rows, inputs).reshape(base.shape)
         return base + self.other_offset(deltas, inputs)
 
 

@@ -22,6 +22,7 @@ import torch
 from mergekit_pcb.methods.base import TensorInputs
 from mergekit_pcb.methods.spectral import (
     ALPHA,
+    CONV,
     SVD_KIND,
     VOCABULARY,
     ScaledSpectralMethod,
@@ -61,7 +62,7 @@ def tsv_merge_matrix(deltas: Sequence[torch.Tensor], svd: str = "full",
 class TsvM(ScaledSpectralMethod):
     name = "tsv_m"
     summary = "TSV-M: each task's top singular vectors side by side, orthogonalized"
-    params = (ALPHA, SVD_KIND, VOCABULARY)
+    params = (ALPHA, SVD_KIND, VOCABULARY, CONV)
     matrix_rule = "W₀ + α·TSV-M(Δ₁…Δ_T)"
     uses_rng = True  # only `svd: randomized` draws
 

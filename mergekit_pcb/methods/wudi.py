@@ -29,6 +29,7 @@ import torch
 
 from mergekit_pcb.methods.base import ParamSpec, Range, TensorInputs
 from mergekit_pcb.methods.spectral import (
+    CONV,
     MATRICES,
     VOCABULARY,
     SelectiveSpectralMethod,
@@ -143,7 +144,7 @@ class Wudi(SelectiveSpectralMethod):
               ParamSpec("rest", "base", "the tensors WUDI does not optimise: the base "
                         "(official code) or the models' mean (FusionBench)", kind=str,
                         choices=("base", "mean")),
-              VOCABULARY)
+              VOCABULARY, CONV)
     matrix_rule = "W₀ + X, X = argmin Σᵢ ‖(X − Δᵢ)Δᵢᵀ‖²/‖Δᵢ‖² (solver)"
 
     @classmethod
