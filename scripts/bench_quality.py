@@ -55,7 +55,7 @@ if str(SCRIPTS) not in sys.path:
 
 from quality_family import Family, paths  # noqa: E402
 
-GRID_SIZE = 6
+GRID_SIZE = 4
 GUARD_FRACTION = 0.3
 FAMILY_MODULES = {"minilm": "quality_text", "effnet": "quality_vision"}
 
@@ -101,44 +101,50 @@ def grid_points(spec: MethodSpec) -> list[dict[str, Any]]:
 
 
 def method_specs() -> list[MethodSpec]:
-    """Every registry method that merges task vectors, each over its own range with
-    `GRID_SIZE` points (the two-parameter ones 3 × 2). Ranges: TIES/DARE/PCB λ around 1 with
-    `normalize` (a disjoint mean), task-arithmetic-style λ below 1 for the sums; densities as
-    the papers sweep them; α for TSV-M/Iso as their code's search; CART's rank ratio and λ."""
-    lam_sum = [0.1, 0.2, 0.3, 0.5, 0.7, 1.0]
-    lam_mean = [0.7, 1.0, 1.5]
+    """Every registry method that merges task vectors of several models, each over its own
+    range with `GRID_SIZE` points (two-parameter ones 2 × 2). Ranges: λ around 1 where the
+    method averages the kept entries (`normalize`: TIES, DARE-TIES, DELLA, PCB), below 1
+    where it sums them (task arithmetic, DARE, Breadcrumbs, DELLA linear); densities as the
+    papers sweep them; α as the TSV and Iso papers search it; CART's rank ratio and λ around
+    its shipped settings. Left out: the two-model interpolations (slerp, nuslerp, nearswap,
+    arcee_fusion), passthrough, and the model averages without task vectors (karcher,
+    multislerp)."""
+    lam_sum, lam_mean = [0.2, 0.4], [0.7, 1.2]
+    alphas = [0.5, 1.0, 1.5, 2.0]
     return [
         MethodSpec("average", "average", "linear", {}, {}),
         MethodSpec("task arithmetic", "task_arithmetic", "task_arithmetic", {},
-                   {"lambda": lam_sum}),
+                   {"lambda": [0.1, 0.2, 0.3, 0.5]}),
         MethodSpec("TIES", "ties", "ties", {"normalize": True},
-                   {"lambda": lam_mean, "density": [0.1, 0.2]}),
+                   {"lambda": lam_mean, "density": [0.1, 0.3]}),
         MethodSpec("DARE-TIES", "dare_ties", "dare_ties", {"normalize": True},
                    {"lambda": lam_mean, "density": [0.2, 0.5]}),
         MethodSpec("DARE (linear)", "dare_linear", "dare_linear", {},
-                   {"lambda": [0.2, 0.3, 0.5], "density": [0.2, 0.5]}),
+                   {"lambda": lam_sum, "density": [0.3, 0.6]}),
         MethodSpec("Breadcrumbs", "breadcrumbs", "breadcrumbs", {"gamma": 0.01},
-                   {"lambda": [0.2, 0.3, 0.5], "density": [0.8, 0.9]}),
+                   {"lambda": lam_sum, "density": [0.8, 0.9]}),
         MethodSpec("Breadcrumbs-TIES", "breadcrumbs_ties", "breadcrumbs_ties", {"gamma": 0.01},
-                   {"lambda": [0.2, 0.3, 0.5], "density": [0.8, 0.9]}),
+                   {"lambda": lam_sum, "density": [0.8, 0.9]}),
         MethodSpec("DELLA", "della", "della", {"normalize": True, "epsilon": 0.1},
                    {"lambda": lam_mean, "density": [0.3, 0.6]}),
         MethodSpec("DELLA (linear)", "della_linear", "della_linear", {"epsilon": 0.1},
-                   {"lambda": [0.2, 0.3, 0.5], "density": [0.3, 0.6]}),
-        MethodSpec("SCE", "sce", "sce", {}, {"select_topk": [0.05, 0.1, 0.2, 0.3, 0.5, 1.0]}),
+                   {"lambda": lam_sum, "density": [0.3, 0.6]}),
+        MethodSpec("SCE", "sce", "sce", {}, {"select_topk": [0.1, 0.2, 0.5, 1.0]}),
         MethodSpec("Model Stock", "model_stock", "model_stock", {}, {}),
+        MethodSpec("RAM", "ram", "ram", {}, {}),
+        MethodSpec("RAM+ (TL)", "ramplus_tl", "ramplus_tl", {},
+                   {"r": [0.1, 0.2], "alpha": [0.2, 0.4]}, per_model=()),
         MethodSpec("PCB (global)", "pcb_global", "pcb",
                    {"scope": "global", "clip": 0.01, "inter": "consensus"},
-                   {"lambda": lam_mean, "density": [0.1, 0.2]}),
+                   {"lambda": lam_mean, "density": [0.1, 0.3]}),
         MethodSpec("PCB (tensor)", "pcb_tensor", "pcb",
                    {"scope": "tensor", "clip": 0.01, "inter": "consensus"},
-                   {"lambda": lam_mean, "density": [0.1, 0.2]}),
-        MethodSpec("TSV-M", "tsv_m", "tsv_m", {}, {"alpha": [0.5, 0.75, 1.0, 1.25, 1.5, 2.0]}),
-        MethodSpec("Iso-C", "iso_c", "iso_c", {}, {"alpha": [0.5, 1.0, 1.5, 2.0, 2.5, 3.0]}),
-        MethodSpec("Iso-CTS", "iso_cts", "iso_cts", {},
-                   {"alpha": [0.5, 1.0, 1.5, 2.0, 2.5, 3.0]}),
+                   {"lambda": lam_mean, "density": [0.1, 0.3]}),
+        MethodSpec("TSV-M", "tsv_m", "tsv_m", {}, {"alpha": alphas}),
+        MethodSpec("Iso-C", "iso_c", "iso_c", {}, {"alpha": alphas}),
+        MethodSpec("Iso-CTS", "iso_cts", "iso_cts", {}, {"alpha": alphas}),
         MethodSpec("CART", "cart", "cart", {},
-                   {"rank_ratio": [0.08, 0.12, 0.16], "lambda": [1.5, 2.0]}),
+                   {"rank_ratio": [0.08, 0.16], "lambda": [1.5, 2.0]}),
         MethodSpec("WUDI", "wudi", "wudi", {}, {}),
     ]
 
@@ -545,18 +551,18 @@ def main(argv: list[str] | None = None) -> None:
                    help="work dir (one folder per family: data, models, merges, cache)")
     p.add_argument("--family", default="minilm,effnet",
                    help=f"comma-separated, of {', '.join(FAMILY_MODULES)}")
-    p.add_argument("--steps", type=int, default=120, help="text: fine-tuning steps per task")
-    p.add_argument("--lr", type=float, default=1e-4, help="text: encoder learning rate")
+    p.add_argument("--steps", type=int, default=80, help="text: fine-tuning steps per task")
+    p.add_argument("--lr", type=float, default=2e-4, help="text: encoder learning rate")
     p.add_argument("--head-lr", type=float, default=2e-3, help="text: head learning rate")
     p.add_argument("--select", type=int, default=200, help="validation examples per task, max")
     p.add_argument("--test", type=int, default=400, help="test examples per task, max")
     p.add_argument("--train-cap", type=int, default=2000, help="train examples per class, max")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--methods", default="", help="comma-separated slugs (default: all)")
-    p.add_argument("--generations", type=int, default=5, help="evolver generations")
+    p.add_argument("--generations", type=int, default=4, help="evolver generations")
     p.add_argument("--pop", type=int, default=4, help="evolver population")
     p.add_argument("--skip-searches", action="store_true")
-    p.add_argument("--coef-budget", type=int, default=30,
+    p.add_argument("--coef-budget", type=int, default=16,
                    help="PCB + coefficient search: NGOpt evaluations (0: skip)")
     p.add_argument("--coef-bounds", type=parse_floats, default=[0.5, 2.0],
                    help="bounds of each task's weight in the coefficient search")

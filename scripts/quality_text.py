@@ -41,8 +41,8 @@ from quality_family import Family, paths
 
 DATA_VERSION = "quality-text-data-2"
 TRAIN_VERSION = "quality-text-train-2"
-MAX_LEN = 64
-BATCH = 32
+MAX_LEN = 32
+BATCH = 16
 FORTUNES_A = ["computers", "politics", "science", "startrek", "food", "sports", "love", "law"]
 FORTUNES_B = ["songs-poems", "men-women", "work", "art", "wisdom", "education"]
 TWEETS_A = ["nytimeshealth", "bbchealth", "foxnewshealth", "goodhealth"]
