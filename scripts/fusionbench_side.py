@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import contextlib
 import importlib.metadata
-import inspect
 import io
 import json
 import sys
@@ -76,8 +75,9 @@ def main(job_path: Path) -> int:
     import fusion_bench
 
     root = Path(fusion_bench.__file__).resolve().parent
-    sources = {k: str(Path(inspect.getsourcefile(f) or "?").resolve().relative_to(root.parent))
-               for k, f in fns.items()}
+    # the module's file: `iso_cts` is wrapped by torch.no_grad, whose own file inspect finds
+    sources = {k: str(Path(sys.modules[f.__module__].__file__ or "?").resolve()
+                      .relative_to(root.parent)) for k, f in fns.items()}
     versions = {"fusion_bench": importlib.metadata.version("fusion-bench"),
                 "torch": torch.__version__, "functions": {
                     k: f"{f.__module__}.{f.__name__} ({sources[k]})" for k, f in fns.items()}}
