@@ -110,4 +110,13 @@ def test_cases_use_our_parameters() -> None:
     for case in fp.cases():
         names = {p.name for p in REGISTRY[case.method].params}
         assert set(case.ours) <= names, (case.method, set(case.ours) - names)
-        assert set(case.families) <= set(fp.FAMILY_TASKS)
+        assert set(case.differs) <= set(case.families) <= set(fp.FAMILY_TASKS)
+
+
+def test_verdict_flags_the_unexpected() -> None:
+    """A row within tolerance is expected unless its choice differs on purpose, and the
+    other way round; only unexpected verdicts are marked (the script exits 1 on them)."""
+    assert fp.verdict_of(True, False) == "yes"
+    assert fp.verdict_of(False, True) == "no (on purpose)"
+    assert fp.verdict_of(True, True).startswith("**")
+    assert fp.verdict_of(False, False).startswith("**")
