@@ -50,7 +50,8 @@ def functions() -> dict[str, Callable[..., StateDict]]:
 
 def merged(fn: Callable[..., StateDict], base: StateDict, task_vectors: list[StateDict],
            kwargs: dict[str, Any], scale: float) -> StateDict:
-    # Fresh copies per run: iso_cts and wudi_merging build their outputs in place.
+    # Fresh copies per run: the functions move tensors with `.to(accelerator)`, which on
+    # the CPU returns the input itself, so no run may see another's in-place work.
     tvs = [{k: v.clone() for k, v in tv.items()} for tv in task_vectors]
     with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
         out = fn(tvs, accelerator="cpu", **kwargs)
