@@ -154,7 +154,7 @@ def tensor_kind(name: str, shape: Sequence[int]) -> str:
     """The table column a tensor falls in (our own rules for which tensors are which)."""
     if len(shape) != 2:
         return "not 2-D"
-    if is_vocabulary_tensor(name):
+    if is_vocabulary_tensor(name) or name.endswith("text_projection.weight"):
         return "vocabulary"
     if not is_attn_mlp(name):
         return "other 2-D"
@@ -199,7 +199,10 @@ class Case:
     differs: tuple[str, ...] = ()
 
 
-VOCAB_ONLY = ("llama",)  # the CLIP names hold no vocabulary matrix we recognise
+# Both families hold tensors our `vocabulary: false` sends to the fallback: Llama's
+# embed_tokens and lm_head, CLIP's token_embedding and text_projection (the official code
+# averages the latter; FusionBench decomposes both).
+VOCAB_ONLY = ("clip", "llama")
 
 
 def cases() -> list[Case]:
@@ -212,7 +215,8 @@ def cases() -> list[Case]:
         Case("iso_c", "vocabulary: true", {"alpha": 1.0, "vocabulary": True},
              families=VOCAB_ONLY),
         # our matmul-only path for the same result (no FusionBench counterpart)
-        Case("iso_c", "solver: newton_schulz", {"alpha": 1.0, "solver": "newton_schulz"},
+        Case("iso_c", "solver: newton_schulz, vocabulary: true",
+             {"alpha": 1.0, "solver": "newton_schulz", "vocabulary": True},
              families=("clip",)),
         Case("iso_cts", "default (vocabulary: false)", {"alpha": 1.0},
              {"common_space_fraction": 0.8}, differs=VOCAB_ONLY),

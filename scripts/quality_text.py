@@ -414,6 +414,17 @@ def fit_probe_heads(root: Path, splits: dict[str, Any]) -> None:
 
 
 def prepare(root: Path, args: argparse.Namespace) -> dict[str, Any]:
+    """Data, fine-tunes and probes, cached under `root`; trains on one thread (on a shared
+    machine two threads made a step several times slower, waiting on each other)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return _prepare(root, args)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _prepare(root: Path, args: argparse.Namespace) -> dict[str, Any]:
     for sub in ("data", "models", "heads"):
         (root / sub).mkdir(parents=True, exist_ok=True)
     prepare_base(root)

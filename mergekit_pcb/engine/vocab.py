@@ -53,6 +53,7 @@ VOCAB_SUFFIXES = (
     "lm_head.decoder.weight", "lm_head.linear.weight", "lm_head.linear.bias",
     "cls.predictions.bias", "cls.predictions.decoder.weight", "cls.predictions.decoder.bias",
     "transformer.output_layer.weight", "backbone.embeddings.weight",
+    "token_embedding.weight",  # CLIP's text tower
 )
 TOP_LEVEL_VOCAB = ("output.weight",)  # llama-style `output.weight` (only at the top level)
 

@@ -169,6 +169,8 @@ NOT_2D = "not 2-D"
 EMPTY = "empty matrix"
 VOCABULARY_MATRIX = "vocabulary matrix, vocabulary: false"
 NOT_ATTN_MLP = "not an attention/MLP weight, matrices: attn_mlp"
+# CLIP's text projection: the official TSV/Iso code averages it (its task loop skips it).
+TEXT_PROJECTION = "text_projection, vocabulary: false (the official code averages it)"
 
 
 class SpectralMethod(MergeMethod):
@@ -193,7 +195,7 @@ class SpectralMethod(MergeMethod):
 
     @classmethod
     def fallback_reasons(cls) -> tuple[str, ...]:
-        return (NOT_2D, EMPTY, VOCABULARY_MATRIX)
+        return (NOT_2D, EMPTY, VOCABULARY_MATRIX, TEXT_PROJECTION)
 
     def fallback_reason(self, name: str, shape: Sequence[int], vocabulary: bool,
                         params: Mapping[str, Any]) -> str | None:
@@ -204,6 +206,9 @@ class SpectralMethod(MergeMethod):
             return EMPTY
         if vocabulary and not params.get("vocabulary", False):
             return VOCABULARY_MATRIX
+        if name.endswith(("text_projection", "text_projection.weight")) \
+                and not params.get("vocabulary", False):
+            return TEXT_PROJECTION
         return None
 
     def rule_for(self, name: str, shape: Sequence[int], vocabulary: bool,
