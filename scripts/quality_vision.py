@@ -17,15 +17,18 @@ train / select / test splits:
   coffee, hubble, …) photos a patch comes from; photos from scikit-image, sklearn and
   matplotlib. Each photo is cut into cells and every cell belongs to one split only, so no
   test pixel is ever trained on.
-- rotation (4): 0/90/180/270° rotation of patches of upright photos (cells split as above).
 - degradation (5): clean, Gaussian noise, blur, salt & pepper or blocky, on photo patches.
-- shapes (6) and count (5): shapes and 1–5 discs rendered with numpy from a seeded
-  generator per split.
+- orientation (4), shapes (6), count (5): stripes at 0/45/90/135° (± 8°), six shapes, and
+  1–5 discs, rendered with numpy from a seeded generator per split.
 
 Fine-tuning: the whole backbone with a linear head on the pooled features, BatchNorm in eval
 mode (its running statistics stay the base's) and the ImageNet classifier `_fc` untouched;
 both are routed to the base in `FROZEN_RULES`. Each task's meta also records a linear probe
 (a head trained on the frozen base's features): the floor a merge should beat.
+
+Measured (seed 0, defaults; 2 shared cores, one thread): fine-tuning 1044 s in all, test
+accuracy of the fine-tunes 93.1 on average; linear probe 74.5 (79.5 normalized); task
+arithmetic λ = 0.3 over the eight 62.7 (66.9 normalized).
 
 Settings come from the benchmark's namespace: `seed`, `select`, `test` (examples per task)
 and, when present, `vision_steps`, `vision_lr`, `vision_head_lr`, `vision_train`; the
@@ -65,11 +68,13 @@ DEFAULTS = {"select": 160, "test": 400, "vision_steps": 150, "vision_lr": 5e-4,
 ARCH = {"library": "efficientnet_lite_pytorch", "architecture": "efficientnet-lite0",
         "overrides": {"image_size": SIZE}}
 FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")
-TASKS = ("digits", "fashion", "textures", "scenes", "rotation", "degradation", "shapes",
+TASKS = ("digits", "fashion", "textures", "scenes", "orientation", "degradation", "shapes",
          "count")
+# Bump a task's version when its data changes: only that task is fine-tuned again.
+TASK_VERSIONS = {t: 1 for t in TASKS}
 TASK_TITLES = {"digits": "digits (10)", "fashion": "Fashion-MNIST (10)",
                "textures": "grey photo of patch (10)", "scenes": "colour photo of patch (10)",
-               "rotation": "rotation (4)", "degradation": "degradation (5)",
+               "orientation": "stripe orientation (4)", "degradation": "degradation (5)",
                "shapes": "shape (6)", "count": "disc count (5)"}
 # BatchNorm statistics stay the base's (eval mode) and no task reads the ImageNet classifier.
 FROZEN_RULES = ({"filter": "running_mean", "take": "base"},
@@ -79,9 +84,6 @@ FROZEN_RULES = ({"filter": "running_mean", "take": "base"},
 GREY = ("brick", "grass", "gravel", "moon", "camera", "coins", "page", "text", "clock", "cell")
 COLOUR = ("astronaut", "chelsea", "coffee", "rocket", "hubble_deep_field",
           "immunohistochemistry", "retina", "china", "flower", "grace_hopper")
-# Photos with a clear "up" (for rotation).
-UPRIGHT = ("astronaut", "chelsea", "coffee", "rocket", "china", "flower", "grace_hopper",
-           "camera", "clock", "page", "text")
 SHAPES = ("disc", "square", "triangle", "cross", "ring", "diamond")
 DEGRADATIONS = ("clean", "noise", "blur", "salt_pepper", "blocky")
 SPLITS = ("train", "select", "test")
@@ -300,10 +302,6 @@ def patch_task(name: str, labels: list[str], photos: dict[str, np.ndarray], cell
     return out
 
 
-def rotate(img: torch.Tensor, y: int, rng: np.random.Generator) -> torch.Tensor:
-    return torch.rot90(img, k=y, dims=(2, 3))
-
-
 def degrade(img: torch.Tensor, y: int, rng: np.random.Generator) -> torch.Tensor:
     """One of DEGRADATIONS, with a random strength."""
     x = img.float()
@@ -373,6 +371,21 @@ def render_shape(y: int, rng: np.random.Generator) -> np.ndarray:
     return img
 
 
+def render_stripes(y: int, rng: np.random.Generator) -> np.ndarray:
+    """Sinusoidal stripes whose crests run at y × 45° (± 8°) from the horizontal, 2–5 cycles
+    across the image, between two contrasting colours, with noise."""
+    angle = math.radians(45 * y + float(rng.uniform(-8, 8)))
+    cycles = float(rng.uniform(2, 5))
+    yy, xx = np.mgrid[0:SIZE, 0:SIZE].astype(np.float64)
+    # Crests along direction (cos a, -sin a) in (x, y) image coordinates (y down): the
+    # intensity varies along the normal (sin a, cos a).
+    phase = (xx * math.sin(angle) + yy * math.cos(angle)) * 2 * math.pi * cycles / SIZE
+    wave = 0.5 + 0.5 * np.sin(phase + float(rng.uniform(0, 2 * math.pi)))
+    bg = noisy_background(rng)
+    fg = contrasting(bg, rng)
+    return bg + wave[:, :, None] * (fg[None, None, :] - bg.reshape(-1, 3).mean(0))
+
+
 def render_count(y: int, rng: np.random.Generator) -> np.ndarray:
     """y + 1 discs of radius 2–4, apart from each other, each its own colour."""
     img = noisy_background(rng)
@@ -415,9 +428,8 @@ def build_task(task: str, n: dict[str, int], seed: int) -> dict[str, Any]:
         return patch_task(task, list(GREY), {p: load_photo(p) for p in GREY}, 48, n, rng)
     if task == "scenes":
         return patch_task(task, list(COLOUR), {p: load_photo(p) for p in COLOUR}, 48, n, rng)
-    if task == "rotation":
-        return patch_task(task, ["0", "90", "180", "270"], {p: load_photo(p) for p in UPRIGHT},
-                          64, n, rng, transform=rotate)
+    if task == "orientation":
+        return synthetic_task(task, ["0", "45", "90", "135"], render_stripes, n, task_seed)
     if task == "degradation":
         return patch_task(task, list(DEGRADATIONS),
                           {p: load_photo(p) for p in GREY + COLOUR}, 48, n, rng,
@@ -449,7 +461,8 @@ def write_split_file(path: Path, built: dict[str, dict[str, Any]], part: str) ->
 
 def data_key(s: dict[str, Any], tasks: tuple[str, ...]) -> dict[str, Any]:
     return {"version": DATA_VERSION, "seed": s["seed"], "select": s["select"], "test": s["test"],
-            "train": s["vision_train"], "size": SIZE, "tasks": list(tasks)}
+            "train": s["vision_train"], "size": SIZE,
+            "tasks": {t: TASK_VERSIONS.get(t, 1) for t in tasks}}
 
 
 def prepare_data(root: Path, s: dict[str, Any], tasks: tuple[str, ...] = TASKS) -> dict[str, Any]:
@@ -617,9 +630,13 @@ def prepare_models(root: Path, s: dict[str, Any], doc: dict[str, Any],
     splits = {part: load_file(str(root / "data" / f"{part}.safetensors"))
               for part in ("train", "select", "test")}
     (root / "heads").mkdir(parents=True, exist_ok=True)
+    # Per task: the data settings and the task's own version, not the whole data key, so
+    # that changing one task's data fine-tunes that task only (the others' data is the same
+    # for the same seed and sizes).
+    common = {k: v for k, v in doc["key"].items() if k != "tasks"}
     key = {"version": TRAIN_VERSION, "steps": s["vision_steps"], "lr": s["vision_lr"],
            "head_lr": s["vision_head_lr"], "seed": s["seed"], "batch": BATCH,
-           "data": doc["key"]}
+           "data": common}
     metas: dict[str, Any] = {}
     t_all = time.perf_counter()
     # One thread: on a shared, loaded machine two OpenMP threads per process made a
@@ -645,7 +662,7 @@ def train_one(root: Path, task: str, i: int, s: dict[str, Any], key: dict[str, A
     if meta_path.is_file() and (root / "models" / task / "model.safetensors").is_file() \
             and (root / "heads" / f"{task}.safetensors").is_file():
         meta = json.loads(meta_path.read_text())
-        if meta.get("key") == key:
+        if meta.get("key") == {**key, "task_version": TASK_VERSIONS.get(task, 1)}:
             metas[task] = meta
             return
         log(f"{task}: training settings changed, fine-tuning again")
@@ -659,7 +676,8 @@ def train_one(root: Path, task: str, i: int, s: dict[str, Any], key: dict[str, A
     feats = {part: features(base_net, splits[part][f"{task}/images"]) for part in splits}
     labs = {part: splits[part][f"{task}/labels"] for part in splits}
     probe = linear_probe(feats, labs, n_labels, s["seed"] * 100 + i)
-    meta = {"key": key, **info, "probe_select": probe["select"], "probe_test": probe["test"]}
+    meta = {"key": {**key, "task_version": TASK_VERSIONS.get(task, 1)}, **info,
+            "probe_select": probe["select"], "probe_test": probe["test"]}
     atomic_write(meta_path, json.dumps(meta, indent=1))
     log(f"{task}: fine-tuned in {info['train_s']:.0f}s ({info['s_per_step']:.2f}s/step), "
         f"final loss {info['final_loss']:.3f}; linear probe on the base: test "
@@ -694,7 +712,7 @@ def describe(args: argparse.Namespace) -> str:
     s = settings(args)
     return (f"EfficientNet-Lite0 (ImageNet weights) on {len(TASKS)} image tasks at {SIZE}×{SIZE}"
             f" (sklearn digits, Fashion-MNIST, patches of scikit-image/sklearn/matplotlib photos,"
-            f" rotation, degradation, rendered shapes and disc counts); whole backbone "
+            f" degradation, rendered stripes, shapes and disc counts); whole backbone "
             f"fine-tuned {s['vision_steps']} steps, batch {BATCH}, lr {s['vision_lr']:g} "
             f"(head {s['vision_head_lr']:g}), BatchNorm statistics frozen, up to "
             f"{s['vision_train']} training images per task.")

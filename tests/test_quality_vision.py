@@ -120,11 +120,21 @@ def test_patch_splits_use_disjoint_cells() -> None:
             assert side + 1 >= 0.6 * 24 and oy + side <= 24 and ox + side <= 24
 
 
-def test_rotation_label_is_the_rotation() -> None:
-    img = torch.arange(3 * 4 * 4, dtype=torch.uint8).view(1, 3, 4, 4)
-    g = np.random.default_rng(0)
-    assert torch.equal(qv.rotate(img, 2, g), img.flip(2).flip(3))
-    assert torch.equal(qv.rotate(qv.rotate(img, 1, g), 3, g), img)
+def test_stripes_run_at_the_labelled_angle() -> None:
+    """The 2-D spectrum's peak (mean colour removed) lies along the stripes' normal: at
+    y × 45° + 90° from the horizontal crest direction, within the ± 8° jitter and the
+    frequency grid's resolution."""
+    g = np.random.default_rng(4)
+    for y in range(4):
+        for _ in range(3):
+            img = qv.render_stripes(y, g).mean(2)
+            spec = np.abs(np.fft.fftshift(np.fft.fft2(img - img.mean())))
+            spec[qv.SIZE // 2, qv.SIZE // 2] = 0
+            fy, fx = np.unravel_index(int(spec.argmax()), spec.shape)
+            # Frequency vector (fx, fy) is the normal (sin a, cos a): a = atan2(fx, fy).
+            a = np.degrees(np.arctan2(fx - qv.SIZE // 2, fy - qv.SIZE // 2)) % 180
+            diff = min(abs(a - 45 * y), 180 - abs(a - 45 * y))
+            assert diff <= 8 + 14, (y, a)  # ± 8° jitter, ≥ 2 cycles: grid step ≤ ~14°
 
 
 def write_work(root: Path, task_count: int = 2, seed: int = 0) -> dict[str, Any]:
