@@ -178,7 +178,7 @@ def pcbmerge(recipe: Path, out: Path, extra: tuple[str, ...] = (),
     env = {**os.environ, **(env_extra or {})}
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(SCRIPTS), env.get("PYTHONPATH")) if p)
     cmd = [sys.executable, "-m", "mergekit_pcb", "run", str(recipe), "-o", str(out), "--force",
-           "--quiet", *extra]
+           "--quiet", "--threads", str(torch.get_num_threads()), *extra]
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
     wall = time.perf_counter() - t0
@@ -279,15 +279,25 @@ def split_select(run: Run) -> tuple[Path, Path]:
 
 
 def run_search(run: Run, label: str, slug: str, recipe: dict[str, Any],
-               chosen: dict[str, Any]) -> dict[str, Any]:
+               chosen: dict[str, Any], metas: dict[str, Any]) -> dict[str, Any]:
+    key = row_key(run, metas, [recipe])
+    mdir = run.root / "merges" / f"{slug}.row"
+    row = cached_row(mdir, key)
+    if row is None:
+        row = _run_search(run, label, slug, recipe, chosen)
+        store_row(mdir, key, row)
+    return row
+
+
+def _run_search(run: Run, label: str, slug: str, recipe: dict[str, Any],
+                chosen: dict[str, Any]) -> dict[str, Any]:
     path = run.root / "recipes" / f"{slug}.yaml"
     atomic_write(path, yaml.safe_dump(recipe, sort_keys=False))
     out = run.root / "merges" / slug
     shutil.rmtree(out.with_name(f"{out.name}.run"), ignore_errors=True)  # a fresh search
     log(f"  {label}: searching")
     # The search scores afresh (no evaluation cache), so its wall time is a cold one.
-    wall = pcbmerge(path, out, ("--trust-code", "--threads", str(torch.get_num_threads())),
-                    {"QUALITY_FITNESS_NO_CACHE": "1"})
+    wall = pcbmerge(path, out, ("--trust-code",), {"QUALITY_FITNESS_NO_CACHE": "1"})
     shutil.rmtree(out.with_name(f"{out.name}.run"), ignore_errors=True)  # the members
     select, test = run.scores(out, run.select), run.scores(out, run.test)
     history = None
@@ -299,7 +309,7 @@ def run_search(run: Run, label: str, slug: str, recipe: dict[str, Any],
             "tuning_s": wall, "recipe": str(path), "output": str(out), "evolution": history}
 
 
-def searches(run: Run, pcb: dict[str, Any]) -> list[dict[str, Any]]:
+def searches(run: Run, pcb: dict[str, Any], metas: dict[str, Any]) -> list[dict[str, Any]]:
     """Evolver with PCB inside (on all of select, and guarded) and PCB + coefficient search,
     each starting from PCB (global) at its grid choice."""
     args, fam = run.args, run.fam
@@ -317,18 +327,18 @@ def searches(run: Run, pcb: dict[str, Any]) -> list[dict[str, Any]]:
               "pop": args.pop}
     rows.append(run_search(run, "Evolver (PCB inside)", "evolver_pcb", {
         "merge_method": "evolver", **base, "parameters": evolver_params,
-        "fitness": fitness}, chosen))
+        "fitness": fitness}, chosen, metas))
     fit_path, guard_path = split_select(run)
     rows.append(run_search(run, "Evolver (PCB inside, guarded)", "evolver_pcb_guard", {
         "merge_method": "evolver", **base, "parameters": evolver_params,
         "fitness": {**fitness, "select": str(fit_path), "guard": str(guard_path)}},
-        {**chosen, "guard": GUARD_FRACTION}))
+        {**chosen, "guard": GUARD_FRACTION}, metas))
     if args.coef_budget > 0 and importlib.util.find_spec("nevergrad") is not None:
         low, high = args.coef_bounds
         res = run_search(run, "PCB + coefficient search", "coefsearch_pcb", {
             "merge_method": "coefficient-search", **base, "search": {"weight": [low, high]},
             "parameters": {"optimizer": "NGOpt", "budget": args.coef_budget},
-            "fitness": fitness}, {"budget": args.coef_budget})
+            "fitness": fitness}, {"budget": args.coef_budget}, metas)
         best = yaml.safe_load((Path(res["output"]) / "best_recipe.yaml").read_text())
         res["chosen"]["weights"] = [round(float(m.get("parameters", {}).get("weight", 1.0)), 2)
                                     for m in best["models"]]
@@ -353,8 +363,10 @@ def references(run: Run, metas: dict[str, Any]) -> dict[str, Any]:
     refs["pretrained"] = {"select": run.scores(base, run.select),
                           "test": run.scores(base, run.test)}
     probe = run.test.with_name("test-probe.safetensors")
-    if probe.is_file():
+    if probe.is_file():  # probe heads on the base, scored by the fitness
         refs["probe"] = {"test": run.scores(base, probe)}
+    elif all("probe_test" in metas[t] for t in run.fam.tasks):  # scored by the family
+        refs["probe"] = {"test": {t: metas[t]["probe_test"] for t in run.fam.tasks}}
     refs["own"] = {t: refs["finetuned"][t]["test"][t] for t in run.fam.tasks}
     return refs
 
@@ -514,6 +526,37 @@ def parse_floats(text: str) -> list[float]:
     return [float(x) for x in text.split(",") if x.strip()]
 
 
+def row_key(run: Run, metas: dict[str, Any], recipes: list[dict[str, Any]]) -> str:
+    """What a row's result depends on: its recipes, the fine-tunes (their training keys and
+    times), the scoring, and the data files."""
+    import hashlib
+
+    blob = json.dumps({"recipes": recipes, "fitness": run.fam.fitness,
+                       "train": {t: [metas[t].get("key"), metas[t].get("train_s")]
+                                 for t in run.fam.tasks},
+                       "data": [os.path.getsize(run.select), os.path.getsize(run.test),
+                                os.path.getmtime(run.select), os.path.getmtime(run.test)]},
+                      sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def cached_row(mdir: Path, key: str) -> dict[str, Any] | None:
+    """A row computed before under the same key whose chosen merge is still on disk (a
+    re-run re-merges nothing; `rm -r merges/<slug>` forces it)."""
+    path = mdir / "row.json"
+    if not path.is_file():
+        return None
+    row = json.loads(path.read_text())
+    if row.get("key") != key or not Path(row["output"]).is_dir():
+        return None
+    log(f"  cached ({path})")
+    return row["row"]
+
+
+def store_row(mdir: Path, key: str, row: dict[str, Any]) -> None:
+    atomic_write(mdir / "row.json", json.dumps({"key": key, "row": row}))
+
+
 def run_family(fam: Family, args: argparse.Namespace) -> tuple[Any, ...]:
     t0 = time.perf_counter()
     root = (args.work / fam.name).resolve()
@@ -529,18 +572,23 @@ def run_family(fam: Family, args: argparse.Namespace) -> tuple[Any, ...]:
         if wanted and spec.slug not in wanted:
             continue
         log(f"{spec.label}: {len(grid_points(spec))} grid point(s)")
-        try:
-            res = run_grid(run, spec)
-        except RuntimeError as exc:  # one method failing must not lose the others' rows
-            log(f"{spec.label}: FAILED: {exc}")
-            continue
+        key = row_key(run, metas, [merge_recipe(fam, root, spec, p, args.seed)
+                                   for p in grid_points(spec)])
+        res = cached_row(root / "merges" / spec.slug, key)
+        if res is None:
+            try:
+                res = run_grid(run, spec)
+            except RuntimeError as exc:  # one method failing must not lose the others' rows
+                log(f"{spec.label}: FAILED: {exc}")
+                continue
+            store_row(root / "merges" / spec.slug, key, res)
         rows.append(res)
         log(f"{spec.label}: chose {fmt_params(res['chosen'])}: validation "
             f"{mean(res['select'].values()):.4f}, test normalized "
             f"{normalized(res['test'], refs['own']):.4f}")
     pcb = next((r for r in rows if r["slug"] == "pcb_global"), None)
     if pcb is not None and not args.skip_searches:
-        rows += searches(run, pcb)
+        rows += searches(run, pcb, metas)
     paired = paired_intervals(run, rows, refs["own"])
     return run, refs, rows, paired, time.perf_counter() - t0
 
@@ -551,17 +599,21 @@ def main(argv: list[str] | None = None) -> None:
                    help="work dir (one folder per family: data, models, merges, cache)")
     p.add_argument("--family", default="minilm,effnet",
                    help=f"comma-separated, of {', '.join(FAMILY_MODULES)}")
-    p.add_argument("--steps", type=int, default=80, help="text: fine-tuning steps per task")
-    p.add_argument("--lr", type=float, default=2e-4, help="text: encoder learning rate")
-    p.add_argument("--head-lr", type=float, default=2e-3, help="text: head learning rate")
-    p.add_argument("--select", type=int, default=200, help="validation examples per task, max")
-    p.add_argument("--test", type=int, default=400, help="test examples per task, max")
-    p.add_argument("--train-cap", type=int, default=2000, help="train examples per class, max")
+    p.add_argument("--steps", type=int, help="text: fine-tuning steps per task (80)")
+    p.add_argument("--lr", type=float, help="text: encoder learning rate (2e-4)")
+    p.add_argument("--head-lr", type=float, help="text: head learning rate (2e-3)")
+    p.add_argument("--select", type=int,
+                   help="validation examples per task, max (text 200, vision 160)")
+    p.add_argument("--test", type=int, help="test examples per task, max (400)")
+    p.add_argument("--train-cap", type=int, help="text: train examples per class, max (2000)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--methods", default="", help="comma-separated slugs (default: all)")
     p.add_argument("--generations", type=int, default=4, help="evolver generations")
     p.add_argument("--pop", type=int, default=4, help="evolver population")
     p.add_argument("--skip-searches", action="store_true")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch threads for scoring, merges and searches (on a shared machine "
+                        "one thread is faster than two that wait on each other)")
     p.add_argument("--coef-budget", type=int, default=16,
                    help="PCB + coefficient search: NGOpt evaluations (0: skip)")
     p.add_argument("--coef-bounds", type=parse_floats, default=[0.5, 2.0],
@@ -571,6 +623,7 @@ def main(argv: list[str] | None = None) -> None:
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
+    torch.set_num_threads(args.threads)
     t_start = time.perf_counter()
     log(f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
         f"{os.cpu_count()} cores")

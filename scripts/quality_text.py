@@ -56,8 +56,20 @@ TASK_TITLES = {"sentiment": "sentiment (2)", "subjectivity": "subjectivity (2)",
                "topic": "quote topic A (8)", "topic2": "quote topic B (6)",
                "tweets": "tweet source A (4)", "tweets2": "tweet source B (4)",
                "outlet": "news outlet (6)", "party": "Commons party (2)"}
+# Settings a benchmark namespace leaves unset (None or absent).
+DEFAULTS = {"select": 200, "test": 400, "train_cap": 2000, "steps": 80, "lr": 2e-4,
+            "head_lr": 2e-3}
 # The pooler is unused by mean pooling: no fine-tune changes it.
 FROZEN_RULES = ({"filter": "pooler.", "take": "base"},)
+
+
+def settings(args: argparse.Namespace) -> argparse.Namespace:
+    """`args` with this family's defaults where it sets nothing."""
+    out = {"seed": int(getattr(args, "seed", 0))}
+    for k, v in DEFAULTS.items():
+        got = getattr(args, k, None)
+        out[k] = type(v)(got) if got is not None else v
+    return argparse.Namespace(**out)
 
 
 def log(msg: str) -> None:
@@ -419,7 +431,7 @@ def prepare(root: Path, args: argparse.Namespace) -> dict[str, Any]:
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        return _prepare(root, args)
+        return _prepare(root, settings(args))
     finally:
         torch.set_num_threads(threads)
 
@@ -455,6 +467,7 @@ def _prepare(root: Path, args: argparse.Namespace) -> dict[str, Any]:
 
 
 def describe(args: argparse.Namespace) -> str:
+    args = settings(args)
     return (f"all-MiniLM-L6-v2 (22.7M parameters) fine-tuned per task for {args.steps} steps "
             f"(batch {BATCH}, length ≤ {MAX_LEN}, AdamW lr {args.lr:g}, the whole encoder "
             f"including the embeddings), a linear head per task on mean-pooled states; "
