@@ -266,6 +266,22 @@ def our_merge(case: Case, paths: Mapping[str, Any], dtype: str, out: Path) -> St
     return load_dir(out / "model")
 
 
+def write_fixture(path: Path, outputs: Mapping[str, StateDict],
+                  versions: Mapping[str, Any]) -> None:
+    """FusionBench's merged tensors, `<run key>/<tensor>`, with the versions as metadata."""
+    flat = {f"{key}/{name}": t.contiguous() for key, sd in outputs.items()
+            for name, t in sd.items()}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(flat, str(path), metadata={"versions": json.dumps(versions),
+                                         "runs": json.dumps(sorted(outputs))})
+    print(f"wrote {len(outputs)} FusionBench outputs to {path}")
+
+
+def fixture_cases() -> list[tuple[Case, str]]:
+    """(case, family) pairs whose choice is FusionBench's: what the fixture holds."""
+    return [(case, f) for case in cases() for f in case.families if f not in case.differs]
+
+
 def verdict_of(within: bool, differs: bool) -> str:
     """The last column: whether the row is within the tolerance, and whether that is what
     the case expects (a choice that differs on purpose must not match)."""
@@ -286,6 +302,10 @@ def main() -> int:
     ap.add_argument("--fusionbench-venv", type=Path, default=DEFAULT_VENV)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1, help="torch threads, both sides")
+    ap.add_argument("--write-fixture", type=Path,
+                    help="also save FusionBench's float32 outputs of the matching cases here "
+                         "(tests/data/fusionbench_outputs.safetensors: what the suite checks "
+                         "our merges against without FusionBench installed)")
     args = ap.parse_args()
     python = args.fusionbench_venv / "bin" / "python"
     if not python.exists():
@@ -355,6 +375,11 @@ def main() -> int:
     print("|" + "---|" * len(header))
     for row in rows:
         print("| " + " | ".join(row) + " |")
+    if args.write_fixture is not None and not unexpected:
+        write_fixture(args.write_fixture, {
+            theirs_key(case, f, "float32"): load_dir(Path(runs[theirs_key(case, f, "float32")]
+                                                          ["out"]))
+            for case, f in fixture_cases()}, versions)
     if not args.keep:
         shutil.rmtree(work, ignore_errors=True)
     if unexpected:

@@ -1,6 +1,7 @@
-"""The FusionBench peer check's own pieces (scripts/fusionbench_parity.py): the seeded state
-dicts, the tensor kinds and the relative-difference formula. The comparison with FusionBench
-itself needs its venv and is the script's job, not this file's."""
+"""The FusionBench peer check (scripts/fusionbench_parity.py): its own pieces (the seeded
+state dicts, the tensor kinds, the relative-difference formula), and our merges against
+FusionBench 0.2.33's outputs of the same inputs, stored in tests/data by the script (running
+FusionBench itself needs its venv and is the script's job)."""
 
 from __future__ import annotations
 
@@ -121,3 +122,27 @@ def test_verdict_flags_the_unexpected() -> None:
     assert fp.verdict_of(False, True) == "no (on purpose)"
     assert fp.verdict_of(True, True).startswith("**")
     assert fp.verdict_of(False, False).startswith("**")
+
+
+FIXTURE = Path(__file__).parent / "data" / "fusionbench_outputs.safetensors"
+
+
+@pytest.mark.parametrize("case,family", fp.fixture_cases(),
+                         ids=lambda v: v if isinstance(v, str) else f"{v.method}[{v.choice}]")
+def test_our_merges_match_fusionbench_outputs(case: fp.Case, family: str,
+                                              tmp_path: Path) -> None:
+    """The README's claim without FusionBench installed: our merge of the seeded inputs
+    against FusionBench 0.2.33's output of the same inputs, saved by
+    `python scripts/fusionbench_parity.py --write-fixture tests/data/fusionbench_outputs.
+    safetensors`."""
+    from safetensors.torch import load_file
+
+    stored = load_file(str(FIXTURE))
+    prefix = fp.theirs_key(case, family, "float32") + "/"
+    theirs = {k[len(prefix):]: v for k, v in stored.items() if k.startswith(prefix)}
+    assert theirs, f"no FusionBench output stored for {prefix}"
+    paths = fp.write_family(tmp_path / "in", family, 0, torch.float32)
+    ours = fp.our_merge(case, paths, "float32", tmp_path / "ours")
+    base = fp.load_dir(paths["base"])
+    worst = fp.worst_by_kind(ours, theirs, base)
+    assert max(worst.values()) <= fp.TOLERANCE[torch.float32], worst
