@@ -144,3 +144,169 @@ def test_fan_in_fan_out_layers_equal_peft_merge(tmp_path: Path) -> None:
         for name in adapted:
             torch.testing.assert_close(ckpt.read(name) - base_sd[name],
                                        merged[name] - base_sd[name], rtol=1e-5, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------
+# KnOTS
+# ---------------------------------------------------------------------------------------
+
+def _low_rank(g: torch.Generator, out: int, inp: int, r: int
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+    return torch.randn(out, r, generator=g) * 0.3, torch.randn(r, inp, generator=g) * 0.3
+
+
+def test_factor_svd_equals_dense_svd() -> None:
+    from mergekit_pcb.methods.knots import shared_basis_dense, shared_basis_factors
+
+    g = torch.Generator().manual_seed(0)
+    factors = [_low_rank(g, 40, 24, r) for r in (3, 5, 4)]
+    deltas = [left.double() @ right.double() for left, right in factors]
+    u_f, x_f = shared_basis_factors(factors)
+    u_d, x_d = shared_basis_dense(deltas)
+    assert u_f.shape == u_d.shape == (40, 12)  # rank 3+5+4 (< 40, < 3·24)
+    torch.testing.assert_close(u_f.T @ u_f, torch.eye(12, dtype=torch.float64))
+    for i, delta in enumerate(deltas):
+        # each task's update rebuilt from the shared basis, both ways
+        torch.testing.assert_close(u_f @ x_f[i], delta.double(), rtol=0, atol=1e-12)
+        torch.testing.assert_close(u_d @ x_d[i], delta.double(), rtol=0, atol=1e-12)
+        # and the same rank-one terms (signs of singular vectors are arbitrary)
+        for j in range(12):
+            torch.testing.assert_close(torch.outer(u_f[:, j], x_f[i][j]),
+                                       torch.outer(u_d[:, j], x_d[i][j]), rtol=0, atol=1e-11)
+
+
+def _official_knots(deltas: dict[str, list[torch.Tensor]], top_k: float, scaling: float,
+                    dare: dict[str, list[torch.Tensor]] | None = None
+                    ) -> dict[str, torch.Tensor]:
+    """The official KnOTS-TIES steps in float64, written from `task_merger.SVDMerger` and
+    `masking_ops` (topK as a fraction): SVD of the concatenated updates keeping s > 1e-5,
+    diag(s)·Vᵢ per task, (DARE), every key's coordinates flattened in sorted-key order,
+    per-task kthvalue top-k, sign of the sum (zero -> majority), disjoint mean, ×scaling,
+    U @ merged."""
+    keys = sorted(deltas)
+    u_of, coords = {}, {}
+    for key in keys:
+        joined = torch.cat([d.double() for d in deltas[key]], dim=1)
+        u, s, v = torch.linalg.svd(joined, full_matrices=False)
+        u, v, s = u[:, s > 1e-5], v[s > 1e-5], s[s > 1e-5]
+        u_of[key] = u
+        coords[key] = list(torch.split(torch.diag(s) @ v, v.shape[1] // len(deltas[key]),
+                                       dim=1))
+        if dare is not None:
+            coords[key] = [x * m for x, m in zip(coords[key], dare[key], strict=True)]
+    tasks = len(deltas[keys[0]])
+    stacked = torch.vstack([torch.cat([coords[k][i].reshape(-1) for k in keys])
+                            for i in range(tasks)])
+    n, d = stacked.shape
+    if top_k < 1:
+        kth = stacked.abs().kthvalue(d - int(d * top_k), dim=1, keepdim=True).values
+        pruned = stacked * (stacked.abs() >= kth)
+    else:
+        pruned = stacked
+    sign = torch.sign(pruned.sum(dim=0))
+    sign[sign == 0] = torch.sign(sign.sum())
+    agree = torch.where(sign[None] > 0, pruned > 0, pruned < 0)
+    selected = pruned * agree * scaling
+    merged = selected.sum(dim=0) / (selected != 0).sum(dim=0).clamp(min=1)
+    out, first = {}, 0
+    for key in keys:
+        shape = coords[key][0].shape
+        size = shape[0] * shape[1]
+        out[key] = u_of[key] @ merged[first:first + size].reshape(shape)
+        first += size
+    return out
+
+
+@pytest.mark.parametrize("scope", ["tensor", "global"])
+def test_knots_equals_official_reference(scope: str) -> None:
+    """In process, on LoRA factors and on dense updates alike: per matrix (the reference run
+    on one key) or over the whole model (the engine's statistics passes: see the run test)."""
+    from mergekit_pcb.methods.base import TensorInputs
+    from mergekit_pcb.methods.knots import Knots, KnotsGlobalStats
+
+    g = torch.Generator().manual_seed(1)
+    shapes = {"a.weight": (24, 16), "b.weight": (16, 32)}
+    factors = {k: [_low_rank(g, *shape, r) for r in (2, 3, 4)] for k, shape in shapes.items()}
+    bases = {k: torch.randn(shape, generator=g) for k, shape in shapes.items()}
+    params = {"density": 0.3, "lambda": 0.7, "dare": 0.0, "scope": scope, "vocabulary": False}
+    method = Knots()
+
+    def inputs(key: str, with_factors: bool, stats: object = None) -> TensorInputs:
+        deltas = [left.double() @ right.double() for left, right in factors[key]]
+        return TensorInputs(key, bases[key].double(), [bases[key].double() + d for d in deltas],
+                            [{}] * 3, params, stats=stats,  # type: ignore[arg-type]
+                            factors=factors[key] if with_factors else None)
+
+    for with_factors in (True, False):
+        stats = method.global_stats(3, 0, params, [{}] * 3)
+        if stats is not None:
+            for p in range(len(stats.pass_names)):
+                for key in shapes:
+                    stats.observe(p, inputs(key, with_factors))
+                stats.finish(p)
+            assert isinstance(stats, KnotsGlobalStats)
+        groups = [list(shapes)] if scope == "global" else [[k] for k in shapes]
+        for group in groups:
+            ref = _official_knots({k: [a.double() @ b.double() for a, b in factors[k]]
+                                   for k in group}, 0.3, 0.7)
+            for key in group:
+                ours = method.merge(inputs(key, with_factors, stats)) - bases[key].double()
+                torch.testing.assert_close(ours, ref[key], rtol=1e-6, atol=1e-9)
+                assert ours.abs().max() > 1e-3
+
+
+def test_knots_dare_equals_official_reference() -> None:
+    """DARE on the coordinates: the masks are our seeded generators' (the official code
+    seeds torch's global generator), the rest the official steps."""
+    from mergekit_pcb.engine.rng import tensor_generator
+    from mergekit_pcb.methods.base import TensorInputs
+    from mergekit_pcb.methods.knots import Knots
+
+    g = torch.Generator().manual_seed(2)
+    factors = [_low_rank(g, 20, 12, r) for r in (3, 3)]
+    deltas = [a.double() @ b.double() for a, b in factors]
+    params = {"density": 0.5, "lambda": 1.0, "dare": 0.4, "scope": "tensor",
+              "vocabulary": False}
+    base = torch.zeros(20, 12, dtype=torch.float64)
+    gens = [tensor_generator(7, "w", str(i)) for i in range(2)]
+    ours = Knots().merge(TensorInputs("w", base, [d.double() for d in deltas], [{}] * 2,
+                                      params, generators=gens, factors=factors))
+    gens = [tensor_generator(7, "w", str(i)) for i in range(2)]
+    masks = [(torch.rand(6, 12, generator=gi) < 0.6).double() / 0.6 for gi in gens]
+    ref = _official_knots({"w": deltas}, 0.5, 1.0, dare={"w": masks})["w"]
+    torch.testing.assert_close(ours, ref, rtol=1e-6, atol=1e-9)
+
+
+def test_knots_run_over_adapters_equals_official(llama: tuple[torch.nn.Module, Path],
+                                                 tmp_path: Path,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """`pcbmerge run` with knots over three adapters (global top-k through the statistics
+    passes, the SVD through the factors) against the official steps on peft's merged
+    models' updates."""
+    from mergekit_pcb.methods import knots
+
+    base, base_dir = llama
+    target = ["q_proj", "v_proj", "down_proj"]
+    merged = [make_adapter(base, tmp_path / f"a{i}", seed=40 + i, r=2 + i, lora_alpha=8,
+                           target_modules=target) for i in range(3)]
+    base_sd = base.state_dict()
+    adapted = [n for n in base_sd if any(t in n for t in target)]
+    calls = []
+    real = knots.shared_basis_factors
+    monkeypatch.setattr(knots, "shared_basis_factors",
+                        lambda f: calls.append(1) or real(f))
+    recipe = write_recipe(tmp_path / "k.yaml", {
+        "merge_method": "knots", "base_model": str(base_dir),
+        "models": [{"adapter": str(tmp_path / f"a{i}")} for i in range(3)],
+        "parameters": {"density": 0.2, "lambda": 0.6}})
+    proc = run_cli("run", recipe, "-o", tmp_path / "out", "--quiet")
+    assert proc.returncode == 0, proc.stderr
+    assert len(calls) == 3 * len(adapted)  # two statistics passes and the merge
+    ours = _read_all(tmp_path / "out")
+    ref = _official_knots({n: [m[n] - base_sd[n] for m in merged] for n in adapted}, 0.2, 0.6)
+    for name, value in ours.items():
+        if name in ref:
+            torch.testing.assert_close(value.double() - base_sd[name].double(), ref[name],
+                                       rtol=1e-4, atol=2e-6)
+        else:  # not adapted: no task vector, the base
+            torch.testing.assert_close(value, base_sd[name])

@@ -134,6 +134,7 @@ class AdapterCheckpoint(Checkpoint):
     def __init__(self, ref: str, base: Checkpoint, adapter: Checkpoint,
                  config: dict[str, Any]) -> None:
         self._base = base
+        self.base_ref = base.ref  # the model the updates apply to, as the recipe names it
         self._adapter = adapter
         self.config = config
         self._plan = _plan_adapter(ref, base, adapter, config)
@@ -163,6 +164,12 @@ class AdapterCheckpoint(Checkpoint):
         if how.transposed:
             return LoraFactors(a.T.contiguous(), b.T.contiguous(), how.scale)
         return LoraFactors(b, a, how.scale)
+
+    def update(self, name: str) -> LoraFactors | None:
+        """Tensor `name` minus the base's own tensor as factors: None where the adapter does
+        not update it or also replaces its base part (an embedding saved whole)."""
+        how = self._plan.get(name)
+        return None if how is None or how.whole is not None else self.factors(name)
 
     def read(self, name: str, start: int | None = None, stop: int | None = None
              ) -> torch.Tensor:
