@@ -197,7 +197,7 @@ def _official_knots(deltas: dict[str, list[torch.Tensor]], top_k: float, scaling
     tasks = len(deltas[keys[0]])
     stacked = torch.vstack([torch.cat([coords[k][i].reshape(-1) for k in keys])
                             for i in range(tasks)])
-    n, d = stacked.shape
+    d = stacked.shape[1]
     if top_k < 1:
         kth = stacked.abs().kthvalue(d - int(d * top_k), dim=1, keepdim=True).values
         pruned = stacked * (stacked.abs() >= kth)
