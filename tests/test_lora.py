@@ -310,3 +310,209 @@ def test_knots_run_over_adapters_equals_official(llama: tuple[torch.nn.Module, P
                                        rtol=1e-4, atol=2e-6)
         else:  # not adapted: no task vector, the base
             torch.testing.assert_close(value, base_sd[name])
+
+
+# ---------------------------------------------------------------------------------------
+# Adapters as outputs: extract-lora and run --as-lora
+# ---------------------------------------------------------------------------------------
+
+LOW_RANK = ("q_proj", "v_proj", "down_proj")
+
+
+def lowrank_finetune(base: torch.nn.Module, seed: int, rank: int = 3,
+                     norm: bool = True) -> torch.nn.Module:
+    """A fine-tune whose attention/MLP updates have rank `rank`, plus a changed final norm
+    (a 1-D tensor: saved whole)."""
+    tuned = copy.deepcopy(base)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in tuned.named_parameters():
+            if any(t in name for t in LOW_RANK):
+                out, inp = p.shape
+                p.add_(torch.randn(out, rank, generator=g) @ torch.randn(rank, inp, generator=g)
+                       * 0.05)
+            elif norm and name == "model.norm.weight":
+                p.add_(torch.randn(p.shape, generator=g) * 0.1)
+    return tuned
+
+
+def _logits(model: torch.nn.Module) -> torch.Tensor:
+    ids = torch.arange(2, 26).reshape(2, 12) % 90 + 2
+    with torch.no_grad():
+        return model(input_ids=ids).logits
+
+
+def _peft_logits(base_dir: Path, adapter: Path) -> torch.Tensor:
+    from transformers import AutoModelForCausalLM
+
+    model = peft.PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_dir),
+                                           adapter)
+    return _logits(model.eval())
+
+
+def test_extract_lora_loads_in_peft_and_matches(llama: tuple[torch.nn.Module, Path],
+                                                tmp_path: Path) -> None:
+    base, base_dir = llama
+    tuned = lowrank_finetune(base, seed=1)
+    tuned_dir = save_hf(tuned, tmp_path / "tuned")
+    proc = run_cli("extract-lora", tuned_dir, "--base", base_dir, "--rank", "4", "-o",
+                   tmp_path / "adapter", "--json")
+    assert proc.returncode == 0, proc.stderr
+    import json
+
+    report = json.loads(proc.stdout)
+    assert report["matrices"] == 3 * 2  # three kinds of matrix in two layers
+    assert all(m["rank"] == 3 and m["relative_error"] < 1e-5 for m in report["per_matrix"])
+    assert report["whole"] == ["model.norm.weight"]
+    torch.testing.assert_close(_peft_logits(base_dir, tmp_path / "adapter"),
+                               _logits(tuned.eval()), rtol=1e-4, atol=1e-4)
+    # not the base's logits: the check above has something to find
+    assert (_logits(base.eval()) - _logits(tuned.eval())).abs().max() > 1e-2
+
+
+def test_extraction_error_falls_with_rank_and_is_the_real_error(
+        llama: tuple[torch.nn.Module, Path], tmp_path: Path) -> None:
+    """Full-rank updates: the error reported for each matrix is what the adapter, read back
+    over the base by our own reader, misses of the update; it falls as the rank grows; and
+    it is the Eckart–Young tail of the update's singular values."""
+    from conftest import finetune_like
+
+    from mergekit_pcb.engine.extract import extract_lora
+
+    base, base_dir = llama
+    tuned_dir = save_hf(finetune_like(base, seed=4), tmp_path / "tuned")
+    errors: dict[int, dict[str, float]] = {}
+    with open_checkpoint(str(tuned_dir)) as t, open_checkpoint(str(base_dir)) as b:
+        for rank in (1, 4, 16):
+            out = tmp_path / f"r{rank}"
+            result = extract_lora(str(tuned_dir), str(base_dir), out, rank=rank)
+            errors[rank] = {m.name: m.relative_error for m in result.matrices}
+            with open_checkpoint(f"{base_dir}+{out}") as adapted:
+                for m in result.matrices:
+                    delta = t.read(m.name).double() - b.read(m.name).double()
+                    got = adapted.read(m.name).double() - b.read(m.name).double()
+                    real = float((delta - got).norm() / delta.norm())
+                    assert m.relative_error == pytest.approx(real, rel=1e-4, abs=1e-6)
+                    s = torch.linalg.svdvals(delta)
+                    tail = float((s[rank:] ** 2).sum().sqrt() / s.norm())
+                    assert m.relative_error == pytest.approx(tail, rel=1e-4)
+    assert errors[1].keys() == errors[16].keys() and len(errors[1]) >= 10
+    for name in errors[1]:
+        assert errors[1][name] > errors[4][name] > errors[16][name]
+
+
+def test_energy_share_picks_each_rank(llama: tuple[torch.nn.Module, Path],
+                                      tmp_path: Path) -> None:
+    from conftest import finetune_like
+
+    from mergekit_pcb.engine.extract import extract_lora
+
+    base, base_dir = llama
+    tuned = finetune_like(base, seed=6)
+    tuned_dir = save_hf(tuned, tmp_path / "tuned")
+    result = extract_lora(str(tuned_dir), str(base_dir), tmp_path / "e", rank=20, energy=0.6)
+    sd, bsd = tuned.state_dict(), base.state_dict()
+    for m in result.matrices:
+        s = torch.linalg.svdvals((sd[m.name] - bsd[m.name]).double())
+        share = torch.cumsum(s ** 2, 0) / (s ** 2).sum()
+        expect = min(20, int((share < 0.6).sum()) + 1)
+        assert m.rank == expect, m.name
+    assert len({m.rank for m in result.matrices}) > 1  # ranks differ: rank_pattern is used
+    # peft reads the per-module ranks back (rank_pattern, alpha_pattern)
+    from transformers import AutoModelForCausalLM
+
+    model = peft.PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_dir),
+                                           tmp_path / "e")
+    for m in result.matrices:
+        module = model.base_model.model.get_submodule(m.name.removesuffix(".weight"))
+        assert module.r["default"] == m.rank and module.scaling["default"] == 1.0
+
+
+def _tied_llama(tie: bool, seed: int = 0) -> torch.nn.Module:
+    import transformers as tf
+
+    torch.manual_seed(seed)
+    cfg = tf.LlamaConfig(vocab_size=96, hidden_size=32, intermediate_size=64,
+                         num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2,
+                         max_position_embeddings=64, tie_word_embeddings=tie)
+    return tf.LlamaForCausalLM(cfg)
+
+
+@pytest.mark.parametrize("untie", [False, True])
+def test_tied_embeddings(tmp_path: Path, untie: bool) -> None:
+    """A base whose files hold no LM head (tied to the embedding): a fine-tune that keeps
+    it tied and changes the embedding, or one that unties its head (mergekit-extract-lora's
+    `KeyError: 'lm_head.weight'`), both come back through peft with their logits."""
+    from mergekit_pcb.engine.extract import extract_lora
+
+    base = _tied_llama(True)
+    base_dir = save_hf(base, tmp_path / "base")
+    with open_checkpoint(str(base_dir)) as b:
+        assert "lm_head.weight" not in b
+    if untie:
+        tuned = _tied_llama(False)
+        tuned.load_state_dict(base.state_dict(), strict=False)
+        with torch.no_grad():
+            tuned.lm_head.weight.copy_(base.model.embed_tokens.weight * 1.1)
+    else:
+        tuned = copy.deepcopy(base)
+        with torch.no_grad():
+            tuned.model.embed_tokens.weight.mul_(1.1)
+    tuned = lowrank_finetune(tuned, seed=2, norm=False)
+    tuned_dir = save_hf(tuned, tmp_path / "tuned")
+    result = extract_lora(str(tuned_dir), str(base_dir), tmp_path / "a", rank=3)
+    # tied: the embedding, and the head's copy peft loads beside it
+    assert result.whole == (["lm_head.weight"] if untie
+                            else ["model.embed_tokens.weight", "lm_head.weight"])
+    torch.testing.assert_close(_peft_logits(base_dir, tmp_path / "a"),
+                               _logits(tuned.eval()), rtol=1e-4, atol=1e-4)
+    if not untie:  # our reader takes the tied adapter back (the head's copy is the tie's)
+        with open_checkpoint(f"{base_dir}+{tmp_path / 'a'}") as read:
+            assert "lm_head.weight" not in read
+            torch.testing.assert_close(read.read("model.embed_tokens.weight"),
+                                       tuned.model.embed_tokens.weight.detach())
+
+
+def test_run_as_lora_matches_the_dense_merge(llama: tuple[torch.nn.Module, Path],
+                                             tmp_path: Path) -> None:
+    from transformers import AutoModelForCausalLM
+
+    base, base_dir = llama
+    tuned = [save_hf(lowrank_finetune(base, seed=30 + i, rank=2), tmp_path / f"t{i}")
+             for i in range(2)]
+    recipe = write_recipe(tmp_path / "ta.yaml", {
+        "merge_method": "task_arithmetic", "base_model": str(base_dir),
+        "models": [{"model": str(t), "parameters": {"weight": 0.7}} for t in tuned]})
+    proc = run_cli("run", recipe, "-o", tmp_path / "dense", "--quiet")
+    assert proc.returncode == 0, proc.stderr
+    proc = run_cli("run", recipe, "-o", tmp_path / "lora", "--as-lora", "4")
+    assert proc.returncode == 0, proc.stderr
+    assert "wrote adapter" in proc.stderr
+    assert not list(tmp_path.glob(".lora.merged-*"))  # the full merge is gone
+    dense = _logits(AutoModelForCausalLM.from_pretrained(tmp_path / "dense").eval())
+    torch.testing.assert_close(_peft_logits(base_dir, tmp_path / "lora"), dense,
+                               rtol=1e-4, atol=1e-4)
+    # the rank matters: rank 1 cannot hold the rank-4 updates
+    proc = run_cli("run", recipe, "-o", tmp_path / "lora1", "--as-lora", "1", "--quiet")
+    assert proc.returncode == 0, proc.stderr
+    assert (_peft_logits(base_dir, tmp_path / "lora1") - dense).abs().max() > 1e-3
+
+
+def test_bad_adapter_outputs_get_one_line(llama: tuple[torch.nn.Module, Path],
+                                         tmp_path: Path) -> None:
+    base, base_dir = llama
+    other = save_hf(tiny_model("gpt2", seed=0), tmp_path / "gpt2")
+    proc = run_cli("extract-lora", other, "--base", base_dir, "--rank", "2", "-o",
+                   tmp_path / "x")
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1
+    assert "has no tensor 'model.embed_tokens.weight'" in proc.stderr
+    proc = run_cli("extract-lora", base_dir, "--base", base_dir, "--rank", "2", "-o",
+                   tmp_path / "y")
+    assert proc.returncode == 2 and "no update" in proc.stderr
+    recipe = write_recipe(tmp_path / "lin.yaml", {
+        "merge_method": "linear",
+        "models": [{"model": str(base_dir)}, {"model": str(save_hf(base, tmp_path / "c"))}]})
+    proc = run_cli("run", recipe, "-o", tmp_path / "z", "--as-lora", "2")
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1
+    assert "--as-lora: the recipe needs a base_model" in proc.stderr
+    assert not (tmp_path / "x").exists() and not (tmp_path / "z").exists()

@@ -235,7 +235,11 @@ def _plan_adapter(ref: str, base: Checkpoint, adapter: Checkpoint,
             raise CheckpointError(f"adapter {ref}: tensor {brief_repr(key)} is a kind of LoRA "
                                   "weight this reader does not know (DoRA magnitudes, "
                                   "biases, convolutions are not supported)")
-        target = _target(base, ref, key, _WRAPPERS.sub("", name))
+        tensor = _WRAPPERS.sub("", name)
+        if tensor not in base and config.get("ensure_weight_tying") \
+                and tensor.endswith("lm_head.weight"):
+            continue  # the copy of a tied embedding, which the base's files do not hold
+        target = _target(base, ref, key, tensor)
         parts.setdefault(target, {})["whole"] = key
     plan: dict[str, _Adapted] = {}
     for target, entry in parts.items():
