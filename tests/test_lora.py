@@ -516,3 +516,43 @@ def test_bad_adapter_outputs_get_one_line(llama: tuple[torch.nn.Module, Path],
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1
     assert "--as-lora: the recipe needs a base_model" in proc.stderr
     assert not (tmp_path / "x").exists() and not (tmp_path / "z").exists()
+
+
+def test_evolution_over_adapters_of_a_bf16_base(tmp_path: Path) -> None:
+    """A search takes adapters too: over a bf16 base, adapters of different modules read
+    their adapted tensors as float32 and the rest as bf16; the population holds the wider
+    type, so a member is exactly base + B·A·scale."""
+    import json as json_
+
+    import yaml
+
+    from mergekit_pcb.evolve.run import evolve
+
+    base = tiny_model("llama", seed=0).to(torch.bfloat16)
+    base_dir = save_hf(base, tmp_path / "base")
+    write_tokenizer_files(base_dir)
+    targets = [["q_proj"], ["v_proj", "up_proj"]]
+    for i, target in enumerate(targets):
+        make_adapter(base.float(), tmp_path / f"a{i}", seed=50 + i, r=2, lora_alpha=4,
+                     target_modules=target)
+    (tmp_path / "lm.jsonl").write_text("\n".join(
+        json_.dumps({"text": " ".join(f"w{(i * 7 + j) % 20}" for j in range(6))})
+        for i in range(6)))
+    recipe = {
+        "merge_method": "evolver", "base_model": str(base_dir),
+        "models": [{"adapter": str(tmp_path / f"a{i}")} for i in range(2)],
+        "parameters": {"generations": 1, "mode": "standalone"},
+        "fitness": {"type": "causal-lm", "select": "lm.jsonl", "metric": "loss"},
+        "seed": 1,
+    }
+    path = tmp_path / "evolver.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    evolve(path, tmp_path / "out", trust_code=True)
+    members = sorted(tmp_path.rglob("init-000.safetensors"))
+    assert members
+    with open_checkpoint(str(members[0])) as m, \
+            open_checkpoint(f"{base_dir}+{tmp_path / 'a0'}") as a:
+        q = "model.layers.0.self_attn.q_proj.weight"
+        assert m.info(q).dtype == torch.float32
+        assert torch.equal(m.read(q), a.read(q))
+        assert not torch.equal(m.read(q), a.read(q).to(torch.bfloat16).float())
