@@ -293,15 +293,18 @@ def test_knots_run_over_adapters_equals_official(llama: tuple[torch.nn.Module, P
     adapted = [n for n in base_sd if any(t in n for t in target)]
     calls = []
     real = knots.shared_basis_factors
-    monkeypatch.setattr(knots, "shared_basis_factors",
-                        lambda f: calls.append(1) or real(f))
+    monkeypatch.setattr(knots, "shared_basis_factors",  # count the adapted matrices' calls
+                        lambda f: calls.append(sum(x[0].shape[1] for x in f)) or real(f))
+    monkeypatch.setattr(knots, "shared_basis_dense", lambda d: pytest.fail("a dense SVD ran"))
     recipe = write_recipe(tmp_path / "k.yaml", {
         "merge_method": "knots", "base_model": str(base_dir),
         "models": [{"adapter": str(tmp_path / f"a{i}")} for i in range(3)],
         "parameters": {"density": 0.2, "lambda": 0.6}})
     proc = run_cli("run", recipe, "-o", tmp_path / "out", "--quiet")
     assert proc.returncode == 0, proc.stderr
-    assert len(calls) == 3 * len(adapted)  # two statistics passes and the merge
+    # two statistics passes and the merge, each through the factors (the other matrices:
+    # rank 0, no SVD of a dense zero update either)
+    assert sum(c > 0 for c in calls) == 3 * len(adapted)
     ours = _read_all(tmp_path / "out")
     ref = _official_knots({n: [m[n] - base_sd[n] for m in merged] for n in adapted}, 0.2, 0.6)
     for name, value in ours.items():
@@ -556,3 +559,25 @@ def test_evolution_over_adapters_of_a_bf16_base(tmp_path: Path) -> None:
         assert m.info(q).dtype == torch.float32
         assert torch.equal(m.read(q), a.read(q))
         assert not torch.equal(m.read(q), a.read(q).to(torch.bfloat16).float())
+
+
+def test_as_lora_over_a_bf16_base_keeps_the_update_exact(tmp_path: Path) -> None:
+    """The merge behind --as-lora is written in float32: over a bf16 base an adapter passed
+    through task_arithmetic comes back with its own update, not the bf16 rounding of
+    base + update (which is full rank)."""
+    import json as json_
+
+    base = tiny_model("llama", seed=0).to(torch.bfloat16)
+    base_dir = save_hf(base, tmp_path / "base")
+    make_adapter(base.float(), tmp_path / "a", seed=8, r=2, lora_alpha=4,
+                 target_modules=["q_proj"])
+    recipe = write_recipe(tmp_path / "r.yaml", {
+        "merge_method": "task_arithmetic", "base_model": str(base_dir),
+        "models": [{"adapter": str(tmp_path / "a"), "parameters": {"weight": 1.0}}]})
+    proc = run_cli("run", recipe, "-o", tmp_path / "out", "--as-lora", "2", "--json")
+    assert proc.returncode == 0, proc.stderr
+    assert json_.loads(proc.stdout)["lora"]["max_relative_error"] < 1e-6
+    with open_checkpoint(f"{base_dir}+{tmp_path / 'a'}") as want, \
+            open_checkpoint(f"{base_dir}+{tmp_path / 'out'}") as got:
+        for name in want.adapted:
+            torch.testing.assert_close(got.read(name), want.read(name), rtol=1e-5, atol=1e-6)

@@ -9,6 +9,8 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from mergekit_pcb.engine import MergePlan, build_plan, run_plan
 from mergekit_pcb.engine.card import OutputFiles
 from mergekit_pcb.engine.extract import extract_lora
@@ -97,7 +99,9 @@ class MergeKind(RecipeKind):
 
     def _run_as_lora(self, plan: MergePlan, options: RunOptions) -> dict[str, Any]:
         """The merge written beside the output, then its update over the base extracted as
-        an adapter into the output (the full merge is removed, whatever happens)."""
+        an adapter into the output (the full merge is removed, whatever happens). The merge
+        computes and is written in float32 at least: rounded to a bf16 base's type, a
+        low-rank update would gain full-rank rounding noise."""
         assert options.output is not None and options.as_lora is not None
         try:
             base = plan.base_key
@@ -105,6 +109,11 @@ class MergeKind(RecipeKind):
                 raise RecipeError("--as-lora: the recipe needs a base_model (the adapter "
                                   "is an update of it)")
             check_destination(options.output, force=options.force, inputs=plan.input_paths())
+            for task in plan.tasks:  # the update is not to be rounded to a bf16 base's type
+                if task.out_dtype.is_floating_point and task.out_dtype.itemsize < 4:
+                    task.out_dtype = torch.float32
+                if task.compute_dtype.itemsize < 4:
+                    task.compute_dtype = torch.float32
             merged = options.output.parent / f".{options.output.name}.merged-{os.getpid()}"
             result = run_plan(plan, merged, force=False, shard_size=options.shard_size,
                               device=options.device, quiet=options.quiet,

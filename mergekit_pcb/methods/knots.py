@@ -174,12 +174,20 @@ class Knots(SpectralMethod):
         if self.fallback_reason(inputs.name, inputs.base.shape, inputs.vocabulary,
                                 inputs.params) is not None:
             return None
-        factors = inputs.factors
-        if factors is not None and all(f is not None for f in factors):
+        base = inputs.base
+        rows, cols = base.shape
+        # a model that leaves the matrix as it is (an adapter of other modules) is an update
+        # of rank 0: with every model such or factored, no dense SVD runs
+        factors = [f if f is not None else
+                   (base.new_zeros(rows, 0), base.new_zeros(0, cols))
+                   if torch.equal(m, base) else None
+                   for f, m in zip(inputs.factors or [None] * len(inputs.models),
+                                   inputs.models, strict=True)]
+        if all(f is not None for f in factors):
             u, coords = shared_basis_factors([f for f in factors if f is not None])
         else:
-            base = inputs.base.to(torch.float64)
-            u, coords = shared_basis_dense([m.to(torch.float64) - base for m in inputs.models])
+            b64 = base.to(torch.float64)
+            u, coords = shared_basis_dense([m.to(torch.float64) - b64 for m in inputs.models])
         p = float(inputs.params["dare"])
         if p > 0:
             assert inputs.generators is not None
