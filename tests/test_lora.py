@@ -73,6 +73,22 @@ def test_task_vectors_equal_peft_merge(llama: tuple[torch.nn.Module, Path], tmp_
     assert changed >= 3  # the check compared real updates, not zeros
 
 
+def test_inspect_reads_an_adapter_over_its_base(llama: tuple[torch.nn.Module, Path],
+                                               tmp_path: Path) -> None:
+    import json as json_
+
+    base, _ = llama
+    base_dir = save_hf(copy.deepcopy(base).to(torch.bfloat16), tmp_path / "bf16")
+    make_adapter(base, tmp_path / "a", seed=2, r=2, target_modules=["q_proj"])
+    proc = run_cli("inspect", f"{base_dir}+{tmp_path / 'a'}", "--json")
+    assert proc.returncode == 0, proc.stderr
+    dtypes = {t["name"]: t["dtype"] for t in json_.loads(proc.stdout)["tensors"]}
+    # the adapted matrices read as float32 updates, the rest as the bf16 base holds them
+    assert dtypes["model.layers.0.self_attn.q_proj.weight"] == "float32"
+    assert dtypes["model.layers.0.self_attn.k_proj.weight"] == "bfloat16"
+    assert len(dtypes) == len(base.state_dict())
+
+
 def test_dora_is_refused(llama: tuple[torch.nn.Module, Path], tmp_path: Path) -> None:
     base, base_dir = llama
     make_adapter(base, tmp_path / "dora", seed=1, r=4, target_modules=["q_proj"],

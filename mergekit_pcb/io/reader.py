@@ -121,12 +121,11 @@ def open_checkpoint(ref: str, *, allow_pickle: bool = False,
     index naming `../../etc/passwd`, an absolute path or a FIFO is refused unopened.
     `resolved`: the path `resolve_model_path` already gave for `ref` (not asked again).
     """
-    if resolved is None:
-        parts = split_adapter_ref(ref, base_dir=base_dir)
-        if parts is not None:  # BASE+ADAPTER: a PEFT adapter over its base
-            from mergekit_pcb.io.lora import open_adapter
+    parts = split_adapter_ref(ref, base_dir=base_dir)
+    if parts is not None:  # BASE+ADAPTER: a PEFT adapter over its base (`resolved`: the base)
+        from mergekit_pcb.io.lora import open_adapter
 
-            return open_adapter(ref, *parts, allow_pickle=allow_pickle, base_dir=base_dir)
+        return open_adapter(ref, *parts, allow_pickle=allow_pickle, base_dir=base_dir)
     path = resolved if resolved is not None else resolve_model_path(
         ref, base_dir=base_dir, allow_pickle=allow_pickle)
     if not path.is_dir():
