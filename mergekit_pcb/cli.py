@@ -250,9 +250,11 @@ def run(
         help="folder of downloaded hub models (sets HF_HUB_CACHE)", rich_help_panel=MK)]
     = None,
     lora_merge_cache: Annotated[str | None, typer.Option(
-        help="accepted; LoRA inputs are not merged here", rich_help_panel=MK)] = None,
+        help="accepted; LoRA inputs are read tensor by tensor, never merged to disk",
+        rich_help_panel=MK)] = None,
     lora_merge_dtype: Annotated[str | None, typer.Option(
-        help="accepted; LoRA inputs are not merged here", rich_help_panel=MK)] = None,
+        help="accepted; a LoRA input's update is formed in float32", rich_help_panel=MK)]
+    = None,
     verbosity: Annotated[int, typer.Option(
         "-v", count=True, help="logging at INFO (-v) or DEBUG (-vv)", rich_help_panel=MK)] = 0,
     cuda: Annotated[bool, _mk_bool("= --device cuda")] = False,
