@@ -597,3 +597,23 @@ def test_as_lora_over_a_bf16_base_keeps_the_update_exact(tmp_path: Path) -> None
             open_checkpoint(f"{base_dir}+{tmp_path / 'out'}") as got:
         for name in want.adapted:
             torch.testing.assert_close(got.read(name), want.read(name), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["model.norm.weight", "model.embed_tokens.weight"])
+def test_knots_tensors_it_does_not_decompose_get_ties(name: str) -> None:
+    """1-D tensors and vocabulary matrices: TIES per tensor with knots' density and λ."""
+    from mergekit_pcb.methods.base import TensorInputs
+    from mergekit_pcb.methods.knots import Knots
+    from mergekit_pcb.methods.ties import ties_merge
+
+    g = torch.Generator().manual_seed(3)
+    shape = (40,) if name.endswith("norm.weight") else (30, 8)
+    base = torch.randn(shape, generator=g)
+    models = [base + torch.randn(shape, generator=g) for _ in range(3)]
+    params = {"density": 0.4, "lambda": 0.6, "dare": 0.0, "scope": "tensor",
+              "vocabulary": False}
+    ours = Knots().merge(TensorInputs(name, base, models, [{}] * 3, params,
+                                      vocabulary="embed" in name))
+    expect = ties_merge(base, models, [1.0] * 3, [0.4] * 3, lambda_=0.6)
+    torch.testing.assert_close(ours, expect)
+    assert not torch.equal(ours, base)

@@ -29,6 +29,7 @@ entries every task dropped (zero either way) or whose kept values cancel exactly
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -44,8 +45,8 @@ from mergekit_pcb.methods.base import (
 )
 from mergekit_pcb.methods.ops import combine_task_vectors, random_drop
 from mergekit_pcb.methods.selection import StreamingSelect, kth_smallest
-from mergekit_pcb.methods.spectral import VOCABULARY, SpectralMethod
-from mergekit_pcb.methods.ties import ties_merge
+from mergekit_pcb.methods.spectral import VOCABULARY, SpectralMethod, working_dtype
+from mergekit_pcb.methods.ties import Ties, ties_merge
 
 # The official code keeps the singular directions with s > 1e-5 (absolute, in float64).
 SUPPORT = 1e-5
@@ -195,7 +196,8 @@ class Knots(SpectralMethod):
                       in zip(coords, inputs.generators, strict=True)]
         return u, coords
 
-    def matrix_offset(self, deltas: list[torch.Tensor], inputs: TensorInputs) -> torch.Tensor:
+    def merged_update(self, inputs: TensorInputs) -> torch.Tensor:
+        """λ·U·TIES(coordinates) of a matrix KnOTS decomposes, in float64."""
         found = self.coordinates(inputs)
         assert found is not None
         u, coords = found
@@ -214,10 +216,32 @@ class Knots(SpectralMethod):
         merged = combine_task_vectors(torch.zeros_like(kept[0]), kept, [1.0] * len(kept),
                                       lambda_=float(inputs.params["lambda"]), normalize=True,
                                       sign_consensus=True)
-        return (u @ merged).to(deltas[0].dtype)
+        return u @ merged
+
+    def matrix_offset(self, deltas: list[torch.Tensor], inputs: TensorInputs) -> torch.Tensor:
+        return self.merged_update(inputs).to(deltas[0].dtype)
 
     def other_offset(self, deltas: list[torch.Tensor], inputs: TensorInputs) -> torch.Tensor:
         density = float(inputs.params["density"])
         zero = torch.zeros_like(deltas[0])
         return ties_merge(zero, deltas, [1.0] * len(deltas), [density] * len(deltas),
                           lambda_=float(inputs.params["lambda"]))
+
+    def merge(self, inputs: TensorInputs) -> torch.Tensor:
+        """`SpectralMethod.merge` without its dense task matrices: a decomposed matrix needs
+        only the coordinates (from the factors, for adapters), and the other tensors go to
+        `ties` itself, whose large-tensor path trims and combines a slice at a time (an
+        embedding's copies would otherwise dominate the peak memory)."""
+        base = inputs.base
+        assert base is not None
+        dtype = working_dtype(base, *inputs.models)
+        if self.fallback_reason(inputs.name, base.shape, inputs.vocabulary,
+                                inputs.params) is None:
+            return base.to(dtype) + self.merged_update(inputs).to(dtype)
+        n = len(inputs.models)
+        params = {"lambda": float(inputs.params["lambda"]), "normalize": True,
+                  "int8_mask": False, "scope": "tensor", "rescale": False}
+        each = {"weight": 1.0, "density": float(inputs.params["density"])}
+        return Ties().merge(replace(inputs, base=base.to(dtype),
+                                    models=[m.to(dtype) for m in inputs.models],
+                                    params=params, model_params=[each] * n, stats=None))
