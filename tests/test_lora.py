@@ -617,3 +617,32 @@ def test_knots_tensors_it_does_not_decompose_get_ties(name: str) -> None:
     expect = ties_merge(base, models, [1.0] * 3, [0.4] * 3, lambda_=0.6)
     torch.testing.assert_close(ours, expect)
     assert not torch.equal(ours, base)
+
+
+def test_low_rank_updates_skip_the_full_svd(monkeypatch: pytest.MonkeyPatch) -> None:
+    """An update of rank 5 asked at rank 8: found through a sketch of its range (no SVD of
+    the whole matrix) with the full SVD's factors; a full-rank one takes the full SVD."""
+    from mergekit_pcb.engine import extract
+
+    g = torch.Generator().manual_seed(0)
+    low = torch.randn(300, 5, generator=g) @ torch.randn(5, 200, generator=g)
+    full_svd = torch.linalg.svd
+    shapes: list[tuple[int, ...]] = []
+
+    def spy(m: torch.Tensor, **kw: Any) -> Any:
+        shapes.append(tuple(m.shape))
+        return full_svd(m, **kw)
+
+    monkeypatch.setattr(torch.linalg, "svd", spy)
+    b, a, error, full = extract.lora_factors(low, 8, None)
+    assert (300, 200) not in shapes and b.shape == (300, 5) and full == 200
+    u, s, vh = full_svd(low.double(), full_matrices=False)
+    torch.testing.assert_close((b @ a).double(), (u[:, :5] * s[:5]) @ vh[:5],
+                               rtol=1e-5, atol=1e-5)
+    assert error < 1e-6
+    noisy = low + torch.randn(300, 200, generator=g)
+    shapes.clear()
+    b, a, error, _ = extract.lora_factors(noisy, 8, None)
+    assert (300, 200) in shapes and b.shape == (300, 8)
+    s = full_svd(noisy.double(), full_matrices=False)[1]
+    assert error == pytest.approx(float((s[8:] ** 2).sum().sqrt() / s.norm()), rel=1e-6)
