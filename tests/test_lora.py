@@ -592,7 +592,11 @@ def test_as_lora_over_a_bf16_base_keeps_the_update_exact(tmp_path: Path) -> None
         "models": [{"adapter": str(tmp_path / "a"), "parameters": {"weight": 1.0}}]})
     proc = run_cli("run", recipe, "-o", tmp_path / "out", "--as-lora", "2", "--json")
     assert proc.returncode == 0, proc.stderr
-    assert json_.loads(proc.stdout)["lora"]["max_relative_error"] < 1e-6
+    lora = json_.loads(proc.stdout)["lora"]
+    assert lora["max_relative_error"] < 1e-6
+    # the merge is written in float32 over the bf16 base: tensors it left as they were are
+    # still unchanged (not whole copies, nor rank-0 matrices)
+    assert lora["matrices"] == 2 and lora["whole_tensors"] == 0
     with open_checkpoint(f"{base_dir}+{tmp_path / 'a'}") as want, \
             open_checkpoint(f"{base_dir}+{tmp_path / 'out'}") as got:
         for name in want.adapted:

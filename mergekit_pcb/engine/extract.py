@@ -194,8 +194,9 @@ def _plan(ft: Checkpoint, base: Checkpoint, rank: int, energy: float | None,
             raise CheckpointError(f"tensor '{name}': {ft.ref} has shape {list(f_info.shape)}, "
                                   f"the base {list(b_info.shape)}")
         new, old = ft.read(source), base.read(name)
-        if torch.equal(new, old.to(new.dtype)) and new.dtype == old.dtype:
-            continue  # unchanged: not in the adapter
+        common = torch.promote_types(new.dtype, old.dtype)
+        if torch.equal(new.to(common), old.to(common)):
+            continue  # unchanged (a bf16 base's tensor written as float32 too): not in it
         if len(b_info.shape) == 2 and new.dtype.is_floating_point \
                 and not _EMBEDDING.search(name):
             delta = new.to(torch.float32) - old.to(torch.float32)
