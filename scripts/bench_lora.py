@@ -70,6 +70,8 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=Path("/tmp/pcbmerge-lora-bench"))
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--timeout", type=float, default=3600)
+    parser.add_argument("--runs", default="knots,ties,extract,as-lora",
+                        help="which measurements, comma-separated")
     args = parser.parse_args()
     shape = bench_merge.PRESETS[args.params]
     root = args.work
@@ -99,8 +101,12 @@ def main() -> None:
                                str(root / "out-as-lora"), "--force", "--quiet",
                                "--as-lora", "48"],
     }
+    keys = dict(zip(runs, ("knots", "ties", "extract", "as-lora"), strict=True))
+    wanted = set(args.runs.split(","))
     results = {}
     for label, cmd in runs.items():
+        if keys[label] not in wanted:
+            continue
         r = bench_merge.run_measured(cmd, root / f"{label.split()[0]}.log", args.timeout, {})
         results[label] = {"wall_s": round(r.wall_s, 1), "peak_rss_mb": round(r.peak_rss_mb)}
         print(f"{label}: {r.wall_s:.1f} s, peak RSS {r.peak_rss_mb:.0f} MB", flush=True)
