@@ -48,6 +48,8 @@ CONFIGS = {
     # an adapted embedding (saved with its base layer) and a head saved whole
     "embedding_and_head": dict(r=4, lora_alpha=16, target_modules=["embed_tokens", "v_proj"],
                                modules_to_save=["lm_head"]),
+    # DoRA: each row of W + ΔW rescaled to its learned magnitude
+    "dora": dict(r=4, lora_alpha=8, target_modules=["q_proj", "down_proj"], use_dora=True),
 }
 
 
@@ -89,11 +91,13 @@ def test_inspect_reads_an_adapter_over_its_base(llama: tuple[torch.nn.Module, Pa
     assert len(dtypes) == len(base.state_dict())
 
 
-def test_dora_is_refused(llama: tuple[torch.nn.Module, Path], tmp_path: Path) -> None:
+def test_dora_embedding_is_refused(llama: tuple[torch.nn.Module, Path],
+                                   tmp_path: Path) -> None:
+    """DoRA on linear layers is read (see above); on an embedding it is refused."""
     base, base_dir = llama
-    make_adapter(base, tmp_path / "dora", seed=1, r=4, target_modules=["q_proj"],
+    make_adapter(base, tmp_path / "dora", seed=1, r=4, target_modules=["embed_tokens"],
                  use_dora=True)
-    with pytest.raises(CheckpointError, match="DoRA"):
+    with pytest.raises(CheckpointError, match="DoRA embedding"):
         open_checkpoint(f"{base_dir}+{tmp_path / 'dora'}")
     recipe = write_recipe(tmp_path / "r.yaml", {
         "merge_method": "task_arithmetic", "base_model": str(base_dir),

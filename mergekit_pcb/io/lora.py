@@ -8,7 +8,8 @@ linear layer, `<module>.lora_embedding_A` (r × vocabulary) and `lora_embedding_
 (dim × r) per adapted embedding, and whole tensors for `modules_to_save` (and an adapted
 embedding's `base_layer`, which PEFT saves whole). The scale is `lora_alpha / r`, or
 `lora_alpha / sqrt(r)` with rsLoRA; `rank_pattern` and `alpha_pattern` override r and alpha
-per module, matched as PEFT matches them.
+per module, matched as PEFT matches them. DoRA (`use_dora`, linear layers) rescales each
+output row of W + ΔW to its learned magnitude `lora_magnitude_vector`, as peft's merge does.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ PEFT_PREFIX = "base_model.model."
 MAX_CONFIG_BYTES = 1 << 20
 # An adapter key's tail -> (factor, whether the update is the transpose of B·A).
 _FACTOR_KEYS = {".lora_A.weight": ("A", False), ".lora_B.weight": ("B", False),
+                ".lora_magnitude_vector": ("M", False),
                 ".lora_embedding_A": ("A", True), ".lora_embedding_B": ("B", True)}
 # Saved copies of a wrapped module: `x.modules_to_save.<adapter>.weight` is `x.weight`,
 # and an adapted embedding's `x.base_layer.weight` is `x.weight` before its update.
@@ -68,6 +70,9 @@ class _Adapted:
     transposed: bool = False  # embeddings and fan_in_fan_out layers: the update is (B·A)ᵀ
     scale: float = 1.0
     rank: int = 0  # the rank PEFT's config gives this module (checked against A)
+    # DoRA: the adapter key of the magnitude vector m; the tensor is then
+    # m / ‖W + ΔW‖_row · (W + ΔW), each output row rescaled to its learned norm
+    magnitude: str | None = None
 
 
 def read_adapter_config(ref: str, root: Path) -> dict[str, Any]:
@@ -89,8 +94,6 @@ def read_adapter_config(ref: str, root: Path) -> dict[str, Any]:
         raise CheckpointError(f"adapter {ref}: peft_type {brief_repr(kind)} is not supported "
                               "(only LoRA adapters are read)")
     refused = {
-        "use_dora": "DoRA adapters (use_dora) are not supported: their update depends on the "
-                    "base's column norms; merge it with peft's merge_and_unload first",
         "lora_bias": "lora_bias adapters are not supported",
         "target_parameters": "LoRA on parameters (target_parameters) is not supported",
         "layer_replication": "layer_replication adapters are not supported",
@@ -169,7 +172,9 @@ class AdapterCheckpoint(Checkpoint):
         """Tensor `name` minus the base's own tensor as factors: None where the adapter does
         not update it or also replaces its base part (an embedding saved whole)."""
         how = self._plan.get(name)
-        return None if how is None or how.whole is not None else self.factors(name)
+        if how is None or how.whole is not None or how.magnitude is not None:
+            return None  # DoRA rescales rows too: not an update B·A
+        return self.factors(name)
 
     def read(self, name: str, start: int | None = None, stop: int | None = None
              ) -> torch.Tensor:
@@ -184,14 +189,26 @@ class AdapterCheckpoint(Checkpoint):
         value = value.to(torch.float32)
         shape = self.tensors[name].shape
         if start is None and stop is None:
-            return value.reshape(shape) + factors.dense()
+            return self._dora(how, value.reshape(shape) + factors.dense(), slice(None))
         cols = shape[1]
         first = start or 0
         last = self.tensors[name].numel if stop is None else stop
         rows = slice(first // cols, -(-last // cols))  # only the rows the slice touches
-        update = factors.dense(rows).reshape(-1)
         offset = first - rows.start * cols
+        if how.magnitude is not None:  # whole rows: DoRA rescales each row by its norm
+            whole_rows = source.read(how.whole or name, rows.start * cols, rows.stop * cols)
+            dense = self._dora(how, whole_rows.to(torch.float32).reshape(-1, cols)
+                               + factors.dense(rows), rows)
+            return dense.reshape(-1)[offset:offset + (last - first)]
+        update = factors.dense(rows).reshape(-1)
         return value + update[offset:offset + (last - first)]
+
+    def _dora(self, how: _Adapted, rows: torch.Tensor, which: slice) -> torch.Tensor:
+        """DoRA's rows of W + ΔW scaled to the magnitudes m (as peft's merge: m / ‖row‖)."""
+        if how.magnitude is None:
+            return rows
+        m = self._adapter.read(how.magnitude).to(torch.float32)[which]
+        return rows * (m / torch.linalg.vector_norm(rows, dim=1))[:, None]
 
     @property
     def pickled(self) -> bool:
@@ -229,12 +246,13 @@ def _plan_adapter(ref: str, base: Checkpoint, adapter: Checkpoint,
             entry = parts.setdefault(target, {})
             entry["module"] = module
             entry[factor] = key
-            entry["transposed"] = transposed or fan_in_fan_out
+            if factor != "M":
+                entry["transposed"] = transposed or fan_in_fan_out
             continue
         if ".lora_" in name:
             raise CheckpointError(f"adapter {ref}: tensor {brief_repr(key)} is a kind of LoRA "
-                                  "weight this reader does not know (DoRA magnitudes, "
-                                  "biases, convolutions are not supported)")
+                                  "weight this reader does not know (LoRA biases and "
+                                  "convolutions are not supported)")
         tensor = _WRAPPERS.sub("", name)
         if tensor not in base and config.get("ensure_weight_tying") \
                 and tensor.endswith("lm_head.weight"):
@@ -274,8 +292,18 @@ def _factored(ref: str, adapter: Checkpoint, config: dict[str, Any], target: str
             f"adapter {ref}: module {entry['module']} has lora_A {list(a_shape)} and lora_B "
             f"{list(b_shape)}, which do not make the rank-{rank} update of {target} "
             f"{list(info.shape)}")
+    magnitude = entry.get("M")
+    if magnitude is not None:
+        if entry["transposed"]:
+            raise CheckpointError(f"adapter {ref}: module {entry['module']} is a DoRA "
+                                  "embedding or fan_in_fan_out layer, which is not supported "
+                                  "(DoRA on linear layers is)")
+        if tuple(adapter.info(magnitude).shape) != (out,):
+            raise CheckpointError(f"adapter {ref}: {magnitude} has shape "
+                                  f"{list(adapter.info(magnitude).shape)}, not [{out}]")
     return _Adapted(whole=entry.get("whole"), a=entry["A"], b=entry["B"],
-                    transposed=entry["transposed"], scale=scale, rank=rank)
+                    transposed=entry["transposed"], scale=scale, rank=rank,
+                    magnitude=magnitude)
 
 
 def open_adapter(ref: str, base_ref: str, adapter_ref: str, *, allow_pickle: bool = False,
