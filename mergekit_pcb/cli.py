@@ -250,9 +250,11 @@ def run(
         help="folder of downloaded hub models (sets HF_HUB_CACHE)", rich_help_panel=MK)]
     = None,
     lora_merge_cache: Annotated[str | None, typer.Option(
-        help="accepted; LoRA inputs are not merged here", rich_help_panel=MK)] = None,
+        help="accepted; LoRA inputs are read tensor by tensor, never merged to disk",
+        rich_help_panel=MK)] = None,
     lora_merge_dtype: Annotated[str | None, typer.Option(
-        help="accepted; LoRA inputs are not merged here", rich_help_panel=MK)] = None,
+        help="accepted; a LoRA input's update is formed in float32", rich_help_panel=MK)]
+    = None,
     verbosity: Annotated[int, typer.Option(
         "-v", count=True, help="logging at INFO (-v) or DEBUG (-vv)", rich_help_panel=MK)] = 0,
     cuda: Annotated[bool, _mk_bool("= --device cuda")] = False,
@@ -274,6 +276,10 @@ def run(
     write_model_card: Annotated[bool, _mk_bool("write README.md and mergekit_config.yml")]
     = True,
     safe_serialization: Annotated[bool, _mk_bool("safetensors (--no-...: refused)")] = True,
+    as_lora: Annotated[int | None, typer.Option(
+        "--as-lora", metavar="RANK", min=1,
+        help="merges: write the merge's update over the base as a PEFT LoRA adapter of this "
+             "rank (truncated SVD per matrix) instead of a full model")] = None,
 ) -> None:
     """Run a recipe of any kind (a merge or a search) and write the resulting model."""
     from mergekit_pcb.mergekit_compat import MERGEKIT_ONLY, translate
@@ -291,7 +297,7 @@ def run(
         ("--resume", resume or None), ("--trust-code", trust_code or None),
         ("--executor", executor), ("--ray-address", ray_address),
         ("--cpus-per-worker", cpus_per_worker), ("--gpus-per-worker", gpus_per_worker),
-        ("--shared-run-dir", shared_run_dir or None))
+        ("--shared-run-dir", shared_run_dir or None), ("--as-lora", as_lora))
         if value is not None}
     kind.refuse_flags(given, recipe, method)
     if mk.given and kind.name != "merge":
@@ -308,7 +314,7 @@ def run(
         threads=threads, allow_pickle=allow_pickle,
         workers=workers if workers is not None or ray is not None else 1, resume=resume,
         trust_code=trust_code, ray=ray, allow_crimes=allow_crimes,
-        copy_tokenizer=copy_tokenizer, write_model_card=write_model_card)
+        copy_tokenizer=copy_tokenizer, write_model_card=write_model_card, as_lora=as_lora)
     _setup_torch(options.device, threads, ray)
     if transformers_cache is not None:  # read by io.resolve when a hub model is fetched
         os.environ["HF_HUB_CACHE"] = str(Path(transformers_cache).expanduser())
@@ -343,6 +349,11 @@ def _output_dir(positional: Path | None, option: Path | None) -> Path:
 
 
 def _summary_line(summary: dict[str, Any]) -> str:
+    if "lora" in summary:  # run --as-lora
+        lora = summary["lora"]
+        return (f"wrote adapter {summary['output']} ({lora['matrices']} matrices as LoRA, "
+                f"largest relative error {lora['max_relative_error']:.3g}; "
+                f"{lora['whole_tensors']} tensors whole) in {summary['seconds']:.1f}s")
     if summary["kind"] == "merge":
         return (f"wrote {summary['output']} ({summary['tensors']} tensors, {summary['shards']} "
                 f"shard(s), {summary['written_bytes'] / 1e6:.1f} MB) in "
@@ -434,6 +445,42 @@ def inspect(
     stdout.print(f"{totals['tensors']} tensors, {totals['parameters']:,} parameters, "
                  f"{totals['bytes'] / 1e6:.1f} MB in {totals['files']} file(s); by dtype: "
                  + ", ".join(f"{k} {v:,}" for k, v in by_dtype.items()))
+
+
+@app.command("extract-lora")
+@handle_errors
+def extract_lora_command(
+    finetuned: Annotated[str, typer.Argument(
+        help="fine-tuned model (directory, .safetensors file, hub id or BASE+ADAPTER)")],
+    base: Annotated[str, typer.Option("--base", help="the model the adapter applies to")],
+    rank: Annotated[int, typer.Option("--rank", "-r", min=1,
+                                      help="LoRA rank (with --energy: the largest)")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="adapter directory")],
+    energy: Annotated[float | None, typer.Option(
+        help="choose each matrix's rank as the smallest holding this share of its update's "
+             "squared singular values, e.g. 0.9")] = None,
+    force: Annotated[bool, typer.Option(help="replace an output a previous run wrote")]
+    = False,
+    json_out: JsonOpt = False,
+    allow_pickle: PickleOpt = False,
+) -> None:
+    """Write FINETUNED − BASE as a PEFT LoRA adapter (the job of mergekit-extract-lora), with
+    each matrix's rank and relative error."""
+    from mergekit_pcb.engine.extract import extract_lora
+
+    result = extract_lora(finetuned, base, output, rank=rank, energy=energy, force=force,
+                          allow_pickle=allow_pickle)
+    if json_out:
+        print(json.dumps(result.report()))
+        return
+    table = Table("matrix", "rank", "relative error")
+    for m in result.matrices:
+        table.add_row(m.name, f"{m.rank}/{m.full_rank}", f"{m.relative_error:.3g}")
+    stdout.print(table)
+    info = result.summary()
+    stdout.print(f"{info['matrices']} matrices as LoRA (largest relative error "
+                 f"{info['max_relative_error']:.3g}), {info['whole_tensors']} tensors whole; "
+                 f"written to {info['output']}", soft_wrap=True, markup=False, highlight=False)
 
 
 @app.command()

@@ -44,9 +44,11 @@ MERGEKIT_YAML_FLAGS: tuple[MergekitFlag, ...] = (
     MergekitFlag("transformers_cache", ("--transformers-cache",), None, "maps",
                  "hub models are downloaded into (and read from) this folder"),
     MergekitFlag("lora_merge_cache", ("--lora-merge-cache",), None, "no-effect",
-                 "LoRA inputs (model+lora) are not merged here, so nothing is cached"),
+                 "LoRA inputs (model+lora) are read as base + B·A·scale tensor by tensor, "
+                 "never merged into a model on disk, so nothing is cached"),
     MergekitFlag("lora_merge_dtype", ("--lora-merge-dtype",), None, "no-effect",
-                 "LoRA inputs (model+lora) are not merged here, so no LoRA is applied"),
+                 "a LoRA input's update B·A·scale is always formed in float32, so no LoRA is "
+                 "applied in another dtype"),
     MergekitFlag("random_seed", ("--random-seed",), None, "maps", "= --seed"),
     MergekitFlag("verbosity", ("-v",), 0, "maps",
                  "Python logging at INFO (-v) or DEBUG (-vv), as in mergekit"),

@@ -29,6 +29,10 @@ RECIPES = sorted(p for p in (REPO / "recipes").glob("*.yaml")
                  if kind_of(yaml.safe_load(p.read_text()), p)[0].name == "merge")
 CHECKPOINTS = ("base", "orig", "flip", "transpose", "rot90")
 PREFIX = "pcbmerge-demo/checkpoints/"
+# LoRA adapters of the fine-tuned checkpoints over the base, as the adapter recipes'
+# comments make them (`pcbmerge extract-lora ... -o <name>-lora`)
+ADAPTERS = ("orig", "flip", "transpose")
+ADAPTER_RANK = 4
 RUNNING_STATS = ("running_mean", "running_var")
 DTYPES = {
     "float32": torch.float32,
@@ -73,6 +77,11 @@ def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("demo-recipes")
     for seed, name in enumerate(CHECKPOINTS):
         make_checkpoint(name, seed, root)
+    from mergekit_pcb.engine.extract import extract_lora
+
+    for name in ADAPTERS:
+        extract_lora(str(root / PREFIX / name), str(root / PREFIX / "base"),
+                     root / PREFIX / f"{name}-lora", rank=ADAPTER_RANK)
     return root
 
 
@@ -87,7 +96,20 @@ def run_cli(recipe: Path, out: Path) -> subprocess.CompletedProcess[str]:
 
 
 def load(ref: str) -> dict[str, torch.Tensor]:
+    if "+" in ref:  # BASE+ADAPTER: read as our reader reads it (tests/test_lora.py checks
+        # that against peft)
+        from mergekit_pcb.io.reader import open_checkpoint
+
+        with open_checkpoint(ref) as ckpt:
+            return {n: ckpt.read(n).clone() for n in ckpt.names()}
     return demo.load_state(Path(ref))
+
+
+def model_ref(recipe: dict[str, Any], entry: dict[str, Any]) -> str:
+    """An entry's model; an `adapter:` entry is BASE+ADAPTER."""
+    if "adapter" in entry:
+        return f"{entry.get('model') or recipe['base_model']}+{entry['adapter']}"
+    return str(entry["model"])
 
 
 def scalar(value: Any, what: str) -> float:
@@ -101,15 +123,16 @@ def scalar(value: Any, what: str) -> float:
 def model_weight(recipe: dict[str, Any], entry: dict[str, Any]) -> float:
     params = entry.get("parameters") or {}
     value = params.get("weight", (recipe.get("parameters") or {}).get("weight", 1.0))
-    return scalar(value, f"{entry['model']} weight")
+    return scalar(value, f"{entry.get('model', entry.get('adapter'))} weight")
 
 
 def merged_inputs(recipe: dict[str, Any]) -> list[dict[str, Any]]:
     """The model entries the method combines (the base is excluded for task-vector methods)."""
     base = recipe.get("base_model")
+    entries = [{**m, "model": model_ref(recipe, m)} for m in recipe["models"]]
     if recipe["merge_method"] == "linear":
-        return list(recipe["models"])
-    return [m for m in recipe["models"] if m["model"] != base]
+        return entries
+    return [m for m in entries if m["model"] != base]
 
 
 def expected_linear(recipe: dict[str, Any], name: str) -> torch.Tensor:
@@ -150,7 +173,7 @@ def test_recipe_runs_and_merges_correctly(
     recipe_path: Path, in_workdir: Path, tmp_path: Path
 ) -> None:
     recipe = yaml.safe_load(recipe_path.read_text())
-    refs = [recipe.get("base_model"), *(m["model"] for m in recipe["models"])]
+    refs = [recipe.get("base_model"), *(model_ref(recipe, m) for m in recipe["models"])]
     assert all(ref is None or ref.startswith(PREFIX) for ref in refs), refs
 
     out = tmp_path / f"merged-{recipe_path.stem}"
@@ -158,7 +181,7 @@ def test_recipe_runs_and_merges_correctly(
     assert result.returncode == 0, result.stdout + result.stderr
     merged = demo.load_state(out)
 
-    reference_ref = recipe.get("base_model") or recipe["models"][0]["model"]
+    reference_ref = recipe.get("base_model") or model_ref(recipe, recipe["models"][0])
     reference = load(reference_ref)
     assert set(merged) == set(reference)
     dtype_name = recipe.get("out_dtype") or recipe.get("dtype")

@@ -402,7 +402,7 @@ WALK: dict[str, tuple[tuple[str, ...], Callable[..., None]]] = {
     "lora_merge_cache": (("--lora-merge-cache", "/tmp/lora-cache"),
                          _no_effect("nothing is cached")),
     "lora_merge_dtype": (("--lora-merge-dtype", "bfloat16"),
-                         _no_effect("no LoRA is applied")),
+                         _no_effect("always formed in float32")),
     "random_seed": ((), _seed),
     "verbosity": ((), _verbosity),
     "quiet": ((), _quiet),

@@ -134,7 +134,7 @@ def test_population_merge_is_pcbmerge_run(population: tuple[Path, list[Path]], t
 def test_every_registered_method_is_covered() -> None:
     assert {m for m, _ in _parameter_sets()} == set(REGISTRY)
     scoped = [m for m, p in _parameter_sets() if "scope" in p]
-    assert sorted(scoped) == ["pcb", "pcb", "ties", "ties"]
+    assert sorted(scoped) == ["knots", "knots", "pcb", "pcb", "ties", "ties"]
 
 
 def _separable_sets() -> list[tuple[str, dict[str, Any]]]:

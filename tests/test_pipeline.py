@@ -32,7 +32,8 @@ def _cases() -> list[tuple[str, dict[str, Any]]]:
 
 
 def _recipe(method: str, params: dict[str, Any], base: Path, tuned: list[Path]) -> Any:
-    density = {"density": 0.5} if REGISTRY[method].param_spec("density") is not None else {}
+    spec = REGISTRY[method].param_spec("density")  # knots' is one value for every model
+    density = {"density": 0.5} if spec is not None and spec.per_model else {}
     return parse_recipe({
         "merge_method": method, "base_model": str(base),
         "models": [{"model": str(t), "parameters": density} for t in tuned],

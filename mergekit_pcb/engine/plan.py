@@ -36,7 +36,7 @@ from mergekit_pcb.errors import CheckpointError, RecipeError
 from mergekit_pcb.io.artifacts import model_dir
 from mergekit_pcb.io.mapped import mapped_files
 from mergekit_pcb.io.reader import Checkpoint, open_checkpoint
-from mergekit_pcb.io.resolve import resolve_model_path
+from mergekit_pcb.io.resolve import model_paths
 from mergekit_pcb.io.tokenizer import has_tokenizer
 from mergekit_pcb.methods import REGISTRY, MergeMethod, get_method
 from mergekit_pcb.methods.base import GlobalStats
@@ -224,7 +224,7 @@ class MergePlan:
     def input_paths(self) -> list[Path]:
         """Where the models this plan opened live (directories, or single files): an output
         must never be, contain or lie inside one of them."""
-        paths = [resolve_model_path(ref, allow_pickle=True) for ref in sorted(self.owned)]
+        paths = [p for ref in sorted(self.owned) for p in model_paths(ref, allow_pickle=True)]
         source = self.recipe.vocabulary_source
         if source not in (None, "base", "union") and source not in self.checkpoints:
             paths.append(model_dir(source))

@@ -15,7 +15,7 @@ import ctypes
 import functools
 import math
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -163,6 +163,8 @@ def _method_inputs(plan: MergePlan, task: TensorTask, values: dict[str, torch.Te
         generators = [tensor_generator(plan.seed, task.name, str(i)) for i in positions]
     return TensorInputs(
         name=task.name,
+        factors=_factors(plan, task, values, positions) if route.method.uses_factors
+        and start is None and task.vocab is None else None,
         base=values.get(plan.base_key) if plan.base_key else None,
         models=[values[route.inputs[i]] for i in positions],
         model_params=[task.model_params[i] for i in positions],
@@ -172,6 +174,26 @@ def _method_inputs(plan: MergePlan, task: TensorTask, values: dict[str, torch.Te
         start=start,
         vocabulary=is_vocabulary_tensor(task.name),
     )
+
+
+def _factors(plan: MergePlan, task: TensorTask, values: dict[str, torch.Tensor],
+             positions: Iterable[int]) -> list[tuple[torch.Tensor, torch.Tensor] | None] | None:
+    """Each model's task vector as LoRA factors (left·scale, right) where it is exactly one:
+    an adapter over the recipe's own base; None when no model has them."""
+    route = task.route
+    out: list[tuple[torch.Tensor, torch.Tensor] | None] = []
+    for i in positions:
+        key = route.inputs[i]
+        ckpt = plan.checkpoints[key]
+        update = getattr(ckpt, "update", None)
+        found = update(task.source(key)) if update is not None \
+            and getattr(ckpt, "base_ref", None) == plan.base_key else None
+        if found is None:
+            out.append(None)
+            continue
+        device = values[key].device
+        out.append(((found.left * found.scale).to(device), found.right.to(device)))
+    return out if any(f is not None for f in out) else None
 
 
 Inputs = dict[str, torch.Tensor] | torch.Tensor  # a part's inputs, or a copied tensor

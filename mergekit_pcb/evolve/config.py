@@ -22,6 +22,7 @@ from mergekit_pcb.evolve.strategies import SearchStrategy, get_strategy
 from mergekit_pcb.methods import REGISTRY
 from mergekit_pcb.recipe.params import check_parameter_keys
 from mergekit_pcb.recipe.schema import (
+    AdapterModels,
     DTypeName,
     ModelEntry,
     ModelRef,
@@ -147,7 +148,7 @@ def expand_ancestors(spec: str | list[str] | AncestorGlob, where: str = "ancesto
     return out
 
 
-class EvolutionRecipe(StrictModel):
+class EvolutionRecipe(AdapterModels):
     merge_method: str
     base_model: ModelRef | None = None
     models: list[ModelEntry] = Field(default_factory=list)

@@ -363,7 +363,8 @@ class EvolutionRun:
             with open_checkpoint(ref, allow_pickle=self.allow_pickle) as ckpt:
                 checksums[name] = write_safetensors(
                     self.run_dir.member_path(name), self.layout,
-                    ((t.name, _finite(ckpt.read(t.name), t.name, ref)) for t in self.layout))
+                    ((t.name, _finite(ckpt.read(t.name), t.name, ref).to(t.dtype))
+                     for t in self.layout))
             names.append(name)
         if self.recipe.base_model:  # members are merged unchecked: check the base once too
             with open_checkpoint(self.recipe.base_model, allow_pickle=self.allow_pickle) as b:

@@ -15,6 +15,8 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from mergekit_pcb.errors import CheckpointError
 from mergekit_pcb.io.files import atomic_write_json
 from mergekit_pcb.io.mapped import open_readable
@@ -27,7 +29,8 @@ SPARE_PREFIX = ".spare-"  # dead member files kept to be overwritten in place
 
 
 def layout_of(checkpoints: list[Checkpoint], base: Checkpoint | None = None) -> list[TensorSpec]:
-    """The members' common tensor table; every input must match the first one exactly."""
+    """The members' common tensor table; every input must match the first one exactly
+    (floating-point dtypes may differ: the table holds the widest)."""
     ref = checkpoints[0]
     specs = [TensorSpec(i.name, i.dtype, i.shape) for i in ref.tensors.values()]
     for other in checkpoints[1:]:
@@ -35,9 +38,15 @@ def layout_of(checkpoints: list[Checkpoint], base: Checkpoint | None = None) -> 
             if name not in ref:
                 raise CheckpointError(f"tensor '{name}' is in model {other.ref} but not in "
                                       f"{ref.ref}; evolution needs models of one architecture")
-        for s in specs:
+        for k, s in enumerate(specs):
             info = other.info(s.name)
-            if info.shape != s.shape or info.dtype != s.dtype:
+            floats = info.dtype.is_floating_point and s.dtype.is_floating_point
+            if info.shape == s.shape and info.dtype != s.dtype and floats:
+                # a LoRA input's adapted tensors read as float32 over a bf16 base: members
+                # hold the wider type, so no input loses bits
+                specs[k] = s = TensorSpec(s.name, torch.promote_types(s.dtype, info.dtype),
+                                          s.shape)
+            if info.shape != s.shape or (info.dtype != s.dtype and not floats):
                 raise CheckpointError(
                     f"tensor '{s.name}': {ref.ref} has {list(s.shape)} {s.dtype}, "
                     f"{other.ref} has {list(info.shape)} {info.dtype}")

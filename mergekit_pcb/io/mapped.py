@@ -91,7 +91,8 @@ def _view(mapping: mmap.mmap | None, info: TensorInfo, start: int | None,
 
 def mapped_files(ckpt: Checkpoint) -> Checkpoint:
     """`ckpt` read through memory maps (`MappedFiles`); a pickled checkpoint as it is."""
-    if isinstance(ckpt, MappedCheckpoint | MappedFiles) or ckpt.pickled:
+    if isinstance(ckpt, MappedCheckpoint | MappedFiles) or ckpt.pickled \
+            or type(ckpt).read is not Checkpoint.read:  # computed tensors (an adapter's)
         return ckpt
     return MappedFiles(ckpt)
 

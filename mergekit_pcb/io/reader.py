@@ -11,7 +11,7 @@ from typing import BinaryIO
 import torch
 
 from mergekit_pcb.errors import CheckpointError
-from mergekit_pcb.io.resolve import resolve_model_path
+from mergekit_pcb.io.resolve import resolve_model_path, split_adapter_ref
 from mergekit_pcb.io.safetensors_format import (
     UNPRINTABLE,
     TensorInfo,
@@ -121,6 +121,11 @@ def open_checkpoint(ref: str, *, allow_pickle: bool = False,
     index naming `../../etc/passwd`, an absolute path or a FIFO is refused unopened.
     `resolved`: the path `resolve_model_path` already gave for `ref` (not asked again).
     """
+    parts = split_adapter_ref(ref, base_dir=base_dir)
+    if parts is not None:  # BASE+ADAPTER: a PEFT adapter over its base (`resolved`: the base)
+        from mergekit_pcb.io.lora import open_adapter
+
+        return open_adapter(ref, *parts, allow_pickle=allow_pickle, base_dir=base_dir)
     path = resolved if resolved is not None else resolve_model_path(
         ref, base_dir=base_dir, allow_pickle=allow_pickle)
     if not path.is_dir():
@@ -137,6 +142,9 @@ def open_checkpoint(ref: str, *, allow_pickle: bool = False,
         tensors = _read_files(ref, files)
         _check_index_matches(ref, weight_map, tensors)
         return _own_directory(Checkpoint(ref, path, tensors))
+    if os.path.lexists(path / "adapter_config.json"):
+        raise CheckpointError(f"model {ref}: a PEFT adapter, not a model; name it over its "
+                              f"base as BASE+{ref} or with a models[].adapter key")
     shards = [_model_file(ref, path, p.name) for p in sorted(path.glob("*.safetensors"))]
     if shards:
         return _own_directory(Checkpoint(ref, path, _read_files(ref, shards)))

@@ -25,9 +25,43 @@ def hub_offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in {"1", "true", "yes", "on"}
 
 
+def split_adapter_ref(ref: str, *, base_dir: Path | None = None) -> tuple[str, str] | None:
+    """`BASE+ADAPTER` (mergekit's way to name a LoRA adapter over its base) as (base,
+    adapter); None for any other reference, a path with a `+` in its name included."""
+    if "+" not in ref or _exists(ref, base_dir):
+        return None
+    base, _, adapter = ref.partition("+")  # at the first '+', as mergekit splits it
+    if not base or not adapter:
+        raise CheckpointError(f"model {ref!r}: an adapter reference is BASE+ADAPTER, with "
+                              "both parts named")
+    return base, adapter
+
+
+def _exists(ref: str, base_dir: Path | None) -> bool:
+    candidate = Path(ref).expanduser()
+    if not candidate.is_absolute() and base_dir is not None:
+        candidate = base_dir / candidate
+    try:
+        return candidate.exists()
+    except OSError:
+        return False
+
+
+def model_paths(ref: str, *, allow_pickle: bool = False) -> list[Path]:
+    """Every local path model `ref` reads: its own, or a `BASE+ADAPTER`'s two."""
+    parts = split_adapter_ref(ref)
+    refs = list(parts) if parts else [ref]
+    return [resolve_model_path(r, allow_pickle=allow_pickle) for r in refs]
+
+
 def resolve_model_path(ref: str, *, base_dir: Path | None = None,
                        allow_pickle: bool = False) -> Path:
-    """Return the local path holding model `ref`; raise CheckpointError if there is none."""
+    """Return the local path holding model `ref`; raise CheckpointError if there is none.
+
+    For `BASE+ADAPTER` it is the base's: where the config and tokenizer come from."""
+    parts = split_adapter_ref(ref, base_dir=base_dir)
+    if parts is not None:
+        return resolve_model_path(parts[0], base_dir=base_dir, allow_pickle=allow_pickle)
     candidate = Path(ref).expanduser()
     if not candidate.is_absolute() and base_dir is not None:
         candidate = base_dir / candidate

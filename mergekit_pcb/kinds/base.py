@@ -46,6 +46,8 @@ class RunOptions:
     allow_crimes: bool = False
     copy_tokenizer: bool = True
     write_model_card: bool = True
+    # merges: write the merge's update over the base as a PEFT LoRA adapter of this rank
+    as_lora: int | None = None
 
 
 @dataclass(frozen=True)

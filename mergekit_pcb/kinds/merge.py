@@ -4,12 +4,18 @@ merge engine (`mergekit_pcb.engine`)."""
 from __future__ import annotations
 
 import json
+import os
+import shutil
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from mergekit_pcb.engine import MergePlan, build_plan, run_plan
 from mergekit_pcb.engine.card import OutputFiles
+from mergekit_pcb.engine.extract import extract_lora
 from mergekit_pcb.errors import RecipeError, warn
+from mergekit_pcb.io.writer import check_destination
 from mergekit_pcb.kinds.base import MethodInfo, RecipeKind, RunOptions
 from mergekit_pcb.machine import numeric_environment
 from mergekit_pcb.methods import REGISTRY
@@ -20,7 +26,7 @@ SHOWN_NAMES = 3  # tensor names the text of `validate` shows per rule
 
 class MergeKind(RecipeKind):
     name = "merge"
-    flags = frozenset({"--device", "--shard-size", "--threads", "--allow-pickle"})
+    flags = frozenset({"--device", "--shard-size", "--threads", "--allow-pickle", "--as-lora"})
 
     def methods(self) -> list[MethodInfo]:
         return [
@@ -69,6 +75,8 @@ class MergeKind(RecipeKind):
             ) -> dict[str, Any]:
         assert options.output is not None
         plan = self._build(recipe, options)
+        if options.as_lora is not None:
+            return self._run_as_lora(plan, options)
         try:
             result = run_plan(plan, options.output, force=options.force,
                               shard_size=options.shard_size, device=options.device,
@@ -85,6 +93,46 @@ class MergeKind(RecipeKind):
             "tensors": result.tensors, "shards": result.shards,
             "read_bytes": result.read_bytes, "written_bytes": result.written_bytes,
             "seconds": round(result.seconds, 3),
+            "environment": numeric_environment(options.device),
+        }
+
+
+    def _run_as_lora(self, plan: MergePlan, options: RunOptions) -> dict[str, Any]:
+        """The merge written beside the output, then its update over the base extracted as
+        an adapter into the output (the full merge is removed, whatever happens). The merge
+        computes and is written in float32 at least: rounded to a bf16 base's type, a
+        low-rank update would gain full-rank rounding noise."""
+        assert options.output is not None and options.as_lora is not None
+        try:
+            base = plan.base_key
+            if base is None:
+                raise RecipeError("--as-lora: the recipe needs a base_model (the adapter "
+                                  "is an update of it)")
+            check_destination(options.output, force=options.force, inputs=plan.input_paths())
+            for task in plan.tasks:  # the update is not to be rounded to a bf16 base's type
+                if task.out_dtype.is_floating_point and task.out_dtype.itemsize < 4:
+                    task.out_dtype = torch.float32
+                if task.compute_dtype.itemsize < 4:
+                    task.compute_dtype = torch.float32
+            merged = options.output.parent / f".{options.output.name}.merged-{os.getpid()}"
+            result = run_plan(plan, merged, force=False, shard_size=options.shard_size,
+                              device=options.device, quiet=options.quiet,
+                              threads=options.threads,
+                              files=OutputFiles(copy_tokenizer=False, model_card=False))
+            _say(plan)
+        finally:
+            plan.close()
+        try:
+            extraction = extract_lora(str(merged), base, options.output, rank=options.as_lora,
+                                      force=options.force, allow_pickle=options.allow_pickle)
+        finally:
+            shutil.rmtree(merged, ignore_errors=True)
+        return {
+            "kind": self.name, "output": str(extraction.output),
+            "method": plan.recipe.merge_method, "tensors": result.tensors,
+            "read_bytes": result.read_bytes, "seconds": round(result.seconds
+                                                              + extraction.seconds, 3),
+            "lora": extraction.summary(),
             "environment": numeric_environment(options.device),
         }
 

@@ -12,6 +12,7 @@ from mergekit_pcb.methods.della import Della, DellaLinear
 from mergekit_pcb.methods.iso_c import IsoC
 from mergekit_pcb.methods.iso_cts import IsoCts
 from mergekit_pcb.methods.karcher import Karcher
+from mergekit_pcb.methods.knots import Knots
 from mergekit_pcb.methods.linear import Linear
 from mergekit_pcb.methods.model_stock import ModelStock
 from mergekit_pcb.methods.multislerp import Multislerp
@@ -35,6 +36,8 @@ REGISTRY: dict[str, type[MergeMethod]] = {
         Sce, Nearswap, Multislerp, Karcher, Nuslerp, ArceeFusion, Ram, RamPlusTl,
         # spectral merges, per matrix through singular values and vectors (methods.spectral)
         TsvM, IsoC, IsoCts, Cart, Wudi,
+        # LoRA adapters merged in the basis their updates share (also any checkpoints)
+        Knots,
     )
 }
 

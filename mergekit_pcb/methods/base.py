@@ -101,6 +101,10 @@ class TensorInputs:
     # A vocabulary-indexed matrix (embedding, LM head): methods that decompose matrices
     # give it a stated fallback unless the recipe opts in.
     vocabulary: bool = False
+    # For a method with `uses_factors`, whole tensors only: model i's task vector as low-rank
+    # factors (left, right), Δᵢ = left @ right exactly (a LoRA adapter over the recipe's
+    # base), or None where model i has none; None: no model has any.
+    factors: Sequence[tuple[torch.Tensor, torch.Tensor] | None] | None = None
 
 
 class PartStore(Protocol):
@@ -169,6 +173,8 @@ class MergeMethod(ABC):
     # it uses their uniform mean, where mergekit refuses: the plan says so when it happens.
     pairwise: ClassVar[bool] = False
     uses_rng: ClassVar[bool] = False
+    # Reads `TensorInputs.factors` (LoRA inputs' updates as factors) where they exist.
+    uses_factors: ClassVar[bool] = False
     # True when the result depends on sums over a whole tensor (or long rows) whose bits
     # depend on torch's thread count: past 32,768 entries torch splits a sum into one
     # partial sum per thread. mergekit runs every tensor with its process's thread count,

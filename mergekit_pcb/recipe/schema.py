@@ -142,7 +142,37 @@ class TokenizerSpec(StrictModel):
     pad_to_multiple_of: int | None = Field(default=None, ge=1)
 
 
-class MergeRecipe(StrictModel):
+def _adapter_entries(data: Any) -> Any:
+    """`models[i].adapter: DIR` as mergekit's `model: BASE+DIR`, over `models[i].model` where
+    the entry names one, else over the recipe's `base_model`."""
+    if not isinstance(data, dict) or not isinstance(data.get("models"), list):
+        return data
+    entries = []
+    for i, entry in enumerate(data["models"]):
+        if isinstance(entry, dict) and "adapter" in entry:
+            entry = dict(entry)
+            adapter = entry.pop("adapter")
+            over = entry.get("model") or data.get("base_model")
+            if not isinstance(adapter, str) or not adapter:
+                raise ValueError(f"models[{i}].adapter must name an adapter directory or hub id")
+            if not isinstance(over, str) or not over:
+                raise ValueError(f"models[{i}].adapter needs a model to apply it to: give "
+                                 f"models[{i}].model or a base_model")
+            entry["model"] = f"{over}+{adapter}"
+        entries.append(entry)
+    return {**data, "models": entries}
+
+
+class AdapterModels(StrictModel):
+    """A recipe whose `models[]` may name LoRA adapters with an `adapter:` key."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _adapters(cls, data: Any) -> Any:
+        return _adapter_entries(data)
+
+
+class MergeRecipe(AdapterModels):
     merge_method: str
     base_model: ModelRef | None = None
     models: list[ModelEntry] = Field(default_factory=list)

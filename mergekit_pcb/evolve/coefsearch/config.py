@@ -18,6 +18,7 @@ from mergekit_pcb.methods import REGISTRY
 from mergekit_pcb.methods.base import MergeMethod, ParamSpec
 from mergekit_pcb.recipe.params import check_parameter_keys
 from mergekit_pcb.recipe.schema import (
+    AdapterModels,
     DTypeName,
     MergeRecipe,
     ModelEntry,
@@ -52,7 +53,7 @@ class SearchParameters(StrictModel):
     patience: int | None = Field(None, ge=1)
 
 
-class CoefficientSearchRecipe(StrictModel):
+class CoefficientSearchRecipe(AdapterModels):
     merge_method: Literal["coefficient-search"]
     base_model: ModelRef | None = None
     models: list[ModelEntry] = Field(default_factory=list)  # inner merge's per-model values
