@@ -5,8 +5,15 @@ singular direction at a time, explicit dot products) and LiNeS's `LiNeS_scaling`
 
 from __future__ import annotations
 
+import json
+import math
+from collections.abc import Callable
+from pathlib import Path
+
 import pytest
 import torch
+from conftest import run_cli, write_recipe
+from test_end_to_end import load_state
 
 from mergekit_pcb.methods.postprocess import (
     lines_alpha,
@@ -136,3 +143,165 @@ def test_rescale_norms_equalises_to_the_mean() -> None:
     torch.testing.assert_close(given[0], tasks[0] * 1.0)
     torch.testing.assert_close(given[1], tasks[1] * 0.5)
     assert given[2] is tasks[2]  # a zero norm: left as it is
+
+
+# --- the recipe key, end to end --------------------------------------------------------
+
+VOCAB = ("model.embed_tokens.weight", "lm_head.weight")
+
+
+def _recipe(base: Path, tuned: list[Path], postprocess: list | None = None,
+            method: str = "task_arithmetic") -> dict:
+    recipe = {"merge_method": method, "base_model": str(base),
+              "models": [{"model": str(t), "parameters": {"weight": w, "density": 0.5}}
+                         for t, w in zip(tuned, (1.0, 0.7, 0.4), strict=False)],
+              "parameters": {"lambda": 0.8}}
+    if method == "task_arithmetic":
+        for m in recipe["models"]:
+            del m["parameters"]["density"]
+    if postprocess is not None:
+        recipe["postprocess"] = postprocess
+    return recipe
+
+
+def _run(tmp_path: Path, name: str, recipe: dict) -> dict[str, torch.Tensor]:
+    path = write_recipe(tmp_path / f"{name}.yaml", recipe)
+    proc = run_cli("run", path, "-o", tmp_path / name, "--quiet")
+    assert proc.returncode == 0, proc.stderr
+    return load_state(tmp_path / name)
+
+
+@pytest.mark.parametrize("method", ["task_arithmetic", "ties"])
+def test_run_with_svc_and_lines_equals_dense_reference(
+        tmp_path: Path, hf_models: Callable[..., tuple[Path, list[Path]]], method: str) -> None:
+    base_dir, tuned_dirs = hf_models("llama", 3)
+    plain = _run(tmp_path, "plain", _recipe(base_dir, tuned_dirs, method=method))
+    steps = [{"svc": {"alpha": 0.1}}, {"lines": {"b": 0.6}}]
+    post = _run(tmp_path, "post", _recipe(base_dir, tuned_dirs, steps, method))
+    base = load_state(base_dir)
+    tuned = [load_state(t) for t in tuned_dirs]
+    # the dense reference on the plain merge's output: SVC per matrix (not the vocabulary
+    # matrices), then LiNeS with a from the whole-model L1 norms, L = num_hidden_layers = 2
+    updates: dict[str, torch.Tensor] = {}
+    for name, b in base.items():
+        delta = plain[name].double() - b.double()
+        if delta.dim() == 2 and name not in VOCAB:
+            delta = svc_reference(b, [t[name] for t in tuned], b.double() + delta, 0.1) \
+                - b.double()
+        updates[name] = delta
+    summed = sum(float(sum(t[n].double() - base[n].double() for t in tuned).abs().sum())
+                 for n in base)
+    a = summed / sum(float(u.abs().sum()) for u in updates.values()) / 3
+    reference = lines_reference(updates, a, 0.6, 2)
+    assert set(post) == set(base)
+    for name, b in base.items():
+        torch.testing.assert_close(post[name].double(), b.double() + reference[name],
+                                   rtol=2e-5, atol=2e-6, msg=name)
+    # and the steps did something: layer 1's update is a + 0.6, layer 0's a
+    q0, q1 = "model.layers.0.self_attn.q_proj.weight", "model.layers.1.self_attn.q_proj.weight"
+    assert not torch.allclose(post[q1], plain[q1])
+    assert not torch.allclose(post[q0], plain[q0])
+
+
+def test_lines_identity_leaves_the_merge_bit_for_bit(
+        tmp_path: Path, hf_models: Callable[..., tuple[Path, list[Path]]]) -> None:
+    base_dir, tuned_dirs = hf_models("gpt2", 2)
+    plain = _run(tmp_path, "plain", _recipe(base_dir, tuned_dirs, method="ties"))
+    same = _run(tmp_path, "same", _recipe(base_dir, tuned_dirs, [{"lines": {"a": 1.0, "b": 0.0}}],
+                                         "ties"))
+    assert set(same) == set(plain)
+    for name in plain:
+        assert torch.equal(same[name], plain[name]), name
+
+
+def test_rescale_norms_equalises_before_the_merge(
+        tmp_path: Path, hf_models: Callable[..., tuple[Path, list[Path]]]) -> None:
+    base_dir, tuned_dirs = hf_models("bert", 2)
+    out = _run(tmp_path, "out", _recipe(base_dir, tuned_dirs, ["rescale_norms"]))
+    base = load_state(base_dir)
+    tuned = [load_state(t) for t in tuned_dirs]
+    # the merged tensors: floating ones that are not buffers (bert's position_ids is int)
+    names = [n for n, b in base.items() if b.dtype.is_floating_point]
+    norms = [math.sqrt(sum(float(((t[n].double() - base[n].double()) ** 2).sum())
+                           for n in names)) for t in tuned]
+    target = sum(norms) / 2
+    for n in names:
+        tau = [(t[n].double() - base[n].double()) * (target / s)
+               for t, s in zip(tuned, norms, strict=True)]
+        expected = base[n].double() + 0.8 * (1.0 * tau[0] + 0.7 * tau[1])
+        torch.testing.assert_close(out[n].double(), expected, rtol=1e-5, atol=1e-6, msg=n)
+
+
+def test_dry_run_shows_the_step_plan_and_blocks(
+        tmp_path: Path, hf_models: Callable[..., tuple[Path, list[Path]]]) -> None:
+    base_dir, tuned_dirs = hf_models("llama", 2)
+    path = write_recipe(tmp_path / "r.yaml", _recipe(
+        base_dir, tuned_dirs, ["rescale_norms", {"svc": {}}, {"lines": {"b": 0.5}}]))
+    proc = run_cli("run", path, "-o", tmp_path / "out", "--dry-run", "--json")
+    assert proc.returncode == 0, proc.stderr
+    info = json.loads(proc.stdout)
+    assert info["pass_names"] == ["task-vector norms", "LiNeS norms", "merge"]
+    post = info["postprocess"]
+    assert post["blocks"] == 2 and post["num_tasks"] == 2
+    assert post["block_of"]["model.layers.1.mlp.up_proj.weight"] == 1
+    assert post["block_of"]["model.layers.0.input_layernorm.weight"] == 0
+    assert post["block_of"]["lm_head.weight"] is None
+    assert [s["svc"]["alpha"] for s in post["steps"] if "svc" in s] == [0.1]
+    text = run_cli("run", path, "-o", tmp_path / "out", "--dry-run")
+    assert "postprocess[2] lines" in text.stdout and "block 1: 9 tensors" in text.stdout
+    assert not (tmp_path / "out").exists()
+    # a layers pattern of our own: only the MLPs are in blocks, numbered by their layer
+    recipe = _recipe(base_dir, tuned_dirs, [{"lines": {"b": 0.5, "layers": r"layers\.(\d+)\.mlp"}}])
+    path = write_recipe(tmp_path / "r2.yaml", recipe)
+    info = json.loads(run_cli("run", path, "-o", tmp_path / "out", "--dry-run",
+                              "--json").stdout)
+    blocks = info["postprocess"]["block_of"]
+    assert blocks["model.layers.1.mlp.up_proj.weight"] == 1
+    assert blocks["model.layers.1.self_attn.q_proj.weight"] is None
+
+
+@pytest.mark.parametrize("steps,message", [
+    ([{"lines": {"b": 1, "c": 2}}], "unknown key 'postprocess[0].lines.c'"),
+    ([{"calibrate": {}}], "unknown key 'postprocess[0].calibrate'"),
+    ([{"svc": {}}, "rescale_norms"], "postprocess[1]: rescale_norms acts on the task vectors"),
+    ([{"lines": {"b": 1}}, {"lines": {"b": 2}}], "postprocess[1]: one lines step"),
+    ([{"svc": {"alpha": -1}}], "'postprocess[0].svc.alpha'"),
+])
+def test_bad_steps_one_line_exit_2(tmp_path: Path, steps: list, message: str) -> None:
+    recipe = {"merge_method": "task_arithmetic", "base_model": "nowhere-base",
+              "models": [{"model": "nowhere-ft"}], "postprocess": steps}
+    path = write_recipe(tmp_path / "r.yaml", recipe)
+    proc = run_cli("run", path, "-o", tmp_path / "out", "--quiet")
+    assert proc.returncode == 2
+    assert message in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+
+
+def test_postprocess_needs_a_base(tmp_path: Path) -> None:
+    recipe = {"merge_method": "linear", "models": [{"model": "a"}, {"model": "b"}],
+              "postprocess": [{"lines": {"b": 0.5}}]}
+    path = write_recipe(tmp_path / "r.yaml", recipe)
+    proc = run_cli("run", path, "-o", tmp_path / "out", "--quiet")
+    assert proc.returncode == 2 and "postprocess: the steps act on merged − base" in proc.stderr
+
+
+@pytest.mark.parametrize("method", ["task_arithmetic", "pcb"])
+def test_streamed_in_slices_as_whole(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                     hf_models: Callable[..., tuple[Path, list[Path]]],
+                                     method: str) -> None:
+    """Elementwise merges (task arithmetic, global PCB) stream large tensors in slices:
+    LiNeS scales each slice, SVC takes its matrices whole; the result is the same (up to
+    the last bits of a, whose float64 sums follow the parts)."""
+    from mergekit_pcb.engine import merge_recipe_file, stream
+
+    base_dir, tuned_dirs = hf_models("llama", 2)
+    recipe = _recipe(base_dir, tuned_dirs, [{"svc": {"alpha": 0.2}}, {"lines": {"b": 0.3}}],
+                     method="task_arithmetic")
+    if method == "pcb":
+        recipe = {**recipe, "merge_method": "pcb", "parameters": {"scope": "global"}}
+    path = write_recipe(tmp_path / "r.yaml", recipe)
+    merge_recipe_file(path, tmp_path / "whole")
+    monkeypatch.setattr(stream, "CHUNK_ELEMENTS", 100)
+    merge_recipe_file(path, tmp_path / "sliced")
+    whole, sliced = load_state(tmp_path / "whole"), load_state(tmp_path / "sliced")
+    for name in whole:
+        torch.testing.assert_close(sliced[name], whole[name], rtol=1e-6, atol=1e-8, msg=name)

@@ -37,6 +37,7 @@ from mergekit_pcb.engine.card import OutputFiles, write_artifacts
 from mergekit_pcb.engine.memo import ModelParts, PreparedKey, PreparedMemo
 from mergekit_pcb.engine.pipeline import InOrder, WriteBehind, read_ahead
 from mergekit_pcb.engine.plan import MergePlan, TensorTask
+from mergekit_pcb.engine.postprocess import LINES_PASS, NORMS_PASS, Postprocess
 from mergekit_pcb.engine.rng import tensor_generator
 from mergekit_pcb.engine.vocab import align_rows, is_vocabulary_tensor
 from mergekit_pcb.errors import CheckpointError
@@ -128,7 +129,9 @@ def slices(plan: MergePlan, task: TensorTask) -> list[tuple[int | None, int | No
     if task.vocab is not None:  # rows move across the whole tensor
         return [(None, None)]
     elementwise = route.kind != "merge" or (
-        route.method is not None and route.method.elementwise(task.global_params))
+        route.method is not None and route.method.elementwise(task.global_params)
+        and not (plan.postprocess is not None and plan.postprocess.whole_tensor(
+            task.shape, is_vocabulary_tensor(task.name))))
     numel = math.prod(task.shape)
     if not elementwise or numel <= CHUNK_ELEMENTS:
         return [(None, None)]
@@ -148,6 +151,9 @@ def _read_inputs(plan: MergePlan, task: TensorTask, device: torch.device,
         values[key] = tensor.to(device=device, dtype=task.compute_dtype)
     if task.vocab is not None:  # whole tensors: rows in the output tokenizer's order
         values.update(align_rows(values, task.vocab))
+    if plan.postprocess is not None and task.route.kind == "merge" and keys is None:
+        # `rescale_norms`: every consumer (statistics, merge) sees the rescaled models
+        values = plan.postprocess.rescale_inputs(values, task.route.inputs)
     return values
 
 
@@ -201,6 +207,7 @@ def compute_part(plan: MergePlan, task: TensorTask, device: torch.device,
     read) and kept there otherwise."""
     route = task.route
     if (memo is not None and inputs is None and route.kind == "merge" and task.vocab is None
+            and plan.postprocess is None
             and route.method is not None and route.method.separable(task.global_params)):
         return _output(plan, task, _compute_separable(plan, task, device, start, stop, memo))
     if inputs is None:
@@ -213,6 +220,9 @@ def compute_part(plan: MergePlan, task: TensorTask, device: torch.device,
     else:
         assert route.method is not None
         out = route.method.merge(_method_inputs(plan, task, values, start=start))
+        if plan.postprocess is not None:
+            out = plan.postprocess.apply(task.name, task.shape, is_vocabulary_tensor(task.name),
+                                         out, values, route.inputs)
     return _output(plan, task, out)
 
 
@@ -391,6 +401,12 @@ def gather_statistics(plan: MergePlan, device: torch.device,
     side by side on the policy's part workers. `keep_parts`: see `GlobalStats`. With a
     `memo`, what each model alone determined in an earlier merge is reused, and kept."""
     plan.reset_statistics()
+    post = plan.postprocess
+    if post is not None and post.rescale:
+        _postprocess_pass(plan, NORMS_PASS, device, pipeline, progress,
+                          lambda task, start, values: post.observe_norms(values,
+                                                                         task.route.inputs))
+        post.finish_norms()
     for r, route in enumerate(plan.routes):
         stats = route.stats
         if stats is None:
@@ -419,6 +435,45 @@ def gather_statistics(plan: MergePlan, device: torch.device,
         for key, value in zip(keys, results or (), strict=False):
             if key is not None and memo is not None:
                 memo.keep_result(key, value)
+    if post is not None and LINES_PASS in post.pass_names:
+        _postprocess_pass(plan, LINES_PASS, device, pipeline, progress,
+                          functools.partial(_observe_lines, plan, post))
+        post.finish_lines()
+
+
+def _observe_lines(plan: MergePlan, post: Postprocess, task: TensorTask, start: int | None,
+                   values: dict[str, torch.Tensor]) -> None:
+    """LiNeS's norms for one part: the merge (the method's statistics finished) and the
+    steps before `lines`, as the merge pass will compute them."""
+    route = task.route
+    assert route.method is not None
+    merged = route.method.merge(_method_inputs(plan, task, values, start=start))
+    update = post.update(task.name, task.shape, is_vocabulary_tensor(task.name), merged,
+                         values, route.inputs, before_lines=True)
+    assert update is not None
+    post.observe_lines(values, route.inputs, update)
+
+
+def _postprocess_pass(plan: MergePlan, name: str, device: torch.device, pipeline: bool,
+                      progress: Progress | None,
+                      observe: Callable[[TensorTask, int | None, dict[str, torch.Tensor]],
+                                        None]) -> None:
+    """One post-processing statistics pass over every merged part, in plan order (its sums
+    are of floats: one thread, so that their bits do not depend on the thread count)."""
+    tasks = [t for t in plan.tasks if t.route.kind == "merge"]
+    bar = None if progress is None else progress.add_task(
+        name, total=sum(plan.task_read_bytes(t) for t in tasks), tensors=f"0/{len(tasks)}")
+    for part, values in _reads(plan, tasks, device, pipeline):
+        i, task, start, stop, last = part
+        if values is None:  # a large part, read now (`_reads`)
+            values = read_part(plan, task, device, start, stop)
+        assert isinstance(values, dict)
+        observe(task, start, values)
+        release_freed_memory(sum(v.numel() * v.element_size() for v in values.values()))
+        del values
+        if last and progress is not None and bar is not None:
+            progress.update(bar, advance=plan.task_read_bytes(task),
+                            tensors=f"{i + 1}/{len(tasks)}")
 
 
 def _statistics_pass(plan: MergePlan, stats: GlobalStats, p: int, tasks: list[TensorTask],
