@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from conftest import run_cli, write_recipe
 from test_end_to_end import load_state
 
@@ -305,3 +306,56 @@ def test_streamed_in_slices_as_whole(tmp_path: Path, monkeypatch: pytest.MonkeyP
     whole, sliced = load_state(tmp_path / "whole"), load_state(tmp_path / "sliced")
     for name in whole:
         torch.testing.assert_close(sliced[name], whole[name], rtol=1e-6, atol=1e-8, msg=name)
+
+
+# --- inside the coefficient search -------------------------------------------------------
+
+def test_coefficient_search_searches_lines_b(tmp_path: Path) -> None:
+    """`search: {lines.b: null}` spans LiNeS's own range [0, 1] (the paper's validation
+    grid), each candidate merges with its b, and the best recipe carries it."""
+    from test_coefsearch import build_population, load, recipe_dict, search
+    from test_coefsearch import write_recipe as write_search
+
+    pop = build_population(tmp_path / "pop")
+    merge = {"merge_method": "task_arithmetic", "parameters": {"lambda": 1.0},
+             # the MLP's "0.weight", "2.weight": blocks 0 and 2 of L = 3 by this pattern
+             "postprocess": [{"svc": {"alpha": 0.1}},
+                             {"lines": {"b": 0.0, "layers": r"^(\d+)\."}}]}
+    data = recipe_dict(pop, merge=merge, search={"lines.b": None, "lambda": [0.5, 1.5]},
+                       budget=5, grid={"lines.b": [0.2, 0.9]})
+    data["fitness"].pop("report")
+    path = write_search(pop, data)
+    _, space, _ = load(path)
+    b = next(v for v in space.variables if v.param == "lines.b")
+    assert (b.low, b.high, b.default, b.member) == (0.0, 1.0, 0.0, None)
+    assert not space.fast  # the fast path has no post-processing: full merges
+    point = [0.7 if v.param == "lines.b" else 1.1 for v in space.variables]
+    candidate = space.merge_data(point)
+    assert candidate["postprocess"][1]["lines"] == {"b": 0.7, "layers": r"^(\d+)\."}
+    assert candidate["postprocess"][0] == {"svc": {"alpha": 0.1, "vocabulary": False}}
+    assert candidate["parameters"]["lambda"] == 1.1
+    # the merge of a point is the plain merge post-processed with that b
+    from mergekit_pcb.engine import build_plan, merge_in_memory
+
+    plans = [build_plan(space.merge_recipe(p, 0), "") for p in
+             ([0.0, 1.0], [0.9, 1.0])]
+    outs = [merge_in_memory(p) for p in plans]
+    a = plans[0].postprocess.lines_a  # type: ignore[union-attr]
+    for p in plans:
+        p.close()
+    assert a is not None and a == pytest.approx(plans[1].postprocess.lines_a)  # type: ignore[union-attr]
+    base = load_state(pop / "base")
+    for name, layer in (("0.weight", 0), ("2.weight", 2)):
+        d0, d9 = outs[0][name] - base[name], outs[1][name] - base[name]
+        # same calibrated update, scaled by a + 0.9·ℓ/2 instead of a
+        torch.testing.assert_close(d9, d0 * ((a + 0.9 * layer / 2) / a), rtol=1e-5, atol=1e-6)
+    # the search runs: the grid's two b, and the search's own points, each scored
+    summary = search(path, pop / "out")
+    doc = json.loads((pop / "out" / "search.json").read_text())
+    grid = [e["point"]["lines.b"] for e in doc["evaluations"] if e["phase"] == "grid"]
+    assert grid == [0.2, 0.9]
+    scores = {e["point"]["lines.b"]: e["select"] for e in doc["evaluations"]}
+    assert len(set(scores.values())) > 1  # b changes the merge and so the loss
+    best = yaml.safe_load((pop / "out" / "best_recipe.yaml").read_text())
+    assert best["postprocess"][1]["lines"]["b"] == summary["best"]["point"]["lines.b"] \
+        or summary["best"]["phase"] == "default"

@@ -20,12 +20,27 @@ from collections.abc import Sequence
 
 import torch
 
+from mergekit_pcb.methods.base import WEIGHT_RANGE, ParamSpec, Range
+
 # FusionBench's configurations set α = 0.1 for task arithmetic, TIES, DARE, the simple
 # average and ISO-C (1.0 only for TSV-M and WUDI, which calibrate their own spectrum).
 SVC_ALPHA = 0.1
 # The official code's floor under ‖u_rᵀΔ_k‖², so that a task with no response along u_r
 # gives s = 0 (then max(α, 0) = α) rather than 0/0.
 SVC_EPS = 1e-12
+
+
+# The steps' numbers a coefficient search can vary, named as its `search:` names them.
+# LiNeS's multi-task runs search b over (0, 1] (`evaluate_task_vector`: linspace(0, 1)[1:]);
+# the SVC paper gives no search range for α, nor LiNeS for a given a: bounds are needed.
+STEP_PARAMS: dict[str, ParamSpec] = {p.name: p for p in (
+    ParamSpec("lines.b", None, "LiNeS's b: the last block's scale minus the first's",
+              bounds=WEIGHT_RANGE, search_range=Range(0.0, 1.0)),
+    ParamSpec("lines.a", None, "LiNeS's a: the first block's scale (and outside the blocks)",
+              bounds=WEIGHT_RANGE),
+    ParamSpec("svc.alpha", SVC_ALPHA, "SVC's α: the floor under each task's projection "
+              "coefficient", bounds=Range(0.0, 1e6, low_open=True)),
+)}
 
 
 def svc(update: torch.Tensor, task_updates: Sequence[torch.Tensor],
@@ -97,5 +112,5 @@ def rescale_norms(task_updates: Sequence[torch.Tensor],
     return [t if f == 1.0 else t * f for t, f in zip(task_updates, factors, strict=True)]
 
 
-__all__ = ["SVC_ALPHA", "lines_alpha", "lines_factor", "lines_scale", "rescale_factors",
-           "rescale_norms", "svc"]
+__all__ = ["STEP_PARAMS", "SVC_ALPHA", "lines_alpha", "lines_factor", "lines_scale",
+           "rescale_factors", "rescale_norms", "svc"]
