@@ -359,3 +359,36 @@ def test_coefficient_search_searches_lines_b(tmp_path: Path) -> None:
     best = yaml.safe_load((pop / "out" / "best_recipe.yaml").read_text())
     assert best["postprocess"][1]["lines"]["b"] == summary["best"]["point"]["lines.b"] \
         or summary["best"]["phase"] == "default"
+
+
+def test_population_search_merges_with_the_steps(tmp_path: Path) -> None:
+    """An evolution's inner merge with `postprocess:`: its output is the final population's
+    task arithmetic, calibrated and LiNeS-scaled, recomputed here from the functions."""
+    from safetensors.torch import load_file
+    from test_evolve_engine import build_population, recipe_dict
+    from test_evolve_engine import write_recipe as write_evolution
+
+    from mergekit_pcb.evolve.run import evolve
+
+    pop = build_population(tmp_path / "pop")
+    data = recipe_dict(pop, generations=1)
+    data["merge"] = {"merge_method": "task_arithmetic", "parameters": {"lambda": 0.5},
+                     "postprocess": [{"svc": {}}, {"lines": {"b": 0.4, "layers": r"^(\d+)\."}}]}
+    out = pop / "out"
+    summary = evolve(write_evolution(pop, data), out, trust_code=True)
+    doc = json.loads((out / "evolution.json").read_text())
+    members = [load_file(str(summary.run_dir / "members" / m)) for m in doc["final"]["members"]]
+    base = load_file(str(pop / "base" / "model.safetensors"))
+    result = load_file(str(out / "model.safetensors"))
+    updates = {}
+    for name, b in base.items():
+        taus = [m[name].double() - b.double() for m in members]
+        updates[name] = svc(0.5 * sum(taus), taus, 0.1) if b.dim() == 2 else 0.5 * sum(taus)
+    summed = sum(float(sum(m[n].double() - base[n].double() for m in members).abs().sum())
+                 for n in base)
+    a = lines_alpha(summed, sum(float(u.abs().sum()) for u in updates.values()), 3)
+    for name, b in base.items():
+        layer = int(name.split(".")[0])
+        expected = b.double() + updates[name] * lines_factor(layer, 3, a, 0.4)
+        torch.testing.assert_close(result[name].double(), expected, rtol=1e-5, atol=1e-6,
+                                   msg=name)
