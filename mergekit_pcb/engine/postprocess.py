@@ -37,6 +37,11 @@ from mergekit_pcb.methods.postprocess import (
 from mergekit_pcb.recipe.params import layer_index
 from mergekit_pcb.recipe.schema import PostStep
 
+# The statistics passes sum in float64 over flat chunks of this many entries: no float64
+# copy of a whole tensor is made (an embedding would cost several times its size), and no
+# chunk is long enough for torch to split its sum by thread (past 32,768 entries), so the
+# bits of the sums do not depend on the thread count.
+STAT_CHUNK = 1 << 15
 NORMS_PASS = "task-vector norms"
 LINES_PASS = "LiNeS norms"
 
@@ -175,29 +180,57 @@ class Postprocess:
 
     # --- statistics ------------------------------------------------------------------
 
-    def observe_norms(self, values: Mapping[str, torch.Tensor], inputs: Sequence[str]) -> None:
-        base = values[self.base_key].to(torch.float64)
+    def norms_part(self, values: Mapping[str, torch.Tensor], inputs: Sequence[str]
+                   ) -> dict[str, float]:
+        """One part's share of each ‖τ_k‖₂², summed in float64 over chunks (no float64
+        copy of a whole tensor: the pass stays at the merge's own memory)."""
+        base = values[self.base_key].reshape(-1)
+        out = {}
         for key in inputs:
-            if key != self.base_key:
-                tau = values[key].to(torch.float64) - base
-                self.norms[key] = self.norms.get(key, 0.0) + float((tau * tau).sum())
+            if key == self.base_key:
+                continue
+            model = values[key].reshape(-1)
+            total = 0.0
+            for a in range(0, base.numel(), STAT_CHUNK):
+                tau = model[a:a + STAT_CHUNK].to(torch.float64) \
+                    - base[a:a + STAT_CHUNK].to(torch.float64)
+                total += float((tau * tau).sum())
+            out[key] = total
+        return out
+
+    def add_norms(self, part: Mapping[str, float]) -> None:
+        for key, value in part.items():
+            self.norms[key] = self.norms.get(key, 0.0) + value
 
     def finish_norms(self) -> None:
         keys = list(self.norms)
         factors = rescale_factors([self.norms[k] ** 0.5 for k in keys])
         self.factors = dict(zip(keys, factors, strict=True))
 
-    def observe_lines(self, values: Mapping[str, torch.Tensor], inputs: Sequence[str],
-                      update: torch.Tensor) -> None:
-        """One part's share of ‖Σ τ‖₁ (the task vectors the merge saw) and ‖Δ‖₁ (the update
-        reaching the lines step), summed in float64 in plan order."""
-        base = values[self.base_key].to(torch.float64)
-        summed = torch.zeros_like(base)
-        for key in inputs:
-            if key != self.base_key:
-                summed += values[key].to(torch.float64) - base
-        self.summed_l1 += float(summed.abs().sum())
-        self.merged_l1 += float(update.to(torch.float64).abs().sum())
+    def lines_part(self, values: Mapping[str, torch.Tensor], inputs: Sequence[str],
+                   merged: torch.Tensor, update: torch.Tensor | None) -> tuple[float, float]:
+        """One part's share of ‖Σ τ‖₁ (the task vectors the merge saw) and of ‖Δ‖₁ (the
+        update reaching the lines step: `update`, or merged − base when None), summed in
+        float64 over chunks."""
+        base = values[self.base_key].reshape(-1)
+        models = [values[k].reshape(-1) for k in inputs if k != self.base_key]
+        flat = (merged if update is None else update).reshape(-1)
+        summed_l1 = merged_l1 = 0.0
+        for a in range(0, base.numel(), STAT_CHUNK):
+            b = base[a:a + STAT_CHUNK].to(torch.float64)
+            summed = torch.zeros_like(b)
+            for m in models:
+                summed += m[a:a + STAT_CHUNK].to(torch.float64) - b
+            summed_l1 += float(summed.abs().sum())
+            delta = flat[a:a + STAT_CHUNK].to(torch.float64)
+            if update is None:
+                delta -= b
+            merged_l1 += float(delta.abs().sum())
+        return summed_l1, merged_l1
+
+    def add_lines(self, part: tuple[float, float]) -> None:
+        self.summed_l1 += part[0]
+        self.merged_l1 += part[1]
 
     def finish_lines(self) -> None:
         self.lines_a = lines_alpha(self.summed_l1, self.merged_l1, self.num_tasks)
@@ -223,7 +256,7 @@ class Postprocess:
                values: Mapping[str, torch.Tensor], inputs: Sequence[str],
                before_lines: bool = False) -> torch.Tensor | None:
         """The update after the steps (before the lines step with `before_lines`), in
-        float32 or wider; None when no step changed it (the merged tensor stands)."""
+        float32 or wider; None when no step changed it (merged − base stands)."""
         base = values[self.base_key]
         wide = torch.promote_types(merged.dtype, torch.float32)
         delta: torch.Tensor | None = None
@@ -245,9 +278,9 @@ class Postprocess:
                 factor = lines_factor(self.layers.blocks.get(name), self.layers.count,
                                       self.lines_a, step.lines.b)
                 if factor != 1.0:
-                    delta = current() * factor
-        if before_lines and delta is None:
-            return current()
+                    # in place: `current()` is always a fresh tensor (a difference or SVC's
+                    # result), so a step holds one update-sized tensor, not one per operation
+                    delta = current().mul_(factor)
         return delta
 
     def apply(self, name: str, shape: Sequence[int], vocabulary: bool, merged: torch.Tensor,
@@ -256,7 +289,7 @@ class Postprocess:
         if delta is None:
             return merged  # bit for bit
         base = values[self.base_key]
-        return (base.to(delta.dtype) + delta.reshape(base.shape)).to(merged.dtype)
+        return delta.reshape(base.shape).add_(base.to(delta.dtype)).to(merged.dtype)
 
     def describe(self) -> list[str]:
         """The step plan, one line per step, for `validate` and `--dry-run`."""
