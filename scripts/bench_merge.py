@@ -9,6 +9,8 @@ Run with the system python from the repository root::
     python scripts/bench_merge.py --methods ties,spectral --no-mergekit  # the spectral rows
     python scripts/bench_merge.py --params 128k --methods memory --no-arithmetic
                                         # the memory bound: a 128k-vocabulary embedding
+    python scripts/bench_merge.py --methods postprocess --no-mergekit
+                                        # ties and global pcb with and without LiNeS / SVC
 
 What it does:
 
@@ -288,6 +290,24 @@ def spectral_recipe(method: str) -> RecipeBuilder:
 
 SPECTRAL_METHODS = ("tsv_m", "iso_c", "iso_cts", "cart", "wudi")
 
+
+def postprocessed(builder: RecipeBuilder, suffix: str, steps: list[Any]) -> RecipeBuilder:
+    """A row's recipe with `postprocess:` steps after its merge (mergekit has none): its
+    time and peak RSS against the plain row's show what the steps cost."""
+
+    def build(base: Path, ft_dirs: list[Path]) -> Recipe:
+        recipe = builder(base, ft_dirs)
+        return Recipe(f"{recipe.method}_{suffix}", {**recipe.body, "postprocess": steps},
+                      peer=False)
+
+    return build
+
+
+# LiNeS with the paper's a (a statistics pass: the merge once more) and b = 0.5; SVC at
+# FusionBench's α (every matrix merged whole, its SVD in float64).
+LINES_STEPS = [{"lines": {"b": 0.5}}]
+SVC_STEPS = [{"svc": {"alpha": 0.1}}]
+
 RECIPES: dict[str, RecipeBuilder] = {
     "linear": linear_recipe,
     "ties": ties_recipe,
@@ -300,8 +320,12 @@ RECIPES: dict[str, RecipeBuilder] = {
     "breadcrumbs": breadcrumbs_recipe,
     "della": della_recipe,
     **{m: spectral_recipe(m) for m in SPECTRAL_METHODS},
+    "ties_lines": postprocessed(ties_recipe, "lines", LINES_STEPS),
+    "pcb_lines": postprocessed(pcb_recipe, "lines", LINES_STEPS),
+    "ties_svc": postprocessed(ties_recipe, "svc", SVC_STEPS),
 }
 # `--methods memory`: every per-tensor method of the memory bound's table.
+POSTPROCESS_METHODS = ("ties", "ties_lines", "ties_svc", "pcb", "pcb_lines")
 MEMORY_METHODS = ("linear", "task_arithmetic", "ties", "dare_ties", "breadcrumbs", "della",
                   "pcb_tensor")
 
@@ -786,7 +810,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def _split(methods: str) -> list[str]:
     names = [m.strip() for m in methods.split(",") if m.strip()]
-    groups = {"memory": MEMORY_METHODS, "spectral": SPECTRAL_METHODS}
+    groups = {"memory": MEMORY_METHODS, "spectral": SPECTRAL_METHODS,
+              "postprocess": POSTPROCESS_METHODS}
     return [n for m in names for n in groups.get(m, (m,))]
 
 

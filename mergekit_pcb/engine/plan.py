@@ -16,6 +16,12 @@ from typing import Any
 
 import torch
 
+from mergekit_pcb.engine.postprocess import (
+    Postprocess,
+    check_postprocess,
+    layer_map,
+    read_config,
+)
 from mergekit_pcb.engine.slices import (
     PRE_LAYER,
     check_range,
@@ -81,6 +87,9 @@ class Route:
     stats: GlobalStats | None = None  # whole-model statistics, gathered before merging
     # What `stats` was made from, so that every execution starts from fresh statistics.
     stats_args: tuple[Any, ...] | None = None
+    # The recipe's `postprocess:` steps act on this route's tensors (its merges then read
+    # the base, which the steps subtract and add back).
+    post: bool = False
 
     def reset_statistics(self) -> None:
         if self.stats_args is not None:
@@ -117,7 +126,7 @@ class TensorTask:
             keys = [self.route.source]
         else:
             needs_base = (self.route.kind == "merge" and self.route.method is not None
-                          and self.route.method.requires_base)
+                          and (self.route.method.requires_base or self.route.post))
             keys = ([base_key] if needs_base and base_key else []) + self.route.inputs
         if self.vocab is not None:  # every model whose rows feed a missing token's default
             keys += self.vocab.keys
@@ -147,6 +156,8 @@ class MergePlan:
     # What runs otherwise than the recipe may lead one to expect (a parameter ignored, a
     # filter that matches nothing): one line each, for the caller to show (`errors.warn`).
     warnings: list[str] = field(default_factory=list)
+    # The recipe's `postprocess:` steps and their whole-model statistics; None: none.
+    postprocess: Postprocess | None = None
 
     def rebind(self, sources: Mapping[str, Checkpoint]) -> MergePlan:
         """Read model keys from other checkpoints of the same layout (swapped in, not owned).
@@ -180,6 +191,21 @@ class MergePlan:
         """Fresh whole-model statistics for every route that gathers them."""
         for route in self.routes:
             route.reset_statistics()
+        if self.postprocess is not None:
+            self.postprocess.reset()
+
+    @property
+    def post_passes(self) -> tuple[str, ...]:
+        return self.postprocess.pass_names if self.postprocess is not None else ()
+
+    @property
+    def pass_names(self) -> list[str]:
+        """Every pass over the inputs in order: the post-processing's norms of the task
+        vectors, the methods' statistics, LiNeS's norms, the merge."""
+        post = list(self.post_passes)
+        first = post[:1] if self.postprocess is not None and self.postprocess.rescale else []
+        return [*first, *[n for r in self.routes for n in r.stat_passes],
+                *post[len(first):], "merge"]
 
     def rule_groups(self, route: Route) -> dict[str, list[str]]:
         """The tensors of `route` grouped by the rule of its method that serves each
@@ -204,12 +230,15 @@ class MergePlan:
     @property
     def read_bytes(self) -> int:
         """Bytes read by the whole run, statistics passes included."""
-        return sum(self.task_read_bytes(t) * (1 + len(t.route.stat_passes)) for t in self.tasks)
+        post = len(self.post_passes)
+        return sum(self.task_read_bytes(t) * (1 + len(t.route.stat_passes)
+                                              + (post if t.route.kind == "merge" else 0))
+                   for t in self.tasks)
 
     @property
     def passes(self) -> int:
         """Passes over the inputs: the merge itself plus each statistics pass."""
-        return 1 + sum(len(r.stat_passes) for r in self.routes)
+        return 1 + sum(len(r.stat_passes) for r in self.routes) + len(self.post_passes)
 
     @property
     def write_bytes(self) -> int:
@@ -259,6 +288,7 @@ def check_merge_recipe(recipe: MergeRecipe) -> tuple[MergeMethod, list[str]]:
     whose models do not exist."""
     method = get_method(recipe.merge_method)
     _check_recipe_shape(recipe, method)
+    check_postprocess(recipe.postprocess, recipe.base_model)
     warnings = check_parameter_keys(type(method), recipe.parameters,
                                     [m.parameters for m in recipe.models])
     for i, sl in enumerate(recipe.slices):
@@ -301,6 +331,7 @@ def build_plan(recipe: MergeRecipe, recipe_text: str, *, seed: int | None = None
         if sources is None:
             plan.tokenizer_root()  # a bad tokenizer_source fails now, not after the merge
         _finish_vocab(plan, vocab)
+        _plan_postprocess(plan)
         plan.warnings = list(dict.fromkeys([*warnings, *_plan_warnings(plan)]))
     except BaseException:
         for ref in owned:
@@ -340,6 +371,30 @@ def _finish_vocab(plan: MergePlan, vocab: VocabPlan | None) -> None:
     plan.config_overrides["vocab_size"] = vocab.rows
     names = [t.name for t in plan.tasks if is_vocabulary_tensor(t.name)]
     plan.routes.insert(0, Route(vocab.label(), "align", tensor_names=names))
+
+
+def _plan_postprocess(plan: MergePlan) -> None:
+    """The `postprocess:` steps over the plan's merged tensors (`engine.postprocess`)."""
+    steps = plan.recipe.postprocess
+    if not steps:
+        return
+    assert plan.base_key is not None  # check_postprocess
+    merged = [t for t in plan.tasks if t.route.kind == "merge"]
+    tasks = {k for t in merged for k in t.route.inputs if k != plan.base_key}
+    layers = None
+    index = next((i for i, s in enumerate(steps) if s.lines is not None), None)
+    if index is not None:
+        lines = steps[index].lines
+        assert lines is not None
+        layers = layer_map([t.name for t in merged], lines.layers,
+                           read_config(plan.config_source.root), plan.config_overrides,
+                           f"postprocess[{index}].lines")
+        if all(b is None for b in layers.blocks.values()):
+            plan.warnings.append(
+                f"postprocess[{index}].lines: no merged tensor's name has a block index "
+                f"({'its layers pattern' if lines.layers else 'layers.N., h.N., blocks.N.'}"
+                " matches none): every tensor is scaled by a")
+    plan.postprocess = Postprocess(list(steps), plan.base_key, len(tasks), layers)
 
 
 def _plan_warnings(plan: MergePlan) -> list[str]:
@@ -535,7 +590,7 @@ def _plan_slices(recipe: MergeRecipe, recipe_text: str, method: MergeMethod,
         models, per_model = slice_inputs(recipe, sl, method)
         return Route(f"slices[{i}]{part}: {method.name} over {', '.join(models)}", "merge",
                      method=method, recipe_params={**recipe.parameters, **sl.parameters},
-                     model_params=per_model, inputs=models)
+                     model_params=per_model, inputs=models, post=bool(recipe.postprocess))
 
     def add(name: str, route: Route, sources: dict[str, str], t: float,
             copy_from: str) -> None:
@@ -654,7 +709,7 @@ def _merge_route(method: MergeMethod, params: Mapping[str, ParameterValue],
         label, "merge", method=method, recipe_params=params,
         model_params=[{k: v for k, v in m.parameters.items() if k in per_model}
                       for m in entries],
-        inputs=[m.model for m in entries],
+        inputs=[m.model for m in entries], post=bool(recipe.postprocess),
     )
 
 

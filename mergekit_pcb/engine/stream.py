@@ -37,6 +37,7 @@ from mergekit_pcb.engine.card import OutputFiles, write_artifacts
 from mergekit_pcb.engine.memo import ModelParts, PreparedKey, PreparedMemo
 from mergekit_pcb.engine.pipeline import InOrder, WriteBehind, read_ahead
 from mergekit_pcb.engine.plan import MergePlan, TensorTask
+from mergekit_pcb.engine.postprocess import LINES_PASS, NORMS_PASS, Postprocess
 from mergekit_pcb.engine.rng import tensor_generator
 from mergekit_pcb.engine.vocab import align_rows, is_vocabulary_tensor
 from mergekit_pcb.errors import CheckpointError
@@ -105,6 +106,11 @@ def _load_malloc_policy() -> tuple[Callable[[], None], Callable[[int], object]]:
 tune_allocator, release_freed_memory = _load_malloc_policy()
 
 
+def trim_heap() -> None:
+    """Give freed heap memory back now (the trim `release_freed_memory` does every 2 GB)."""
+    release_freed_memory(2 << 30)
+
+
 def all_finite(tensor: torch.Tensor) -> bool:
     """NaN and ±Inf show up in the min or max; one reduction, no boolean temporary."""
     if tensor.numel() == 0:
@@ -128,7 +134,9 @@ def slices(plan: MergePlan, task: TensorTask) -> list[tuple[int | None, int | No
     if task.vocab is not None:  # rows move across the whole tensor
         return [(None, None)]
     elementwise = route.kind != "merge" or (
-        route.method is not None and route.method.elementwise(task.global_params))
+        route.method is not None and route.method.elementwise(task.global_params)
+        and not (plan.postprocess is not None and plan.postprocess.whole_tensor(
+            task.shape, is_vocabulary_tensor(task.name))))
     numel = math.prod(task.shape)
     if not elementwise or numel <= CHUNK_ELEMENTS:
         return [(None, None)]
@@ -148,6 +156,9 @@ def _read_inputs(plan: MergePlan, task: TensorTask, device: torch.device,
         values[key] = tensor.to(device=device, dtype=task.compute_dtype)
     if task.vocab is not None:  # whole tensors: rows in the output tokenizer's order
         values.update(align_rows(values, task.vocab))
+    if plan.postprocess is not None and task.route.kind == "merge" and keys is None:
+        # `rescale_norms`: every consumer (statistics, merge) sees the rescaled models
+        values = plan.postprocess.rescale_inputs(values, task.route.inputs)
     return values
 
 
@@ -223,6 +234,7 @@ def compute_part(plan: MergePlan, task: TensorTask, device: torch.device,
     read) and kept there otherwise."""
     route = task.route
     if (memo is not None and inputs is None and route.kind == "merge" and task.vocab is None
+            and plan.postprocess is None
             and route.method is not None and route.method.separable(task.global_params)):
         return _output(plan, task, _compute_separable(plan, task, device, start, stop, memo))
     if inputs is None:
@@ -235,6 +247,9 @@ def compute_part(plan: MergePlan, task: TensorTask, device: torch.device,
     else:
         assert route.method is not None
         out = route.method.merge(_method_inputs(plan, task, values, start=start))
+        if plan.postprocess is not None:
+            out = plan.postprocess.apply(task.name, task.shape, is_vocabulary_tensor(task.name),
+                                         out, values, route.inputs)
     return _output(plan, task, out)
 
 
@@ -413,6 +428,13 @@ def gather_statistics(plan: MergePlan, device: torch.device,
     side by side on the policy's part workers. `keep_parts`: see `GlobalStats`. With a
     `memo`, what each model alone determined in an earlier merge is reused, and kept."""
     plan.reset_statistics()
+    post = plan.postprocess
+    if post is not None and post.rescale:
+        _postprocess_pass(plan, NORMS_PASS, device, pipeline, progress, threads,
+                          lambda task, start, values: post.norms_part(values,
+                                                                      task.route.inputs),
+                          post.add_norms)
+        post.finish_norms()
     for r, route in enumerate(plan.routes):
         stats = route.stats
         if stats is None:
@@ -441,21 +463,74 @@ def gather_statistics(plan: MergePlan, device: torch.device,
         for key, value in zip(keys, results or (), strict=False):
             if key is not None and memo is not None:
                 memo.keep_result(key, value)
+    if post is not None and LINES_PASS in post.pass_names:
+        _postprocess_pass(plan, LINES_PASS, device, pipeline, progress, threads,
+                          functools.partial(_lines_part, plan, post), post.add_lines)
+        post.finish_lines()
+    if post is not None and post.pass_names:
+        # What these passes freed stays in the heap (and in the part workers' arenas,
+        # which the merge's workers do not reuse): given back now, the merge that follows
+        # peaks where it would without them.
+        trim_heap()
+
+
+def _lines_part(plan: MergePlan, post: Postprocess, task: TensorTask, start: int | None,
+                values: dict[str, torch.Tensor]) -> tuple[float, float]:
+    """LiNeS's norms for one part: the merge (the method's statistics finished) and the
+    steps before `lines`, as the merge pass will compute them."""
+    route = task.route
+    assert route.method is not None
+    merged = route.method.merge(_method_inputs(plan, task, values, start=start))
+    update = post.update(task.name, task.shape, is_vocabulary_tensor(task.name), merged,
+                         values, route.inputs, before_lines=True)
+    return post.lines_part(values, route.inputs, merged, update)
+
+
+def _postprocess_pass(plan: MergePlan, name: str, device: torch.device, pipeline: bool,
+                      progress: Progress | None, threads: ThreadPolicy | None,
+                      work: Callable[[TensorTask, int | None, dict[str, torch.Tensor]], R],
+                      collect: Callable[[R], None]) -> None:
+    """One post-processing statistics pass over every merged part, on the part workers as
+    the merge pass runs (its memory is the merge's); each part's numbers are summed in
+    chunks no thread count splits, and `collect`ed in plan order."""
+    tasks = [t for t in plan.tasks if t.route.kind == "merge"]
+    bar = None if progress is None else progress.add_task(
+        name, total=sum(plan.task_read_bytes(t) for t in tasks), tensors=f"0/{len(tasks)}")
+    with (threads.workers(device, pipeline) if threads is not None else InOrder(1)) as workers:
+        _pass_over(plan, tasks, device, pipeline, threads, workers, progress, bar, work,
+                   collect)
 
 
 def _statistics_pass(plan: MergePlan, stats: GlobalStats, p: int, tasks: list[TensorTask],
                      device: torch.device, pipeline: bool, threads: ThreadPolicy | None,
                      workers: InOrder, progress: Progress | None, bar: TaskID | None) -> None:
-    def observe(part: Part, values: Inputs | None) -> int:
+    def observe(task: TensorTask, start: int | None, values: dict[str, torch.Tensor]) -> None:
+        stats.observe(p, _method_inputs(plan, task, values, start=start))
+
+    _pass_over(plan, tasks, device, pipeline, threads, workers, progress, bar, observe)
+
+
+def _pass_over(plan: MergePlan, tasks: list[TensorTask], device: torch.device, pipeline: bool,
+               threads: ThreadPolicy | None, workers: InOrder, progress: Progress | None,
+               bar: TaskID | None,
+               work: Callable[[TensorTask, int | None, dict[str, torch.Tensor]], R],
+               collect: Callable[[R], None] | None = None) -> None:
+    """`work` on every part of `tasks` (read ahead when `pipeline`), on the part workers or
+    alone as `threads` says; `collect` gets each part's result in plan order (so that sums
+    of floats gathered there do not depend on which worker finished first)."""
+    def observe(part: Part, values: Inputs | None) -> tuple[R, int]:
         _, task, start, stop, _ = part
         if values is None:  # a large part, read now (`_reads`)
             values = read_part(plan, task, device, start, stop)
         assert isinstance(values, dict)
-        stats.observe(p, _method_inputs(plan, task, values, start=start))
-        return sum(v.numel() * v.element_size() for v in values.values())
+        result = work(task, start, values)
+        return result, sum(v.numel() * v.element_size() for v in values.values())
 
-    def observed(part: Part, nbytes: int) -> None:
+    def observed(part: Part, out: tuple[R, int]) -> None:
         i, task, _, _, last = part
+        result, nbytes = out
+        if collect is not None:
+            collect(result)
         release_freed_memory(nbytes)
         if last and progress is not None and bar is not None:
             progress.update(bar, advance=plan.task_read_bytes(task),

@@ -27,6 +27,7 @@ from mergekit_pcb.recipe.schema import (
     ModelEntry,
     ModelRef,
     ParameterValue,
+    PostStep,
     StrictModel,
     TensorRule,
     read_yaml,
@@ -52,6 +53,8 @@ class InnerMerge(StrictModel):
     merge_method: str
     parameters: dict[str, ParameterValue] = Field(default_factory=dict)
     tensors: list[TensorRule] = Field(default_factory=list)
+    # steps on each merge's update (merged − base), as a merge recipe's `postprocess:`
+    postprocess: list[PostStep] = Field(default_factory=list)
 
 
 class FitnessSpec(StrictModel):

@@ -828,13 +828,14 @@ def _guard_files(state: dict[str, Any], maximize: bool) -> list[str]:
 
 
 def _merge_identity(merge: InnerMerge | None) -> dict[str, Any] | None:
-    """The inner merge as resume compares it (the `tensors` key only when rules are given,
-    so that the run states of earlier versions still resume)."""
+    """The inner merge as resume compares it (the `tensors` and `postprocess` keys only when
+    given, so that the run states of earlier versions still resume)."""
     if merge is None:
         return None
     data = merge.model_dump()
-    if not data["tensors"]:
-        del data["tensors"]
+    for key in ("tensors", "postprocess"):
+        if not data[key]:
+            del data[key]
     return data
 
 

@@ -82,7 +82,8 @@ def population_recipe(merge: InnerMerge, base: str | None, dtype: str | None, si
     return MergeRecipe(
         merge_method=merge.merge_method, base_model=base,
         models=[ModelEntry(model=member_key(i)) for i in range(size)],
-        parameters=merge.parameters, tensors=merge.tensors, dtype=dtype, seed=seed)  # type: ignore[arg-type]
+        parameters=merge.parameters, tensors=merge.tensors, postprocess=merge.postprocess,
+        dtype=dtype, seed=seed)  # type: ignore[arg-type]
 
 
 @dataclass(frozen=True)

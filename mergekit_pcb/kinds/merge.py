@@ -69,6 +69,13 @@ class MergeKind(RecipeKind):
                 names = g["names"][:SHOWN_NAMES]
                 more = ", …" if len(g["names"]) > len(names) else ""
                 lines.append(f"    {g['rule']}: {g['tensors']} tensors ({', '.join(names)}{more})")
+        post = plan.get("postprocess")
+        if post is not None:
+            lines += [f"  {line}" for line in post["plan"]]
+            for g in post["block_groups"]:
+                names = g["names"][:SHOWN_NAMES]
+                more = ", …" if len(g["names"]) > len(names) else ""
+                lines.append(f"    {g['group']}: {g['tensors']} tensors ({', '.join(names)}{more})")
         return lines
 
     def run(self, recipe: tuple[MergeRecipe, str], source: Path, options: RunOptions
@@ -176,7 +183,7 @@ def plan_info(plan: MergePlan) -> dict[str, Any]:
         "slices": len(recipe.slices),
         "tensors": len(plan.tasks),
         "passes": plan.passes,
-        "pass_names": [n for r in plan.routes for n in r.stat_passes] + ["merge"],
+        "pass_names": plan.pass_names,
         "read_bytes": plan.read_bytes,
         "output_bytes": plan.write_bytes,
         "seed": plan.seed,
@@ -189,4 +196,23 @@ def plan_info(plan: MergePlan) -> dict[str, Any]:
         # the output tokenizer, and per model how many tokens were re-mapped and are new
         "tokenizer": plan.vocab.summary() if plan.vocab is not None else None,
         "warnings": plan.warnings,
+        "postprocess": _postprocess_info(plan),
+    }
+
+
+def _postprocess_info(plan: MergePlan) -> dict[str, Any] | None:
+    """The `postprocess:` step plan and, with a lines step, each merged tensor's block."""
+    post = plan.postprocess
+    if post is None:
+        return None
+    names = [t.name for t in plan.tasks if t.route.kind == "merge"]
+    return {
+        "steps": [{s.kind: getattr(s, s.kind).model_dump()} for s in post.steps],
+        "plan": post.describe(),
+        "num_tasks": post.num_tasks,
+        "blocks": None if post.layers is None else post.layers.count,
+        "block_of": None if post.layers is None else {n: post.layers.blocks.get(n)
+                                                       for n in names},
+        "block_groups": [{"group": g, "tensors": len(ns), "names": ns}
+                         for g, ns in post.block_groups(names).items()],
     }

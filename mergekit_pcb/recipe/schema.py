@@ -3,7 +3,8 @@
 mergekit's keys mean what they mean in mergekit (`merge_method`, `base_model`,
 `models[].model`, `models[].parameters`, `parameters`, `dtype`, `out_dtype`,
 `tokenizer_source`, `tokenizer`, `chat_template`, `slices`), so a mergekit recipe runs
-unchanged. Our additions: `seed`, `tensors` (routing rules) and `name`.
+unchanged. Our additions: `seed`, `tensors` (routing rules), `postprocess` (steps applied
+to the merge's update, merged − base) and `name`.
 """
 
 from __future__ import annotations
@@ -172,6 +173,75 @@ class AdapterModels(StrictModel):
         return _adapter_entries(data)
 
 
+class SvcStep(StrictModel):
+    """Singular value calibration of each merged matrix (`methods.postprocess.svc`)."""
+
+    # FusionBench's configurations: 0.1 for task arithmetic, TIES, DARE, averaging, ISO-C.
+    alpha: float = Field(0.1, gt=0.0, le=1e6)
+    # As the spectral merges: embeddings and the LM head are left alone unless asked for.
+    vocabulary: bool = False
+
+
+class LinesStep(StrictModel):
+    """LiNeS: the update of block ℓ of L scaled by a + b·ℓ/(L−1), tensors outside by a."""
+
+    b: float = Field(ge=-1e6, le=1e6)
+    # None: the paper's a, ‖Σ τ‖₁ / ‖Δ‖₁ / K over the whole model (a statistics pass)
+    a: float | None = Field(None, ge=-1e6, le=1e6)
+    # a regular expression whose first group is a tensor's block index (default: the
+    # layer numbering of `layers.N.`, `layer.N.`, `h.N.`, `blocks.N.`, `block.N.`)
+    layers: str | None = None
+
+    @model_validator(mode="after")
+    def _pattern(self) -> LinesStep:
+        if self.layers is not None:
+            try:
+                pattern = re.compile(self.layers)
+            except re.error as e:
+                raise ValueError(f"layers: not a regular expression ({e})") from None
+            if pattern.groups < 1:
+                raise ValueError("layers: the pattern needs a group, (\\d+), for the "
+                                 "block index")
+        return self
+
+
+class RescaleNormsStep(StrictModel):
+    """Each task vector scaled to the mean of their whole-model L2 norms before the merge."""
+
+
+POSTPROCESS_STEPS = ("svc", "lines", "rescale_norms")
+
+
+class PostStep(StrictModel):
+    """One item of `postprocess:`: `{svc: {...}}`, `{lines: {...}}` or `rescale_norms`
+    (a bare name is the step with its defaults)."""
+
+    svc: SvcStep | None = None
+    lines: LinesStep | None = None
+    rescale_norms: RescaleNormsStep | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _bare_name(cls, data: Any) -> Any:
+        if isinstance(data, str):
+            return {data: {}}
+        if isinstance(data, dict):  # `rescale_norms:` with nothing after it
+            return {k: ({} if v is None else v) for k, v in data.items()}
+        return data
+
+    @model_validator(mode="after")
+    def _one_step(self) -> PostStep:
+        given = [k for k in POSTPROCESS_STEPS if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError(f"each step is one of {', '.join(POSTPROCESS_STEPS)}, one per "
+                             f"item (got {', '.join(given) or 'none'})")
+        return self
+
+    @property
+    def kind(self) -> str:
+        return next(k for k in POSTPROCESS_STEPS if getattr(self, k) is not None)
+
+
 class MergeRecipe(AdapterModels):
     merge_method: str
     base_model: ModelRef | None = None
@@ -185,6 +255,7 @@ class MergeRecipe(AdapterModels):
     chat_template: str | None = None
     seed: int | None = None
     tensors: list[TensorRule] = Field(default_factory=list)
+    postprocess: list[PostStep] = Field(default_factory=list)
     name: str | None = None
 
     @model_validator(mode="after")

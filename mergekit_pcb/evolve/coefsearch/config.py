@@ -16,6 +16,7 @@ from mergekit_pcb.errors import RecipeError, unknown_method, warn
 from mergekit_pcb.evolve.config import FitnessSpec, InnerMerge, parse_fitness
 from mergekit_pcb.methods import REGISTRY
 from mergekit_pcb.methods.base import MergeMethod, ParamSpec
+from mergekit_pcb.methods.postprocess import STEP_PARAMS
 from mergekit_pcb.recipe.params import check_parameter_keys
 from mergekit_pcb.recipe.schema import (
     AdapterModels,
@@ -23,6 +24,7 @@ from mergekit_pcb.recipe.schema import (
     MergeRecipe,
     ModelEntry,
     ModelRef,
+    PostStep,
     StrictModel,
     parse_recipe,
     validate_mapping,
@@ -94,8 +96,10 @@ class SearchSpace:
 
     @property
     def fast(self) -> bool:
-        """True when only coefficients are searched (one weighted sum per candidate)."""
-        return {v.param for v in self.variables} <= COEFFICIENTS
+        """True when only coefficients are searched (one weighted sum per candidate) and no
+        post-processing step follows the merge (the fast path has none)."""
+        return {v.param for v in self.variables} <= COEFFICIENTS \
+            and not self.recipe.merge.postprocess
 
     def defaults(self) -> list[float]:
         return [v.default for v in self.variables]
@@ -126,10 +130,14 @@ class SearchSpace:
         ref = _absolute if absolute else (lambda s: s)
         models = [{"model": ref(m.model), "parameters": dict(m.parameters)} for m in r.models]
         params = dict(r.merge.parameters)
+        post = [s.model_dump(exclude_none=True) for s in r.merge.postprocess]
         if x is not None:
             groups: dict[tuple[str, int], list[float]] = {}
             for v, value in zip(self.variables, x, strict=True):
-                if v.member is None:
+                if v.param in STEP_PARAMS:  # a post-processing step's number: kind.key
+                    kind, key = v.param.split(".")
+                    next(s for s in post if kind in s)[kind][key] = float(value)
+                elif v.member is None:
                     params[v.param] = float(value)
                 elif v.group is None:
                     models[self.members[v.member]]["parameters"][v.param] = float(value)
@@ -144,6 +152,8 @@ class SearchSpace:
                                                    if m["parameters"] else {})} for m in models]
         if params:
             data["parameters"] = params
+        if post:
+            data["postprocess"] = post
         if r.merge.tensors:
             data["tensors"] = [
                 {k: (ref(v) if k == "take" and v != "base" else v)
@@ -228,6 +238,10 @@ def search_space(recipe: CoefficientSearchRecipe, source: str) -> SearchSpace:
                                   f"[{low}, {high}]")
         if not low < high:
             raise RecipeError(f"{where}: [low, high] needs low < high, got [{low}, {high}]")
+        if name in STEP_PARAMS:
+            default = _step_start(merge.postprocess, name, where)
+            variables.append(Variable(name, name, None, None, low, high, default))
+            continue
         if not spec.per_model:
             default = _start(spec, merge.parameters.get(name), f"merge.parameters.{name}",
                              source)
@@ -273,14 +287,28 @@ def search_space(recipe: CoefficientSearchRecipe, source: str) -> SearchSpace:
 
 
 def _numeric_spec(cls: type[MergeMethod], name: str, where: str) -> ParamSpec:
-    spec = cls.param_spec(name)
+    spec = STEP_PARAMS.get(name) or cls.param_spec(name)
     numeric = [p.name for p in cls.params if p.kind in (float, int)]
     if spec is None or spec.kind not in (float, int):
         raise RecipeError(f"{where}: not a numeric parameter of {cls.name} (numeric: "
-                          f"{', '.join(numeric) or 'none'})")
+                          f"{', '.join(numeric) or 'none'}; of merge.postprocess's steps: "
+                          f"{', '.join(STEP_PARAMS)})")
     if spec.kind is int:
         raise RecipeError(f"{where}: an integer parameter cannot be searched")
     return spec
+
+
+def _step_start(steps: list[PostStep], name: str, where: str) -> float:
+    """The recipe's value of a searched step number (`lines.b`): the default merge's."""
+    kind, key = name.split(".")
+    step = next((getattr(s, kind) for s in steps if s.kind == kind), None)
+    if step is None:
+        raise RecipeError(f"{where}: merge.postprocess has no {kind} step to search")
+    value = getattr(step, key)
+    if value is None:
+        raise RecipeError(f"{where}: the {kind} step computes its {key} from the model; give "
+                          f"merge.postprocess's {kind}.{key} a value to start the search from")
+    return float(value)
 
 
 def _start(spec: ParamSpec, setting: Any, key: str, source: str) -> float:
