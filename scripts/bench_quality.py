@@ -137,6 +137,16 @@ def method_specs() -> list[MethodSpec]:
         MethodSpec("PCB (global)", "pcb_global", "pcb",
                    {"scope": "global", "clip": 0.01, "inter": "consensus"},
                    {"lambda": lam_mean, "density": [0.1, 0.3]}),
+        # PCB with post-processing after the merge (#29): SVC at FusionBench's α, on PCB's
+        # own grid; LiNeS with its a from the task vectors' norms and b on the grid.
+        MethodSpec("PCB (global) + SVC", "pcb_global_svc", "pcb",
+                   {"scope": "global", "clip": 0.01, "inter": "consensus"},
+                   {"lambda": lam_mean, "density": [0.1, 0.3]},
+                   postprocess=({"svc": {"alpha": 0.1}},)),
+        MethodSpec("PCB (global) + LiNeS", "pcb_global_lines", "pcb",
+                   {"scope": "global", "clip": 0.01, "inter": "consensus"},
+                   {"density": [0.1, 0.3], "lines.b": [0.3, 0.6]},
+                   postprocess=({"lines": {}},)),
         MethodSpec("PCB (tensor)", "pcb_tensor", "pcb",
                    {"scope": "tensor", "clip": 0.01, "inter": "consensus"},
                    {"lambda": lam_mean, "density": [0.1, 0.3]}),
@@ -151,6 +161,12 @@ def method_specs() -> list[MethodSpec]:
 
 def merge_recipe(fam: Family, root: Path, spec: MethodSpec, point: dict[str, Any],
                  seed: int) -> dict[str, Any]:
+    steps = [{name: dict(args) for name, args in step.items()} for step in spec.postprocess]
+    for key, value in point.items():  # "lines.b": a post-processing step's parameter
+        if "." in key:
+            name, arg = key.split(".", 1)
+            next(st for st in steps if name in st)[name][arg] = value
+    point = {k: v for k, v in point.items() if "." not in k}
     params = {**spec.fixed, **{k: v for k, v in point.items() if k not in spec.per_model}}
     per_model = {"weight": 1.0, **{k: v for k, v in point.items() if k in spec.per_model}}
     recipe: dict[str, Any] = {
@@ -163,13 +179,13 @@ def merge_recipe(fam: Family, root: Path, spec: MethodSpec, point: dict[str, Any
         "seed": seed,
         "tensors": [dict(r) for r in fam.frozen_rules],
     }
-    if spec.postprocess:
-        recipe["postprocess"] = [dict(s) for s in spec.postprocess]
+    if steps:
+        recipe["postprocess"] = steps
     return recipe
 
 
 def tag(point: dict[str, Any]) -> str:
-    return "-".join(f"{k[:3]}{v:g}" for k, v in point.items()) or "default"
+    return "-".join(f"{k.split('.')[-1][:3]}{v:g}" for k, v in point.items()) or "default"
 
 
 def pcbmerge(recipe: Path, out: Path, extra: tuple[str, ...] = (),
@@ -407,7 +423,8 @@ def fmt_params(chosen: dict[str, Any]) -> str:
     if not chosen:
         return "—"
     names = {"lambda": "λ", "density": "d", "alpha": "α", "generations": "gens",
-             "weights": "λᵢ", "rank_ratio": "rank", "select_topk": "top-k"}
+             "weights": "λᵢ", "rank_ratio": "rank", "select_topk": "top-k",
+             "lines.b": "LiNeS b"}
     return ", ".join(f"{names.get(k, k)} {v}" for k, v in chosen.items())
 
 

@@ -113,6 +113,17 @@ def test_every_row_has_one_point_or_the_common_grid_size() -> None:
     assert recipe["tensors"] == [{"filter": "pooler.", "take": "base"}]
 
 
+def test_post_processing_parameters_go_to_their_step() -> None:
+    spec = next(s for s in bq.method_specs() if s.slug == "pcb_global_lines")
+    recipe = bq.merge_recipe(tiny_family(), Path("/r"), spec, {"density": 0.1, "lines.b": 0.6}, 0)
+    assert recipe["postprocess"] == [{"lines": {"b": 0.6}}]
+    assert "lines.b" not in recipe["parameters"]
+    assert spec.postprocess == ({"lines": {}},)  # the spec's own steps are left as they were
+    svc = next(s for s in bq.method_specs() if s.slug == "pcb_global_svc")
+    assert bq.merge_recipe(tiny_family(), Path("/r"), svc, {"lambda": 1.0, "density": 0.1},
+                           0)["postprocess"] == [{"svc": {"alpha": 0.1}}]
+
+
 def test_normalized_average_by_hand() -> None:
     own = {"a": 0.8, "b": 0.5}
     assert bq.normalized({"a": 0.4, "b": 0.5}, own) == pytest.approx((0.5 + 1.0) / 2)
