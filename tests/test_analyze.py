@@ -3,11 +3,22 @@ reference written here from the definitions (numpy, not the package's code)."""
 
 from __future__ import annotations
 
+import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from conftest import (
+    finetune_like,
+    run_cli,
+    save_hf,
+    tiny_model,
+    write_recipe,
+    write_tokenizer_files,
+)
+from safetensors.torch import load_file
 
 from mergekit_pcb.analysis import metrics
 from mergekit_pcb.analysis.metrics import (
@@ -22,6 +33,7 @@ from mergekit_pcb.analysis.metrics import (
     tensor_stats,
     trimmed,
 )
+from mergekit_pcb.engine import merge_recipe_file
 
 # --- hand-computed cases ------------------------------------------------------------------
 
@@ -184,3 +196,191 @@ def test_one_dimensional_tensors_get_no_spectral_figures() -> None:
     st = tensor_stats("b", torch.zeros(5), [torch.ones(5), -torch.ones(5)], [1.0, 1.0])
     assert st.effective_rank is None and st.interference is None
     assert st.signs.conflicts == 5 and st.signs.used_by == [0, 0, 5]
+
+
+# --- the command, end to end on a tiny model ----------------------------------------------
+
+def _state(path: Path) -> dict[str, torch.Tensor]:
+    state: dict[str, torch.Tensor] = {}
+    for f in sorted(path.glob("*.safetensors")):
+        state.update(load_file(f))
+    return state
+
+
+@pytest.fixture
+def three_tasks(tmp_path: Path) -> tuple[Path, list[Path]]:
+    """A tiny llama base and three fine-tunes, the third moved 6× further than the others."""
+    base = tiny_model("llama", seed=0)
+    base_dir = save_hf(base, tmp_path / "base")
+    write_tokenizer_files(base_dir)
+    tuned = [save_hf(finetune_like(base, seed=10 + i, scale=s), tmp_path / f"ft{i}")
+             for i, s in enumerate((0.02, 0.02, 0.12))]
+    return base_dir, tuned
+
+
+def _recipe(tmp_path: Path, base: Path, tuned: list[Path], method: str = "ties",
+            name: str = "r.yaml", **params: object) -> Path:
+    per_model = {"weight": 1.0, "density": 0.5} if method == "ties" else {}
+    recipe = {"merge_method": method, "base_model": str(base),
+              "models": [{"model": str(t), "parameters": per_model} for t in tuned],
+              "dtype": "float32"}
+    if params:
+        recipe["parameters"] = params
+    return write_recipe(tmp_path / name, recipe)
+
+
+def _analyze(*args: str | Path) -> dict:
+    proc = run_cli("analyze", *args, "--json")
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout)
+
+
+def _taus(base: dict[str, torch.Tensor], tuned: list[dict[str, torch.Tensor]],
+          names: list[str]) -> list[np.ndarray]:
+    """Each task's concatenated task vector over `names`, float64 (τ taken in float32, as
+    stored)."""
+    return [np.concatenate([_np(t[n] - base[n]).reshape(-1) for n in names]) for t in tuned]
+
+
+def test_analyze_json_against_dense(three_tasks: tuple[Path, list[Path]],
+                                    tmp_path: Path) -> None:
+    base_dir, tuned_dirs = three_tasks
+    recipe = _recipe(tmp_path, base_dir, tuned_dirs)
+    report = _analyze(recipe)
+    base, tuned = _state(base_dir), [_state(d) for d in tuned_dirs]
+    names = [t["name"] for t in report["tensors"]]
+    assert sorted(names) == sorted(n for n, t in base.items() if t.dtype.is_floating_point)
+    # whole model: norms, relative norms and the norm-ratio warning
+    taus = _taus(base, tuned, names)
+    norms = [float(np.linalg.norm(t)) for t in taus]
+    np.testing.assert_allclose(report["model"]["norms"], norms, rtol=1e-9)
+    base_norm = float(np.linalg.norm(np.concatenate([_np(base[n]).reshape(-1) for n in names])))
+    np.testing.assert_allclose(report["model"]["relative_norms"],
+                               [x / base_norm for x in norms], rtol=1e-9)
+    assert report["model"]["norm_ratio"] == pytest.approx(max(norms) / min(norms), rel=1e-9)
+    assert "norm_ratio" in [w["code"] for w in report["warnings"]]
+    # layer 1: the cosine of its concatenated task vectors
+    layer = next(g for g in report["layers"] if g["name"] == "layer 1")
+    in_layer = [n for n in names if ".layers.1." in n]
+    lt = _taus(base, tuned, in_layer)
+    for i in range(3):
+        for j in range(3):
+            ref = float(lt[i] @ lt[j] / (np.linalg.norm(lt[i]) * np.linalg.norm(lt[j])))
+            assert layer["cosine"][i][j] == pytest.approx(ref, rel=1e-9, abs=1e-12)
+    # one matrix: sign conflicts and used-by-k at the recipe's density, effective rank
+    name = "model.layers.0.mlp.down_proj.weight"
+    one = next(t for t in report["tensors"] if t["name"] == name)
+    mt = [_np(t[name] - base[name]) for t in tuned]
+    keeps = [_ref_keep(t, 0.5) for t in mt]
+    pos = sum((k & (t > 0)).astype(int) for k, t in zip(keeps, mt, strict=True))
+    neg = sum((k & (t < 0)).astype(int) for k, t in zip(keeps, mt, strict=True))
+    used = pos + neg
+    assert one["used_by"] == [int((used == k).sum()) for k in range(4)]
+    conflicts = int(((pos > 0) & (neg > 0)).sum())
+    assert one["sign_conflict"] == pytest.approx(conflicts / int((used >= 2).sum()))
+    for i, t in enumerate(mt):
+        s = np.linalg.svd(t, compute_uv=False)
+        p = s / s.sum()
+        assert one["effective_rank"][i] == pytest.approx(math.exp(-(p * np.log(p)).sum()),
+                                                         rel=1e-5)
+    assert one["interference"] == pytest.approx(_ref_sti(mt), rel=1e-4)
+
+
+def test_after_merge_matches_the_written_merge(three_tasks: tuple[Path, list[Path]],
+                                               tmp_path: Path) -> None:
+    """The in-memory merge is the one `pcbmerge run` writes: alignment and distances from it
+    equal a dense computation on the written output, and `--merged` reads the same."""
+    base_dir, tuned_dirs = three_tasks
+    recipe = _recipe(tmp_path, base_dir, tuned_dirs)
+    merged_dir = tmp_path / "merged"
+    merge_recipe_file(recipe, merged_dir)
+    report = _analyze(recipe)
+    from_disk = _analyze(recipe, "--merged", merged_dir)
+    assert report["after"] == "merge" and from_disk["after"] == "merged"
+    assert report["model"]["relative_distance"] == from_disk["model"]["relative_distance"]
+    base, tuned, merged = _state(base_dir), [_state(d) for d in tuned_dirs], _state(merged_dir)
+    names = [t["name"] for t in report["tensors"]]
+    delta = np.concatenate([_np(merged[n] - base[n]).reshape(-1) for n in names])
+    taus = _taus(base, tuned, names)
+    np.testing.assert_allclose(report["model"]["relative_distance"],
+                               [np.linalg.norm(delta - t) / np.linalg.norm(t) for t in taus],
+                               rtol=1e-9)
+    # Iso alignment of one layer: energy of each task in the merged top-k subspaces
+    in_layer = [n for n in names if ".layers.0." in n and merged[n].dim() == 2]
+    inside, total = np.zeros(3), np.zeros(3)
+    for n in in_layer:
+        m = _np(merged[n] - base[n])
+        u, s, _ = np.linalg.svd(m, full_matrices=False)
+        e = s ** 2
+        k = next(k for k in range(1, len(s) + 1) if e[k:].sum() <= 0.05 ** 2 * e.sum())
+        for i, t in enumerate(tuned):
+            tau = _np(t[n] - base[n])
+            inside[i] += ((u[:, :k].T @ tau) ** 2).sum()
+            total[i] += (tau ** 2).sum()
+    layer = next(g for g in report["layers"] if g["name"] == "layer 0")
+    np.testing.assert_allclose(layer["energy_share"], inside / total, rtol=1e-4)
+    assert layer["favoured"] == str(tuned_dirs[int(np.argmax(inside / total))])
+
+
+def _dense_pcb_kept(taus: list[np.ndarray], density: float, clip: float) -> list[int]:
+    """Entries each task keeps in a global-scope PCB merge (score above its drop
+    threshold), from methods.md's steps on the concatenated float32 rows."""
+    tv = torch.tensor(np.stack(taus), dtype=torch.float32)
+    n, d = tv.shape
+    a = tv.abs()
+    s = torch.sort(a, dim=1).values
+    lo, hi = s[:, int(d * clip)][:, None], s[:, int(d * (1 - clip)) - 1][:, None]
+    a = torch.minimum(torch.maximum(a, lo), hi)
+    span = hi - lo
+    score = torch.exp(n * ((a - lo) / span) ** 2) * torch.tanh(tv * tv.sum(dim=0))
+    threshold = torch.sort(score, dim=1).values[:, int(d * (1 - density))][:, None]
+    return [int(x) for x in (score > threshold).sum(dim=1)]
+
+
+def test_pcb_kept_share_against_dense(three_tasks: tuple[Path, list[Path]],
+                                      tmp_path: Path) -> None:
+    base_dir, tuned_dirs = three_tasks
+    recipe = _recipe(tmp_path, base_dir, tuned_dirs, method="pcb", density=0.2)
+    report = _analyze(recipe)
+    base, tuned = _state(base_dir), [_state(d) for d in tuned_dirs]
+    names = [t["name"] for t in report["tensors"]]
+    # τ in float32 from the stored values, as PCB computes
+    taus = [np.concatenate([(t[n].float() - base[n].float()).reshape(-1).numpy() for n in names])
+            for t in tuned]
+    kept = _dense_pcb_kept(taus, 0.2, 0.01)
+    assert report["model"]["pcb_kept"] == kept
+    assert report["model"]["pcb_kept_share"] == pytest.approx([k / sum(kept) for k in kept])
+
+
+def test_analyze_writes_a_report(three_tasks: tuple[Path, list[Path]], tmp_path: Path) -> None:
+    base_dir, tuned_dirs = three_tasks
+    recipe = _recipe(tmp_path, base_dir, tuned_dirs)
+    out = tmp_path / "report"
+    proc = run_cli("analyze", recipe, "-o", out)
+    assert proc.returncode == 0, proc.stderr
+    assert "ratio" in proc.stdout and "│ model" in proc.stdout
+    assert "warning: task-vector norms differ" in proc.stderr
+    written = json.loads((out / "report.json").read_text())
+    assert written["model"]["norm_ratio"] > 5
+    md = (out / "report.md").read_text()
+    assert "| layer 0 |" in md and "## Warnings" in md
+    assert (out / "alignment.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_analyze_bad_input(three_tasks: tuple[Path, list[Path]], tmp_path: Path) -> None:
+    base_dir, tuned_dirs = three_tasks
+    missing = tmp_path / "no-such-model"
+    proc = run_cli("analyze", _recipe(tmp_path, base_dir, [tuned_dirs[0], missing]))
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [f"error: model not found: {missing}"
+                                                " (no such file or directory)"]
+    other = finetune_like(tiny_model("llama", seed=0), seed=2)
+    other.resize_token_embeddings(120)
+    bad = save_hf(other, tmp_path / "ft-bigvocab")
+    proc = run_cli("analyze", _recipe(tmp_path, base_dir, [tuned_dirs[0], bad], name="b.yaml"))
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: shape mismatch for tensor")
+    recipe = _recipe(tmp_path, base_dir, tuned_dirs, name="c.yaml")
+    proc = run_cli("analyze", recipe, "--merged", tuned_dirs[0].parent / "nothing-here")
+    assert proc.returncode == 2 and proc.stderr.startswith("error: model not found")
