@@ -384,3 +384,76 @@ def test_analyze_bad_input(three_tasks: tuple[Path, list[Path]], tmp_path: Path)
     recipe = _recipe(tmp_path, base_dir, tuned_dirs, name="c.yaml")
     proc = run_cli("analyze", recipe, "--merged", tuned_dirs[0].parent / "nothing-here")
     assert proc.returncode == 2 and proc.stderr.startswith("error: model not found")
+
+
+def test_pcb_kept_share_tensor_scope(three_tasks: tuple[Path, list[Path]],
+                                     tmp_path: Path) -> None:
+    """`scope: tensor`: each tensor's own statistics; a layer's count is their sum."""
+    base_dir, tuned_dirs = three_tasks
+    recipe = _recipe(tmp_path, base_dir, tuned_dirs, method="pcb", density=0.3,
+                     scope="tensor", clip=0.0)
+    report = _analyze(recipe, "--no-spectral")
+    base, tuned = _state(base_dir), [_state(d) for d in tuned_dirs]
+    layer = next(g for g in report["layers"] if g["name"] == "layer 0")
+    kept = np.zeros(3, dtype=int)
+    for n in (t["name"] for t in report["tensors"] if t["group"] == "layer 0"):
+        kept += _dense_pcb_kept([(t[n].float() - base[n].float()).reshape(-1).numpy()
+                                 for t in tuned], 0.3, 0.0)
+    assert layer["pcb_kept"] == kept.tolist()
+    assert layer["effective_rank"] is None and "alignment" not in layer  # --no-spectral
+
+
+def test_linear_reads_the_base_beside(three_tasks: tuple[Path, list[Path]],
+                                      tmp_path: Path) -> None:
+    """A method that does not read the base (linear) is measured against it all the same,
+    at the default density, and its merge is the mean."""
+    base_dir, tuned_dirs = three_tasks
+    recipe = write_recipe(tmp_path / "lin.yaml", {
+        "merge_method": "linear", "base_model": str(base_dir), "dtype": "float32",
+        "models": [{"model": str(t), "parameters": {"weight": 1.0}} for t in tuned_dirs]})
+    report = _analyze(recipe)
+    assert report["density_source"].startswith("default 0.2")
+    base, tuned = _state(base_dir), [_state(d) for d in tuned_dirs]
+    names = [t["name"] for t in report["tensors"]]
+    taus = _taus(base, tuned, names)
+    mean = sum(taus) / 3
+    np.testing.assert_allclose(report["model"]["relative_distance"],
+                               [np.linalg.norm(mean - t) / np.linalg.norm(t) for t in taus],
+                               rtol=1e-5)
+
+
+def _synthetic(name: str, g: list[list[float]], elected: list[int], n: int = 2
+               ) -> metrics.TensorStats:
+    signs = metrics.SignCounts(numel=100, kept=[50] * n, used_by=[0, 100] + [0] * (n - 1),
+                               conflicts=0, elected=elected)
+    return metrics.TensorStats(name, [10, 10], [0.5] * n,
+                               torch.tensor(g, dtype=torch.float64), signs, base_norm2=1.0)
+
+
+def test_warnings_from_the_figures() -> None:
+    """Warnings fire on the stated thresholds: one task holding most elected entries of a
+    layer, a task dropped from a layer, a model that did not move."""
+    from mergekit_pcb.analysis.report import aggregate
+    from mergekit_pcb.analysis.run import Measured
+
+    tensors = [_synthetic("model.layers.0.mlp.up_proj.weight", [[4.0, 0.0], [0.0, 1.0]],
+                          [90, 10]),
+               _synthetic("model.layers.1.mlp.up_proj.weight", [[4.0, 0.0], [0.0, 1.0]],
+                          [50, 0])]
+    measured = Measured("r.yaml", "ties", "base", ["a", "b"], tensors, [], None, None,
+                        "recipe")
+    report = aggregate(measured)
+    messages = [(w["code"], w["message"]) for w in report["warnings"]]
+    assert messages == [
+        ("dominant_task", "layer 0: a holds 90% of the TIES-elected entries (threshold 80%)"),
+        ("dominant_task", "layer 1: a holds 100% of the TIES-elected entries (threshold 80%)"),
+        ("task_dropped", "layer 1: b is dropped entirely (no entry survives the TIES trim "
+         "and sign election at this density)")]  # and no norm warning: 2× only
+    assert report["model"]["norm_ratio"] == pytest.approx(2.0)
+    still = _synthetic("model.layers.0.mlp.up_proj.weight", [[1e-12, 0.0], [0.0, 1.0]],
+                       [50, 50])
+    report = aggregate(Measured("r.yaml", "ties", "base", ["a", "b"], [still], [], None,
+                                None, "recipe"))
+    codes = [w["code"] for w in report["warnings"]]
+    assert "barely_moved" in codes and "norm_ratio" in codes
+    assert report["suggestion"]["try"].startswith("task_arithmetic or ties with per-model")

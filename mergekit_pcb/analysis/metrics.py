@@ -236,9 +236,17 @@ def tensor_stats(name: str, base: torch.Tensor, deltas: Sequence[torch.Tensor],
     stats = TensorStats(name, list(base.shape), list(densities), gram(deltas), signs,
                         squared_distance(base))
     if spectral and base.dim() == 2 and base.numel() > 0:
-        svds = [thin_svd(d) for d in deltas]
-        stats.effective_rank = [effective_rank(s) for _, s, _ in svds]
-        stats.interference, stats.interference_mass = singular_interference(svds)
+        # one SVD at a time, of which only the top ⌊r/T⌋ triplets the interference uses
+        # are kept: about one matrix's worth in all, whatever the number of tasks
+        k = max(1, min(base.shape) // len(deltas))
+        svds, ranks = [], []
+        for d in deltas:
+            u, s, vh = thin_svd(d)
+            ranks.append(effective_rank(s))
+            svds.append((u[:, :k].clone(), s, vh[:k].clone()))
+            del u, vh
+        stats.effective_rank = ranks
+        stats.interference, stats.interference_mass = singular_interference(svds, k)
     return stats
 
 

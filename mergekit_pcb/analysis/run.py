@@ -75,9 +75,11 @@ def _weights(task: TensorTask) -> list[float]:
 
 
 def _analysed(plan: MergePlan) -> list[TensorTask]:
-    """The tensors merged from task vectors: a merge route whose method uses the base."""
+    """The tensors the recipe's methods merge (not those copied, averaged or taken), where
+    each model's task vector against the base is defined: a method that does not read the
+    base (linear) has its base read beside, unless the rows move to another vocabulary."""
     return [t for t in plan.tasks if t.route.kind == "merge" and t.route.method is not None
-            and t.route.method.requires_base and plan.base_key is not None]
+            and (t.route.method.requires_base or t.vocab is None)]
 
 
 def _merged_update(plan: MergePlan, task: TensorTask, dev: torch.device,
@@ -154,7 +156,7 @@ def analyze_plan(plan: MergePlan, recipe: str, *, merged_dir: Path | None = None
     tasks = _analysed(plan)
     if not tasks:
         raise RecipeError(f"{recipe}: merge_method {plan.method.name}: no tensor is merged "
-                          "from task vectors (the method does not use the base model)")
+                          "from the models")
     if density is not None and not 0 < density <= 1:
         raise RecipeError(f"--density must be in (0, 1], got {density}")
     dev = torch.device(device)
@@ -189,11 +191,24 @@ def analyze_plan(plan: MergePlan, recipe: str, *, merged_dir: Path | None = None
 def _measure(plan: MergePlan, task: TensorTask, dev: torch.device,
              merged_ckpt: Checkpoint | None, after: str | None, density: float | None,
              spectral: bool, sources: set[str]) -> tuple[TensorStats, int]:
-    """One tensor: read, measured before and after the merge, dropped."""
+    """One tensor: read, merged, measured before and after the merge, dropped. The inputs
+    go once the merge and the task vectors are made from them."""
+    assert plan.base_key is not None
     values = read_part(plan, task, dev)
-    assert isinstance(values, dict) and plan.base_key is not None
+    assert isinstance(values, dict)
+    nbytes = sum(v.numel() * v.element_size() for v in values.values())
+    merged = None
+    if after == "merge":
+        merged = _merged_update(plan, task, dev, values)
+    elif merged_ckpt is not None:
+        merged = merged_ckpt.read(task.name).to(device=dev)
+    if plan.base_key not in values:  # a method that does not read the base (linear)
+        values[plan.base_key] = plan.checkpoints[plan.base_key].read(
+            task.source(plan.base_key)).to(device=dev, dtype=task.compute_dtype)
     base = values[plan.base_key]
     deltas = task_matrices(base, [values[k] for k in task.route.inputs])
+    update = None if merged is None else task_matrices(base, [merged])[0]
+    del values, merged
     chosen = [_density(task, i, density) for i in range(len(deltas))]
     sources.update(src for _, src in chosen)
     # Spectral figures for the matrices of the layers; a vocabulary matrix (embedding, LM
@@ -201,14 +216,7 @@ def _measure(plan: MergePlan, task: TensorTask, dev: torch.device,
     spectral_here = spectral and not is_vocabulary_tensor(task.name)
     stats = tensor_stats(task.name, base, deltas, [d for d, _ in chosen], _weights(task),
                          spectral=spectral_here)
-    nbytes = sum(v.numel() * v.element_size() for v in values.values())
-    if after is not None:
-        if merged_ckpt is not None:
-            merged = merged_ckpt.read(task.name).to(device=dev)
-        else:
-            merged = _merged_update(plan, task, dev, values)
-        update = task_matrices(base, [merged])[0]
-        del merged
+    if update is not None:
         after_merge(stats, update, deltas, spectral=spectral_here)
         if after == "merge" and plan.method.name == "pcb":
             stats.merge_kept = _pcb_kept(task, deltas)
