@@ -457,3 +457,39 @@ def test_warnings_from_the_figures() -> None:
     codes = [w["code"] for w in report["warnings"]]
     assert "barely_moved" in codes and "norm_ratio" in codes
     assert report["suggestion"]["try"].startswith("task_arithmetic or ties with per-model")
+
+
+@pytest.mark.parametrize(("name", "group", "part"), [
+    ("model.embed_tokens.weight", "embeddings", "embeddings"),
+    ("lm_head.weight", "head", "head"),
+    ("model.norm.weight", "norms", "norms"),
+    ("model.layers.3.self_attn.q_proj.weight", "layer 3", "attention"),
+    ("model.layers.3.mlp.down_proj.weight", "layer 3", "mlp"),
+    ("model.layers.3.post_attention_layernorm.weight", "layer 3", "norms"),
+    ("bert.encoder.layer.1.attention.output.dense.weight", "layer 1", "attention"),
+    ("bert.encoder.layer.1.attention.output.LayerNorm.bias", "layer 1", "norms"),
+    ("bert.encoder.layer.1.output.dense.weight", "layer 1", "mlp"),
+    ("bert.embeddings.position_embeddings.weight", "embeddings", "embeddings"),
+    ("classifier.weight", "head", "head"),
+    ("transformer.h.0.attn.c_attn.weight", "layer 0", "attention"),
+    ("transformer.h.0.mlp.c_fc.weight", "layer 0", "mlp"),
+    ("transformer.h.0.ln_1.weight", "layer 0", "norms"),
+    ("transformer.wpe.weight", "embeddings", "embeddings"),
+])
+def test_groups_and_parts(name: str, group: str, part: str) -> None:
+    from mergekit_pcb.analysis.report import group_of, model_part
+
+    assert (group_of(name), model_part(name)) == (group, part)
+
+
+def test_a_model_without_layers_is_grouped_by_module() -> None:
+    from mergekit_pcb.analysis.report import aggregate
+    from mergekit_pcb.analysis.run import Measured
+
+    g = [[1.0, 0.0], [0.0, 1.0]]
+    tensors = [_synthetic(n, g, [50, 50]) for n in ("net.0.weight", "net.0.bias",
+                                                    "net.3.weight")]
+    report = aggregate(Measured("r.yaml", "ties", "base", ["a", "b"], tensors, [], None,
+                                None, "recipe"))
+    assert [(g["name"], g["tensors"]) for g in report["layers"]] == [("net.0", 2),
+                                                                     ("net.3", 1)]

@@ -58,8 +58,11 @@ def model_part(name: str) -> str:
     return "other"
 
 
-def group_of(name: str) -> str:
-    """The layer a tensor belongs to (`layer N`), or its model part outside the layers."""
+def group_of(name: str, layered: bool = True) -> str:
+    """The layer a tensor belongs to (`layer N`), or its model part outside the layers; in
+    a model without numbered layers (`layered` False: a small MLP), its module."""
+    if not layered:
+        return name.rsplit(".", 1)[0] if "." in name else name
     index = layer_index(name)
     return f"layer {index}" if index is not None else model_part(name)
 
@@ -180,8 +183,9 @@ def _mean_pairs(cos: torch.Tensor) -> float | None:
 
 
 def _layer_key(name: str) -> tuple[int, int]:
-    """Layers in order, then the parts outside them in PARTS order."""
-    if name.startswith("layer "):
+    """Layers in order, then the parts outside them in PARTS order (modules of a model
+    without layers keep the checkpoint's order: the sort is stable)."""
+    if name.startswith("layer ") and name.split()[1].isdigit():
         return (1, int(name.split()[1]))
     return (0 if name == "embeddings" else 2, PARTS.index(name) if name in PARTS else 99)
 
@@ -193,9 +197,10 @@ def aggregate(measured: Measured) -> dict[str, Any]:
     layers: dict[str, Group] = {}
     parts: dict[str, Group] = {}
     tensors = []
+    layered = any(layer_index(t.name) is not None for t in measured.tensors)
     for t in measured.tensors:
         model.add(t)
-        layer, part = group_of(t.name), model_part(t.name)
+        layer, part = group_of(t.name, layered), model_part(t.name)
         layers.setdefault(layer, Group(layer, n)).add(t)
         parts.setdefault(part, Group(part, n)).add(t)
         one = Group(t.name, n)
