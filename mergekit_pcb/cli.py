@@ -499,8 +499,8 @@ def analyze(
               for col in zip(header, *rows, strict=True)]
     wide = sum(widest) + 3 * len(widest) + 1
     (stdout if stdout.is_terminal or wide <= stdout.width else Console(width=wide)).print(table)
-    for w in report["warnings"]:
-        stderr.print(f"warning: {w['message']}", markup=False, highlight=False, soft_wrap=True)
+    for line in [*report["plan_warnings"], *(w["message"] for w in report["warnings"])]:
+        stderr.print(f"warning: {line}", markup=False, highlight=False, soft_wrap=True)
     s = report["suggestion"]
     stdout.print(f"suggestion (not a measurement): try {s['try']}: {s['reason']}",
                  markup=False, highlight=False, soft_wrap=True)

@@ -183,8 +183,7 @@ def _mean_pairs(cos: torch.Tensor) -> float | None:
 
 
 def _layer_key(name: str) -> tuple[int, int]:
-    """Layers in order, then the parts outside them in PARTS order (modules of a model
-    without layers keep the checkpoint's order: the sort is stable)."""
+    """Layers in order, then the parts outside them in PARTS order."""
     if name.startswith("layer ") and name.split()[1].isdigit():
         return (1, int(name.split()[1]))
     return (0 if name == "embeddings" else 2, PARTS.index(name) if name in PARTS else 99)
@@ -220,7 +219,7 @@ def aggregate(measured: Measured) -> dict[str, Any]:
         "thresholds": THRESHOLDS,
         "model": model.summary(measured.models),
         "layers": [{"name": k, **layers[k].summary(measured.models)}
-                   for k in sorted(layers, key=_layer_key)],
+                   for k in (sorted(layers, key=_layer_key) if layered else layers)],
         "parts": {k: parts[k].summary(measured.models) for k in PARTS if k in parts},
         "tensors": tensors,
         "skipped": measured.skipped,
