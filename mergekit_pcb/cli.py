@@ -454,8 +454,8 @@ def analyze(
     spectral: Annotated[bool, typer.Option(
         help="SVD figures of the 2-D tensors (effective rank, interference, alignment)")]
     = True,
-    device: Annotated[str, typer.Option(help="device for the math: cpu, cuda, cuda:N")]
-    = "cpu",
+    device: Annotated[str, typer.Option(
+        help="device for the math: cpu, cuda, cuda:N or auto")] = "cpu",
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no progress line")] = False,
     allow_pickle: PickleOpt = False,
 ) -> None:
@@ -466,8 +466,11 @@ def analyze(
 
         raise RecipeError(f"{recipe}: merge_method '{method}' is a {kind.name}; analyze "
                           "reads merge recipes")
+    from mergekit_pcb.mergekit_compat import parse_device
+
+    device = parse_device(device)
     _setup_torch(device, None)
-    from mergekit_pcb.analysis.report import aggregate, table_rows, write_report
+    from mergekit_pcb.analysis.report import aggregate, short_names, table_rows, write_report
     from mergekit_pcb.analysis.run import analyze_recipe_file
 
     def progress(i: int, total: int, name: str) -> None:
@@ -486,8 +489,6 @@ def analyze(
         print(json.dumps(report))
         return
     header, rows = table_rows(report)
-    from mergekit_pcb.analysis.report import short_names
-
     table = Table(*header, title=f"{report['method']} over "
                   f"{', '.join(short_names(report['models']))} (per-task figures in this "
                   "order)", title_justify="left")

@@ -493,3 +493,14 @@ def test_a_model_without_layers_is_grouped_by_module() -> None:
                                 None, "recipe"))
     assert [(g["name"], g["tensors"]) for g in report["layers"]] == [("net.0", 2),
                                                                      ("net.3", 1)]
+
+
+def test_report_directory_that_is_a_file(three_tasks: tuple[Path, list[Path]],
+                                         tmp_path: Path) -> None:
+    base_dir, tuned_dirs = three_tasks
+    taken = tmp_path / "taken"
+    taken.write_text("")
+    proc = run_cli("analyze", _recipe(tmp_path, base_dir, tuned_dirs), "-o", taken,
+                   "--no-merge", "--no-spectral")
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [f"error: --output {taken}: File exists"]

@@ -21,6 +21,7 @@ import torch
 from mergekit_pcb.analysis.metrics import ISO_EPSILON, TensorStats, cosine_from_gram, norm_ratio
 from mergekit_pcb.analysis.run import Measured
 from mergekit_pcb.engine.vocab import is_vocabulary_tensor
+from mergekit_pcb.errors import OutputError
 from mergekit_pcb.recipe.params import layer_index
 
 # When a warning fires (also in the JSON, `thresholds`).
@@ -459,10 +460,13 @@ def heatmaps(report: dict[str, Any], directory: Path) -> list[str]:
 
 def write_report(report: dict[str, Any], directory: Path) -> list[str]:
     """report.json, report.md and the heat maps into `directory`; the files' names."""
-    directory.mkdir(parents=True, exist_ok=True)
-    (directory / "report.json").write_text(json.dumps(report, indent=1))
-    (directory / "report.md").write_text(markdown(report))
-    return ["report.json", "report.md", *heatmaps(report, directory)]
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        (directory / "report.json").write_text(json.dumps(report, indent=1))
+        (directory / "report.md").write_text(markdown(report))
+        return ["report.json", "report.md", *heatmaps(report, directory)]
+    except OSError as e:
+        raise OutputError(f"--output {directory}: {e.strerror or e}") from None
 
 
 __all__ = ["PARTS", "THRESHOLDS", "aggregate", "group_of", "markdown", "model_part",
