@@ -504,3 +504,22 @@ def test_report_directory_that_is_a_file(three_tasks: tuple[Path, list[Path]],
                    "--no-merge", "--no-spectral")
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [f"error: --output {taken}: File exists"]
+
+
+@pytest.mark.parametrize("shape", [(6, 11), (11, 6)])
+def test_spectrum_against_numpy_svd(shape: tuple[int, int]) -> None:
+    """The Gram-eigendecomposition SVD: singular values and the top-k subspaces of numpy's
+    SVD, on a wide and a tall matrix of rank 4 (the noise directions' vectors left zero)."""
+    g = torch.Generator().manual_seed(5)
+    m = (torch.randn(shape[0], 4, generator=g) @ torch.randn(4, shape[1], generator=g))
+    u, s, vh = metrics.spectrum(m, 3)
+    ref_u, ref_s, ref_vh = np.linalg.svd(_np(m), full_matrices=False)
+    np.testing.assert_allclose(s[:4].numpy(), ref_s[:4], rtol=1e-6)
+    assert float(s[4:].max()) < 1e-5 * float(s[0])
+    # the same subspaces (vectors up to sign): projectors agree
+    np.testing.assert_allclose((u @ u.T).numpy(), ref_u[:, :3] @ ref_u[:, :3].T, atol=1e-6)
+    np.testing.assert_allclose((vh.T @ vh).numpy(), ref_vh[:3].T @ ref_vh[:3], atol=1e-6)
+    full_u, full_s, full_vh = metrics.spectrum(m)
+    assert float(full_u[:, 4:].abs().max() if shape[0] > shape[1] else
+                 full_vh[4:].abs().max()) == 0.0  # noise directions: zero vectors
+    np.testing.assert_allclose((full_u * full_s) @ full_vh, _np(m), atol=1e-5)
