@@ -9,8 +9,8 @@ concatenated task vectors, not a mean of the tensors' cosines.
 The quantities, as the papers define them (design/methods.md, design/spectral.md):
 
 - sign conflict (TIES, PCB): among the entries two or more tasks keep after the TIES trim
-  at the recipe's density (the top-density magnitudes of each task), those where the kept
-  values have both signs;
+  at the recipe's density (the top-density magnitudes of each task, every entry tied at
+  the cut kept), those where the kept values have both signs;
 - used by k tasks (TALL masks / Consensus merging): how many entries k tasks keep, for
   k = 0…n (k = 0: nobody's; k = 1: one task's own);
 - elected: each task's kept entries whose sign agrees with TIES's elected sign
@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from mergekit_pcb.methods.ops import magnitude_trim_all
+from mergekit_pcb.methods.selection import kth_smallest
 from mergekit_pcb.methods.spectral import kept
 
 # Elementwise reductions run over slices of this many entries, upcast to float64 there:
@@ -92,10 +92,29 @@ def squared_distance(a: torch.Tensor, b: torch.Tensor | None = None) -> float:
 
 
 def trimmed(deltas: Sequence[torch.Tensor], densities: Sequence[float]) -> list[torch.Tensor]:
-    """Each task vector with only its top-density magnitudes left: the TIES trim the merge
-    engine runs (`methods.ops.magnitude_trim_all`, mergekit's choice among tied
-    magnitudes)."""
-    return magnitude_trim_all(deltas, densities)
+    """Each task vector with only its top-density magnitudes left (the TIES trim: at least
+    one entry kept, density ≥ 1 keeps all). Every entry tied with the k-th largest magnitude
+    is kept, as the global-scope trim does: mergekit's choice among equal magnitudes at the
+    cut (`methods.ops.magnitude_trim`) costs several copies of the tensor and moves a count
+    by a few entries at most. One task at a time, so the scratch is one tensor's."""
+    out = []
+    for delta, density in zip(deltas, densities, strict=True):
+        n = delta.numel()
+        if density >= 1.0 or n == 0:
+            out.append(delta)
+            continue
+        k = min(n, max(1, int(density * n))) if density > 0 else 0
+        if k == 0:
+            out.append(torch.zeros_like(delta))
+            continue
+        magnitude = delta.abs()
+        flat = magnitude.reshape(-1)
+        threshold = (kth_smallest(flat, n - k, nonnegative=True)
+                     if flat.dtype == torch.float32
+                     else float(torch.kthvalue(flat.cpu(), n - k + 1).values))
+        out.append(delta * (magnitude >= threshold))
+        del magnitude, flat
+    return out
 
 
 @dataclass

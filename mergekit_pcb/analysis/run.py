@@ -26,7 +26,6 @@ from mergekit_pcb.engine.stream import (
     read_part,
     release_freed_memory,
     slices,
-    tune_allocator,
 )
 from mergekit_pcb.engine.vocab import is_vocabulary_tensor
 from mergekit_pcb.errors import CheckpointError, RecipeError
@@ -160,7 +159,6 @@ def analyze_plan(plan: MergePlan, recipe: str, *, merged_dir: Path | None = None
     if density is not None and not 0 < density <= 1:
         raise RecipeError(f"--density must be in (0, 1], got {density}")
     dev = torch.device(device)
-    tune_allocator()
     merged_ckpt = _open_merged(merged_dir, plan, tasks, allow_pickle) if merged_dir else None
     after = "merged" if merged_ckpt is not None else ("merge" if merge else None)
     try:
@@ -184,7 +182,9 @@ def analyze_plan(plan: MergePlan, recipe: str, *, merged_dir: Path | None = None
         models=list(route.inputs), tensors=measured,
         skipped=[t.name for t in plan.tasks if t not in tasks], after=after,
         merged_dir=str(merged_dir) if merged_dir else None,
-        density_source=", ".join(sorted(sources)), notes=list(plan.warnings),
+        density_source=", ".join(sorted(sources)),
+        # (what the plan says of the output's tokenizer concerns a written merge, not this)
+        notes=[w for w in plan.warnings if not w.startswith("the output gets no tokenizer")],
         tokenizers_differ=_tokenizers_differ(plan), seconds=time.perf_counter() - start)
 
 
