@@ -137,33 +137,41 @@ def sign_counts(kept_deltas: Sequence[torch.Tensor],
                 weights: Sequence[float] | None = None) -> SignCounts:
     """Conflicts, the used-by-k histogram and the elected entries of trimmed task vectors
     (zero where a task does not keep an entry). `weights` multiply the trimmed values
-    before the election, as mergekit's `ties` does (default 1)."""
+    before the election, as mergekit's `ties` does (default 1); the election sums in the
+    task vectors' dtype, as the merge does."""
     n = len(kept_deltas)
     flat = [d.reshape(-1) for d in kept_deltas]
     w = list(weights) if weights is not None else [1.0] * n
-    count_dtype = torch.int16 if n < 1 << 15 else torch.int32
+    count_dtype = torch.uint8 if n < 255 else torch.int32
     used_by = torch.zeros(n + 1, dtype=torch.int64)
     kept_counts = [0] * n
     elected = [0] * n
     conflicts = 0
     for a, b in _flat_slices(flat):
+        parts = [f[a:b] for f in flat]
+        positive = [p > 0 for p in parts]
+        negative = [p < 0 for p in parts]
         pos = torch.zeros(b - a, dtype=count_dtype, device=flat[0].device)
         neg = torch.zeros_like(pos)
-        total = torch.zeros(b - a, dtype=torch.float64, device=flat[0].device)
-        for i, f in enumerate(flat):
-            part = f[a:b]
-            pos += part > 0
-            neg += part < 0
-            kept_counts[i] += int(torch.count_nonzero(part))
-            total += w[i] * part.to(torch.float64)
-        used = (pos + neg).to(torch.int64).cpu()
-        used_by += torch.bincount(used, minlength=n + 1)[: n + 1]
+        total = torch.zeros_like(parts[0])
+        for i, part in enumerate(parts):
+            pos += positive[i]
+            neg += negative[i]
+            kept_counts[i] += int(torch.count_nonzero(positive[i])) + int(
+                torch.count_nonzero(negative[i]))
+            total.add_(part, alpha=w[i])
+        used = (pos + neg).to(torch.int64)
+        used_by += torch.bincount(used, minlength=n + 1)[: n + 1].cpu()
         conflicts += int(torch.count_nonzero((pos > 0) & (neg > 0)))
-        gamma = torch.where(total >= 0, 1, -1)  # a zero sum elects + (mergekit)
-        for i, f in enumerate(flat):
-            part = f[a:b]
-            signed = (part * w[i]).sign()  # the sign the election sees
-            elected[i] += int(torch.count_nonzero((signed != 0) & (signed == gamma)))
+        up = total >= 0  # the elected sign: a zero sum elects + (mergekit)
+        down = ~up
+        for i in range(n):
+            if w[i] == 0:
+                continue  # a zero-weight entry has no sign to agree with
+            # the sign the election sees is that of wᵢ·τᵢ
+            agree_pos, agree_neg = (up, down) if w[i] > 0 else (down, up)
+            elected[i] += int(torch.count_nonzero(positive[i] & agree_pos)) + int(
+                torch.count_nonzero(negative[i] & agree_neg))
     return SignCounts(flat[0].numel(), kept_counts, [int(x) for x in used_by], conflicts,
                       elected)
 
