@@ -337,8 +337,12 @@ def _dense_pcb_kept(taus: list[np.ndarray], density: float, clip: float) -> list
     return [int(x) for x in (score > threshold).sum(dim=1)]
 
 
-def test_pcb_kept_share_against_dense(three_tasks: tuple[Path, list[Path]],
-                                      tmp_path: Path) -> None:
+@pytest.mark.parametrize("slice_size", [metrics.SLICE, 1000])  # slices inside tensors
+def test_pcb_kept_share_against_dense(three_tasks: tuple[Path, list[Path]], tmp_path: Path,
+                                      monkeypatch: pytest.MonkeyPatch, slice_size: int) -> None:
+    import mergekit_pcb.analysis.run as analysis_run
+
+    monkeypatch.setattr(analysis_run, "SLICE", slice_size)
     base_dir, tuned_dirs = three_tasks
     recipe = _recipe(tmp_path, base_dir, tuned_dirs, method="pcb", density=0.2)
     report = _analyze(recipe)

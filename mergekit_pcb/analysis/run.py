@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from mergekit_pcb.analysis.metrics import TensorStats, after_merge, tensor_stats
+from mergekit_pcb.analysis.metrics import SLICE, TensorStats, after_merge, tensor_stats
 from mergekit_pcb.engine import plan_recipe_file
 from mergekit_pcb.engine.plan import MergePlan, TensorTask
 from mergekit_pcb.engine.stream import (
@@ -102,13 +102,19 @@ def _pcb_kept(task: TensorTask, deltas: list[torch.Tensor]) -> list[int]:
     params = task.global_params
     tau = [d.float() for d in deltas]  # PCB computes in float32
     stats = task.route.stats
-    if isinstance(stats, PcbGlobalStats):
-        rows, scores = stats.rows, pcb_scores(tau, stats.rows, params["inter"])
-    else:
+    if not isinstance(stats, PcbGlobalStats):
         rows, scores = tensor_rows(tau, [float(p["density"]) for p in task.model_params],
                                    clip=params["clip"], inter=params["inter"])
-    return [int(torch.count_nonzero(s > r.drop_threshold)) for s, r in zip(scores, rows,
-                                                                              strict=True)]
+        return [int(torch.count_nonzero(s > r.drop_threshold))
+                for s, r in zip(scores, rows, strict=True)]
+    # whole-model statistics: the scores are elementwise, so a slice's scratch will do
+    flat = [t.reshape(-1) for t in tau]
+    kept = [0] * len(flat)
+    for a in range(0, flat[0].numel(), SLICE):
+        scores = pcb_scores([f[a:a + SLICE] for f in flat], stats.rows, params["inter"])
+        for i, (s, r) in enumerate(zip(scores, stats.rows, strict=True)):
+            kept[i] += int(torch.count_nonzero(s > r.drop_threshold))
+    return kept
 
 
 def _tokenizers_differ(plan: MergePlan) -> list[str]:
