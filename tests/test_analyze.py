@@ -207,9 +207,11 @@ def _state(path: Path) -> dict[str, torch.Tensor]:
     return state
 
 
-@pytest.fixture
-def three_tasks(tmp_path: Path) -> tuple[Path, list[Path]]:
-    """A tiny llama base and three fine-tunes, the third moved 6× further than the others."""
+@pytest.fixture(scope="module")
+def three_tasks(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[Path]]:
+    """A tiny llama base and three fine-tunes, the third moved 6× further than the others
+    (built once for the module: the tests only read them)."""
+    tmp_path = tmp_path_factory.mktemp("three-tasks")
     base = tiny_model("llama", seed=0)
     base_dir = save_hf(base, tmp_path / "base")
     write_tokenizer_files(base_dir)
