@@ -18,7 +18,7 @@ from conftest import (
     write_recipe,
     write_tokenizer_files,
 )
-from safetensors.torch import load_file
+from test_end_to_end import load_state
 
 from mergekit_pcb.analysis import metrics
 from mergekit_pcb.analysis.metrics import (
@@ -200,13 +200,6 @@ def test_one_dimensional_tensors_get_no_spectral_figures() -> None:
 
 # --- the command, end to end on a tiny model ----------------------------------------------
 
-def _state(path: Path) -> dict[str, torch.Tensor]:
-    state: dict[str, torch.Tensor] = {}
-    for f in sorted(path.glob("*.safetensors")):
-        state.update(load_file(f))
-    return state
-
-
 @pytest.fixture(scope="module")
 def three_tasks(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[Path]]:
     """A tiny llama base and three fine-tunes, the third moved 6× further than the others
@@ -249,7 +242,7 @@ def test_analyze_json_against_dense(three_tasks: tuple[Path, list[Path]],
     base_dir, tuned_dirs = three_tasks
     recipe = _recipe(tmp_path, base_dir, tuned_dirs)
     report = _analyze(recipe)
-    base, tuned = _state(base_dir), [_state(d) for d in tuned_dirs]
+    base, tuned = load_state(base_dir), [load_state(d) for d in tuned_dirs]
     names = [t["name"] for t in report["tensors"]]
     assert sorted(names) == sorted(n for n, t in base.items() if t.dtype.is_floating_point)
     # whole model: norms, relative norms and the norm-ratio warning
@@ -300,7 +293,8 @@ def test_after_merge_matches_the_written_merge(three_tasks: tuple[Path, list[Pat
     from_disk = _analyze(recipe, "--merged", merged_dir)
     assert report["after"] == "merge" and from_disk["after"] == "merged"
     assert report["model"]["relative_distance"] == from_disk["model"]["relative_distance"]
-    base, tuned, merged = _state(base_dir), [_state(d) for d in tuned_dirs], _state(merged_dir)
+    base, merged = load_state(base_dir), load_state(merged_dir)
+    tuned = [load_state(d) for d in tuned_dirs]
     names = [t["name"] for t in report["tensors"]]
     delta = np.concatenate([_np(merged[n] - base[n]).reshape(-1) for n in names])
     taus = _taus(base, tuned, names)
@@ -348,7 +342,7 @@ def test_pcb_kept_share_against_dense(three_tasks: tuple[Path, list[Path]], tmp_
     base_dir, tuned_dirs = three_tasks
     recipe = _recipe(tmp_path, base_dir, tuned_dirs, method="pcb", density=0.2)
     report = _analyze(recipe)
-    base, tuned = _state(base_dir), [_state(d) for d in tuned_dirs]
+    base, tuned = load_state(base_dir), [load_state(d) for d in tuned_dirs]
     names = [t["name"] for t in report["tensors"]]
     # τ in float32 from the stored values, as PCB computes
     taus = [np.concatenate([(t[n].float() - base[n].float()).reshape(-1).numpy() for n in names])
@@ -399,7 +393,7 @@ def test_pcb_kept_share_tensor_scope(three_tasks: tuple[Path, list[Path]],
     recipe = _recipe(tmp_path, base_dir, tuned_dirs, method="pcb", density=0.3,
                      scope="tensor", clip=0.0)
     report = _analyze(recipe, "--no-spectral")
-    base, tuned = _state(base_dir), [_state(d) for d in tuned_dirs]
+    base, tuned = load_state(base_dir), [load_state(d) for d in tuned_dirs]
     layer = next(g for g in report["layers"] if g["name"] == "layer 0")
     kept = np.zeros(3, dtype=int)
     for n in (t["name"] for t in report["tensors"] if t["group"] == "layer 0"):
@@ -419,7 +413,7 @@ def test_linear_reads_the_base_beside(three_tasks: tuple[Path, list[Path]],
         "models": [{"model": str(t), "parameters": {"weight": 1.0}} for t in tuned_dirs]})
     report = _analyze(recipe)
     assert report["density_source"].startswith("default 0.2")
-    base, tuned = _state(base_dir), [_state(d) for d in tuned_dirs]
+    base, tuned = load_state(base_dir), [load_state(d) for d in tuned_dirs]
     names = [t["name"] for t in report["tensors"]]
     taus = _taus(base, tuned, names)
     mean = sum(taus) / 3
