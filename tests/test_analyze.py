@@ -18,6 +18,7 @@ from conftest import (
     write_recipe,
     write_tokenizer_files,
 )
+from dense_reference import ref_trim
 from test_end_to_end import load_state
 
 from mergekit_pcb.analysis import metrics
@@ -103,12 +104,9 @@ def _np(t: torch.Tensor) -> np.ndarray:
 
 
 def _ref_keep(tau: np.ndarray, density: float) -> np.ndarray:
-    """Top-⌊density·n⌋ magnitudes by a full sort (no ties in random data)."""
-    flat = np.abs(tau).reshape(-1)
-    k = max(1, int(density * flat.size))
-    keep = np.zeros(flat.size, dtype=bool)
-    keep[np.argsort(-flat, kind="stable")[:k]] = True
-    return keep.reshape(tau.shape)
+    """Where the sort-based reference trim (every tie at the cut kept) keeps τ."""
+    kept = ref_trim(tau.reshape(-1).tolist(), density, torch.float64, keep_ties=True)
+    return (np.array(kept) != 0).reshape(tau.shape)
 
 
 def _ref_sti(mats: list[np.ndarray]) -> float:
