@@ -363,6 +363,39 @@ def test_analyze_writes_a_report(three_tasks: tuple[Path, list[Path]], tmp_path:
     md = (out / "report.md").read_text()
     assert "| layer 0 |" in md and "## Warnings" in md
     assert (out / "alignment.png").read_bytes()[:4] == b"\x89PNG"
+    _check_html(out / "report.html", written)
+
+
+def _check_html(path: Path, report: dict) -> None:
+    """The page holds the table (a row per group and the model), the warnings, and every
+    heat map as an embedded PNG; nothing refers outside the page."""
+    import base64
+    from html.parser import HTMLParser
+
+    class Page(HTMLParser):
+        def __init__(self) -> None:
+            super().__init__()
+            self.rows, self.items, self.images, self.outside = 0, 0, [], []
+
+        def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+            self.rows += tag == "tr"
+            self.items += tag == "li"
+            for name, value in attrs:
+                if name in ("src", "href") and value is not None:
+                    (self.images if tag == "img" else self.outside).append(value)
+            if tag in ("script", "link", "iframe"):
+                self.outside.append(tag)
+
+    page = Page()
+    page.feed(path.read_text())
+    assert page.rows == 1 + len(report["layers"]) + 1
+    assert page.items == len(report["warnings"])
+    assert page.outside == []
+    pngs = sorted(p.name for p in path.parent.glob("*.png"))
+    assert len(page.images) == len(pngs) > 0
+    for src in page.images:
+        assert src.startswith("data:image/png;base64,")
+        assert base64.b64decode(src.split(",", 1)[1])[:4] == b"\x89PNG"
 
 
 def test_analyze_bad_input(three_tasks: tuple[Path, list[Path]], tmp_path: Path) -> None:

@@ -9,6 +9,8 @@ the aligned energy are sums.
 
 from __future__ import annotations
 
+import base64
+import html
 import json
 import math
 from collections.abc import Iterable
@@ -415,6 +417,9 @@ HEATMAPS = [("relative_norms", "‖τᵢ‖/‖θ₀‖", "task"),
             ("interference_relative", "TSV interference (relative)", "scalar")]
 
 
+ANNOTATED_CELLS = 120
+
+
 def heatmaps(report: dict[str, Any], directory: Path) -> list[str]:
     """One PNG per metric, layers × tasks (or pairs): written where matplotlib is
     installed; the files' names."""
@@ -425,7 +430,7 @@ def heatmaps(report: dict[str, Any], directory: Path) -> list[str]:
         import matplotlib.pyplot as plt
     except ImportError:
         return []
-    models = report["models"]
+    models = short_names(report["models"])
     layers = report["layers"]
     names = [g["name"] for g in layers]
     written = []
@@ -450,6 +455,12 @@ def heatmaps(report: dict[str, Any], directory: Path) -> list[str]:
         ax.set_xticks(range(len(cols)), cols, rotation=30, ha="right")
         ax.set_yticks(range(len(names)), names)
         ax.set_title(title)
+        if len(names) * len(cols) <= ANNOTATED_CELLS:  # the figures themselves, where legible
+            for r, row in enumerate(values):
+                for c, v in enumerate(row):
+                    if not math.isnan(v):
+                        ax.text(c, r, f"{v:.2g}", ha="center", va="center", fontsize=8,
+                                color="black" if image.norm(v) > 0.6 else "white")
         fig.colorbar(image, ax=ax)
         path = directory / f"{key}.png"
         fig.savefig(path, dpi=100, bbox_inches="tight")
@@ -458,13 +469,49 @@ def heatmaps(report: dict[str, Any], directory: Path) -> list[str]:
     return written
 
 
+NO_FIGURES = "<p>No heat maps: matplotlib is not installed.</p>"
+
+
+def html_page(report: dict[str, Any], directory: Path, images: list[str]) -> str:
+    """A self-contained page: the table, the warnings, the suggestion and the heat maps
+    (embedded as data: URLs, so nothing is fetched when it is viewed)."""
+    esc = html.escape
+    header, rows = table_rows(report, sep="<br>")
+    head = "".join(f"<th>{esc(h)}</th>" for h in header)
+    body = "".join("<tr>" + "".join(f"<td>{'<br>'.join(esc(x) for x in cell.split('<br>'))}"
+                                    "</td>" for cell in row) + "</tr>" for row in rows)
+    warned = "".join(f"<li>{esc(w['message'])}</li>" for w in report["warnings"]) \
+        or "<li>none</li>"
+    figures = "".join(
+        f'<figure><img alt="{esc(name)}" src="data:image/png;base64,'
+        f'{base64.b64encode((directory / name).read_bytes()).decode()}"></figure>'
+        for name in images)
+    s = report["suggestion"]
+    return (
+        "<!DOCTYPE html><html lang=\"en\"><head><meta charset=\"utf-8\">"
+        f"<title>pcbmerge analyze: {esc(report['recipe'])}</title><style>"
+        "body{font-family:sans-serif;margin:1em 2em}table{border-collapse:collapse}"
+        "td,th{border:1px solid #999;padding:2px 6px;text-align:right;vertical-align:top}"
+        "figure{display:inline-block;margin:0.5em}</style></head><body>"
+        f"<h1>pcbmerge analyze: {esc(report['recipe'])}</h1>"
+        f"<p>Method <code>{esc(report['method'])}</code> over "
+        f"{esc(', '.join(report['models']))} (per-task figures in this order).</p>"
+        f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+        f"<h2>Warnings</h2><ul>{warned}</ul>"
+        f"<h2>Suggestion (not a measurement)</h2><p>Try {esc(s['try'])}: "
+        f"{esc(s['reason'])}.</p><h2>Heat maps</h2>{figures or NO_FIGURES}</body></html>")
+
+
 def write_report(report: dict[str, Any], directory: Path) -> list[str]:
-    """report.json, report.md and the heat maps into `directory`; the files' names."""
+    """report.json, report.md, the heat maps and report.html (the rest in one page) into
+    `directory`; the files' names."""
     try:
         directory.mkdir(parents=True, exist_ok=True)
         (directory / "report.json").write_text(json.dumps(report, indent=1))
         (directory / "report.md").write_text(markdown(report))
-        return ["report.json", "report.md", *heatmaps(report, directory)]
+        images = heatmaps(report, directory)
+        (directory / "report.html").write_text(html_page(report, directory, images))
+        return ["report.json", "report.md", "report.html", *images]
     except OSError as e:
         raise OutputError(f"--output {directory}: {e.strerror or e}") from None
 
