@@ -441,7 +441,8 @@ def inspect(
 def analyze(
     recipe: RecipeArg,
     output: Annotated[Path | None, typer.Option(
-        "--output", "-o", help="report directory: report.json, report.md, report.html, heat maps (PNG)")]
+        "--output", "-o",
+        help="report directory: report.json, report.md, report.html, heat maps (PNG)")]
     = None,
     json_out: Annotated[bool, typer.Option("--json", help="print the report as JSON")] = False,
     merged: Annotated[Path | None, typer.Option(
