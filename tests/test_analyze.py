@@ -554,3 +554,26 @@ def test_spectrum_against_numpy_svd(shape: tuple[int, int]) -> None:
     assert float(full_u[:, 4:].abs().max() if shape[0] > shape[1] else
                  full_vh[4:].abs().max()) == 0.0  # noise directions: zero vectors
     np.testing.assert_allclose((full_u * full_s) @ full_vh, _np(m), atol=1e-5)
+
+
+def test_tokenizers_that_differ_are_named(three_tasks: tuple[Path, list[Path]],
+                                          tmp_path: Path) -> None:
+    """A fine-tune whose tokenizer numbers the tokens otherwise than the base's is named in
+    a warning (no `tokenizer_source`: its embedding rows are other tokens)."""
+    import shutil
+
+    from tokenizers import Tokenizer, models
+
+    base_dir, tuned_dirs = three_tasks
+    same, other = tmp_path / "same", tmp_path / "other"
+    shutil.copytree(tuned_dirs[0], same)
+    shutil.copytree(tuned_dirs[1], other)
+    write_tokenizer_files(same)
+    write_tokenizer_files(other)
+    vocab = {"[PAD]": 0, "[UNK]": 1, **{f"w{i}": i + 2 for i in range(94)}}  # 0 and 1 swapped
+    Tokenizer(models.WordLevel(vocab, unk_token="[UNK]")).save(str(other / "tokenizer.json"))
+    report = _analyze(_recipe(tmp_path, base_dir, [same, other]), "--no-merge",
+                      "--no-spectral")
+    assert [w["message"] for w in report["warnings"] if w["code"] == "tokenizers_differ"] \
+        == [f"tokenizers differ from the base's: {other}; embedding rows of the same index "
+            "are other tokens (set tokenizer_source)"]
