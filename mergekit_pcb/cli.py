@@ -484,6 +484,81 @@ def extract_lora_command(
 
 
 @app.command()
+@handle_errors
+def analyze(
+    recipe: RecipeArg,
+    output: Annotated[Path | None, typer.Option(
+        "--output", "-o",
+        help="report directory: report.json, report.md, report.html, heat maps (PNG)")]
+    = None,
+    json_out: Annotated[bool, typer.Option("--json", help="print the report as JSON")] = False,
+    merged: Annotated[Path | None, typer.Option(
+        help="an existing merge output to measure instead of merging in memory")] = None,
+    merge: Annotated[bool, typer.Option(
+        help="measure the recipe's own merge (computed in memory, tensor by tensor)")] = True,
+    density: Annotated[float | None, typer.Option(
+        help="density for the sign-conflict and used-by-k counts [default: the recipe's; "
+             "0.2 for a method without one]")] = None,
+    spectral: Annotated[bool, typer.Option(
+        help="SVD figures of the 2-D tensors (effective rank, interference, alignment)")]
+    = True,
+    device: Annotated[str, typer.Option(
+        help="device for the math: cpu, cuda, cuda:N or auto")] = "cpu",
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no progress line")] = False,
+    allow_pickle: PickleOpt = False,
+) -> None:
+    """Diagnose a merge recipe layer by layer: where the tasks compete, before and after."""
+    kind, method, _ = _read(recipe)
+    if kind.name != "merge":
+        from mergekit_pcb.errors import RecipeError
+
+        raise RecipeError(f"{recipe}: merge_method '{method}' is a {kind.name}; analyze "
+                          "reads merge recipes")
+    from mergekit_pcb.mergekit_compat import parse_device
+
+    device = parse_device(device)
+    _setup_torch(device, None)
+    from mergekit_pcb.analysis.report import aggregate, short_names, table_rows, write_report
+    from mergekit_pcb.analysis.run import analyze_recipe_file
+
+    def progress(i: int, total: int, name: str) -> None:
+        if not (quiet or json_out) and sys.stderr.isatty():
+            print(f"\ranalyzing {i + 1}/{total} {name[:60]:<60}", end="", file=sys.stderr,
+                  flush=True)
+
+    measured = analyze_recipe_file(recipe, merged_dir=merged, merge=merge, density=density,
+                                   spectral=spectral, device=device,
+                                   allow_pickle=allow_pickle, progress=progress)
+    if not (quiet or json_out) and sys.stderr.isatty():
+        print("\r" + " " * 80 + "\r", end="", file=sys.stderr, flush=True)
+    report = aggregate(measured)
+    written = write_report(report, output) if output is not None else []
+    if json_out:
+        print(json.dumps(report))
+        return
+    header, rows = table_rows(report)
+    table = Table(*header, title=f"{report['method']} over "
+                  f"{', '.join(short_names(report['models']))} (per-task figures in this "
+                  "order)", title_justify="left")
+    for row in rows:
+        table.add_row(*row)
+    # as wide as its cells (3 columns of border and padding each): where stdout is not a
+    # terminal, not cut at rich's default 80 columns
+    widest = [max(len(line) for cell in col for line in cell.split("\n"))
+              for col in zip(header, *rows, strict=True)]
+    wide = sum(widest) + 3 * len(widest) + 1
+    (stdout if stdout.is_terminal or wide <= stdout.width else Console(width=wide)).print(table)
+    for line in [*report["plan_warnings"], *(w["message"] for w in report["warnings"])]:
+        stderr.print(f"warning: {line}", markup=False, highlight=False, soft_wrap=True)
+    s = report["suggestion"]
+    stdout.print(f"suggestion (not a measurement): try {s['try']}: {s['reason']}",
+                 markup=False, highlight=False, soft_wrap=True)
+    if output is not None:
+        stdout.print(f"wrote {', '.join(written)} to {output}", markup=False,
+                     highlight=False, soft_wrap=True)
+
+
+@app.command()
 def version() -> None:
     """Print the version."""
     print(__version__)

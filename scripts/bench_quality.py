@@ -336,11 +336,13 @@ def searches(run: Run, pcb: dict[str, Any], metas: dict[str, Any]) -> list[dict[
     base = {"base_model": str(paths(run.root)["base"]),
             "models": [{"model": str(run.root / "models" / t)} for t in fam.tasks],
             "merge": inner, "seed": args.seed}
-    evolver_params = {"generations": args.generations, "pop": args.pop, "F": 0.5, "CR": 0.5,
+    # the evolver's population holds every input model at least
+    pop = max(args.pop, len(fam.tasks))
+    evolver_params = {"generations": args.generations, "pop": pop, "F": 0.5, "CR": 0.5,
                       "mode": "merged", "mutation": "current-to-rand"}
     rows = []
     chosen = {"inner": f"PCB (global) {tag(pcb['chosen'])}", "generations": args.generations,
-              "pop": args.pop}
+              "pop": pop}
     rows.append(run_search(run, "Evolver (PCB inside)", "evolver_pcb", {
         "merge_method": "evolver", **base, "parameters": evolver_params,
         "fitness": fitness}, chosen, metas))
@@ -625,8 +627,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--train-cap", type=int, help="text: train examples per class, max (2000)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--methods", default="", help="comma-separated slugs (default: all)")
-    p.add_argument("--generations", type=int, default=4, help="evolver generations")
-    p.add_argument("--pop", type=int, default=4, help="evolver population")
+    p.add_argument("--generations", type=int, default=3, help="evolver generations")
+    p.add_argument("--pop", type=int, default=8,
+                   help="evolver population (at least the number of tasks)")
     p.add_argument("--skip-searches", action="store_true")
     p.add_argument("--threads", type=int, default=1,
                    help="torch threads for scoring, merges and searches (on a shared machine "

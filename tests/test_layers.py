@@ -13,7 +13,8 @@ PACKAGE = Path(mergekit_pcb.__file__).parent
 LAYERS: list[set[str]] = [
     {"__main__", "cli", "mergekit_compat"},  # the command line, and mergekit-yaml's flags
     {"kinds"},
-    {"evolve", "reprogram"},  # the search and reprogramming engines (beside each other)
+    # the search and reprogramming engines, and the merge diagnostics (beside each other)
+    {"evolve", "reprogram", "analysis"},
     {"engine"},  # the merge engine
     {"recipe"},
     {"methods", "io"},

@@ -290,9 +290,18 @@ def pcb_tensor(base: torch.Tensor, models: Sequence[torch.Tensor], weights: Sequ
                lambda_: float = 1.0) -> torch.Tensor:
     """PCB with every statistic taken over this one tensor (`scope: tensor`)."""
     tau = [m - base for m in models]
-    d = base.numel()
-    if d == 0:
+    if base.numel() == 0:
         return base.clone()
+    stats, scores = tensor_rows(tau, densities, clip=clip, inter=inter)
+    return pcb_combine(base, tau, scores, stats, weights, lambda_)
+
+
+def tensor_rows(tau: Sequence[torch.Tensor], densities: Sequence[float], *, clip: float,
+                inter: str) -> tuple[list[RowStats], list[torch.Tensor]]:
+    """Each task row's statistics over one tensor (`scope: tensor`), and the scores: task
+    i keeps the entries whose score is above its `drop_threshold` (`pcbmerge analyze`
+    counts them)."""
+    d = tau[0].numel()
     lo_k, hi_k = clip_indices(d, clip)
     stats = []
     for t in tau:
@@ -303,7 +312,7 @@ def pcb_tensor(base: torch.Tensor, models: Sequence[torch.Tensor], weights: Sequ
     stats = [RowStats(s.clip_low, s.clip_high, s.abs_min, s.abs_max,
                       _kth(b, drop_index(d, r)), float(b.max()))
              for s, b, r in zip(stats, scores, densities, strict=True)]
-    return pcb_combine(base, tau, scores, stats, weights, lambda_)
+    return stats, scores
 
 
 def pcb_tensor_in_slices(base: torch.Tensor, models: Sequence[torch.Tensor],
