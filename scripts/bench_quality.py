@@ -100,6 +100,22 @@ def grid_points(spec: MethodSpec) -> list[dict[str, Any]]:
     return points
 
 
+def conv_variants(specs: list[MethodSpec]) -> list[MethodSpec]:
+    """For a model with conv kernels: the spectral rows again with `conv: matrix` (an
+    extension beyond the papers, which give every kernel the fallback; CART and WUDI also
+    need `matrices: all_2d`, as no conv is named attn or mlp)."""
+    out = []
+    for spec in specs:
+        if spec.merge_method in ("tsv_m", "iso_c", "iso_cts", "cart", "wudi"):
+            extra = {"conv": "matrix"}
+            if spec.merge_method in ("cart", "wudi"):
+                extra["matrices"] = "all_2d"
+            out.append(dataclasses.replace(spec, label=f"{spec.label} (conv as matrix)",
+                                           slug=f"{spec.slug}_conv",
+                                           fixed={**spec.fixed, **extra}))
+    return out
+
+
 def method_specs() -> list[MethodSpec]:
     """Every registry method that merges task vectors of several models, each over its own
     range with `GRID_SIZE` points (two-parameter ones 2 × 2). Ranges: λ around 1 where the
@@ -565,11 +581,11 @@ def cached_row(mdir: Path, key: str) -> dict[str, Any] | None:
     path = mdir / "row.json"
     if not path.is_file():
         return None
-    row = json.loads(path.read_text())
-    if row.get("key") != key or not Path(row["output"]).is_dir():
+    stored = json.loads(path.read_text())
+    if stored.get("key") != key or not Path(stored["row"]["output"]).is_dir():
         return None
     log(f"  cached ({path})")
-    return row["row"]
+    return stored["row"]
 
 
 def store_row(mdir: Path, key: str, row: dict[str, Any]) -> None:
@@ -587,7 +603,10 @@ def run_family(fam: Family, args: argparse.Namespace) -> tuple[Any, ...]:
         log(f"  fine-tuned {t}: test {refs['own'][t]:.3f}")
     wanted = set(filter(None, args.methods.split(",")))
     rows: list[dict[str, Any]] = []
-    for spec in method_specs():
+    specs = method_specs()
+    if any(t.dim() >= 3 for t in run.fit.load_checkpoint(paths(root)["base"]).values()):
+        specs += conv_variants(specs)
+    for spec in specs:
         if wanted and spec.slug not in wanted:
             continue
         log(f"{spec.label}: {len(grid_points(spec))} grid point(s)")

@@ -124,6 +124,15 @@ def test_post_processing_parameters_go_to_their_step() -> None:
                            0)["postprocess"] == [{"svc": {"alpha": 0.1}}]
 
 
+def test_conv_variants_are_the_spectral_rows_with_conv_as_matrix() -> None:
+    variants = {v.slug: v for v in bq.conv_variants(bq.method_specs())}
+    assert set(variants) == {"tsv_m_conv", "iso_c_conv", "iso_cts_conv", "cart_conv",
+                             "wudi_conv"}
+    assert variants["tsv_m_conv"].fixed == {"conv": "matrix"}
+    assert variants["wudi_conv"].fixed == {"conv": "matrix", "matrices": "all_2d"}
+    assert variants["cart_conv"].grid == {"rank_ratio": [0.08, 0.16], "lambda": [1.5, 2.0]}
+
+
 def test_normalized_average_by_hand() -> None:
     own = {"a": 0.8, "b": 0.5}
     assert bq.normalized({"a": 0.4, "b": 0.5}, own) == pytest.approx((0.5 + 1.0) / 2)
