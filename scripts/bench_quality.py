@@ -373,10 +373,17 @@ def searches(run: Run, pcb: dict[str, Any], metas: dict[str, Any]) -> list[dict[
             "merge_method": "coefficient-search", **base, "search": {"weight": [low, high]},
             "parameters": {"optimizer": "NGOpt", "budget": args.coef_budget},
             "fitness": fitness}, {"budget": args.coef_budget}, metas)
-        best = yaml.safe_load((Path(res["output"]) / "best_recipe.yaml").read_text())
-        res["chosen"]["weights"] = [round(float(m.get("parameters", {}).get("weight", 1.0)), 2)
-                                    for m in best["models"]]
-        rows.append(res)
+        guarded = run_search(run, "PCB + coefficient search, guarded", "coefsearch_pcb_guard", {
+            "merge_method": "coefficient-search", **base, "search": {"weight": [low, high]},
+            "parameters": {"optimizer": "NGOpt", "budget": args.coef_budget},
+            "fitness": {**fitness, "select": str(fit_path), "guard": str(guard_path)}},
+            {"budget": args.coef_budget, "guard": GUARD_FRACTION}, metas)
+        for row in (res, guarded):
+            best = yaml.safe_load((Path(row["output"]) / "best_recipe.yaml").read_text())
+            row["chosen"]["weights"] = [
+                round(float(m.get("parameters", {}).get("weight", 1.0)), 2)
+                for m in best["models"]]
+            rows.append(row)
     return rows
 
 
