@@ -423,7 +423,7 @@ def inspect(
     # A path that is not there (or a hub id not to be had) is refused before the reader
     # imports torch: seconds sooner.
     where = resolve_model_path(path, allow_pickle=allow_pickle)
-    from mergekit_pcb.io.reader import open_checkpoint
+    from mergekit_pcb.io.checkpoints import open_checkpoint
 
     with open_checkpoint(path, allow_pickle=allow_pickle, resolved=where) as ckpt:
         rows = [(i.name, list(i.shape), str(i.dtype).removeprefix("torch."), i.numel, i.file.name)

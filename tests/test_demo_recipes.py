@@ -98,7 +98,7 @@ def run_cli(recipe: Path, out: Path) -> subprocess.CompletedProcess[str]:
 def load(ref: str) -> dict[str, torch.Tensor]:
     if "+" in ref:  # BASE+ADAPTER: read as our reader reads it (tests/test_lora.py checks
         # that against peft)
-        from mergekit_pcb.io.reader import open_checkpoint
+        from mergekit_pcb.io.checkpoints import open_checkpoint
 
         with open_checkpoint(ref) as ckpt:
             return {n: ckpt.read(n).clone() for n in ckpt.names()}

@@ -30,7 +30,8 @@ from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
 from mergekit_pcb.cli import app
-from mergekit_pcb.io.reader import MAX_INDEX_BYTES, open_checkpoint
+from mergekit_pcb.io.checkpoints import open_checkpoint
+from mergekit_pcb.io.reader import MAX_INDEX_BYTES
 from mergekit_pcb.io.safetensors_format import (
     DTYPE_FROM_CODE,
     MAX_HEADER_BYTES,

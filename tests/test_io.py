@@ -14,7 +14,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from mergekit_pcb.errors import CheckpointError
-from mergekit_pcb.io.reader import open_checkpoint
+from mergekit_pcb.io.checkpoints import open_checkpoint
 from mergekit_pcb.io.resolve import resolve_model_path
 from mergekit_pcb.io.writer import OutputTensor, ShardedSafetensorsWriter, plan_shards
 

@@ -12,7 +12,7 @@ import torch
 from conftest import run_cli, save_hf, tiny_model, write_recipe, write_tokenizer_files
 
 from mergekit_pcb.errors import CheckpointError
-from mergekit_pcb.io.reader import open_checkpoint
+from mergekit_pcb.io.checkpoints import open_checkpoint
 
 peft = pytest.importorskip("peft")
 

@@ -29,7 +29,8 @@ from mergekit_pcb.engine.stream import (
 )
 from mergekit_pcb.engine.vocab import is_vocabulary_tensor
 from mergekit_pcb.errors import CheckpointError, RecipeError
-from mergekit_pcb.io.reader import Checkpoint, open_checkpoint
+from mergekit_pcb.io.checkpoints import open_checkpoint
+from mergekit_pcb.io.reader import Checkpoint
 from mergekit_pcb.io.tokenizer import has_tokenizer, load_tokenizer
 from mergekit_pcb.methods.pcb import PcbGlobalStats, pcb_scores, tensor_rows
 from mergekit_pcb.methods.spectral import task_matrices

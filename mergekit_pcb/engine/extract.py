@@ -32,8 +32,9 @@ from typing import Any
 import torch
 
 from mergekit_pcb.errors import CheckpointError, UserError
+from mergekit_pcb.io.checkpoints import open_checkpoint
 from mergekit_pcb.io.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS, PEFT_PREFIX
-from mergekit_pcb.io.reader import Checkpoint, open_checkpoint
+from mergekit_pcb.io.reader import Checkpoint
 from mergekit_pcb.io.resolve import model_paths
 from mergekit_pcb.io.writer import OutputTensor, atomic_output_dir, write_safetensors
 from mergekit_pcb.methods.spectral import default_rtol

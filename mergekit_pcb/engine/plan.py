@@ -40,8 +40,9 @@ from mergekit_pcb.engine.vocab import (
 )
 from mergekit_pcb.errors import CheckpointError, RecipeError
 from mergekit_pcb.io.artifacts import model_dir
+from mergekit_pcb.io.checkpoints import open_checkpoint
 from mergekit_pcb.io.mapped import mapped_files
-from mergekit_pcb.io.reader import Checkpoint, open_checkpoint
+from mergekit_pcb.io.reader import Checkpoint
 from mergekit_pcb.io.resolve import model_paths
 from mergekit_pcb.io.tokenizer import has_tokenizer
 from mergekit_pcb.methods import REGISTRY, MergeMethod, get_method

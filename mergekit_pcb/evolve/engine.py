@@ -71,9 +71,10 @@ from mergekit_pcb.evolve.operators import interpolate
 from mergekit_pcb.evolve.replica import PopulationLog
 from mergekit_pcb.evolve.stats import guard_test
 from mergekit_pcb.evolve.store import RunDir, TensorSpec, layout_of
+from mergekit_pcb.io.checkpoints import open_checkpoint
 from mergekit_pcb.io.files import resolve_data_file
 from mergekit_pcb.io.mapped import open_readable
-from mergekit_pcb.io.reader import Checkpoint, TensorInfo, open_checkpoint
+from mergekit_pcb.io.reader import Checkpoint, TensorInfo
 from mergekit_pcb.io.writer import file_crc32, prepare_run_dir, write_safetensors
 from mergekit_pcb.recipe.schema import ModelEntry
 from mergekit_pcb.usercode import code_digest

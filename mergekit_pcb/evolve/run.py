@@ -48,7 +48,8 @@ from mergekit_pcb.io.artifacts import (
     model_dir,
     write_card_and_recipe,
 )
-from mergekit_pcb.io.reader import Checkpoint, open_checkpoint
+from mergekit_pcb.io.checkpoints import open_checkpoint
+from mergekit_pcb.io.reader import Checkpoint
 from mergekit_pcb.io.resolve import resolve_model_path
 from mergekit_pcb.io.writer import (
     OutputTensor,

@@ -10,7 +10,8 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from mergekit_pcb.io.reader import Checkpoint, TensorInfo, open_checkpoint
+    from mergekit_pcb.io.checkpoints import open_checkpoint
+    from mergekit_pcb.io.reader import Checkpoint, TensorInfo
     from mergekit_pcb.io.resolve import resolve_model_path
     from mergekit_pcb.io.writer import ShardedSafetensorsWriter, atomic_output_dir, plan_shards
 
@@ -18,7 +19,7 @@ if TYPE_CHECKING:
 _HOME = {
     "Checkpoint": "reader",
     "TensorInfo": "reader",
-    "open_checkpoint": "reader",
+    "open_checkpoint": "checkpoints",
     "resolve_model_path": "resolve",
     "ShardedSafetensorsWriter": "writer",
     "atomic_output_dir": "writer",

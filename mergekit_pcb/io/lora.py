@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 from mergekit_pcb.errors import CheckpointError
-from mergekit_pcb.io.reader import Checkpoint, open_checkpoint
+from mergekit_pcb.io.reader import Checkpoint, open_plain_checkpoint
 from mergekit_pcb.io.resolve import resolve_model_path
 from mergekit_pcb.io.safetensors_format import TensorInfo, brief_repr, decode_json, open_regular
 
@@ -319,9 +319,9 @@ def open_adapter(ref: str, base_ref: str, adapter_ref: str, *, allow_pickle: boo
     if not weights.is_file():
         raise CheckpointError(f"adapter {adapter_ref}: no {ADAPTER_WEIGHTS} (pickled "
                               "adapter_model.bin files are not read)")
-    base = open_checkpoint(base_ref, allow_pickle=allow_pickle, base_dir=base_dir)
+    base = open_plain_checkpoint(base_ref, allow_pickle=allow_pickle, base_dir=base_dir)
     try:
-        adapter = open_checkpoint(str(weights))
+        adapter = open_plain_checkpoint(str(weights))
         adapter.ref = adapter_ref
         return AdapterCheckpoint(ref, base, adapter, config)
     except BaseException:

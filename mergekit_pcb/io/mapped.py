@@ -14,7 +14,8 @@ from typing import BinaryIO
 
 import torch
 
-from mergekit_pcb.io.reader import Checkpoint, open_checkpoint
+from mergekit_pcb.io.checkpoints import open_checkpoint
+from mergekit_pcb.io.reader import Checkpoint
 from mergekit_pcb.io.safetensors_format import TensorInfo, open_regular, read_header
 
 

@@ -11,7 +11,7 @@ from typing import BinaryIO
 import torch
 
 from mergekit_pcb.errors import CheckpointError
-from mergekit_pcb.io.resolve import resolve_model_path, split_adapter_ref
+from mergekit_pcb.io.resolve import resolve_model_path
 from mergekit_pcb.io.safetensors_format import (
     UNPRINTABLE,
     TensorInfo,
@@ -23,7 +23,7 @@ from mergekit_pcb.io.safetensors_format import (
     require_regular,
 )
 
-__all__ = ["Checkpoint", "TensorInfo", "inside_model_dir", "open_checkpoint"]
+__all__ = ["Checkpoint", "TensorInfo", "inside_model_dir", "open_plain_checkpoint"]
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 PICKLE_INDEX = "pytorch_model.bin.index.json"
@@ -113,19 +113,16 @@ class Checkpoint:
         self.close()
 
 
-def open_checkpoint(ref: str, *, allow_pickle: bool = False,
-                    base_dir: Path | None = None, resolved: Path | None = None) -> Checkpoint:
-    """Open a model reference: a directory, a `.safetensors` file or a hub id.
+def open_plain_checkpoint(ref: str, *, allow_pickle: bool = False,
+                          base_dir: Path | None = None, resolved: Path | None = None
+                          ) -> Checkpoint:
+    """Open a model reference: a directory, a `.safetensors` file or a hub id (not
+    `BASE+ADAPTER`: `io.checkpoints.open_checkpoint` opens any reference).
 
     Inside a directory, only regular files that stay in it (after symlinks) are opened: an
     index naming `../../etc/passwd`, an absolute path or a FIFO is refused unopened.
     `resolved`: the path `resolve_model_path` already gave for `ref` (not asked again).
     """
-    parts = split_adapter_ref(ref, base_dir=base_dir)
-    if parts is not None:  # BASE+ADAPTER: a PEFT adapter over its base (`resolved`: the base)
-        from mergekit_pcb.io.lora import open_adapter
-
-        return open_adapter(ref, *parts, allow_pickle=allow_pickle, base_dir=base_dir)
     path = resolved if resolved is not None else resolve_model_path(
         ref, base_dir=base_dir, allow_pickle=allow_pickle)
     if not path.is_dir():

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from mergekit_pcb.errors import UserError
-from mergekit_pcb.io.reader import open_checkpoint
+from mergekit_pcb.io.checkpoints import open_checkpoint
 from mergekit_pcb.reprogram.config import PairSource, resolve_path
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")

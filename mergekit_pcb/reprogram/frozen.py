@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mergekit_pcb.errors import CheckpointError, RecipeError, UserError
-from mergekit_pcb.io.reader import open_checkpoint
+from mergekit_pcb.io.checkpoints import open_checkpoint
 from mergekit_pcb.io.safetensors_format import tensor_bytes
 from mergekit_pcb.reprogram.config import ModelSpec, resolve_path
 from mergekit_pcb.reprogram.store import load_strict

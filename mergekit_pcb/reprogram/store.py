@@ -10,7 +10,7 @@ from typing import Any
 import torch
 
 from mergekit_pcb.errors import UserError
-from mergekit_pcb.io.reader import open_checkpoint
+from mergekit_pcb.io.checkpoints import open_checkpoint
 from mergekit_pcb.io.safetensors_format import read_header
 from mergekit_pcb.io.writer import OutputTensor, write_safetensors
 from mergekit_pcb.reprogram import FORMAT_VERSION, METHOD, MODULE_FILE

@@ -18,7 +18,8 @@ from mergekit_pcb.errors import UserError
 from mergekit_pcb.evolve.config import FitnessSpec
 from mergekit_pcb.evolve.fitness import Evaluator, build_evaluator, example_scores
 from mergekit_pcb.evolve.process_local import ProcessLocal
-from mergekit_pcb.io.reader import Checkpoint, open_checkpoint
+from mergekit_pcb.io.checkpoints import open_checkpoint
+from mergekit_pcb.io.reader import Checkpoint
 
 from .config import SearchSpace
 from .fastpath import Parts, build_parts, fast_merge, matches
