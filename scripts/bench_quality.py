@@ -183,6 +183,9 @@ def merge_recipe(fam: Family, root: Path, spec: MethodSpec, point: dict[str, Any
             name, arg = key.split(".", 1)
             next(st for st in steps if name in st)[name][arg] = value
     point = {k: v for k, v in point.items() if "." not in k}
+    for st in steps:
+        if "lines" in st and fam.lines_layers is not None:
+            st["lines"].setdefault("layers", fam.lines_layers)
     params = {**spec.fixed, **{k: v for k, v in point.items() if k not in spec.per_model}}
     per_model = {"weight": 1.0, **{k: v for k, v in point.items() if k in spec.per_model}}
     recipe: dict[str, Any] = {

@@ -40,6 +40,8 @@ class Family:
     prepare: Callable[[Path, argparse.Namespace], dict[str, Any]]
     # One sentence on data and fine-tuning for the report.
     describe: Callable[[argparse.Namespace], str]
+    # LiNeS's `layers:` pattern where the block names are not `layers.N.`-style
+    lines_layers: str | None = None
 
 
 def paths(root: Path) -> dict[str, Path]:

@@ -720,4 +720,5 @@ def describe(args: argparse.Namespace) -> str:
 
 FAMILY = Family(name="effnet", title="EfficientNet-Lite0 (ImageNet CNN, 4.7M)", tasks=TASKS,
                 task_titles=TASK_TITLES, fitness="quality_fitness_vision",
-                frozen_rules=FROZEN_RULES, prepare=prepare, describe=describe)
+                frozen_rules=FROZEN_RULES, prepare=prepare, describe=describe,
+                lines_layers=r"_blocks\.(\d+)\.")
