@@ -387,3 +387,22 @@ def test_search_recipes_ignore_other_methods_parameters_with_one_line(
                                                                      {"model": "m2"}],
             "merge": {"merge_method": "ties", "parameters": {"tt": 0.5}},
             "fitness": fitness}, "e.yaml")
+
+
+def test_a_spectral_merge_that_decomposes_nothing_says_so(hf_models: Models) -> None:
+    """CART's official `attn`/`mlp` names match no BERT tensor: the merge would be the
+    average everywhere. Said in one line with the option that changes it; a Llama (whose
+    names match) and `matrices: all_2d` get no such line."""
+    base, tuned = hf_models("bert", 2)
+    recipe: dict[str, Any] = {"merge_method": "cart", "base_model": str(base),
+                              "models": [{"model": str(t)} for t in tuned]}
+    said = [w for w in warnings_of(recipe) if w.startswith("cart:")]
+    assert said == ["cart: no tensor gets its matrix rule (not 2-D; not an attention/MLP "
+                    "weight, matrices: attn_mlp; vocabulary matrix, vocabulary: false), so "
+                    "every tensor gets its fallback; matrices: all_2d acts on every 2-D tensor"]
+    recipe["parameters"] = {"matrices": "all_2d"}
+    assert not [w for w in warnings_of(recipe) if w.startswith("cart:")]
+    llama_base, llama_tuned = hf_models("llama", 2)
+    assert not [w for w in warnings_of({
+        "merge_method": "cart", "base_model": str(llama_base),
+        "models": [{"model": str(t)} for t in llama_tuned]}) if w.startswith("cart:")]

@@ -423,12 +423,32 @@ def _plan_warnings(plan: MergePlan) -> list[str]:
             lines.append(f"{route.method.name} merges the base with one other model, but is "
                          f"given {len(route.inputs)} ({', '.join(route.inputs)}): it merges "
                          "with their uniform mean (mergekit refuses more than one)")
+    for route in plan.routes:
+        lines += _fallback_only(plan, route)
     if plan.vocab is None and not has_tokenizer(plan.tokenizer_root()):
         others = [k for k, c in plan.checkpoints.items() if has_tokenizer(c.root)]
         hint = f"; set tokenizer_source: {others[0]} to take that model's" if others else ""
         lines.append(f"the output gets no tokenizer: {plan.tokenizer_root()} has no tokenizer "
                      f"files{hint}")
     return lines
+
+
+def _fallback_only(plan: MergePlan, route: Route) -> list[str]:
+    """A method with a matrix rule whose every tensor takes its fallback (CART's official
+    `attn`/`mlp` names on a BERT, any spectral merge of a CNN): the merge is the fallback."""
+    groups = plan.rule_groups(route)
+    if not groups or any(rule.startswith("matrix") for rule in groups):
+        return []
+    assert route.method is not None
+    reasons = [rule.split("(", 1)[1].split("):", 1)[0] if rule.startswith("fallback (")
+               else rule for rule in groups]
+    hints = []
+    if any("matrices: attn_mlp" in r for r in reasons):
+        hints.append("matrices: all_2d acts on every 2-D tensor")
+    if any(len(t.shape) >= 3 for t in plan.tasks if t.route is route):
+        hints.append("conv: matrix decomposes conv kernels")
+    return [f"{route.method.name}: no tensor gets its matrix rule ({'; '.join(reasons)}), so "
+            "every tensor gets its fallback" + (f"; {', '.join(hints)}" if hints else "")]
 
 
 def _parameter_filters(recipe: MergeRecipe) -> list[tuple[str, str]]:
