@@ -55,6 +55,8 @@ if str(SCRIPTS) not in sys.path:
 
 from quality_family import Family, paths  # noqa: E402
 
+from mergekit_pcb.methods.spectral import is_attn_mlp  # noqa: E402
+
 GRID_SIZE = 4
 GUARD_FRACTION = 0.3
 FAMILY_MODULES = {"minilm": "quality_text", "effnet": "quality_vision"}
@@ -114,6 +116,16 @@ def conv_variants(specs: list[MethodSpec]) -> list[MethodSpec]:
                                            slug=f"{spec.slug}_conv",
                                            fixed={**spec.fixed, **extra}))
     return out
+
+
+def all_2d_variants(specs: list[MethodSpec]) -> list[MethodSpec]:
+    """For a model none of whose tensors have the official code's `attn`/`mlp` names (a
+    BERT): CART and WUDI again with `matrices: all_2d` (FusionBench's choice), since with the
+    official rule they act on nothing (`pcbmerge validate` says so)."""
+    return [dataclasses.replace(spec, label=f"{spec.label} (all 2-D)",
+                                slug=f"{spec.slug}_all2d",
+                                fixed={**spec.fixed, "matrices": "all_2d"})
+            for spec in specs if spec.merge_method in ("cart", "wudi")]
 
 
 def method_specs() -> list[MethodSpec]:
@@ -614,8 +626,11 @@ def run_family(fam: Family, args: argparse.Namespace) -> tuple[Any, ...]:
     wanted = set(filter(None, args.methods.split(",")))
     rows: list[dict[str, Any]] = []
     specs = method_specs()
-    if any(t.dim() >= 3 for t in run.fit.load_checkpoint(paths(root)["base"]).values()):
+    base_state = run.fit.load_checkpoint(paths(root)["base"])
+    if any(t.dim() >= 3 for t in base_state.values()):
         specs += conv_variants(specs)
+    elif not any(is_attn_mlp(n) for n, t in base_state.items() if t.dim() == 2):
+        specs += all_2d_variants(specs)
     for spec in specs:
         if wanted and spec.slug not in wanted:
             continue

@@ -133,6 +133,12 @@ def test_conv_variants_are_the_spectral_rows_with_conv_as_matrix() -> None:
     assert variants["cart_conv"].grid == {"rank_ratio": [0.08, 0.16], "lambda": [1.5, 2.0]}
 
 
+def test_all_2d_variants_are_cart_and_wudi() -> None:
+    variants = {v.slug: v for v in bq.all_2d_variants(bq.method_specs())}
+    assert set(variants) == {"cart_all2d", "wudi_all2d"}
+    assert variants["wudi_all2d"].fixed == {"matrices": "all_2d"}
+
+
 def test_normalized_average_by_hand() -> None:
     own = {"a": 0.8, "b": 0.5}
     assert bq.normalized({"a": 0.4, "b": 0.5}, own) == pytest.approx((0.5 + 1.0) / 2)
