@@ -508,10 +508,13 @@ def render_family(run: Run, refs: dict[str, Any], rows: list[dict[str, Any]],
         f"in points against task arithmetic (TA) and PCB (global), paired bootstrap 95 % "
         f"interval over the test examples, † where it excludes 0. Every coefficient was "
         f"chosen on the validation split ({GRID_SIZE}-point grid per method); `merge s`: one "
-        f"`pcbmerge run` at the chosen values (a search: the whole search). Family wall time "
-        f"{wall_s / 60:.0f} min; fine-tuning "
-        f"{sum(v.get('train_s', 0) for v in train.values()) / 60:.0f} min of it when not "
-        f"cached.",
+        f"`pcbmerge run` at the chosen values (a search: the whole search). Compute, as first "
+        f"run (a re-run takes the cached rows): fine-tuning "
+        f"{sum(v.get('train_s', 0) for v in train.values()) / 60:.0f} min, the grids' merges "
+        f"and validation scoring "
+        f"{sum(r['tuning_s'] for r in rows if r.get('trials')) / 60:.0f} min, the searches "
+        f"{sum(r['tuning_s'] for r in rows if not r.get('trials')) / 60:.0f} min; this "
+        f"run {wall_s / 60:.0f} min.",
         "",
         *lines,
         "",
@@ -696,7 +699,8 @@ def main(argv: list[str] | None = None) -> None:
         done.append(run_family(load_family(name), args))
     text = [f"# Merge quality: {len(done)} model families",
             "", f"`python scripts/bench_quality.py`, {time.strftime('%Y-%m-%d')}, "
-            f"{os.cpu_count()} CPU cores, {(time.perf_counter() - t_start) / 60:.0f} min.", ""]
+            f"{os.cpu_count()} CPU cores, torch {torch.__version__}, this run "
+            f"{(time.perf_counter() - t_start) / 60:.0f} min.", ""]
     for run, refs, rows, paired, wall in done:
         text += render_family(run, refs, rows, paired, wall)
     args.work.mkdir(parents=True, exist_ok=True)
