@@ -165,8 +165,18 @@ def method_specs() -> list[MethodSpec]:
         MethodSpec("PCB (global)", "pcb_global", "pcb",
                    {"scope": "global", "clip": 0.01, "inter": "consensus"},
                    {"lambda": lam_mean, "density": [0.1, 0.3]}),
-        # PCB with post-processing after the merge (#29): SVC at FusionBench's α, on PCB's
-        # own grid; LiNeS with its a from the task vectors' norms and b on the grid.
+        # Post-processing after the merge (#29): SVC at FusionBench's α on the method's own
+        # grid; LiNeS with its a from the task vectors' norms (λ left at 1) and b on the grid.
+        MethodSpec("task arithmetic + SVC", "task_arithmetic_svc", "task_arithmetic", {},
+                   {"lambda": [0.1, 0.2, 0.3, 0.5]}, postprocess=({"svc": {"alpha": 0.1}},)),
+        MethodSpec("task arithmetic + LiNeS", "task_arithmetic_lines", "task_arithmetic", {},
+                   {"lines.b": [0.1, 0.3, 0.6, 1.0]}, postprocess=({"lines": {}},)),
+        MethodSpec("TIES + SVC", "ties_svc", "ties", {"normalize": True},
+                   {"lambda": lam_mean, "density": [0.1, 0.3]},
+                   postprocess=({"svc": {"alpha": 0.1}},)),
+        MethodSpec("TIES + LiNeS", "ties_lines", "ties", {"normalize": True},
+                   {"density": [0.1, 0.3], "lines.b": [0.3, 0.6]},
+                   postprocess=({"lines": {}},)),
         MethodSpec("PCB (global) + SVC", "pcb_global_svc", "pcb",
                    {"scope": "global", "clip": 0.01, "inter": "consensus"},
                    {"lambda": lam_mean, "density": [0.1, 0.3]},
