@@ -53,24 +53,13 @@ SCRIPTS = REPO / "scripts"
 if str(SCRIPTS) not in sys.path:
     sys.path.insert(0, str(SCRIPTS))
 
-from quality_family import Family, paths  # noqa: E402
+from quality_family import Family, atomic_write, log, paths  # noqa: E402
 
 from mergekit_pcb.methods.spectral import is_attn_mlp  # noqa: E402
 
 GRID_SIZE = 4
 GUARD_FRACTION = 0.3
 FAMILY_MODULES = {"minilm": "quality_text", "effnet": "quality_vision"}
-
-
-def log(msg: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
-
-
-def atomic_write(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def mean(xs: Any) -> float:

@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -47,3 +49,16 @@ class Family:
 def paths(root: Path) -> dict[str, Path]:
     return {"base": root / "models" / "base", "select": root / "data" / "select.safetensors",
             "test": root / "data" / "test.safetensors", "splits": root / "data" / "splits.json"}
+
+
+def log(msg: str, prefix: str = "") -> None:
+    """A progress line with the time of day."""
+    print(f"[{time.strftime('%H:%M:%S')}] {prefix}{msg}", flush=True)
+
+
+def atomic_write(path: Path, text: str) -> None:
+    """`text` into `path` by a rename, so a killed run never leaves half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)

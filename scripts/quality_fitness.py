@@ -69,7 +69,11 @@ def state_digest(state: Mapping[str, torch.Tensor]) -> str:
 
 
 class Data:
-    """One data file: per task input ids, attention masks, labels, and the task's head."""
+    """One data file: per task its inputs and labels, and the task's head; `digest` (with
+    the scoring's version, the file, and the heads) keys the evaluation cache. A family
+    with other inputs subclasses it (`task_inputs`, `digested_files`)."""
+
+    version = EVAL_VERSION
 
     def __init__(self, path: Path) -> None:
         self.path = path
@@ -78,27 +82,46 @@ class Data:
         tensors = load_file(str(path))
         self.tasks: list[str] = meta["tasks"]
         self.config_dir = (path.parent / meta["config"]).resolve()
-        self.inputs = {t: (tensors[f"{t}/input_ids"].long(), tensors[f"{t}/attention_mask"].long(),
-                           tensors[f"{t}/labels"].long()) for t in self.tasks}
-        self.heads: dict[str, torch.nn.Linear] = {}
-        digest = hashlib.sha256(EVAL_VERSION.encode())
+        self.inputs = {t: self.task_inputs(tensors, t) for t in self.tasks}
+        digest = hashlib.sha256(self.version.encode())
         digest.update(file_digest(path).encode())
-        for t in self.tasks:
-            head_path = (path.parent / meta["heads"][t]).resolve()
-            w = load_file(str(head_path))
-            head = torch.nn.Linear(w["weight"].shape[1], w["weight"].shape[0])
-            head.load_state_dict(w)
-            self.heads[t] = head.eval()
-            digest.update(file_digest(head_path).encode())
+        for extra in self.digested_files():
+            digest.update(file_digest(extra).encode())
+        self.heads = load_heads(path, meta, self.tasks, digest)
         self.digest = digest.hexdigest()
         self.cache_dir = path.parent.parent / "cache" / "eval"
 
+    def task_inputs(self, tensors: dict[str, torch.Tensor], task: str
+                    ) -> tuple[torch.Tensor, ...]:
+        return (tensors[f"{task}/input_ids"].long(), tensors[f"{task}/attention_mask"].long(),
+                tensors[f"{task}/labels"].long())
 
-def load_data(path: str | Path) -> Data:
+    def digested_files(self) -> list[Path]:
+        """Files besides the data and the heads whose change must miss the cache."""
+        return []
+
+
+def load_heads(path: Path, meta: dict[str, Any], tasks: list[str],
+               digest: Any) -> dict[str, torch.nn.Linear]:
+    """Each task's linear head named in a data file's metadata (paths relative to the file),
+    each file's SHA-256 added to `digest` (the evaluation cache's key)."""
+    heads = {}
+    for t in tasks:
+        head_path = (path.parent / meta["heads"][t]).resolve()
+        w = load_file(str(head_path))
+        head = torch.nn.Linear(w["weight"].shape[1], w["weight"].shape[0])
+        head.load_state_dict(w)
+        heads[t] = head.eval()
+        digest.update(file_digest(head_path).encode())
+    return heads
+
+
+def load_data(path: str | Path, kind: type = Data, loaded: dict[str, Any] = _DATA) -> Any:
+    """The data file at `path` as `kind`, read once per process (`loaded`: the cache)."""
     key = str(Path(path).resolve())
-    if key not in _DATA:
-        _DATA[key] = Data(Path(key))
-    return _DATA[key]
+    if key not in loaded:
+        loaded[key] = kind(Path(key))
+    return loaded[key]
 
 
 def encoder_for(config_dir: Path) -> torch.nn.Module:
@@ -158,10 +181,17 @@ def _compute(d: Data, state: Mapping[str, torch.Tensor], path: Path) -> dict[str
     model = encoder_for(d.config_dir)
     load_state(model, state)
     right = {t: correct(model, d.heads[t], *d.inputs[t]) for t in d.tasks}
+    return store_entry(d, path, right, time.perf_counter() - t0)
+
+
+def store_entry(d: Data, path: Path, right: dict[str, torch.Tensor],
+                eval_s: float) -> dict[str, Any]:
+    """The evaluation record of per-task right/wrong rows, written to the disk cache
+    (unless QUALITY_FITNESS_NO_CACHE) and returned."""
     entry = {"acc": {t: int(r.sum()) / max(1, len(r)) for t, r in right.items()},
              "correct": {t: "".join("1" if x else "0" for x in r.tolist())
                          for t, r in right.items()},
-             "eval_s": time.perf_counter() - t0, "data": str(d.path)}
+             "eval_s": eval_s, "data": str(d.path)}
     if USE_DISK_CACHE:
         d.cache_dir.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")

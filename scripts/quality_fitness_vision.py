@@ -19,9 +19,7 @@ QUALITY_FITNESS_NO_CACHE=1 scores everything afresh.
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
 import sys
 import time
 from collections.abc import Mapping
@@ -29,14 +27,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import load_file
 
 SCRIPTS = str(Path(__file__).resolve().parent)
 if SCRIPTS not in sys.path:  # importable as a fitness module from any working directory
     sys.path.insert(0, SCRIPTS)
 import quality_fitness as qf  # noqa: E402
-from quality_fitness import file_digest, load_checkpoint, state_digest  # noqa: E402
+from quality_fitness import load_checkpoint, state_digest  # noqa: E402
 
 # Bump when the way a state is scored changes: it is part of every cache key.
 EVAL_VERSION = "vision-eval-1"
@@ -67,38 +63,22 @@ def embed(model: torch.nn.Module, images: torch.Tensor) -> torch.Tensor:
     return model.extract_features(x).mean(dim=(2, 3))
 
 
-class Data:
-    """One data file: per task uint8 images and labels, and the task's head."""
+class Data(qf.Data):
+    """One data file: per task uint8 images and labels, and the task's head; the network's
+    config is part of the cache key."""
 
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        with safe_open(str(path), "pt") as f:
-            meta = json.loads((f.metadata() or {})["bench"])
-        tensors = load_file(str(path))
-        self.tasks: list[str] = meta["tasks"]
-        self.config_dir = (path.parent / meta["config"]).resolve()
-        self.inputs = {t: (tensors[f"{t}/images"], tensors[f"{t}/labels"].long())
-                       for t in self.tasks}
-        self.heads: dict[str, torch.nn.Linear] = {}
-        digest = hashlib.sha256(EVAL_VERSION.encode())
-        digest.update(file_digest(path).encode())
-        digest.update(file_digest(self.config_dir / "config.json").encode())
-        for t in self.tasks:
-            head_path = (path.parent / meta["heads"][t]).resolve()
-            w = load_file(str(head_path))
-            head = torch.nn.Linear(w["weight"].shape[1], w["weight"].shape[0])
-            head.load_state_dict(w)
-            self.heads[t] = head.eval()
-            digest.update(file_digest(head_path).encode())
-        self.digest = digest.hexdigest()
-        self.cache_dir = path.parent.parent / "cache" / "eval"
+    version = EVAL_VERSION
+
+    def task_inputs(self, tensors: dict[str, torch.Tensor], task: str
+                    ) -> tuple[torch.Tensor, ...]:
+        return tensors[f"{task}/images"], tensors[f"{task}/labels"].long()
+
+    def digested_files(self) -> list[Path]:
+        return [self.config_dir / "config.json"]
 
 
 def load_data(path: str | Path) -> Data:
-    key = str(Path(path).resolve())
-    if key not in _DATA:
-        _DATA[key] = Data(Path(key))
-    return _DATA[key]
+    return qf.load_data(path, Data, _DATA)
 
 
 def network_for(config_dir: Path) -> torch.nn.Module:
@@ -140,17 +120,7 @@ def _entry(state: Mapping[str, torch.Tensor], data: str | Path) -> dict[str, Any
     model = network_for(d.config_dir)
     load_state(model, state)
     right = {t: correct(model, d.heads[t], *d.inputs[t]) for t in d.tasks}
-    entry = {"acc": {t: int(r.sum()) / max(1, len(r)) for t, r in right.items()},
-             "correct": {t: "".join("1" if x else "0" for x in r.tolist())
-                         for t, r in right.items()},
-             "eval_s": time.perf_counter() - t0, "data": str(d.path)}
-    # The same switch (QUALITY_FITNESS_NO_CACHE, read at import) as the text family's.
-    if qf.USE_DISK_CACHE:
-        d.cache_dir.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(entry))
-        os.replace(tmp, path)
-    return entry
+    return qf.store_entry(d, path, right, time.perf_counter() - t0)  # the text family's cache
 
 
 def evaluate_timed(state: Mapping[str, torch.Tensor],

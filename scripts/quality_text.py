@@ -37,7 +37,7 @@ from typing import Any
 
 import quality_fitness as qf
 import torch
-from quality_family import Family, paths
+from quality_family import Family, atomic_write, log, paths
 
 DATA_VERSION = "quality-text-data-2"
 TRAIN_VERSION = "quality-text-train-2"
@@ -70,17 +70,6 @@ def settings(args: argparse.Namespace) -> argparse.Namespace:
         got = getattr(args, k, None)
         out[k] = type(v)(got) if got is not None else v
     return argparse.Namespace(**out)
-
-
-def log(msg: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
-
-
-def atomic_write(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 # ----------------------------------------------------------------------------------- data

@@ -56,8 +56,9 @@ SCRIPTS = Path(__file__).resolve().parent
 if str(SCRIPTS) not in sys.path:
     sys.path.insert(0, str(SCRIPTS))
 
+import quality_family as qfam  # noqa: E402
 import quality_fitness_vision as qfv  # noqa: E402
-from quality_family import Family, paths  # noqa: E402
+from quality_family import Family, atomic_write, paths  # noqa: E402
 
 DATA_VERSION = "vision-data-1"
 TRAIN_VERSION = "vision-train-1"
@@ -91,14 +92,7 @@ CELL_SPLIT = (0.6, 0.2, 0.2)  # fractions of a photo's cells per split
 
 
 def log(msg: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] vision: {msg}", flush=True)
-
-
-def atomic_write(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    qfam.log(msg, "vision: ")
 
 
 def settings(args: argparse.Namespace) -> dict[str, Any]:
