@@ -654,3 +654,33 @@ def test_low_rank_updates_skip_the_full_svd(monkeypatch: pytest.MonkeyPatch) -> 
     assert (300, 200) in shapes and b.shape == (300, 8)
     s = full_svd(noisy.double(), full_matrices=False)[1]
     assert error == pytest.approx(float((s[8:] ** 2).sum().sqrt() / s.norm()), rel=1e-6)
+
+
+def test_adapter_by_hub_id_from_the_offline_cache(llama: tuple[torch.nn.Module, Path],
+                                                  tmp_path: Path,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """`BASE+org/adapter` and `adapter: org/adapter` read the adapter from the Hugging Face
+    cache layout (blobs, refs, snapshot symlinks), offline, as a local directory reads."""
+    from test_io import make_hub_cache
+
+    base, base_dir = llama
+    local = tmp_path / "adapter"
+    make_adapter(base, local, seed=5, r=2, lora_alpha=4, target_modules=["q_proj"])
+    cache = tmp_path / "hf-cache"
+    make_hub_cache(cache, "tiny-org/adapter",
+                   {p.name: p.read_bytes() for p in local.iterdir() if p.is_file()})
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    name = "model.layers.0.self_attn.q_proj.weight"
+    with open_checkpoint(f"{base_dir}+{local}") as by_path, \
+            open_checkpoint(f"{base_dir}+tiny-org/adapter") as by_id:
+        assert torch.equal(by_id.read(name), by_path.read(name))
+    recipe = write_recipe(tmp_path / "r.yaml", {
+        "merge_method": "task_arithmetic", "base_model": str(base_dir),
+        "models": [{"adapter": "tiny-org/adapter", "parameters": {"weight": 1.0}}],
+        "dtype": "float32"})
+    proc = run_cli("run", recipe, "-o", tmp_path / "out", "--quiet")
+    assert proc.returncode == 0, proc.stderr
+    with open_checkpoint(f"{base_dir}+{local}") as by_path, \
+            open_checkpoint(str(tmp_path / "out")) as out:
+        torch.testing.assert_close(out.read(name), by_path.read(name).float())
