@@ -24,8 +24,7 @@ import quality_text as qt  # noqa: E402
 from quality_family import Family, paths  # noqa: E402
 
 TASKS = ("alpha", "beta", "gamma")
-# The paired-interval tests read the grid run's output: under pytest-xdist the module's
-# tests stay in one worker, in order.
+# The module's tests share a tiny family built once (a module-scoped fixture): one worker.
 pytestmark = pytest.mark.xdist_group("bench_quality")
 
 
@@ -189,22 +188,24 @@ def test_selection_reads_validation_only_then_test_once(run: bq.Run) -> None:
     assert all(torch.equal(merged[n], base[n]) for n in merged if n.startswith("pooler."))
 
 
-def test_paired_intervals(run: bq.Run) -> None:
-    out = run.root / "merges" / "ties" / "best"
-    if not out.is_dir():
-        pytest.skip("needs test_selection_reads_validation_only_then_test_once's output")
-    beta = run.root / "models" / "beta"
-    rows = [{"label": "task arithmetic", "output": str(out)},
-            {"label": "PCB (global)", "output": str(out)},
+def test_paired_intervals(run: bq.Run, tmp_path: Path) -> None:
+    import transformers as tf
+
+    beta, gamma = run.root / "models" / "beta", tmp_path / "unrelated"
+    torch.manual_seed(99)  # an encoder unrelated to the family's: other predictions
+    tf.BertModel(tf.AutoConfig.from_pretrained(paths(run.root)["base"])).save_pretrained(gamma)
+    rows = [{"label": "task arithmetic", "output": str(gamma)},
+            {"label": "PCB (global)", "output": str(gamma)},
             {"label": "beta alone", "output": str(beta)}]
     own = {t: 0.5 for t in TASKS}
     paired = bq.paired_intervals(run, rows, own, resamples=200)
     assert paired["PCB (global)"]["task arithmetic"] == (0.0, 0.0, 0.0)
     a = qf.correctness(qf.load_checkpoint(beta), run.test)
-    b = qf.correctness(qf.load_checkpoint(out), run.test)
+    b = qf.correctness(qf.load_checkpoint(gamma), run.test)
     by_hand = sum(float((a[t].float() - b[t].float()).mean()) / 0.5 for t in TASKS) / 3
     point, lo, hi = paired["beta alone"]["task arithmetic"]
     assert point == pytest.approx(by_hand) and lo <= point <= hi
+    assert by_hand != 0  # the two models differ on the test rows: the check has teeth
 
 
 def test_guard_split_of_the_validation_file(run: bq.Run) -> None:
