@@ -3,13 +3,16 @@ reference written here from the definitions (numpy, not the package's code)."""
 
 from __future__ import annotations
 
+import base64
 import json
 import math
+import struct
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from browser import Browser, find_chromium
 from conftest import (
     finetune_like,
     run_cli,
@@ -350,14 +353,24 @@ def test_pcb_kept_share_against_dense(three_tasks: tuple[Path, list[Path]], tmp_
     assert report["model"]["pcb_kept_share"] == pytest.approx([k / sum(kept) for k in kept])
 
 
-def test_analyze_writes_a_report(three_tasks: tuple[Path, list[Path]], tmp_path: Path) -> None:
+@pytest.fixture(scope="module")
+def written_report(three_tasks: tuple[Path, list[Path]], tmp_path_factory: pytest.TempPathFactory
+                   ) -> tuple[Path, str, str]:
+    """`pcbmerge analyze RECIPE -o DIR` on the three tasks, once for the module: the report
+    directory, stdout and stderr."""
+    tmp_path = tmp_path_factory.mktemp("report")
     base_dir, tuned_dirs = three_tasks
     recipe = _recipe(tmp_path, base_dir, tuned_dirs)
     out = tmp_path / "report"
     proc = run_cli("analyze", recipe, "-o", out)
     assert proc.returncode == 0, proc.stderr
-    assert "ratio" in proc.stdout and "│ model" in proc.stdout
-    assert "warning: task-vector norms differ" in proc.stderr
+    return out, proc.stdout, proc.stderr
+
+
+def test_analyze_writes_a_report(written_report: tuple[Path, str, str]) -> None:
+    out, stdout, stderr = written_report
+    assert "ratio" in stdout and "│ model" in stdout
+    assert "warning: task-vector norms differ" in stderr
     written = json.loads((out / "report.json").read_text())
     assert written["model"]["norm_ratio"] > 5
     md = (out / "report.md").read_text()
@@ -369,7 +382,6 @@ def test_analyze_writes_a_report(three_tasks: tuple[Path, list[Path]], tmp_path:
 def _check_html(path: Path, report: dict) -> None:
     """The page holds the table (a row per group and the model), the warnings, and every
     heat map as an embedded PNG; nothing refers outside the page."""
-    import base64
     from html.parser import HTMLParser
 
     class Page(HTMLParser):
@@ -396,6 +408,50 @@ def _check_html(path: Path, report: dict) -> None:
     for src in page.images:
         assert src.startswith("data:image/png;base64,")
         assert base64.b64decode(src.split(",", 1)[1])[:4] == b"\x89PNG"
+
+
+def _png_size(data: bytes) -> tuple[int, int]:
+    """Width and height from a PNG's IHDR chunk, read without an image decoder."""
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and data[12:16] == b"IHDR"
+    width, height = struct.unpack(">II", data[16:24])
+    return width, height
+
+
+def test_report_renders_in_a_headless_browser(written_report: tuple[Path, str, str],
+                                              tmp_path: Path) -> None:
+    """The page, opened from file:// in a real headless Chromium (over the DevTools pipe,
+    tests/browser.py), decodes every heat map at its PNG's own size, requests nothing but
+    itself and its embedded images, and logs no error. A broken page opened in the same
+    browser is reported as broken, so the check can fail. Without a Chromium on PATH the
+    test skips; the HTML-parser check (test_analyze_writes_a_report) runs regardless."""
+    executable = find_chromium()
+    if executable is None:
+        pytest.skip("no headless browser on PATH (chromium, chromium-browser, google-chrome; "
+                    "Debian: apt-get install chromium): the HTML-parser check still runs")
+    out, _, _ = written_report
+    broken = tmp_path / "broken.html"
+    not_png = base64.b64encode(b"not a PNG at all").decode()
+    broken.write_text(f'<!DOCTYPE html><html><head><title>broken</title></head><body>'
+                      f'<img alt="garbled" src="data:image/png;base64,{not_png}">'
+                      f'<img alt="absent" src="absent.png">'
+                      f'<script>console.error("boom")</script></body></html>')
+    with Browser(executable) as browser:
+        page = browser.open(out / "report.html")
+        bad = browser.open(broken)
+    assert page.title == "pcbmerge analyze: " + json.loads(
+        (out / "report.json").read_text())["recipe"]
+    assert (page.console_errors, page.exceptions, page.log_errors) == ([], [], [])
+    assert [u for u in page.requests if not u.startswith("data:image/png;base64,")] == [
+        (out / "report.html").resolve().as_uri()]
+    pngs = {p.name: _png_size(p.read_bytes()) for p in out.glob("*.png")}
+    assert len(pngs) > 0
+    assert {alt: (w, h) for alt, w, h, _ in page.images} == pngs
+    assert all(error is None for *_, error in page.images), page.images
+    # the same checks catch each fault of the broken page
+    assert [(alt, w, error is not None) for alt, w, _, error in bad.images] == [
+        ("garbled", 0, True), ("absent", 0, True)]
+    assert bad.console_errors == ["boom"]
+    assert any("absent.png" in e for e in bad.log_errors), bad.log_errors
 
 
 def test_analyze_bad_input(three_tasks: tuple[Path, list[Path]], tmp_path: Path) -> None:
