@@ -502,6 +502,10 @@ def analyze(
     spectral: Annotated[bool, typer.Option(
         help="SVD figures of the 2-D tensors (effective rank, interference, alignment)")]
     = True,
+    conv_matrix: Annotated[bool, typer.Option(
+        "--conv-matrix",
+        help="SVD figures of conv kernels too (3-D to 5-D), as matrices of one row per "
+             "output channel (the spectral methods' `conv: matrix`)")] = False,
     device: Annotated[str, typer.Option(
         help="device for the math: cpu, cuda, cuda:N or auto")] = "cpu",
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no progress line")] = False,
@@ -528,7 +532,8 @@ def analyze(
 
     measured = analyze_recipe_file(recipe, merged_dir=merged, merge=merge, density=density,
                                    spectral=spectral, device=device,
-                                   allow_pickle=allow_pickle, progress=progress)
+                                   allow_pickle=allow_pickle, conv_matrix=conv_matrix,
+                                   progress=progress)
     if not (quiet or json_out) and sys.stderr.isatty():
         print("\r" + " " * 80 + "\r", end="", file=sys.stderr, flush=True)
     report = aggregate(measured)

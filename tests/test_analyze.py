@@ -454,6 +454,46 @@ def test_report_renders_in_a_headless_browser(written_report: tuple[Path, str, s
     assert any("absent.png" in e for e in bad.log_errors), bad.log_errors
 
 
+def test_conv_kernels_as_matrices(tmp_path: Path) -> None:
+    """`--conv-matrix`: a conv kernel's alignment is that of its (out, in·kh·kw) matrix, from
+    a float64 numpy SVD; without it a kernel has none, and its other figures are the same
+    either way (they do not depend on the shape)."""
+    from safetensors.torch import save_file
+
+    g = torch.Generator().manual_seed(5)
+    base = {"conv.weight": torch.randn(6, 3, 3, 3, generator=g),
+            "fc.weight": torch.randn(5, 4, generator=g)}
+    dirs = []
+    for i in range(4):
+        state = base if i == 0 else {k: v + 0.1 * torch.randn(v.shape, generator=g)
+                                     for k, v in base.items()}
+        (tmp_path / f"m{i}").mkdir()
+        save_file(state, str(tmp_path / f"m{i}" / "model.safetensors"))
+        dirs.append(tmp_path / f"m{i}")
+    recipe = write_recipe(tmp_path / "r.yaml", {
+        "merge_method": "task_arithmetic", "base_model": str(dirs[0]),
+        "models": [{"model": str(d)} for d in dirs[1:]], "parameters": {"lambda": 0.5},
+        "dtype": "float32"})
+    flat = _analyze(recipe)
+    conv = _analyze(recipe, "--conv-matrix")
+    assert conv["conv_matrix"] and not flat["conv_matrix"]
+    kernel = {r["name"]: r for r in conv["tensors"]}["conv.weight"]
+    plain = {r["name"]: r for r in flat["tensors"]}["conv.weight"]
+    assert kernel["shape"] == [6, 3, 3, 3] and plain.get("alignment") is None
+    for key in ("norms", "cosine", "sign_conflict", "relative_distance"):
+        assert kernel[key] == plain[key]
+    states = [load_state(d) for d in dirs]
+    taus = [_np(s["conv.weight"] - states[0]["conv.weight"]).reshape(6, -1) for s in states[1:]]
+    update = 0.5 * sum(taus)  # task arithmetic at λ = 0.5
+    u, sv, _ = np.linalg.svd(update, full_matrices=False)
+    k = next(k for k in range(1, len(sv) + 1)
+             if (sv[k:] ** 2).sum() <= 0.05 ** 2 * (sv ** 2).sum())
+    assert kernel["iso_rank"] == k
+    ref = [math.sqrt(((u[:, :k].T @ t) ** 2).sum() / (t ** 2).sum()) for t in taus]
+    assert kernel["alignment"] == pytest.approx(ref, rel=1e-6)
+    assert kernel["effective_rank"] is not None and len(kernel["effective_rank"]) == 3
+
+
 def test_analyze_bad_input(three_tasks: tuple[Path, list[Path]], tmp_path: Path) -> None:
     base_dir, tuned_dirs = three_tasks
     missing = tmp_path / "no-such-model"

@@ -218,6 +218,7 @@ def aggregate(measured: Measured) -> dict[str, Any]:
         "after": measured.after,
         "merged_dir": measured.merged_dir,
         "density_source": measured.density_source,
+        "conv_matrix": measured.conv_matrix,
         "iso_epsilon": ISO_EPSILON,
         "thresholds": THRESHOLDS,
         "model": model.summary(measured.models),

@@ -58,6 +58,7 @@ class Measured:
     notes: list[str] = field(default_factory=list)  # the plan's own warnings
     tokenizers_differ: list[str] = field(default_factory=list)
     seconds: float = 0.0
+    conv_matrix: bool = False  # conv kernels measured as matrices (spectral figures)
 
 
 def _density(task: TensorTask, i: int, override: float | None) -> tuple[float, str]:
@@ -151,10 +152,11 @@ def _open_merged(merged_dir: Path, plan: MergePlan, tasks: list[TensorTask],
 
 def analyze_plan(plan: MergePlan, recipe: str, *, merged_dir: Path | None = None,
                  merge: bool = True, density: float | None = None, spectral: bool = True,
-                 device: str = "cpu", allow_pickle: bool = False,
+                 device: str = "cpu", allow_pickle: bool = False, conv_matrix: bool = False,
                  progress: Callable[[int, int, str], None] | None = None) -> Measured:
     """Measure every tensor `plan` merges from task vectors; after the merge too unless
-    `merge` is False and no `merged_dir` is given."""
+    `merge` is False and no `merged_dir` is given. `conv_matrix`: conv kernels (3-D to 5-D)
+    get the spectral figures too, as matrices of one row per output channel."""
     start = time.perf_counter()
     if plan.base_key is None:
         raise RecipeError(f"{recipe}: base_model: analyze measures task vectors θᵢ − θ₀ and "
@@ -177,7 +179,7 @@ def analyze_plan(plan: MergePlan, recipe: str, *, merged_dir: Path | None = None
             if progress is not None:
                 progress(i, len(tasks), task.name)
             stats, nbytes = _measure(plan, task, dev, merged_ckpt, after, density, spectral,
-                                     sources)
+                                     sources, conv_matrix)
             measured.append(stats)
             release_freed_memory(nbytes)
     finally:
@@ -192,12 +194,14 @@ def analyze_plan(plan: MergePlan, recipe: str, *, merged_dir: Path | None = None
         density_source=", ".join(sorted(sources)),
         # (what the plan says of the output's tokenizer concerns a written merge, not this)
         notes=[w for w in plan.warnings if not w.startswith("the output gets no tokenizer")],
-        tokenizers_differ=_tokenizers_differ(plan), seconds=time.perf_counter() - start)
+        tokenizers_differ=_tokenizers_differ(plan), seconds=time.perf_counter() - start,
+        conv_matrix=conv_matrix)
 
 
 def _measure(plan: MergePlan, task: TensorTask, dev: torch.device,
              merged_ckpt: Checkpoint | None, after: str | None, density: float | None,
-             spectral: bool, sources: set[str]) -> tuple[TensorStats, int]:
+             spectral: bool, sources: set[str], conv_matrix: bool = False
+             ) -> tuple[TensorStats, int]:
     """One tensor: read, merged, measured before and after the merge, dropped. The inputs
     go once the merge and the task vectors are made from them."""
     assert plan.base_key is not None
@@ -216,6 +220,12 @@ def _measure(plan: MergePlan, task: TensorTask, dev: torch.device,
     deltas = task_matrices(base, [values[k] for k in task.route.inputs])
     update = None if merged is None else task_matrices(base, [merged])[0]
     del values, merged
+    shape = list(base.shape)
+    if conv_matrix and 3 <= base.dim() <= 5:
+        # the spectral methods' `conv: matrix` view of a kernel: one row per output channel
+        # (norms, cosines, signs and distances do not depend on the shape)
+        base, deltas = base.reshape(shape[0], -1), [d.reshape(shape[0], -1) for d in deltas]
+        update = None if update is None else update.reshape(shape[0], -1)
     chosen = [_density(task, i, density) for i in range(len(deltas))]
     sources.update(src for _, src in chosen)
     # Spectral figures for the matrices of the layers; a vocabulary matrix (embedding, LM
@@ -223,6 +233,7 @@ def _measure(plan: MergePlan, task: TensorTask, dev: torch.device,
     spectral_here = spectral and not is_vocabulary_tensor(task.name)
     stats = tensor_stats(task.name, base, deltas, [d for d, _ in chosen], _weights(task),
                          spectral=spectral_here)
+    stats.shape = shape
     if update is not None:
         after_merge(stats, update, deltas, spectral=spectral_here)
         if after == "merge" and plan.method.name == "pcb":
@@ -233,14 +244,15 @@ def _measure(plan: MergePlan, task: TensorTask, dev: torch.device,
 def analyze_recipe_file(recipe_path: Path, *, merged_dir: Path | None = None,
                         merge: bool = True, density: float | None = None,
                         spectral: bool = True, device: str = "cpu",
-                        allow_pickle: bool = False,
+                        allow_pickle: bool = False, conv_matrix: bool = False,
                         progress: Callable[[int, int, str], None] | None = None) -> Measured:
     """`analyze_plan` of a recipe file, planned as `pcbmerge run` plans it."""
     plan = plan_recipe_file(recipe_path, allow_pickle=allow_pickle)
     try:
         return analyze_plan(plan, str(recipe_path), merged_dir=merged_dir, merge=merge,
                             density=density, spectral=spectral, device=device,
-                            allow_pickle=allow_pickle, progress=progress)
+                            allow_pickle=allow_pickle, conv_matrix=conv_matrix,
+                            progress=progress)
     finally:
         plan.close()
 
