@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 import time
@@ -113,16 +114,26 @@ def family_table(name: str, work: Path, out: Path) -> dict[str, Any]:
         align = [mean(g["alignment"][i] for g in fig["layers"]
                       if g["alignment"][i] is not None) for i in range(len(tasks))]
         kept = [row["test"][t] / own[t] for t in tasks]
-        rho, p = spearman(align, kept)
-        whole = spearman(fig["model_alignment"], kept)[0]
+        rho, p = spearman(align, kept) if len(set(align)) > 1 else (math.nan, math.nan)
         measured.append({"label": row["label"], "slug": row["slug"], "chosen": row["chosen"],
-                         "alignment": align, "kept": kept, "rho": rho, "p": p,
-                         "rho_model_row": whole, "seconds": fig["seconds"]})
-    pooled = spearman([a for m in measured for a in m["alignment"]],
-                      [k for m in measured for k in m["kept"]])
+                         "alignment": align, "model_alignment": fig["model_alignment"],
+                         "kept": kept, "rho": rho, "p": p, "seconds": fig["seconds"]})
+    # A row whose alignment is the same for every task (WUDI under its official rule on a
+    # model without attn/mlp names leaves every matrix at the base: alignment 0) says
+    # nothing about the order of the tasks: left out of the pooled figures, shown as n/a.
+    ranked = [m for m in measured if not math.isnan(m["rho"])]
+    pairs = [(a, k) for m in ranked for a, k in zip(m["alignment"], m["kept"], strict=True)]
+    whole = [(a, k) for m in ranked for a, k in zip(m["model_alignment"], m["kept"],
+                                                     strict=True)]
     return {"family": name, "title": fam.title, "tasks": list(fam.tasks),
-            "task_titles": fam.task_titles, "methods": measured, "pooled": pooled,
-            "mean_rho": mean(m["rho"] for m in measured if m["rho"] == m["rho"])}
+            "task_titles": fam.task_titles, "methods": measured,
+            "pooled": spearman(*zip(*pairs, strict=True)),
+            "pooled_model_row": spearman(*zip(*whole, strict=True)),
+            # each task across the methods: does a merge that aligns better with it keep more?
+            "per_task": [spearman([m["alignment"][i] for m in ranked],
+                                  [m["kept"][i] for m in ranked])
+                         for i in range(len(fam.tasks))],
+            "mean_rho": mean(m["rho"] for m in ranked)}
 
 
 def render(table: dict[str, Any]) -> list[str]:
@@ -136,12 +147,23 @@ def render(table: dict[str, Any]) -> list[str]:
     for m in table["methods"]:
         cells = [f"{a:.2f} ({100 * k:.0f})" for a, k in zip(m["alignment"], m["kept"],
                                                             strict=True)]
-        lines.append("| " + " | ".join([m["label"], fmt_params(m["chosen"]), *cells,
-                                        f"{m['rho']:+.2f}", f"{m['p']:.2f}"]) + " |")
+        rho = ["n/a", "n/a"] if math.isnan(m["rho"]) else [f"{m['rho']:+.2f}", f"{m['p']:.2f}"]
+        lines.append("| " + " | ".join([m["label"], fmt_params(m["chosen"]), *cells, *rho])
+                     + " |")
+    per_task = [f"{rho:+.2f}" for rho, _ in table["per_task"]]
+    lines.append("| " + " | ".join(["ρ of each task across the methods", "", *per_task,
+                                    "", ""]) + " |")
+    ranked = [m for m in table["methods"] if not math.isnan(m["rho"])]
+    left = [m["label"] for m in table["methods"] if math.isnan(m["rho"])]
     rho, p = table["pooled"]
-    n = sum(len(m["kept"]) for m in table["methods"])
+    whole, whole_p = table["pooled_model_row"]
+    n = sum(len(m["kept"]) for m in ranked)
     lines += ["", f"Pooled over the {n} (method, task) pairs: ρ = {rho:+.2f} (p = {p:.2g}); "
-              f"mean of the {len(table['methods'])} methods' ρ: {table['mean_rho']:+.2f}.", ""]
+              f"with the report's whole-model alignment (its `model` row) instead of the mean "
+              f"over layers: ρ = {whole:+.2f} (p = {whole_p:.2g}). Mean of the "
+              f"{len(ranked)} methods' ρ: {table['mean_rho']:+.2f}."
+              + (f" n/a: {', '.join(left)}: the same alignment for every task (no order to "
+                 "correlate), left out of the pooled figures." if left else ""), ""]
     return lines
 
 

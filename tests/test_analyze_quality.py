@@ -76,7 +76,9 @@ def bench(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
             _row(root, "pcb_global", "ties", [0.9, 0.3, 0.1, 0.6], taus, base,
                  [0.85, 0.4, 0.9, 0.3]),
             _row(root, "evolver_pcb", "evolver", [0.3, 0.3, 0.8, 0.2], taus, base,
-                 [0.5, 0.7, 0.8, 0.6], search=True)]
+                 [0.5, 0.7, 0.8, 0.6], search=True),
+            # a merge that leaves every matrix at the base: alignment 0 for every task
+            _row(root, "wudi", "task_arithmetic", [0.0] * 4, taus, base, [0.4, 0.5, 0.6, 0.3])]
     # the table's order, from results.json (not the caches' order on disk)
     (tmp_path / "work" / "results.json").write_text(json.dumps({"families": {"tiny": {
         "references": {"own": own},
@@ -126,16 +128,23 @@ def test_alignment_beside_accuracy(bench: tuple[Path, dict, list[dict], dict[str
     out = tmp_path / "out"
     table = baq.family_table("tiny", tmp_path / "work", out)
     assert [m["slug"] for m in table["methods"]] == [r["slug"] for r in rows]
-    for m, r in zip(table["methods"], rows, strict=True):
+    ranked = table["methods"][:3]
+    for m, r in zip(ranked, rows[:3], strict=True):
         assert m["kept"] == pytest.approx([r["test"][t] / own[t] for t in TASKS])
         ref = _ref_alignment(model["base"], model["taus"], r["coef"])
         assert m["alignment"] == pytest.approx(ref, rel=1e-5)
         assert m["rho"] == pytest.approx(_spearman(ref, m["kept"]))
-    pooled = _spearman([a for m in table["methods"] for a in m["alignment"]],
-                       [k for m in table["methods"] for k in m["kept"]])
+    assert table["methods"][3]["alignment"] == [0.0] * 4
+    assert math.isnan(table["methods"][3]["rho"])  # no order: n/a, out of the pooled figures
+    pooled = _spearman([a for m in ranked for a in m["alignment"]],
+                       [k for m in ranked for k in m["kept"]])
     assert table["pooled"][0] == pytest.approx(pooled)
+    for i, (rho, _) in enumerate(table["per_task"]):
+        assert rho == pytest.approx(_spearman([m["alignment"][i] for m in ranked],
+                                              [m["kept"][i] for m in ranked]))
     text = "\n".join(baq.render(table))
-    assert f"{table['methods'][0]['rho']:+.2f}" in text and "Pooled over the 12" in text
+    assert f"{ranked[0]['rho']:+.2f}" in text and "Pooled over the 12" in text
+    assert "| wudi | — | 0.00 (44) |" in text and "n/a: wudi" in text
 
     # a second run reads every row's figures from the cache, analyzing nothing
     def refuse(*args: object, **kwargs: object) -> None:
