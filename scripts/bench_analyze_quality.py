@@ -133,6 +133,9 @@ def family_table(name: str, work: Path, out: Path) -> dict[str, Any]:
             "per_task": [spearman([m["alignment"][i] for m in ranked],
                                   [m["kept"][i] for m in ranked])
                          for i in range(len(fam.tasks))],
+            # the methods against one another: mean alignment, mean accuracy kept
+            "between_methods": spearman([mean(m["alignment"]) for m in ranked],
+                                        [mean(m["kept"]) for m in ranked]),
             "mean_rho": mean(m["rho"] for m in ranked)}
 
 
@@ -161,7 +164,9 @@ def render(table: dict[str, Any]) -> list[str]:
     lines += ["", f"Pooled over the {n} (method, task) pairs: ρ = {rho:+.2f} (p = {p:.2g}); "
               f"with the report's whole-model alignment (its `model` row) instead of the mean "
               f"over layers: ρ = {whole:+.2f} (p = {whole_p:.2g}). Mean of the "
-              f"{len(ranked)} methods' ρ: {table['mean_rho']:+.2f}."
+              f"{len(ranked)} methods' ρ: {table['mean_rho']:+.2f}. Between the methods "
+              f"(each one's mean alignment against its mean accuracy kept): ρ = "
+              f"{table['between_methods'][0]:+.2f} (p = {table['between_methods'][1]:.2g})."
               + (f" n/a: {', '.join(left)}: the same alignment for every task (no order to "
                  "correlate), left out of the pooled figures." if left else ""), ""]
     return lines
@@ -182,9 +187,11 @@ def main(argv: list[str] | None = None) -> None:
     t0 = time.perf_counter()
     tables = [family_table(name, args.work, args.out)
               for name in filter(None, args.family.split(","))]
+    analysis_s = sum(m["seconds"] for t in tables for m in t["methods"])
     text = [f"`python scripts/bench_analyze_quality.py`, {time.strftime('%Y-%m-%d')}, "
-            f"{os.cpu_count()} CPU cores, torch {torch.__version__}, "
-            f"{(time.perf_counter() - t0) / 60:.0f} min.", ""]
+            f"{os.cpu_count()} CPU cores, torch {torch.__version__}, {args.threads} "
+            f"thread(s): the analyses took {analysis_s / 60:.0f} min (as first run; cached "
+            f"since), this run {(time.perf_counter() - t0) / 60:.0f} min.", ""]
     for table in tables:
         text += render(table)
     atomic_write(args.out / "results.md", "\n".join(text))

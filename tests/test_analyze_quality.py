@@ -139,6 +139,8 @@ def test_alignment_beside_accuracy(bench: tuple[Path, dict, list[dict], dict[str
     pooled = _spearman([a for m in ranked for a in m["alignment"]],
                        [k for m in ranked for k in m["kept"]])
     assert table["pooled"][0] == pytest.approx(pooled)
+    assert table["between_methods"][0] == pytest.approx(_spearman(
+        [sum(m["alignment"]) for m in ranked], [sum(m["kept"]) for m in ranked]))
     for i, (rho, _) in enumerate(table["per_task"]):
         assert rho == pytest.approx(_spearman([m["alignment"][i] for m in ranked],
                                               [m["kept"][i] for m in ranked]))
