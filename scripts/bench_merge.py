@@ -108,6 +108,14 @@ def build_checkpoints(
     Deltas are drawn one parameter at a time (from generators keyed by the parameter's
     position), so building a 1B model holds the model and one copy of its base, not four.
     """
+    ft_dirs = [root / f"ft{index}" for index in range(N_FINETUNED)]
+    # A kept work dir holding the same checkpoints is reused: a 1B build takes minutes.
+    stamp = json.dumps({"shape": dataclasses.asdict(shape), "shard_size": shard_size,
+                        "seed": seed, "delta_scale": delta_scale, "dtype": save_dtype})
+    marker = root / "built.json"
+    if marker.is_file() and marker.read_text(encoding="utf-8") == stamp:
+        print(f"reusing the checkpoints in {root}", flush=True)
+        return root / "base", ft_dirs
     from transformers import LlamaConfig, LlamaForCausalLM
     from transformers.utils import logging as hf_logging
 
@@ -130,8 +138,7 @@ def build_checkpoints(
     model.save_pretrained(base_dir, safe_serialization=True, max_shard_size=shard_size)
     base_state = {name: p.detach().clone() for name, p in model.named_parameters()}
 
-    ft_dirs = []
-    for index in range(N_FINETUNED):
+    for index, ft_dir in enumerate(ft_dirs):
         with torch.no_grad():
             for k, (name, param) in enumerate(model.named_parameters()):
                 # Shared direction + larger independent noise: signs agree on average but
@@ -139,9 +146,8 @@ def build_checkpoints(
                 common = _randn(param.shape, seed + 1, k)
                 delta = 0.6 * common + _randn(param.shape, seed + 100 + index, k)
                 param.copy_(base_state[name].float() + delta_scale * delta)
-        ft_dir = root / f"ft{index}"
         model.save_pretrained(ft_dir, safe_serialization=True, max_shard_size=shard_size)
-        ft_dirs.append(ft_dir)
+    marker.write_text(stamp, encoding="utf-8")
     return base_dir, ft_dirs
 
 
@@ -276,14 +282,19 @@ def della_recipe(base: Path, ft_dirs: list[Path]) -> Recipe:
     return Recipe("della", body)
 
 
-def spectral_recipe(method: str) -> RecipeBuilder:
-    """A spectral method (tsv_m, iso_c, iso_cts, cart, wudi) at its defaults: mergekit has
-    none, so it is timed against our own `ties` only."""
+def spectral_recipe(method: str, row: str | None = None,
+                    parameters: dict[str, Any] | None = None) -> RecipeBuilder:
+    """A spectral method (tsv_m, iso_c, iso_cts, cart, wudi) at its defaults, or with
+    ``parameters`` under the row name ``row``: mergekit has none, so it is timed against
+    our own `ties` only."""
 
     def build(base: Path, ft_dirs: list[Path]) -> Recipe:
-        body = {"merge_method": method, "base_model": str(base),
-                "models": [{"model": str(p)} for p in ft_dirs], "dtype": "float32"}
-        return Recipe(method, body, peer=False)
+        body: dict[str, Any] = {"merge_method": method, "base_model": str(base),
+                                "models": [{"model": str(p)} for p in ft_dirs],
+                                "dtype": "float32"}
+        if parameters:
+            body["parameters"] = parameters
+        return Recipe(row or method, body, peer=False)
 
     return build
 
@@ -320,6 +331,10 @@ RECIPES: dict[str, RecipeBuilder] = {
     "breadcrumbs": breadcrumbs_recipe,
     "della": della_recipe,
     **{m: spectral_recipe(m) for m in SPECTRAL_METHODS},
+    # WUDI's closed form, a labelled solver option: the Adam solver's 300 steps per matrix
+    # take hours at 1B on a CPU.
+    "wudi_closed_form": spectral_recipe("wudi", "wudi_closed_form",
+                                        {"solver": "closed_form"}),
     "ties_lines": postprocessed(ties_recipe, "lines", LINES_STEPS),
     "pcb_lines": postprocessed(pcb_recipe, "lines", LINES_STEPS),
     "ties_svc": postprocessed(ties_recipe, "svc", SVC_STEPS),
