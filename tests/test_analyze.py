@@ -814,6 +814,26 @@ def test_spectrum_bad_names(three_tasks: tuple[Path, list[Path]], tmp_path: Path
         assert proc.stderr.strip().splitlines() == [f"error: --spectrum {name}: {message}"]
 
 
+def test_spectrum_of_a_tensor_not_measured() -> None:
+    """A tensor the plan has but analyze measures no task vectors of (copied, taken): its own
+    line, not 'no such tensor'; a conv kernel is a matrix only under --conv-matrix."""
+    from types import SimpleNamespace
+
+    from mergekit_pcb.analysis.run import _named_spectrum
+    from mergekit_pcb.errors import RecipeError
+
+    merged = SimpleNamespace(name="w", shape=(4, 3))
+    kernel = SimpleNamespace(name="k", shape=(4, 3, 3, 3))
+    plan = SimpleNamespace(tasks=[merged, kernel, SimpleNamespace(name="copied", shape=(4, 3))])
+    with pytest.raises(RecipeError, match=r"^--spectrum copied: analyze measures no task "
+                       r"vectors of this tensor \(the recipe copies"):
+        _named_spectrum(plan, [merged, kernel], "copied", conv_matrix=False)
+    assert _named_spectrum(plan, [merged, kernel], "w", conv_matrix=False) is merged
+    assert _named_spectrum(plan, [merged, kernel], "k", conv_matrix=True) is kernel
+    with pytest.raises(RecipeError, match=r"not a matrix \(2-D\) \(add --conv-matrix"):
+        _named_spectrum(plan, [merged, kernel], "k", conv_matrix=False)
+
+
 def test_heat_map_scales_are_fixed_for_shares_and_cosines(
         monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     """Shares on [0, 1], the cosine on [−1, 1], whatever the figures' own range (here

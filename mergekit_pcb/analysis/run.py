@@ -173,8 +173,9 @@ def _named_spectrum(plan: MergePlan, tasks: list[TensorTask], name: str,
     task = next((t for t in tasks if t.name == name), None)
     if task is None:
         if any(t.name == name for t in plan.tasks):
-            raise RecipeError(f"--spectrum {name}: the recipe does not merge this tensor from "
-                              "the models' task vectors (it is copied, averaged or taken)")
+            raise RecipeError(f"--spectrum {name}: analyze measures no task vectors of this "
+                              "tensor (the recipe copies, averages or takes it, or moves its "
+                              "rows to another vocabulary)")
         close = difflib.get_close_matches(name, [t.name for t in tasks], n=1)
         hint = f" (did you mean {close[0]!r}?)" if close else ""
         raise RecipeError(f"--spectrum {name}: no such tensor among the {len(tasks)} the "
