@@ -745,7 +745,7 @@ def test_chosen_matrix_spectra_against_numpy(three_tasks: tuple[Path, list[Path]
     from_disk = _analyze(recipe, "--spectrum", name, "--merged", merged_dir,
                          "--no-spectral")["spectrum"]
     assert (spec["tensor"], spec["shape"], spec["matrix"], spec["reason"]) == (
-        name, [32, 64], [32, 64], "named by --spectrum")
+        name, [32, 64], [32, 64], "the matrix named by --spectrum")
     base, merged = load_state(base_dir), load_state(merged_dir)
     taus = [_np(load_state(d)[name] - base[name]) for d in tuned_dirs]
     values = spec["singular_values"]

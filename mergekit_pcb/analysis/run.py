@@ -254,7 +254,7 @@ def _chosen_spectrum(tasks: list[TensorTask], measured: list[TensorStats],
     spectral figures on) the pick among the matrices of the layers (no vocabulary matrix:
     its SVD costs more than the rest of the model's)."""
     if named is not None:
-        return named, "named by --spectrum"
+        return named, "the matrix named by --spectrum"
     if not spectral:
         return None
     candidates = [s for t, s in zip(tasks, measured, strict=True)
