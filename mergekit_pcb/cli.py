@@ -506,6 +506,11 @@ def analyze(
         "--conv-matrix",
         help="SVD figures of conv kernels too (3-D to 5-D), as matrices of one row per "
              "output channel (the spectral methods' `conv: matrix`)")] = False,
+    spectrum: Annotated[str | None, typer.Option(
+        metavar="TENSOR",
+        help="the matrix whose singular values the report plots (each task's, their sum's, "
+             "the merged update's) [default: the layer matrix with the largest norm ratio "
+             "if one reaches 5×, else the highest sign conflict]")] = None,
     device: Annotated[str, typer.Option(
         help="device for the math: cpu, cuda, cuda:N or auto")] = "cpu",
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no progress line")] = False,
@@ -522,7 +527,13 @@ def analyze(
 
     device = parse_device(device)
     _setup_torch(device, None)
-    from mergekit_pcb.analysis.report import aggregate, short_names, table_rows, write_report
+    from mergekit_pcb.analysis.report import (
+        aggregate,
+        short_names,
+        spectrum_summary,
+        table_rows,
+        write_report,
+    )
     from mergekit_pcb.analysis.run import analyze_recipe_file
 
     def progress(i: int, total: int, name: str) -> None:
@@ -533,7 +544,7 @@ def analyze(
     measured = analyze_recipe_file(recipe, merged_dir=merged, merge=merge, density=density,
                                    spectral=spectral, device=device,
                                    allow_pickle=allow_pickle, conv_matrix=conv_matrix,
-                                   progress=progress)
+                                   spectrum=spectrum, progress=progress)
     if not (quiet or json_out) and sys.stderr.isatty():
         print("\r" + " " * 80 + "\r", end="", file=sys.stderr, flush=True)
     report = aggregate(measured)
@@ -553,6 +564,8 @@ def analyze(
               for col in zip(header, *rows, strict=True)]
     wide = sum(widest) + 3 * len(widest) + 1
     (stdout if stdout.is_terminal or wide <= stdout.width else Console(width=wide)).print(table)
+    if report["spectrum"] is not None:
+        stdout.print(spectrum_summary(report), markup=False, highlight=False, soft_wrap=True)
     for line in [*report["plan_warnings"], *(w["message"] for w in report["warnings"])]:
         stderr.print(f"warning: {line}", markup=False, highlight=False, soft_wrap=True)
     s = report["suggestion"]

@@ -8,6 +8,7 @@ import json
 import math
 import struct
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -376,7 +377,34 @@ def test_analyze_writes_a_report(written_report: tuple[Path, str, str]) -> None:
     md = (out / "report.md").read_text()
     assert "| layer 0 |" in md and "## Warnings" in md
     assert (out / "alignment.png").read_bytes()[:4] == b"\x89PNG"
+    assert (out / "spectrum.png").read_bytes()[:4] == b"\x89PNG"
+    spec = written["spectrum"]
+    assert f"## Spectrum of `{spec['tensor']}`" in md
+    assert f"spectrum of {spec['tensor']}, chosen as the largest task-vector norm" in stdout
     _check_html(out / "report.html", written)
+
+
+def test_default_spectrum_pick(written_report: tuple[Path, str, str],
+                               three_tasks: tuple[Path, list[Path]]) -> None:
+    """Without --spectrum the report shows the layer matrix whose task-vector norms differ
+    most (the third fine-tune moved 6× further), from numpy's norms; its task spectra are
+    numpy's."""
+    out, _, _ = written_report
+    spec = json.loads((out / "report.json").read_text())["spectrum"]
+    base_dir, tuned_dirs = three_tasks
+    base, tuned = load_state(base_dir), [load_state(d) for d in tuned_dirs]
+    ratios = {}
+    for n, b in base.items():
+        if b.dim() == 2 and n not in ("model.embed_tokens.weight", "lm_head.weight"):
+            norms = [float(np.linalg.norm(_np(t[n] - b))) for t in tuned]
+            ratios[n] = max(norms) / min(norms)
+    best = max(ratios, key=ratios.__getitem__)
+    assert ratios[best] >= 5
+    assert spec["tensor"] == best
+    assert spec["reason"] == ("the largest task-vector norm ratio among the matrices, "
+                              f"{ratios[best]:.1f}×, at or above the 5× warning threshold")
+    for got, t in zip(spec["singular_values"]["tasks"], tuned, strict=True):
+        _assert_spectrum(got, _svdvals(_np(t[best] - base[best])))
 
 
 def _check_html(path: Path, report: dict) -> None:
@@ -444,7 +472,7 @@ def test_report_renders_in_a_headless_browser(written_report: tuple[Path, str, s
     assert [u for u in page.requests if not u.startswith("data:image/png;base64,")] == [
         (out / "report.html").resolve().as_uri()]
     pngs = {p.name: _png_size(p.read_bytes()) for p in out.glob("*.png")}
-    assert len(pngs) > 0
+    assert "spectrum.png" in pngs and "cosine.png" in pngs
     assert {alt: (w, h) for alt, w, h, _ in page.images} == pngs
     assert all(error is None for *_, error in page.images), page.images
     # the same checks catch each fault of the broken page
@@ -475,7 +503,7 @@ def test_conv_kernels_as_matrices(tmp_path: Path) -> None:
         "models": [{"model": str(d)} for d in dirs[1:]], "parameters": {"lambda": 0.5},
         "dtype": "float32"})
     flat = _analyze(recipe)
-    conv = _analyze(recipe, "--conv-matrix")
+    conv = _analyze(recipe, "--conv-matrix", "--spectrum", "conv.weight")
     assert conv["conv_matrix"] and not flat["conv_matrix"]
     kernel = {r["name"]: r for r in conv["tensors"]}["conv.weight"]
     plain = {r["name"]: r for r in flat["tensors"]}["conv.weight"]
@@ -492,6 +520,21 @@ def test_conv_kernels_as_matrices(tmp_path: Path) -> None:
     ref = [math.sqrt(((u[:, :k].T @ t) ** 2).sum() / (t ** 2).sum()) for t in taus]
     assert kernel["alignment"] == pytest.approx(ref, rel=1e-6)
     assert kernel["effective_rank"] is not None and len(kernel["effective_rank"]) == 3
+    # its spectra, as the (6, 27) matrix
+    spec = conv["spectrum"]
+    assert (spec["shape"], spec["matrix"]) == ([6, 3, 3, 3], [6, 27])
+    for got, t in zip(spec["singular_values"]["tasks"], taus, strict=True):
+        _assert_spectrum(got, _svdvals(t))
+    _assert_spectrum(spec["singular_values"]["sum"], _svdvals(sum(taus)))
+    # (the merge itself runs in float32: its update is 0.5·Σ τᵢ to float32's rounding)
+    np.testing.assert_allclose(spec["singular_values"]["merged"], sv, rtol=1e-6)
+    # the default pick among fc.weight and the kernel: only fc.weight is a matrix unflattened
+    assert flat["spectrum"]["tensor"] == "fc.weight"
+    proc = run_cli("analyze", recipe, "--spectrum", "conv.weight")
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        "error: --spectrum conv.weight: tensor of shape [6, 3, 3, 3] is not a matrix (2-D) "
+        "(add --conv-matrix to take a conv kernel as a matrix)"]
 
 
 def test_analyze_bad_input(three_tasks: tuple[Path, list[Path]], tmp_path: Path) -> None:
@@ -673,3 +716,156 @@ def test_tokenizers_that_differ_are_named(three_tasks: tuple[Path, list[Path]],
     assert [w["message"] for w in report["warnings"] if w["code"] == "tokenizers_differ"] \
         == [f"tokenizers differ from the base's: {other}; embedding rows of the same index "
             "are other tokens (set tokenizer_source)"]
+
+
+# --- the spectra of one matrix, the heat maps' colour scales ------------------------------
+
+def _svdvals(m: np.ndarray) -> np.ndarray:
+    return np.linalg.svd(m, compute_uv=False)
+
+
+def _assert_spectrum(values: list[float], ref: np.ndarray) -> None:
+    """Singular values equal to numpy's float64 SVD: relative to the largest (the smallest
+    of a float32 matrix's values are rounding noise in both)."""
+    assert len(values) == len(ref)
+    np.testing.assert_allclose(values, ref, rtol=1e-9, atol=1e-12 * float(ref[0]))
+
+
+def test_chosen_matrix_spectra_against_numpy(three_tasks: tuple[Path, list[Path]],
+                                              tmp_path: Path) -> None:
+    """`--spectrum NAME`: each task's singular values, their sum's and the merged update's,
+    against numpy's float64 SVD of the stored checkpoints and of the merge `pcbmerge run`
+    writes; the in-memory merge and `--merged` give the same."""
+    base_dir, tuned_dirs = three_tasks
+    recipe = _recipe(tmp_path, base_dir, tuned_dirs)
+    merged_dir = tmp_path / "merged"
+    merge_recipe_file(recipe, merged_dir)
+    name = "model.layers.1.mlp.down_proj.weight"
+    spec = _analyze(recipe, "--spectrum", name, "--no-spectral")["spectrum"]
+    from_disk = _analyze(recipe, "--spectrum", name, "--merged", merged_dir,
+                         "--no-spectral")["spectrum"]
+    assert (spec["tensor"], spec["shape"], spec["matrix"], spec["reason"]) == (
+        name, [32, 64], [32, 64], "the matrix named by --spectrum")
+    base, merged = load_state(base_dir), load_state(merged_dir)
+    taus = [_np(load_state(d)[name] - base[name]) for d in tuned_dirs]
+    values = spec["singular_values"]
+    for got, tau in zip(values["tasks"], taus, strict=True):
+        _assert_spectrum(got, _svdvals(tau))
+    _assert_spectrum(values["sum"], _svdvals(sum(taus)))
+    _assert_spectrum(values["merged"], _svdvals(_np(merged[name] - base[name])))
+    assert from_disk["singular_values"] == values
+    # without a merge: no merged spectrum
+    alone = _analyze(recipe, "--spectrum", name, "--no-merge")["spectrum"]
+    assert alone["singular_values"]["merged"] is None
+    assert alone["singular_values"]["tasks"] == values["tasks"]
+
+
+def _picked(tensors: list[metrics.TensorStats]) -> tuple[str, str] | None:
+    return metrics.pick_spectrum(tensors)
+
+
+def _stats(name: str, norms: list[float], conflicts: int, overlap: int
+           ) -> metrics.TensorStats:
+    """A hand-made matrix's statistics: task-vector norms, and `conflicts` of the
+    `overlap` entries two tasks keep."""
+    n = len(norms)
+    signs = metrics.SignCounts(numel=100, kept=[50] * n,
+                               used_by=[0, 100 - overlap, overlap] + [0] * (n - 2),
+                               conflicts=conflicts, elected=[50] * n)
+    return metrics.TensorStats(name, [10, 10], [0.5] * n,
+                               torch.diag(torch.tensor(norms, dtype=torch.float64) ** 2),
+                               signs, base_norm2=1.0)
+
+
+def test_default_spectrum_pick_by_hand() -> None:
+    """The largest norm ratio where one reaches 5× (whatever the conflicts), else the highest
+    sign conflict, else the first matrix; ties to the first."""
+    mild = _stats("a", [1.0, 2.0], conflicts=45, overlap=50)  # ratio 2, conflict 90%
+    wide = _stats("b", [1.0, 6.0], conflicts=5, overlap=50)  # ratio 6, conflict 10%
+    wider = _stats("c", [0.5, 4.0], conflicts=0, overlap=50)  # ratio 8, conflict 0%
+    assert _picked([mild, wide, wider]) == (
+        "c", "the largest task-vector norm ratio among the matrices, 8.0×, at or above the "
+        "5× warning threshold")
+    assert _picked([mild, wide])[0] == "b"
+    even = _stats("d", [1.0, 1.5], conflicts=30, overlap=50)  # 60%
+    assert _picked([even, mild, _stats("e", [1.0, 1.0], 45, 50)]) == (
+        "a", "the highest sign conflict among the matrices, 90% of the entries several "
+        "tasks keep, as no norm ratio reaches 5×")
+    apart = [_stats("f", [1.0, 1.0], 0, 0), _stats("g", [1.0, 2.0], 0, 0)]
+    assert _picked(apart) == ("f", "the first matrix, as no norm ratio reaches 5× and no "
+                              "entry is kept by two tasks")
+    assert _picked([]) is None
+
+
+def test_spectrum_bad_names(three_tasks: tuple[Path, list[Path]], tmp_path: Path) -> None:
+    """An unknown tensor (with the closest name, where one is close) and one that is not a
+    matrix: one line each, exit code 2."""
+    base_dir, tuned_dirs = three_tasks
+    recipe = _recipe(tmp_path, base_dir, tuned_dirs)
+    cases = {
+        "model.layers.0.mlp.down_proj.wieght": "no such tensor among the 21 the recipe "
+        "merges (did you mean 'model.layers.0.mlp.down_proj.weight'?)",
+        "nothing.like.it": "no such tensor among the 21 the recipe merges",
+        "model.norm.weight": "tensor of shape [32] is not a matrix (2-D)",
+    }
+    for name, message in cases.items():
+        proc = run_cli("analyze", recipe, "--spectrum", name, "--no-merge", "--no-spectral")
+        assert proc.returncode == 2
+        assert proc.stderr.strip().splitlines() == [f"error: --spectrum {name}: {message}"]
+
+
+def test_spectrum_of_a_tensor_not_measured() -> None:
+    """A tensor the plan has but analyze measures no task vectors of (copied, taken): its own
+    line, not 'no such tensor'; a conv kernel is a matrix only under --conv-matrix."""
+    from types import SimpleNamespace
+
+    from mergekit_pcb.analysis.run import _named_spectrum
+    from mergekit_pcb.errors import RecipeError
+
+    merged = SimpleNamespace(name="w", shape=(4, 3))
+    kernel = SimpleNamespace(name="k", shape=(4, 3, 3, 3))
+    plan = SimpleNamespace(tasks=[merged, kernel, SimpleNamespace(name="copied", shape=(4, 3))])
+    with pytest.raises(RecipeError, match=r"^--spectrum copied: analyze measures no task "
+                       r"vectors of this tensor \(the recipe copies"):
+        _named_spectrum(plan, [merged, kernel], "copied", conv_matrix=False)
+    assert _named_spectrum(plan, [merged, kernel], "w", conv_matrix=False) is merged
+    assert _named_spectrum(plan, [merged, kernel], "k", conv_matrix=True) is kernel
+    with pytest.raises(RecipeError, match=r"not a matrix \(2-D\) \(add --conv-matrix"):
+        _named_spectrum(plan, [merged, kernel], "k", conv_matrix=False)
+
+
+def test_heat_map_scales_are_fixed_for_shares_and_cosines(
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """Shares on [0, 1], the cosine on [−1, 1], whatever the figures' own range (here
+    0.45–0.55 and 0–0.4); unbounded figures (the norms) keep their own range. The colour of
+    a known cell follows: a share of 0.55 is viridis at 0.55, not at its top."""
+    import matplotlib
+    from matplotlib.axes import Axes
+
+    from mergekit_pcb.analysis.report import aggregate, heatmaps
+    from mergekit_pcb.analysis.run import Measured
+
+    images: list[Any] = []  # each figure's AxesImage, in the order the files are written
+    imshow = Axes.imshow
+
+    def spy(self: Axes, *args: Any, **kwargs: Any) -> Any:
+        images.append(imshow(self, *args, **kwargs))
+        return images[-1]
+
+    monkeypatch.setattr(Axes, "imshow", spy)
+    tensors = [_synthetic("model.layers.0.mlp.up_proj.weight", [[4.0, 0.8], [0.8, 1.0]],
+                          [55, 45]),
+               _synthetic("model.layers.1.mlp.up_proj.weight", [[4.0, 0.0], [0.0, 1.0]],
+                          [50, 50])]
+    report = aggregate(Measured("r.yaml", "ties", "base", ["a", "b"], tensors, [], None,
+                                None, "recipe"))
+    seen = dict(zip(heatmaps(report, tmp_path), images, strict=True))
+    share = seen["elected_share.png"]
+    assert (share.norm.vmin, share.norm.vmax) == (0.0, 1.0)
+    cosine = seen["cosine.png"]
+    assert (cosine.norm.vmin, cosine.norm.vmax) == (-1.0, 1.0)
+    norms = seen["relative_norms.png"]
+    assert (norms.norm.vmin, norms.norm.vmax) == (1.0, 2.0)  # √1 … √4: its own range
+    viridis = matplotlib.colormaps["viridis"]
+    assert share.to_rgba(0.55) == pytest.approx(viridis(0.55))
+    assert cosine.to_rgba(0.2) == pytest.approx(viridis(0.6))  # 0.2 on [−1, 1]

@@ -25,7 +25,10 @@ The quantities, as the papers define them (design/methods.md, design/spectral.md
   the merged update's top-k left singular subspace Π, with k the least rank that leaves
   at most ε = 5% of the merged update's norm outside (the paper's subspace alignment ratio
   is the square root of this share);
-- relative distance of the merged update from each task's, ‖Δ − τᵢ‖/‖τᵢ‖.
+- relative distance of the merged update from each task's, ‖Δ − τᵢ‖/‖τᵢ‖;
+- the spectra of one chosen matrix: the singular values of each τᵢ, of their sum Σᵢ τᵢ
+  (task arithmetic at λ = 1) and of the merged update Δ, where singular-value
+  over-counting (SVC) and a task drowned by another's norm show.
 """
 
 from __future__ import annotations
@@ -45,6 +48,9 @@ SLICE = 1 << 20
 # Iso's tolerance: the merged update's top-k subspace leaves at most this fraction of its
 # Frobenius norm outside.
 ISO_EPSILON = 0.05
+# Task-vector norms this far apart: spectral and sign-based merges collapse (WUDI on
+# ViT-B/32: 85.5 → 49.2 at 5–7×). The report's warning and the spectrum's pick use it.
+NORM_RATIO_LIMIT = 5.0
 
 
 def _flat_slices(tensors: Sequence[torch.Tensor]) -> list[tuple[int, int]]:
@@ -311,7 +317,67 @@ def after_merge(stats: TensorStats, merged: torch.Tensor, deltas: Sequence[torch
     return stats
 
 
-__all__ = ["ISO_EPSILON", "SignCounts", "TensorStats", "after_merge", "cosine_from_gram",
-           "effective_rank", "gram", "iso_rank", "norm_ratio", "projected_energy",
-           "sign_counts", "singular_interference", "squared_distance", "tensor_stats",
-           "trimmed"]
+def singular_values(m: torch.Tensor) -> list[float]:
+    """Every singular value of the matrix `m`, descending, by a float64 SVD: not `spectrum`'s
+    Gram eigendecomposition, whose squaring loses the values below √ε of the largest, which
+    a log-scale plot of the whole spectrum shows."""
+    return [float(x) for x in torch.linalg.svdvals(m.to(torch.float64)).cpu()]
+
+
+@dataclass
+class Spectra:
+    """The singular values of one matrix's task vectors, their sum and the merged update."""
+
+    name: str
+    shape: list[int]  # the tensor's
+    matrix: list[int]  # the matrix the SVD is of (a conv kernel's (out, in·kh·kw))
+    reason: str  # why this matrix: named by --spectrum, or the default pick's rule
+    tasks: list[list[float]]
+    sum: list[float]  # of Σᵢ τᵢ (task arithmetic at λ = 1, no weights)
+    merged: list[float] | None = None  # of Δ = merged − base, when measured after a merge
+
+
+def spectra(name: str, shape: Sequence[int], reason: str, deltas: Sequence[torch.Tensor],
+            merged: torch.Tensor | None = None) -> Spectra:
+    """`Spectra` of the matrices `deltas` (τᵢ) and `merged` (Δ), each summed and decomposed
+    in float64, one at a time."""
+    total = torch.zeros(deltas[0].shape, dtype=torch.float64, device=deltas[0].device)
+    tasks = []
+    for d in deltas:
+        total += d.to(torch.float64)
+        tasks.append(singular_values(d))
+    return Spectra(name, list(shape), list(deltas[0].shape), reason, tasks,
+                   singular_values(total),
+                   None if merged is None else singular_values(merged))
+
+
+def pick_spectrum(candidates: Sequence[TensorStats], limit: float = NORM_RATIO_LIMIT
+                  ) -> tuple[str, str] | None:
+    """The matrix whose spectra the report shows when none is named, and why: the largest
+    task-vector norm ratio where one reaches `limit` (a task drowning the others is what
+    the spectra show best), else the highest sign conflict, else the first matrix. Ties go
+    to the first in the recipe's order. None without a candidate."""
+    if not candidates:
+        return None
+    ratios = [(r, t) for t in candidates
+              if (r := norm_ratio([math.sqrt(max(x, 0.0)) for x in t.norm2])) is not None]
+    over = [(r, t) for r, t in ratios if r >= limit]
+    if over:
+        r, t = max(over, key=lambda p: p[0])
+        return t.name, (f"the largest task-vector norm ratio among the matrices, {r:.1f}×, "
+                        f"at or above the {limit:g}× warning threshold")
+    conflicts = [(t.signs.conflicts / t.signs.overlap, t) for t in candidates
+                 if t.signs.overlap]
+    if conflicts:
+        c, t = max(conflicts, key=lambda p: p[0])
+        return t.name, (f"the highest sign conflict among the matrices, {c:.0%} of the "
+                        f"entries several tasks keep, as no norm ratio reaches {limit:g}×")
+    return candidates[0].name, (f"the first matrix, as no norm ratio reaches {limit:g}× and "
+                                "no entry is kept by two tasks")
+
+
+__all__ = ["ISO_EPSILON", "NORM_RATIO_LIMIT", "SignCounts", "Spectra", "TensorStats",
+           "after_merge", "cosine_from_gram", "effective_rank", "gram", "iso_rank",
+           "norm_ratio", "pick_spectrum", "projected_energy", "sign_counts",
+           "singular_interference", "singular_values", "spectra", "squared_distance",
+           "tensor_stats", "trimmed"]

@@ -20,7 +20,16 @@ from typing import Any
 
 import torch
 
-from mergekit_pcb.analysis.metrics import ISO_EPSILON, TensorStats, cosine_from_gram, norm_ratio
+from mergekit_pcb.analysis.metrics import (
+    ISO_EPSILON,
+    NOISE_EPS,
+    NORM_RATIO_LIMIT,
+    Spectra,
+    TensorStats,
+    cosine_from_gram,
+    effective_rank,
+    norm_ratio,
+)
 from mergekit_pcb.analysis.run import Measured
 from mergekit_pcb.engine.vocab import is_vocabulary_tensor
 from mergekit_pcb.errors import OutputError
@@ -30,7 +39,7 @@ from mergekit_pcb.recipe.params import layer_index
 THRESHOLDS = {
     # Task-vector norms this far apart: spectral and sign-based merges collapse (WUDI on
     # ViT-B/32: 85.5 → 49.2 at 5–7×).
-    "norm_ratio": 5.0,
+    "norm_ratio": NORM_RATIO_LIMIT,
     # ‖τᵢ‖/‖θ₀‖ below this: the model barely moved from the base.
     "barely_moved": 1e-4,
     # Share of the entries several tasks keep whose kept values disagree in sign.
@@ -226,6 +235,7 @@ def aggregate(measured: Measured) -> dict[str, Any]:
                    for k in (sorted(layers, key=_layer_key) if layered else layers)],
         "parts": {k: parts[k].summary(measured.models) for k in PARTS if k in parts},
         "tensors": tensors,
+        "spectrum": spectrum_json(measured.spectrum),
         "skipped": measured.skipped,
         "plan_warnings": measured.notes,
         "seconds": measured.seconds,
@@ -233,6 +243,36 @@ def aggregate(measured: Measured) -> dict[str, Any]:
     report["warnings"] = warnings(report, measured)
     report["suggestion"] = suggestion(report)
     return report
+
+
+def spectrum_json(spectra: Spectra | None) -> dict[str, Any] | None:
+    """The chosen matrix's singular values (descending, float64), as the JSON holds them."""
+    if spectra is None:
+        return None
+    return {"tensor": spectra.name, "shape": spectra.shape, "matrix": spectra.matrix,
+            "reason": spectra.reason,
+            "singular_values": {"tasks": spectra.tasks, "sum": spectra.sum,
+                                "merged": spectra.merged}}
+
+
+def spectrum_lines(report: dict[str, Any]) -> list[tuple[str, str, list[float]]]:
+    """The spectra as (kind, label, singular values): each task ("task", its short name),
+    the sum ("sum") and the merged update ("merged") where measured."""
+    values = report["spectrum"]["singular_values"]
+    lines = [("task", name, sv) for name, sv in zip(short_names(report["models"]),
+                                                     values["tasks"], strict=True)]
+    lines.append(("sum", "sum", values["sum"]))
+    if values["merged"] is not None:
+        lines.append(("merged", "merged", values["merged"]))
+    return lines
+
+
+def spectrum_summary(report: dict[str, Any]) -> str:
+    """One line for the terminal: the matrix, why it was chosen, each line's σ₁."""
+    spec = report["spectrum"]
+    tops = ", ".join(f"{label} {_fmt(s[0] if s else None)}"
+                     for _, label, s in spectrum_lines(report))
+    return f"spectrum of {spec['tensor']}, chosen as {spec['reason']}; σ₁: {tops}"
 
 
 def _fmt(x: float | None, digits: int = 3) -> str:
@@ -392,6 +432,21 @@ def markdown(report: dict[str, Any]) -> str:
     lines += ["| " + " | ".join(r) + " |" for r in rows]
     lines += ["", "## Warnings", ""]
     lines += [f"- {w['message']}" for w in report["warnings"]] or ["- none"]
+    spec = report.get("spectrum")
+    if spec is not None:
+        lines += ["", f"## Spectrum of `{spec['tensor']}`", "",
+                  f"Chosen as {spec['reason']}. Singular values (float64) of each task "
+                  "vector τᵢ, of their sum Σᵢ τᵢ (task arithmetic at λ = 1)"
+                  + (" and of the merged update Δ"
+                     if spec["singular_values"]["merged"] is not None else "")
+                  + ", of the matrix of shape "
+                  f"{' × '.join(map(str, spec['matrix']))}; every value is in report.json "
+                  "(`spectrum`), the plot in spectrum.png.", "",
+                  "| | σ₁ | σ₂ | σ₃ | eff. rank |", "|---|---|---|---|---|"]
+        for _, label, sv in spectrum_lines(report):
+            top = [_fmt(sv[i]) if i < len(sv) else "" for i in range(3)]
+            lines.append(f"| {label} | {' | '.join(top)} | "
+                         f"{_fmt(effective_rank(torch.tensor(sv, dtype=torch.float64)))} |")
     s = report["suggestion"]
     lines += ["", "## Suggestion (not a measurement)", "", f"Try {s['try']}: {s['reason']}.",
               "", "## How to read it", "",
@@ -407,35 +462,48 @@ def markdown(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-HEATMAPS = [("relative_norms", "‖τᵢ‖/‖θ₀‖", "task"),
-            ("alignment", "Iso alignment", "task"),
-            ("relative_distance", "relative distance ‖Δ−τᵢ‖/‖τᵢ‖", "task"),
-            ("elected_share", "share of TIES-elected entries", "task"),
-            ("pcb_kept_share", "share of the entries PCB keeps", "task"),
-            ("effective_rank", "effective rank", "task"),
-            ("cosine", "pairwise cosine", "pair"),
-            ("sign_conflict", "sign conflict", "scalar"),
-            ("interference_relative", "TSV interference (relative)", "scalar")]
+# The colour scale of the figures whose range is known (shares and ratios in [0, 1], the
+# cosine in [−1, 1]), fixed, so that two close values do not span the whole colour map;
+# None: the figure's own range (norms, distances, ranks are not bounded).
+SHARE = (0.0, 1.0)
+HEATMAPS: list[tuple[str, str, str, tuple[float, float] | None]] = [
+    ("relative_norms", "‖τᵢ‖/‖θ₀‖", "task", None),
+    ("alignment", "Iso alignment", "task", SHARE),
+    ("relative_distance", "relative distance ‖Δ−τᵢ‖/‖τᵢ‖", "task", None),
+    ("elected_share", "share of TIES-elected entries", "task", SHARE),
+    ("pcb_kept_share", "share of the entries PCB keeps", "task", SHARE),
+    ("effective_rank", "effective rank", "task", None),
+    ("cosine", "pairwise cosine", "pair", (-1.0, 1.0)),
+    ("sign_conflict", "sign conflict", "scalar", SHARE),
+    ("interference_relative", "TSV interference (relative)", "scalar", None)]
 
 
 ANNOTATED_CELLS = 120
 
 
-def heatmaps(report: dict[str, Any], directory: Path) -> list[str]:
-    """One PNG per metric, layers × tasks (or pairs): written where matplotlib is
-    installed; the files' names."""
+def _pyplot() -> Any:
+    """matplotlib's pyplot on the file-only backend, or None where it is not installed."""
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
+        return None
+    return plt
+
+
+def heatmaps(report: dict[str, Any], directory: Path) -> list[str]:
+    """One PNG per metric, layers × tasks (or pairs): written where matplotlib is
+    installed; the files' names."""
+    plt = _pyplot()
+    if plt is None:
         return []
     models = short_names(report["models"])
     layers = report["layers"]
     names = [g["name"] for g in layers]
     written = []
-    for key, title, kind in HEATMAPS:
+    for key, title, kind, scale in HEATMAPS:
         if not any(g.get(key) is not None for g in layers):
             continue
         if kind == "pair":
@@ -452,7 +520,8 @@ def heatmaps(report: dict[str, Any], directory: Path) -> list[str]:
             grid = [[g.get(key)] for g in layers]
         values = [[math.nan if v is None else float(v) for v in row] for row in grid]
         fig, ax = plt.subplots(figsize=(2 + 1.2 * len(cols), 1 + 0.35 * len(names)))
-        image = ax.imshow(values, aspect="auto", cmap="viridis")
+        lo, hi = scale or (None, None)
+        image = ax.imshow(values, aspect="auto", cmap="viridis", vmin=lo, vmax=hi)
         ax.set_xticks(range(len(cols)), cols, rotation=30, ha="right")
         ax.set_yticks(range(len(names)), names)
         ax.set_title(title)
@@ -470,12 +539,64 @@ def heatmaps(report: dict[str, Any], directory: Path) -> list[str]:
     return written
 
 
+SPECTRUM_PNG = "spectrum.png"
+
+
+def spectrum_figure(report: dict[str, Any], directory: Path) -> str | None:
+    """The chosen matrix's singular values on a log scale, a line per task, the sum and
+    the merged update (`SPECTRUM_PNG`); None without a spectrum or matplotlib."""
+    plt = _pyplot() if report.get("spectrum") is not None else None
+    if plt is None:
+        return None
+    spec = report["spectrum"]
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    lines = spectrum_lines(report)
+    for kind, label, sv in lines:
+        style = ({"color": "dimgray", "linestyle": "--", "linewidth": 1.8} if kind == "sum"
+                 else {"color": "black", "linewidth": 2.2} if kind == "merged"
+                 else {"linewidth": 1})
+        escaped = label.replace("$", r"\$")  # ($ opens mathtext)
+        name = {"sum": r"sum $\Sigma_i\,\tau_i$ (task arithmetic)",
+                "merged": r"merged update $\Delta$"}.get(kind, r"$\tau$ " + escaped)
+        ax.plot(range(1, len(sv) + 1), sv, label=name, **style)
+    top = max((x for *_, sv in lines for x in sv), default=0.0)
+    if top > 0:
+        ax.set_yscale("log")
+        # Below the float32 rank threshold (the inputs' precision) the values are rounding
+        # noise, down to 1e-18 in float64: cut there, or the noise takes the whole axis.
+        floor = top * NOISE_EPS * max(spec["matrix"])
+        if min((x for *_, sv in lines for x in sv if x > 0), default=top) < floor:
+            ax.set_ylim(bottom=floor)
+            ax.axhline(floor, color="gray", linestyle=":", linewidth=1,
+                       label="float32 noise floor (values below cut off)")
+    ax.set_xlabel("index i")
+    ax.set_ylabel(r"singular value $\sigma_i$")
+    tensor = spec["tensor"].replace("$", r"\$")
+    ax.set_title(f"spectra of {tensor} ({' × '.join(map(str, spec['matrix']))})", fontsize=10)
+    ax.legend(fontsize=8)
+    ax.grid(True, which="major", alpha=0.3)
+    path = directory / SPECTRUM_PNG
+    fig.savefig(path, dpi=100, bbox_inches="tight")
+    plt.close(fig)
+    return path.name
+
+
 NO_FIGURES = "<p>No heat maps: matplotlib is not installed.</p>"
 
 
-def html_page(report: dict[str, Any], directory: Path, images: list[str]) -> str:
-    """A self-contained page: the table, the warnings, the suggestion and the heat maps
-    (embedded as data: URLs, so nothing is fetched when it is viewed)."""
+def _embedded(directory: Path, names: list[str]) -> str:
+    """The PNGs as <figure>s whose images are data: URLs."""
+    return "".join(
+        f'<figure><img alt="{html.escape(name)}" src="data:image/png;base64,'
+        f'{base64.b64encode((directory / name).read_bytes()).decode()}"></figure>'
+        for name in names)
+
+
+def html_page(report: dict[str, Any], directory: Path, images: list[str],
+              spectrum_image: str | None = None) -> str:
+    """A self-contained page: the table, the warnings, the chosen matrix's spectra, the
+    suggestion and the heat maps (embedded as data: URLs, so nothing is fetched when it is
+    viewed)."""
     esc = html.escape
     header, rows = table_rows(report, sep="<br>")
     head = "".join(f"<th>{esc(h)}</th>" for h in header)
@@ -483,10 +604,15 @@ def html_page(report: dict[str, Any], directory: Path, images: list[str]) -> str
                                     "</td>" for cell in row) + "</tr>" for row in rows)
     warned = "".join(f"<li>{esc(w['message'])}</li>" for w in report["warnings"]) \
         or "<li>none</li>"
-    figures = "".join(
-        f'<figure><img alt="{esc(name)}" src="data:image/png;base64,'
-        f'{base64.b64encode((directory / name).read_bytes()).decode()}"></figure>'
-        for name in images)
+    figures = _embedded(directory, images)
+    spec = report.get("spectrum")
+    spectrum = "" if spec is None else (
+        f"<h2>Spectrum of <code>{esc(spec['tensor'])}</code></h2><p>Chosen as "
+        f"{esc(spec['reason'])}. Singular values of each task vector, of their sum (task "
+        "arithmetic) and of the merged update, on a log scale; the numbers are in "
+        "report.json (<code>spectrum</code>).</p>"
+        + (_embedded(directory, [spectrum_image]) if spectrum_image else
+           f"<p>{esc(spectrum_summary(report))}</p>"))
     s = report["suggestion"]
     return (
         "<!DOCTYPE html><html lang=\"en\"><head><meta charset=\"utf-8\">"
@@ -498,7 +624,7 @@ def html_page(report: dict[str, Any], directory: Path, images: list[str]) -> str
         f"<p>Method <code>{esc(report['method'])}</code> over "
         f"{esc(', '.join(report['models']))} (per-task figures in this order).</p>"
         f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
-        f"<h2>Warnings</h2><ul>{warned}</ul>"
+        f"<h2>Warnings</h2><ul>{warned}</ul>{spectrum}"
         f"<h2>Suggestion (not a measurement)</h2><p>Try {esc(s['try'])}: "
         f"{esc(s['reason'])}.</p><h2>Heat maps</h2>{figures or NO_FIGURES}</body></html>")
 
@@ -511,11 +637,15 @@ def write_report(report: dict[str, Any], directory: Path) -> list[str]:
         (directory / "report.json").write_text(json.dumps(report, indent=1))
         (directory / "report.md").write_text(markdown(report))
         images = heatmaps(report, directory)
-        (directory / "report.html").write_text(html_page(report, directory, images))
-        return ["report.json", "report.md", "report.html", *images]
+        spectrum = spectrum_figure(report, directory)
+        (directory / "report.html").write_text(html_page(report, directory, images,
+                                                         spectrum))
+        return ["report.json", "report.md", "report.html", *images,
+                *([spectrum] if spectrum else [])]
     except OSError as e:
         raise OutputError(f"--output {directory}: {e.strerror or e}") from None
 
 
-__all__ = ["PARTS", "THRESHOLDS", "aggregate", "group_of", "markdown", "model_part",
+__all__ = ["HEATMAPS", "PARTS", "THRESHOLDS", "aggregate", "group_of", "heatmaps",
+           "markdown", "model_part", "spectrum_figure", "spectrum_json", "spectrum_summary",
            "suggestion", "table_rows", "warnings", "write_report"]

@@ -10,6 +10,7 @@ by the engine's own per-tensor merge (`engine.stream.compute_part`, in the slice
 
 from __future__ import annotations
 
+import difflib
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -17,7 +18,15 @@ from pathlib import Path
 
 import torch
 
-from mergekit_pcb.analysis.metrics import SLICE, TensorStats, after_merge, tensor_stats
+from mergekit_pcb.analysis.metrics import (
+    SLICE,
+    Spectra,
+    TensorStats,
+    after_merge,
+    pick_spectrum,
+    spectra,
+    tensor_stats,
+)
 from mergekit_pcb.engine import plan_recipe_file
 from mergekit_pcb.engine.plan import MergePlan, TensorTask
 from mergekit_pcb.engine.stream import (
@@ -59,6 +68,7 @@ class Measured:
     tokenizers_differ: list[str] = field(default_factory=list)
     seconds: float = 0.0
     conv_matrix: bool = False  # conv kernels measured as matrices (spectral figures)
+    spectrum: Spectra | None = None  # the spectra of one chosen matrix
 
 
 def _density(task: TensorTask, i: int, override: float | None) -> tuple[float, str]:
@@ -150,13 +160,45 @@ def _open_merged(merged_dir: Path, plan: MergePlan, tasks: list[TensorTask],
     return ckpt
 
 
+def _is_matrix(shape: list[int] | tuple[int, ...], conv_matrix: bool) -> bool:
+    """Whether a tensor of this shape is measured as a matrix: 2-D, or a conv kernel (3-D to
+    5-D) under `conv_matrix`."""
+    return len(shape) == 2 or (conv_matrix and 3 <= len(shape) <= 5)
+
+
+def _named_spectrum(plan: MergePlan, tasks: list[TensorTask], name: str,
+                    conv_matrix: bool) -> TensorTask:
+    """The tensor `--spectrum NAME` names, checked before the long pass: one the recipe
+    merges from the models' task vectors, and a matrix."""
+    task = next((t for t in tasks if t.name == name), None)
+    if task is None:
+        if any(t.name == name for t in plan.tasks):
+            raise RecipeError(f"--spectrum {name}: analyze measures no task vectors of this "
+                              "tensor (the recipe copies, averages or takes it, or moves its "
+                              "rows to another vocabulary)")
+        close = difflib.get_close_matches(name, [t.name for t in tasks], n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise RecipeError(f"--spectrum {name}: no such tensor among the {len(tasks)} the "
+                          f"recipe merges{hint}")
+    shape = list(task.shape)
+    if not _is_matrix(shape, conv_matrix):
+        also = (" (add --conv-matrix to take a conv kernel as a matrix)"
+                if 3 <= len(shape) <= 5 else "")
+        raise RecipeError(f"--spectrum {name}: tensor of shape {shape} is not a matrix "
+                          f"(2-D){also}")
+    return task
+
+
 def analyze_plan(plan: MergePlan, recipe: str, *, merged_dir: Path | None = None,
                  merge: bool = True, density: float | None = None, spectral: bool = True,
                  device: str = "cpu", allow_pickle: bool = False, conv_matrix: bool = False,
+                 spectrum: str | None = None,
                  progress: Callable[[int, int, str], None] | None = None) -> Measured:
     """Measure every tensor `plan` merges from task vectors; after the merge too unless
     `merge` is False and no `merged_dir` is given. `conv_matrix`: conv kernels (3-D to 5-D)
-    get the spectral figures too, as matrices of one row per output channel."""
+    get the spectral figures too, as matrices of one row per output channel. `spectrum`:
+    the matrix whose singular values the report plots; without it, with `spectral`, the
+    `metrics.pick_spectrum` of the layer matrices."""
     start = time.perf_counter()
     if plan.base_key is None:
         raise RecipeError(f"{recipe}: base_model: analyze measures task vectors θᵢ − θ₀ and "
@@ -167,6 +209,7 @@ def analyze_plan(plan: MergePlan, recipe: str, *, merged_dir: Path | None = None
                           "from the models")
     if density is not None and not 0 < density <= 1:
         raise RecipeError(f"--density must be in (0, 1], got {density}")
+    named = None if spectrum is None else _named_spectrum(plan, tasks, spectrum, conv_matrix)
     dev = torch.device(device)
     merged_ckpt = _open_merged(merged_dir, plan, tasks, allow_pickle) if merged_dir else None
     after = "merged" if merged_ckpt is not None else ("merge" if merge else None)
@@ -182,6 +225,12 @@ def analyze_plan(plan: MergePlan, recipe: str, *, merged_dir: Path | None = None
                                      sources, conv_matrix)
             measured.append(stats)
             release_freed_memory(nbytes)
+        chosen = _chosen_spectrum(tasks, measured, named, spectral, conv_matrix)
+        spectra_of = None
+        if chosen is not None:
+            # a second read of this one tensor's inputs: which one is known only now
+            spectra_of = _spectra(plan, chosen[0], dev, merged_ckpt, after, conv_matrix,
+                                  chosen[1])
     finally:
         if merged_ckpt is not None:
             merged_ckpt.close()
@@ -195,15 +244,45 @@ def analyze_plan(plan: MergePlan, recipe: str, *, merged_dir: Path | None = None
         # (what the plan says of the output's tokenizer concerns a written merge, not this)
         notes=[w for w in plan.warnings if not w.startswith("the output gets no tokenizer")],
         tokenizers_differ=_tokenizers_differ(plan), seconds=time.perf_counter() - start,
-        conv_matrix=conv_matrix)
+        conv_matrix=conv_matrix, spectrum=spectra_of)
 
 
-def _measure(plan: MergePlan, task: TensorTask, dev: torch.device,
-             merged_ckpt: Checkpoint | None, after: str | None, density: float | None,
-             spectral: bool, sources: set[str], conv_matrix: bool = False
-             ) -> tuple[TensorStats, int]:
-    """One tensor: read, merged, measured before and after the merge, dropped. The inputs
-    go once the merge and the task vectors are made from them."""
+def _chosen_spectrum(tasks: list[TensorTask], measured: list[TensorStats],
+                     named: TensorTask | None, spectral: bool, conv_matrix: bool
+                     ) -> tuple[TensorTask, str] | None:
+    """The tensor whose spectra the report shows, and why: the one named, else (with the
+    spectral figures on) the pick among the matrices of the layers (no vocabulary matrix:
+    its SVD costs more than the rest of the model's)."""
+    if named is not None:
+        return named, "the matrix named by --spectrum"
+    if not spectral:
+        return None
+    candidates = [s for t, s in zip(tasks, measured, strict=True)
+                  if _is_matrix(s.shape, conv_matrix) and not is_vocabulary_tensor(t.name)]
+    picked = pick_spectrum(candidates)
+    if picked is None:
+        return None
+    return next(t for t in tasks if t.name == picked[0]), picked[1]
+
+
+def _spectra(plan: MergePlan, task: TensorTask, dev: torch.device,
+             merged_ckpt: Checkpoint | None, after: str | None, conv_matrix: bool,
+             reason: str) -> Spectra:
+    shape, base, deltas, update, nbytes = _task_vectors(plan, task, dev, merged_ckpt, after,
+                                                        conv_matrix)
+    out = spectra(task.name, shape, reason, deltas, update)
+    del base, deltas, update
+    release_freed_memory(nbytes)
+    return out
+
+
+def _task_vectors(plan: MergePlan, task: TensorTask, dev: torch.device,
+                  merged_ckpt: Checkpoint | None, after: str | None, conv_matrix: bool
+                  ) -> tuple[list[int], torch.Tensor, list[torch.Tensor], torch.Tensor | None,
+                             int]:
+    """One tensor read: its shape, the base, each model's task vector, the merged update
+    (None without a merge) and the bytes read. The inputs go once the merge and the task vectors
+    are made from them. Under `conv_matrix` a conv kernel comes as its matrix."""
     assert plan.base_key is not None
     values = read_part(plan, task, dev)
     assert isinstance(values, dict)
@@ -226,6 +305,16 @@ def _measure(plan: MergePlan, task: TensorTask, dev: torch.device,
         # (norms, cosines, signs and distances do not depend on the shape)
         base, deltas = base.reshape(shape[0], -1), [d.reshape(shape[0], -1) for d in deltas]
         update = None if update is None else update.reshape(shape[0], -1)
+    return shape, base, deltas, update, nbytes
+
+
+def _measure(plan: MergePlan, task: TensorTask, dev: torch.device,
+             merged_ckpt: Checkpoint | None, after: str | None, density: float | None,
+             spectral: bool, sources: set[str], conv_matrix: bool = False
+             ) -> tuple[TensorStats, int]:
+    """One tensor: read, merged, measured before and after the merge, dropped."""
+    shape, base, deltas, update, nbytes = _task_vectors(plan, task, dev, merged_ckpt, after,
+                                                        conv_matrix)
     chosen = [_density(task, i, density) for i in range(len(deltas))]
     sources.update(src for _, src in chosen)
     # Spectral figures for the matrices of the layers; a vocabulary matrix (embedding, LM
@@ -245,6 +334,7 @@ def analyze_recipe_file(recipe_path: Path, *, merged_dir: Path | None = None,
                         merge: bool = True, density: float | None = None,
                         spectral: bool = True, device: str = "cpu",
                         allow_pickle: bool = False, conv_matrix: bool = False,
+                        spectrum: str | None = None,
                         progress: Callable[[int, int, str], None] | None = None) -> Measured:
     """`analyze_plan` of a recipe file, planned as `pcbmerge run` plans it."""
     plan = plan_recipe_file(recipe_path, allow_pickle=allow_pickle)
@@ -252,7 +342,7 @@ def analyze_recipe_file(recipe_path: Path, *, merged_dir: Path | None = None,
         return analyze_plan(plan, str(recipe_path), merged_dir=merged_dir, merge=merge,
                             density=density, spectral=spectral, device=device,
                             allow_pickle=allow_pickle, conv_matrix=conv_matrix,
-                            progress=progress)
+                            spectrum=spectrum, progress=progress)
     finally:
         plan.close()
 
