@@ -47,13 +47,18 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--save-dtype", choices=["fp32", "bf16", "fp16"], default="fp32")
     parser.add_argument("--workdir", type=Path)
     parser.add_argument("--timeout", type=float, default=3600.0)
+    parser.add_argument("--variants", default=",".join(label for label, _ in VARIANTS),
+                        help="comma-separated analyze variants to time (default: all)")
     args = parser.parse_args(argv)
+    chosen = args.variants.split(",")
+    unknown = [v for v in chosen if v not in dict(VARIANTS)]
+    if unknown:
+        parser.error(f"unknown variant(s) {unknown}; known: {[v for v, _ in VARIANTS]}")
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="bench-analyze-"))
     shape = PRESETS[args.params]
     models = workdir / "models"
-    if not (models / "base").is_dir():
-        build_checkpoints(shape, models, "500MB", 0, 0.005, args.save_dtype)
-    base, tuned = models / "base", sorted(p for p in models.iterdir() if p.name != "base")
+    # bench_merge's checkpoints, reused when a kept work dir already holds them.
+    base, tuned = build_checkpoints(shape, models, "500MB", 0, 0.005, args.save_dtype)
     print(f"| {args.params} ({shape.param_count() / 1e6:.0f}M parameters, {args.save_dtype}) "
           "| wall (s) | peak RSS (MB) |\n|---|---|---|", flush=True)
     for method in args.methods.split(","):
@@ -62,7 +67,7 @@ def main(argv: list[str] | None = None) -> None:
                               args.timeout, {})
         print(f"| `pcbmerge run` {method} | {result.wall_s:.1f} | {result.peak_rss_mb:.0f} |",
               flush=True)
-        for label, flags in VARIANTS:
+        for label, flags in (v for v in VARIANTS if v[0] in chosen):
             result = run_measured(analyze_command(recipe, workdir / f"report-{method}", flags),
                                   workdir / "analyze.log", args.timeout, {})
             print(f"| `pcbmerge {label}` {method} | {result.wall_s:.1f} | "
