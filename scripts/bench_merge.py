@@ -276,6 +276,14 @@ def della_recipe(base: Path, ft_dirs: list[Path]) -> Recipe:
     return Recipe("della", body)
 
 
+def slerp_recipe(base: Path, ft_dirs: list[Path]) -> Recipe:
+    """slerp from the base to the first fine-tune (mergekit's two-model form), t = 0.4."""
+    body = {"merge_method": "slerp", "base_model": str(base),
+            "models": [{"model": str(base)}, {"model": str(ft_dirs[0])}],
+            "parameters": {"t": 0.4}, "dtype": "float32"}
+    return Recipe("slerp", body)
+
+
 def spectral_recipe(method: str) -> RecipeBuilder:
     """A spectral method (tsv_m, iso_c, iso_cts, cart, wudi) at its defaults: mergekit has
     none, so it is timed against our own `ties` only."""
@@ -319,6 +327,7 @@ RECIPES: dict[str, RecipeBuilder] = {
     "dare_ties": dare_ties_recipe,
     "breadcrumbs": breadcrumbs_recipe,
     "della": della_recipe,
+    "slerp": slerp_recipe,
     **{m: spectral_recipe(m) for m in SPECTRAL_METHODS},
     "ties_lines": postprocessed(ties_recipe, "lines", LINES_STEPS),
     "pcb_lines": postprocessed(pcb_recipe, "lines", LINES_STEPS),
@@ -327,7 +336,7 @@ RECIPES: dict[str, RecipeBuilder] = {
 # `--methods memory`: every per-tensor method of the memory bound's table.
 POSTPROCESS_METHODS = ("ties", "ties_lines", "ties_svc", "pcb", "pcb_lines")
 MEMORY_METHODS = ("linear", "task_arithmetic", "ties", "dare_ties", "breadcrumbs", "della",
-                  "pcb_tensor")
+                  "pcb_tensor", "slerp")
 
 
 def write_recipe(recipe: Recipe, directory: Path, dtype: str | None = None) -> Path:
