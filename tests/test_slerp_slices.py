@@ -14,6 +14,7 @@ from safetensors.torch import load_file, save_file
 from mergekit_pcb.engine.plan import build_plan
 from mergekit_pcb.engine.stream import run_plan
 from mergekit_pcb.methods import TensorInputs
+from mergekit_pcb.methods.ops import uniform_mean
 from mergekit_pcb.methods.slerp import CHUNK, Slerp, SlerpStats, slerp
 from mergekit_pcb.recipe.schema import parse_recipe
 from mergekit_pcb.threads import torch_threads
@@ -28,9 +29,10 @@ def _pair(dtype: torch.dtype, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     return a.to(dtype), b.to(dtype)
 
 
-def _sliced(t: float, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+def _sliced(t: float, a: torch.Tensor, b: torch.Tensor | list[torch.Tensor]) -> torch.Tensor:
     """The engine's order: both passes over every slice, then the merge of each; every
     slice a fresh tensor, one entry off the alignment of the whole one's storage."""
+    others = b if isinstance(b, list) else [b]
     method, stats = Slerp(), SlerpStats()
     bounds = [(s, min(s + CHUNK, N)) for s in range(0, N, CHUNK)]
 
@@ -40,8 +42,8 @@ def _sliced(t: float, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         return buffer[1:]
 
     def inputs(s: int, e: int) -> TensorInputs:
-        return TensorInputs("w", part(a, s, e), [part(b, s, e)], [{}], {"t": t},
-                            stats=stats, start=s)
+        return TensorInputs("w", part(a, s, e), [part(m, s, e) for m in others],
+                            [{}] * len(others), {"t": t}, stats=stats, start=s)
 
     for p in range(len(stats.pass_names)):
         for s, e in reversed(bounds):  # any order: the chunks are put back in place
@@ -64,6 +66,13 @@ def test_sliced_slerp_is_the_whole_tensor_bit_for_bit(dtype: torch.dtype, thread
     # and the value is a slerp: between the two, nearer the base at t = 0.3
     assert 0 < float((sliced.float() - a.float()).norm()) < float((sliced.float()
                                                                    - b.float()).norm())
+
+
+def test_several_other_models_interpolate_towards_their_mean_in_slices() -> None:
+    a, b = _pair(torch.float32, 7)
+    others = [b, 2 * b - a, a - b]
+    with torch_threads(2):
+        assert torch.equal(_sliced(0.6, a, others), slerp(0.6, a, uniform_mean(others)))
 
 
 def test_nearly_collinear_takes_the_linear_rule_in_slices() -> None:
