@@ -54,9 +54,10 @@ def chunk_norm(chunk: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return torch.linalg.vector_norm(chunk.reshape(1, -1).to(dtype), dim=1, keepdim=True)
 
 
-def total_norm(chunk_norms: list[torch.Tensor], eps: float = NORM_EPS) -> torch.Tensor:
-    """The vector's norm from its chunks' norms (≤ `eps` counts as 1)."""
-    norm = torch.linalg.vector_norm(torch.stack(chunk_norms), dim=0)
+def total_norm(chunk_norms: torch.Tensor, eps: float = NORM_EPS) -> torch.Tensor:
+    """The vector's norm from its chunks' norms, stacked (chunks × 1 × 1; ≤ `eps` counts as
+    1)."""
+    norm = torch.linalg.vector_norm(chunk_norms, dim=0)
     return torch.where(norm > eps, norm, 1)
 
 
@@ -68,12 +69,13 @@ def chunk_dot(a: torch.Tensor, b: torch.Tensor, norm_a: torch.Tensor, norm_b: to
         .sum(dim=1, keepdim=True)
 
 
-def coefficients(t: float, chunk_dots: list[torch.Tensor], dtype: torch.dtype,
+def coefficients(t: float, chunk_dots: torch.Tensor, dtype: torch.dtype,
                  dot_threshold: float = DOT_THRESHOLD) -> tuple[torch.Tensor, torch.Tensor]:
-    """The two vectors' factors (1×1) from the chunks' dot products."""
+    """The two vectors' factors (1×1) from the chunks' dot products, stacked (chunks × 1 ×
+    1)."""
     # mergekit packs t as a float32 (float64) tensor: its rounding is part of the result.
-    tt = torch.tensor([t], dtype=dtype, device=chunk_dots[0].device).reshape(-1, 1)
-    dot = torch.stack(chunk_dots).sum(dim=0).clamp(-1, 1)
+    tt = torch.tensor([t], dtype=dtype, device=chunk_dots.device).reshape(-1, 1)
+    dot = chunk_dots.sum(dim=0).clamp(-1, 1)
     linear = dot.abs() > dot_threshold
     theta = torch.acos(torch.where(linear, 0, dot))
     sin_theta = torch.sin(theta)
@@ -101,10 +103,10 @@ def slerp(t: float, v0: torch.Tensor, v1: torch.Tensor,
         return ((1 - tt) * a.reshape(1, -1) + tt * b.reshape(1, -1)).reshape(v0.shape) \
             .to(v0.dtype)
     spans = _spans(a.numel())
-    norm_a = total_norm([chunk_norm(a[s:e], dtype) for s, e in spans], eps)
-    norm_b = total_norm([chunk_norm(b[s:e], dtype) for s, e in spans], eps)
-    coef_a, coef_b = coefficients(
-        t, [chunk_dot(a[s:e], b[s:e], norm_a, norm_b, dtype) for s, e in spans], dtype,
+    norm_a = total_norm(torch.stack([chunk_norm(a[s:e], dtype) for s, e in spans]), eps)
+    norm_b = total_norm(torch.stack([chunk_norm(b[s:e], dtype) for s, e in spans]), eps)
+    coef_a, coef_b = coefficients(t, torch.stack(
+        [chunk_dot(a[s:e], b[s:e], norm_a, norm_b, dtype) for s, e in spans]), dtype,
         dot_threshold)
     out = torch.empty_like(a)
     for s, e in spans:
@@ -115,41 +117,52 @@ def slerp(t: float, v0: torch.Tensor, v1: torch.Tensor,
 class SlerpStats(GlobalStats):
     """Each sliced tensor's norms (pass 1) and unit vectors' dot product (pass 2), chunk by
     chunk: the engine's slices are mergekit's chunks (both 2²⁰ entries from the start), so
-    the per-chunk sums and their sums are the whole tensor's, bit for bit."""
+    the per-chunk sums and their sums are the whole tensor's, bit for bit.
+
+    Each chunk's number is kept as a Python float (a float32 or float64 value, exactly),
+    not as a 1×1 tensor: small tensors kept between the slices' buffers pin the allocator's
+    heap (measured: a 128k-vocabulary embedding's passes grew the process by a slice per
+    slice, 600 MiB)."""
 
     pass_names = ("slerp norms", "slerp angle")
     per_tensor = True
 
     def __init__(self) -> None:
-        self.norms: dict[str, list[tuple[int, torch.Tensor, torch.Tensor]]] = {}
-        self.dots: dict[str, list[tuple[int, torch.Tensor]]] = {}
+        self.norms: dict[str, list[tuple[int, float, float]]] = {}
+        self.dots: dict[str, list[tuple[int, float]]] = {}
+        self.dtypes: dict[str, tuple[torch.dtype, torch.device]] = {}
         self.totals: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-        self.done: dict[str, list[torch.Tensor]] = {}
+        self.done: dict[str, torch.Tensor] = {}
+
+    def _stacked(self, name: str, values: list[float]) -> torch.Tensor:
+        dtype, device = self.dtypes[name]
+        return torch.tensor(values, dtype=dtype, device=device).reshape(-1, 1, 1)
 
     def observe(self, pass_index: int, inputs: TensorInputs) -> None:
         assert inputs.base is not None and inputs.start is not None
         assert inputs.start % CHUNK == 0 and inputs.base.numel() <= CHUNK
         a, b = inputs.base, uniform_mean(inputs.models)
         dtype = _dtype(a)
+        self.dtypes[inputs.name] = (dtype, a.device)
         if pass_index == 0:
             self.norms.setdefault(inputs.name, []).append(
-                (inputs.start, chunk_norm(a, dtype), chunk_norm(b, dtype)))
+                (inputs.start, chunk_norm(a, dtype).item(), chunk_norm(b, dtype).item()))
         else:
             norm_a, norm_b = self.totals[inputs.name]
             self.dots.setdefault(inputs.name, []).append(
-                (inputs.start, chunk_dot(a, b, norm_a, norm_b, dtype)))
+                (inputs.start, chunk_dot(a, b, norm_a, norm_b, dtype).item()))
 
     def finish(self, pass_index: int) -> None:
         if pass_index == 0:
             for name, parts in self.norms.items():
                 parts.sort(key=lambda p: p[0])
-                self.totals[name] = (total_norm([p[1] for p in parts]),
-                                     total_norm([p[2] for p in parts]))
+                self.totals[name] = (total_norm(self._stacked(name, [p[1] for p in parts])),
+                                     total_norm(self._stacked(name, [p[2] for p in parts])))
             self.norms.clear()
         else:
             for name, parts in self.dots.items():
                 parts.sort(key=lambda p: p[0])
-                self.done[name] = [p[1] for p in parts]
+                self.done[name] = self._stacked(name, [p[1] for p in parts])
             self.dots.clear()
             self.totals.clear()
 
