@@ -3,8 +3,9 @@
 The listing is data declared in the methods' and searches' modules, and those import torch
 (about two seconds before the first line is printed). So the listing is kept on disk, in
 the user's cache directory, under a key made from this package's source files (each
-path, size and modification time) and the Python version: a changed, added or removed
-module gives another key, so a listing read back is the one the code would build. On a
+path, size and modification time) and the Python and pydantic versions: a changed, added
+or removed module gives another key, so a listing read back is the one the code would
+build. On a
 miss (the first run after an install or an edit) it is built from the registries (torch
 imported, as before) and written; when torch is loaded anyway, it is built and nothing is
 written. A new method or kind needs nothing here: it is listed from its registry entry.
@@ -13,6 +14,7 @@ written. A new method or kind needs nothing here: it is listed from its registry
 from __future__ import annotations
 
 import hashlib
+import importlib.metadata
 import json
 import os
 import sys
@@ -33,9 +35,14 @@ def cache_dir() -> Path:
 
 
 def source_key() -> str:
-    """A digest of the package's source files (path, size, mtime) and Python's version:
-    what the listing is built from (a stat of each file, about a millisecond in all)."""
-    h = hashlib.sha256(f"{mergekit_pcb.__version__}\0{sys.version}".encode())
+    """A digest of the package's source files (path, size, mtime), Python's version and
+    pydantic's (the searches' parameters are listed from pydantic schemas): what the
+    listing is built from (a stat of each file, about a millisecond in all)."""
+    try:
+        pydantic = importlib.metadata.version("pydantic")
+    except importlib.metadata.PackageNotFoundError:
+        pydantic = "?"
+    h = hashlib.sha256(f"{mergekit_pcb.__version__}\0{sys.version}\0{pydantic}".encode())
     for path in sorted(PACKAGE.rglob("*.py")):
         st = path.stat()
         h.update(f"\0{path.relative_to(PACKAGE)}\0{st.st_size}\0{st.st_mtime_ns}".encode())
