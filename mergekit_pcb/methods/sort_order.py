@@ -182,6 +182,30 @@ def introsort_top_numpy(values: np.ndarray, k: int, depth_limit: int | None = No
     return np.concatenate([*kept, index[order[:place]]])
 
 
+# Entries compared at once when listing a scan's stops.
+STOPS_BLOCK = 1 << 20
+
+
+def _stops(body: np.ndarray, stops: Callable[[np.ndarray], np.ndarray]) -> np.ndarray:
+    """The positions (from 1: `body` starts at the range's second entry) where
+    `stops(body)` holds, ascending: int32 below 2³¹ entries, counted and then written a
+    block at a time, so that no int64 array as long as the range is made (about half the
+    range stops on each side)."""
+    if body.size + 1 >= 2**31:
+        found = np.flatnonzero(stops(body))
+        found += 1
+        return found
+    starts = range(0, body.size, STOPS_BLOCK)
+    counts = [int(np.count_nonzero(stops(body[a:a + STOPS_BLOCK]))) for a in starts]
+    out = np.empty(sum(counts), dtype=np.int32)
+    at = 0
+    for a, count in zip(starts, counts, strict=True):
+        out[at:at + count] = np.flatnonzero(stops(body[a:a + STOPS_BLOCK]))
+        out[at:at + count] += a + 1
+        at += count
+    return out
+
+
 def _partition(keys: np.ndarray, index: np.ndarray) -> tuple[int, np.ndarray, np.ndarray]:
     """libstdc++'s `__unguarded_partition_pivot` with `greater` as the comparison, on views
     of the current range: moves the median of three to the front, and returns the cut (the
@@ -203,8 +227,8 @@ def _partition(keys: np.ndarray, index: np.ndarray) -> tuple[int, np.ndarray, np
     body = keys[1:]
     # The left scan stops at entries ≤ pivot, the right scan at entries ≥ pivot. Until they
     # cross, the t-th stop of each is the t-th such entry of the untouched range.
-    left = np.flatnonzero(body <= pivot) + 1
-    right = np.flatnonzero(body >= pivot) + 1  # ascending; the scan takes them from the end
+    left = _stops(body, lambda block: block <= pivot)
+    right = _stops(body, lambda block: block >= pivot)  # the scan takes them from the end
     n_left, n_right = left.size, right.size
     lo, hi = 0, min(n_left, n_right)
     while lo < hi:  # swaps: the first t whose left stop is not before its right stop
