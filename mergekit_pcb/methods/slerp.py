@@ -9,6 +9,12 @@ mergekit's thread count: past 32,768 entries torch sums in one partial sum per t
 mergekit sums with all of its process's threads, so the engine does too
 (`thread_count_reductions`). The result is stored in the inputs' dtype, as mergekit's is.
 
+A tensor over 2²⁰ entries streams in slices that are those chunks (`slice_elements`):
+`SlerpStats` takes each chunk's norms in a first pass and its share of the dot product in
+a second, then each slice is interpolated on its own; the sums are the same, in the same
+order, so the bits are the whole tensor's. Smaller tensors are merged whole, without the
+passes.
+
 Plan mapping: mergekit's slerp takes exactly two inputs, one of them `base_model`. Here
 `requires_base` holds the base apart (`inputs.base` = v0) and `inputs.models` holds the
 other (v1), whether or not the recipe also lists the base under `models:`.
