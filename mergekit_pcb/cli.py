@@ -392,9 +392,9 @@ def _print_plan(kind: RecipeKind, plan: dict[str, Any], json_out: bool, dry_run:
 @handle_errors
 def methods(json_out: JsonOpt = False) -> None:
     """List every method of every recipe kind, with its parameters and defaults."""
-    from mergekit_pcb.kinds import all_methods
+    from mergekit_pcb.kinds.catalog import listing
 
-    infos = all_methods()
+    infos = listing()  # without importing torch, once the listing is kept
     if json_out:
         print(json.dumps({m.name: {"kind": m.kind, "summary": m.summary,
                                    "parameters": m.parameters} for m in infos},

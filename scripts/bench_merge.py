@@ -282,6 +282,14 @@ def della_recipe(base: Path, ft_dirs: list[Path]) -> Recipe:
     return Recipe("della", body)
 
 
+def slerp_recipe(base: Path, ft_dirs: list[Path]) -> Recipe:
+    """slerp from the base to the first fine-tune (mergekit's two-model form), t = 0.4."""
+    body = {"merge_method": "slerp", "base_model": str(base),
+            "models": [{"model": str(base)}, {"model": str(ft_dirs[0])}],
+            "parameters": {"t": 0.4}, "dtype": "float32"}
+    return Recipe("slerp", body)
+
+
 def spectral_recipe(method: str, row: str | None = None,
                     parameters: dict[str, Any] | None = None) -> RecipeBuilder:
     """A spectral method (tsv_m, iso_c, iso_cts, cart, wudi) at its defaults, or with
@@ -330,6 +338,7 @@ RECIPES: dict[str, RecipeBuilder] = {
     "dare_ties": dare_ties_recipe,
     "breadcrumbs": breadcrumbs_recipe,
     "della": della_recipe,
+    "slerp": slerp_recipe,
     **{m: spectral_recipe(m) for m in SPECTRAL_METHODS},
     # WUDI's closed form, a labelled solver option: the Adam solver's 300 steps per matrix
     # take hours at 1B on a CPU.
@@ -342,7 +351,7 @@ RECIPES: dict[str, RecipeBuilder] = {
 # `--methods memory`: every per-tensor method of the memory bound's table.
 POSTPROCESS_METHODS = ("ties", "ties_lines", "ties_svc", "pcb", "pcb_lines")
 MEMORY_METHODS = ("linear", "task_arithmetic", "ties", "dare_ties", "breadcrumbs", "della",
-                  "pcb_tensor")
+                  "pcb_tensor", "slerp")
 
 
 def write_recipe(recipe: Recipe, directory: Path, dtype: str | None = None) -> Path:

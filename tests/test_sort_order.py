@@ -194,3 +194,33 @@ def test_the_load_check_runs_the_kernel_it_is_given() -> None:
     assert not sort_order._compiled_matches_numpy(wrong)  # type: ignore[arg-type]
     assert sort_order._compiled_matches_numpy(
         importlib.import_module(sort_order.INTROSORT_KERNEL))
+
+
+@pytest.mark.parametrize("name", list(IMPLEMENTATIONS))
+def test_in_place_partitions_the_keys_themselves_and_keeps_the_same_entries(name: str) -> None:
+    """`in_place` (a trim's own magnitude): the same entries as from a copy, the keys
+    themselves partitioned, and the positions as int32 (half of int64's memory)."""
+    g = torch.Generator().manual_seed(11)
+    values = torch.randint(0, 40, (70_001,), generator=g).float()
+    for k in (1, 20_000, 70_000):
+        keys = values.numpy().copy()
+        top = IMPLEMENTATIONS[name](keys, k, in_place=True)
+        assert top is not None and top.dtype == np.int32
+        assert np.array_equal(np.sort(top), torch_top(values, k))
+        assert not np.array_equal(keys, values.numpy())  # partitioned where they lie
+
+
+def test_with_again_the_fallback_sorts_the_values_made_anew(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Where the emulation gives up (introsort's depth limit), torch's sort runs on
+    `again()`, not on the keys it has already partitioned."""
+    g = torch.Generator().manual_seed(12)
+    values = torch.randint(0, 30, (10_000,), generator=g).float()
+    scrambled = values.flip(0).clone()  # what a partition leaves: the same values elsewhere
+    monkeypatch.setattr(sort_order, "introsort_top", lambda *a, **kw: None)
+    got = descending_top(scrambled, 3_000, again=lambda: values.clone())
+    assert torch.equal(got, torch.argsort(values, descending=True)[:3_000])
+    bits = values.bfloat16().view(torch.int16)
+    got = descending_top_bits(bits.flip(0).clone(), torch.bfloat16, 3_000,
+                              again=lambda: bits.clone())
+    assert torch.equal(got, torch.argsort(values.bfloat16().float(), descending=True)[:3_000])

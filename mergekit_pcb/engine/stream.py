@@ -36,7 +36,8 @@ from rich.progress import (
 from mergekit_pcb.engine.card import OutputFiles, write_artifacts
 from mergekit_pcb.engine.memo import ModelParts, PreparedKey, PreparedMemo
 from mergekit_pcb.engine.pipeline import InOrder, WriteBehind, read_ahead
-from mergekit_pcb.engine.plan import MergePlan, TensorTask
+from mergekit_pcb.engine.plan import CHUNK_ELEMENTS, MergePlan, TensorTask
+from mergekit_pcb.engine.plan import slices as plan_slices
 from mergekit_pcb.engine.postprocess import LINES_PASS, NORMS_PASS, Postprocess
 from mergekit_pcb.engine.rng import tensor_generator
 from mergekit_pcb.engine.vocab import align_rows, is_vocabulary_tensor
@@ -121,26 +122,10 @@ def all_finite(tensor: torch.Tensor) -> bool:
     return math.isfinite(float(low)) and math.isfinite(float(high))
 
 
-# Elementwise work streams in slices of this many elements, so peak memory does not grow
-# with the largest tensor (an embedding can hold a fifth of a small model). Measured on a
-# global PCB merge: 4M-element slices left the heap fragmented (0.6 GB at 30M parameters,
-# 1.1 GB at 500M); 1M-element slices stay flat (0.40 / 0.43 GB) and run faster.
-CHUNK_ELEMENTS = 1 << 20
-
-
 def slices(plan: MergePlan, task: TensorTask) -> list[tuple[int | None, int | None]]:
-    """[start, stop) element ranges to process `task` in; (None, None) is the whole tensor."""
-    route = task.route
-    if task.vocab is not None:  # rows move across the whole tensor
-        return [(None, None)]
-    elementwise = route.kind != "merge" or (
-        route.method is not None and route.method.elementwise(task.global_params)
-        and not (plan.postprocess is not None and plan.postprocess.whole_tensor(
-            task.shape, is_vocabulary_tensor(task.name))))
-    numel = math.prod(task.shape)
-    if not elementwise or numel <= CHUNK_ELEMENTS:
-        return [(None, None)]
-    return [(a, min(a + CHUNK_ELEMENTS, numel)) for a in range(0, numel, CHUNK_ELEMENTS)]
+    """[start, stop) element ranges to process `task` in; (None, None) is the whole tensor
+    (`plan.slices`, with this module's `CHUNK_ELEMENTS`)."""
+    return plan_slices(plan, task, CHUNK_ELEMENTS)
 
 
 def _read_inputs(plan: MergePlan, task: TensorTask, device: torch.device,
@@ -330,9 +315,10 @@ class ThreadPolicy:
         """Whether this part runs alone in the calling thread (else on a part worker)."""
         if self.fixed is not None or self.most == 1:
             return True
-        if start is None and task.route.method is not None \
-                and task.route.method.thread_count_reductions:
-            return True  # its sums split as mergekit's, on this process's thread count
+        if task.route.method is not None and task.route.method.thread_count_reductions:
+            # its sums split as mergekit's, on this process's thread count (a sliced
+            # slerp's too: each slice's norms are those of one of mergekit's chunks)
+            return True
         return start is None and math.prod(task.shape) >= SOLO_PART_ELEMENTS
 
     def workers(self, device: torch.device, pipeline: bool) -> InOrder:
@@ -449,7 +435,7 @@ def gather_statistics(plan: MergePlan, device: torch.device,
             stats.reuse([None if k is None else memo.result(k) for k in keys])
             stats.reuse_parts([None if k is None else ModelParts(memo, k[0], k[1], scope)
                                for k in keys])
-        tasks = [t for t in plan.tasks if t.route is route]
+        tasks = [t for t in plan.tasks if t.route is route and plan.observed(t)]
         with (threads.workers(device, pipeline) if threads is not None and stats.concurrent
               else InOrder(1)) as workers:
             for p, name in enumerate(stats.pass_names):
@@ -559,7 +545,8 @@ KERNELS_WORTH = 1 << 28
 
 
 def request_kernels_if_worth_it(plan: MergePlan) -> None:
-    visits = sum(math.prod(t.shape) * len(t.route.inputs) * (1 + len(t.route.stat_passes))
+    visits = sum(math.prod(t.shape) * len(t.route.inputs)
+                 * (1 + (len(t.route.stat_passes) if plan.observed(t) else 0))
                  for t in plan.tasks if t.route.kind == "merge")
     if visits >= KERNELS_WORTH:
         request_all()

@@ -130,6 +130,11 @@ class GlobalStats(ABC):
     keep_parts: bool = False
 
     pass_names: tuple[str, ...] = ()
+    # True for statistics of each tensor on its own (its norms), which a per-tensor method
+    # needs only where the engine streams a tensor in slices: the passes then read only
+    # those tensors (`MergePlan.observed`; none: no passes), and the parameters may vary
+    # from tensor to tensor. The method merges a whole tensor without them.
+    per_tensor: ClassVar[bool] = False
     # True when `observe` may run for different inputs on several threads at once and what
     # it gathers does not depend on their order (counts, minima, maxima): the engine then
     # spreads a pass over its part workers. Sums of floats depend on order: keep False.
@@ -180,6 +185,10 @@ class MergeMethod(ABC):
     # partial sum per thread. mergekit runs every tensor with its process's thread count,
     # so the engine gives such a method that count too (alone), not one thread side by side.
     thread_count_reductions: ClassVar[bool] = False
+    # Entries per slice where the engine streams a tensor in slices (`elementwise`), when
+    # the method's per-tensor statistics are sums over chunks of that size from the start
+    # (mergekit's slerp: 2²⁰); None: the engine's own slice size.
+    slice_elements: ClassVar[int | None] = None
     # True when mergekit's kernel mixes a float32 tensor into its result (arcee_fusion's
     # mask, ramplus_tl's ratio), so that float16 or bfloat16 inputs give a float32 result.
     float32_result: ClassVar[bool] = False

@@ -573,12 +573,16 @@ def trim_mask(base: torch.Tensor, model: torch.Tensor, density: float,
         threshold = int(torch.searchsorted(cum, torch.tensor(n - k), right=True))
         if n - (int(cum[threshold - 1]) if threshold > 0 else 0) == k:
             return SliceMask(low=threshold, bits=True)
-        bits = _whole_magnitude(base, model).view(torch.int16)
-        return SliceMask(keep=_keep_positions(n, descending_top_bits(bits, base.dtype, k)))
+        # the magnitude is partitioned in place (made again if torch's sort must run)
+        def bits() -> torch.Tensor:
+            return _whole_magnitude(base, model).view(torch.int16)
+        return SliceMask(keep=_keep_positions(n, descending_top_bits(bits(), base.dtype, k,
+                                                                     again=bits)))
     select = _streamed_select(base, model, bounds, [n - k])
     if n - select.counts_below[0] == k:
         return SliceMask(low=select.values[0])
-    return SliceMask(keep=_keep_positions(n, descending_top(_whole_magnitude(base, model), k)))
+    return SliceMask(keep=_keep_positions(n, descending_top(
+        _whole_magnitude(base, model), k, again=lambda: _whole_magnitude(base, model))))
 
 
 def outliers_mask(base: torch.Tensor, model: torch.Tensor, density: float, gamma: float,

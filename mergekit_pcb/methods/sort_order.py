@@ -40,37 +40,46 @@ from mergekit_pcb.methods.compiled import StagedKernel
 INSERTION_SORT_MAX = 16
 
 
-def descending_top(values: torch.Tensor, k: int) -> torch.Tensor:
-    """The positions `torch.argsort(values, descending=True)[:k]` holds, in some order.
+def descending_top(values: torch.Tensor, k: int,
+                   again: Callable[[], torch.Tensor] | None = None) -> torch.Tensor:
+    """The positions `torch.argsort(values, descending=True)[:k]` holds, in some order
+    (int32 below 2³¹ entries).
 
-    `values` is a 1-D CPU tensor without NaN (magnitudes of finite task vectors).
+    `values` is a 1-D CPU tensor without NaN (magnitudes of finite task vectors). With
+    `again` (which makes `values` anew), `values` itself is partitioned, not a copy of it
+    (one tensor's worth less), and the sort that runs where the emulation does not apply
+    sorts `again()`.
     """
     emulated = values.dtype in (torch.float32, torch.float64)
-    return _top(values if emulated else None, k, lambda: values)
+    return _top(values if emulated else None, k, again or (lambda: values), again is not None)
 
 
-def descending_top_bits(bits: torch.Tensor, dtype: torch.dtype, k: int) -> torch.Tensor:
+def descending_top_bits(bits: torch.Tensor, dtype: torch.dtype, k: int,
+                        again: Callable[[], torch.Tensor] | None = None) -> torch.Tensor:
     """`descending_top` of the float16/bfloat16 magnitudes whose bits are `bits` (int16, no
     sign bit set), ranked as mergekit ranks them, upcast to float32. The bits order them as
-    their values do, and the sort compares nothing else: the emulation runs on the bits."""
-    return _top(bits, k, lambda: bits.view(dtype).float())
+    their values do, and the sort compares nothing else: the emulation runs on the bits.
+    `again`, as for `descending_top`, makes `bits` anew."""
+    source = again or (lambda: bits)
+    return _top(bits, k, lambda: source().view(dtype).float(), again is not None)
 
 
-def _top(keys: torch.Tensor | None, k: int, ranked: Callable[[], torch.Tensor]
-         ) -> torch.Tensor:
+def _top(keys: torch.Tensor | None, k: int, ranked: Callable[[], torch.Tensor],
+         in_place: bool = False) -> torch.Tensor:
     """The emulated top k of `keys` (ordered as `ranked()`), or torch's own sort of
     `ranked()` where the emulation does not apply: no keys, not on the CPU, k outside
-    (0, n), another sort than libstdc++'s, or introsort's depth limit reached."""
+    (0, n), another sort than libstdc++'s, or introsort's depth limit reached. `in_place`:
+    `keys` may be partitioned (`ranked()` does not read them)."""
     if (keys is not None and keys.device.type == "cpu" and keys.dim() == 1
             and 0 < k < keys.numel() and _emulation_matches_torch()):
-        top = introsort_top(keys.numpy(), k)
+        top = introsort_top(keys.numpy(), k, in_place=in_place)
         if top is not None:
             return torch.from_numpy(top)
     return torch.argsort(ranked(), descending=True)[:k]
 
 
-def introsort_top(values: np.ndarray, k: int, depth_limit: int | None = None
-                  ) -> np.ndarray | None:
+def introsort_top(values: np.ndarray, k: int, depth_limit: int | None = None,
+                  in_place: bool = False) -> np.ndarray | None:
     """The indices libstdc++'s `std::sort` (descending by value) places in [0, k), or None
     when a range containing the k-th place would exhaust `depth_limit` (2⌊log₂ n⌋ as
     `std::sort` sets it) and fall to heapsort.
@@ -80,12 +89,15 @@ def introsort_top(values: np.ndarray, k: int, depth_limit: int | None = None
     numba and the kernel costs about a second, more than a small merge's tie-breaks take:
     so the kernel is loaded in the background once this process has tie-broken
     `COMPILE_AFTER` entries (or an evolution asks for every kernel), checked against numpy
-    on every key type, and used from then on (`compiled.StagedKernel`)."""
+    on every key type, and used from then on (`compiled.StagedKernel`).
+
+    The positions come as the index type (int32 below 2³¹ entries), copied out of the
+    index. `in_place`: partition `values` itself (the caller is done with it), not a copy."""
     kernel = KERNEL.ready()
     if kernel is not None and values.size < 2**31:
-        return introsort_top_compiled(values, k, depth_limit, kernel)
+        return introsort_top_compiled(values, k, depth_limit, kernel, in_place=in_place)
     KERNEL.count(values.size)
-    return introsort_top_numpy(values, k, depth_limit)
+    return introsort_top_numpy(values, k, depth_limit, in_place=in_place)
 
 
 # Entries tie-broken with numpy before the compiled kernel is loaded (a 1B-parameter merge
@@ -115,31 +127,33 @@ KERNEL = StagedKernel("introsort-kernel", COMPILE_AFTER, INTROSORT_KERNEL,
                       _compiled_matches_numpy)
 
 
-def _start(values: np.ndarray, depth_limit: int | None
+def _start(values: np.ndarray, depth_limit: int | None, in_place: bool
            ) -> tuple[np.ndarray, np.ndarray, int]:
-    """What both implementations partition in place, as the sort does: a copy of the keys,
-    their positions, and the depth limit (2⌊log₂ n⌋ as `std::sort` sets it)."""
+    """What both implementations partition in place, as the sort does: the keys (a copy,
+    unless `in_place`), their positions, and the depth limit (2⌊log₂ n⌋ as `std::sort`
+    sets it)."""
     n = values.size
     index = np.arange(n, dtype=np.int32 if n < 2**31 else np.int64)
     depth = 2 * (n.bit_length() - 1) if depth_limit is None else depth_limit
-    return values.copy(), index, depth
+    return values if in_place else values.copy(), index, depth
 
 
 def introsort_top_compiled(values: np.ndarray, k: int, depth_limit: int | None = None,
-                           kernel: ModuleType | None = None) -> np.ndarray | None:
+                           kernel: ModuleType | None = None, in_place: bool = False
+                           ) -> np.ndarray | None:
     """`introsort_top` by the compiled kernel (numba must import): `kernel`, or the module
     imported (once loaded, a cached import)."""
     top_in_place = (kernel or importlib.import_module(INTROSORT_KERNEL)).top_in_place
-    keys, index, depth = _start(values, depth_limit)
+    keys, index, depth = _start(values, depth_limit, in_place)
     if not top_in_place(keys, index, k, depth, INSERTION_SORT_MAX):
         return None
-    return index[:k].astype(np.int64)
+    return index[:k].copy()  # not a view: the whole index is freed
 
 
-def introsort_top_numpy(values: np.ndarray, k: int, depth_limit: int | None = None
-                        ) -> np.ndarray | None:
+def introsort_top_numpy(values: np.ndarray, k: int, depth_limit: int | None = None,
+                        in_place: bool = False) -> np.ndarray | None:
     """`introsort_top` with numpy: each partition as a few vectorised passes."""
-    keys, index, depth = _start(values, depth_limit)
+    keys, index, depth = _start(values, depth_limit, in_place)
     kept: list[np.ndarray] = []
     place = k  # the k-th place, relative to the current range
     while keys.size > INSERTION_SORT_MAX:
@@ -154,7 +168,7 @@ def introsort_top_numpy(values: np.ndarray, k: int, depth_limit: int | None = No
             index[to_right] = index[to_left]
             keys, index = keys[:cut], index[:cut]
             if place == cut:
-                return np.concatenate([*kept, index]).astype(np.int64)
+                return np.concatenate([*kept, index])
         else:  # the range left of the cut lies before it: all kept
             moved = index[to_right]
             index[to_right] = index[to_left]
@@ -165,7 +179,31 @@ def introsort_top_numpy(values: np.ndarray, k: int, depth_limit: int | None = No
             place -= cut
     # the final insertion sort: stable, and it keeps this range's entries inside it
     order = np.argsort(-keys, kind="stable")
-    return np.concatenate([*kept, index[order[:place]]]).astype(np.int64)
+    return np.concatenate([*kept, index[order[:place]]])
+
+
+# Entries compared at once when listing a scan's stops.
+STOPS_BLOCK = 1 << 20
+
+
+def _stops(body: np.ndarray, stops: Callable[[np.ndarray], np.ndarray]) -> np.ndarray:
+    """The positions (from 1: `body` starts at the range's second entry) where
+    `stops(body)` holds, ascending: int32 below 2³¹ entries, counted and then written a
+    block at a time, so that no int64 array as long as the range is made (about half the
+    range stops on each side)."""
+    if body.size + 1 >= 2**31:
+        found = np.flatnonzero(stops(body))
+        found += 1
+        return found
+    starts = range(0, body.size, STOPS_BLOCK)
+    counts = [int(np.count_nonzero(stops(body[a:a + STOPS_BLOCK]))) for a in starts]
+    out = np.empty(sum(counts), dtype=np.int32)
+    at = 0
+    for a, count in zip(starts, counts, strict=True):
+        out[at:at + count] = np.flatnonzero(stops(body[a:a + STOPS_BLOCK]))
+        out[at:at + count] += a + 1
+        at += count
+    return out
 
 
 def _partition(keys: np.ndarray, index: np.ndarray) -> tuple[int, np.ndarray, np.ndarray]:
@@ -189,8 +227,8 @@ def _partition(keys: np.ndarray, index: np.ndarray) -> tuple[int, np.ndarray, np
     body = keys[1:]
     # The left scan stops at entries ≤ pivot, the right scan at entries ≥ pivot. Until they
     # cross, the t-th stop of each is the t-th such entry of the untouched range.
-    left = np.flatnonzero(body <= pivot) + 1
-    right = np.flatnonzero(body >= pivot) + 1  # ascending; the scan takes them from the end
+    left = _stops(body, lambda block: block <= pivot)
+    right = _stops(body, lambda block: block >= pivot)  # the scan takes them from the end
     n_left, n_right = left.size, right.size
     lo, hi = 0, min(n_left, n_right)
     while lo < hi:  # swaps: the first t whose left stop is not before its right stop

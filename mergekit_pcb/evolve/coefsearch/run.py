@@ -85,8 +85,9 @@ def _open_plan(space: SearchSpace, seed: int, allow_pickle: bool) -> MergePlan:
     """The default merge's plan: opens every input and checks names, shapes, parameters."""
     plan = build_plan(space.merge_recipe(None, seed), "", allow_pickle=allow_pickle)
     try:
-        if space.recipe.parameters.layer_groups > 1 and any(r.stats is not None
-                                                            for r in plan.routes):
+        # (per-tensor statistics, a sliced slerp's norms, take each tensor's own values)
+        if space.recipe.parameters.layer_groups > 1 and any(
+                r.stats is not None and not r.stats.per_tensor for r in plan.routes):
             raise RecipeError(
                 f"parameters.layer_groups: {space.method.name} with whole-model statistics "
                 "(scope: global) takes one value per model for every tensor; use "
