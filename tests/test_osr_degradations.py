@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from mergekit_pcb.reprogram.degradations import (
+    DEPTH_SPAN,
     HAZE_BETA,
     SINGLE,
     apply_haze,
@@ -23,7 +24,11 @@ from mergekit_pcb.reprogram.degradations import (
     spatial_haze,
 )
 from mergekit_pcb.reprogram.demo import DEGRADATIONS, photo
-from mergekit_pcb.reprogram.metrics import psnr
+
+
+def assert_near(a: torch.Tensor, b: torch.Tensor, atol: float) -> None:
+    """|a - b| <= atol everywhere (torch.testing's first call costs seconds of imports)."""
+    assert a.shape == b.shape and float((a.double() - b.double()).abs().max()) <= atol
 
 
 def gen(seed: int) -> torch.Generator:
@@ -56,15 +61,18 @@ def test_haze_maps_are_fixed_by_the_seed_and_differ_per_image() -> None:
 
 def test_haze_transmission_is_exp_of_depth_and_spatially_varying() -> None:
     m = haze_maps(8, 3, 32, 32, gen(1))
-    assert float(m.depth.min()) == 0.0 and float(m.depth.max()) == pytest.approx(1.0)
-    # t = exp(-β·d): at d = 0, t = 1; β = -log(t)/d is one number per image, in HAZE_BETA
+    assert float(m.depth.min()) >= 0.0 and float(m.depth.max()) <= 1.0 + 1e-6
+    # t = exp(-β·d): β = -log(t)/d is one number per image, in HAZE_BETA
     beta = -torch.log(m.transmission) / m.depth.clamp_min(1e-3)
-    far = m.depth > 0.2
+    far = m.depth > 0.05
     for i in range(8):
         b = beta[i][far[i]]
-        assert float(b.max() - b.min()) < 1e-4
+        assert float(b.max() - b.min()) < 1e-3 * float(b.mean())
         assert HAZE_BETA[0] <= float(b.mean()) <= HAZE_BETA[1]
-        assert float(m.transmission[i].max() - m.transmission[i].min()) > 0.5
+        # the depth varies across the image by the drawn span
+        spread = float(m.depth[i].max() - m.depth[i].min())
+        assert DEPTH_SPAN[0] - 1e-6 <= spread <= DEPTH_SPAN[1] + 1e-6
+        assert float(m.transmission[i].max() - m.transmission[i].min()) > 0.02
     # the airlight varies over the image and is tinted per channel
     assert float(m.airlight.std(dim=(-2, -1)).min()) > 0.01
     assert float((m.airlight[:, 0] - m.airlight[:, 2]).abs().mean()) > 1e-3
@@ -84,6 +92,7 @@ def test_depth_map_is_in_unit_range_and_reproducible() -> None:
     a, b = depth_map(2, 16, 24, gen(3)), depth_map(2, 16, 24, gen(3))
     assert a.shape == (2, 1, 16, 24) and torch.equal(a, b)
     assert float(a.min()) >= 0 and float(a.max()) <= 1 + 1e-6
+    assert not torch.equal(a, depth_map(2, 16, 24, gen(4)))
 
 
 def test_signal_dependent_noise_statistics() -> None:
@@ -113,7 +122,7 @@ def test_motion_kernel_is_a_normalized_centred_line(length: float, angle: float)
     idx = torch.arange(k.shape[0], dtype=torch.float64)
     assert float((k.sum(1) * idx).sum()) == pytest.approx(5.0, abs=1e-6)
     assert float((k.sum(0) * idx).sum()) == pytest.approx(5.0, abs=1e-6)
-    torch.testing.assert_close(k, k.flip(0, 1), atol=1e-6, rtol=0)
+    assert_near(k, k.flip(0, 1), 1e-6)
     # its second moment along the line: that of n = 16·length + 1 evenly spaced points,
     # length²/12·(n + 1)/(n - 1), plus the bilinear splat's own variance, at most 1/4
     ys, xs = torch.meshgrid(idx - 5, idx - 5, indexing="ij")
@@ -135,19 +144,22 @@ def test_horizontal_motion_blur_matches_a_hand_computed_average() -> None:
     # Σ(1 - |s|)/33 = 16/33, each neighbour Σ_{i>0} (i/16)/33 = 17/66
     k = motion_kernel(2.0, 0.0)
     side, mid = 17 / 66, 16 / 33
-    torch.testing.assert_close(k[5, 4:7], torch.tensor([side, mid, side]), atol=1e-6, rtol=0)
+    assert_near(k[5, 4:7], torch.tensor([side, mid, side]), 1e-6)
     assert float(k.sum() - k[5, 4:7].sum()) == 0.0
     out = convolve(x, k)
     ref = side * x[..., 3:-3, 2:-4] + mid * x[..., 3:-3, 3:-3] + side * x[..., 3:-3, 4:-2]
-    torch.testing.assert_close(out[..., 3:-3, 3:-3], ref, atol=1e-6, rtol=0)
+    assert_near(out[..., 3:-3, 3:-3], ref, 1e-6)
 
 
 def test_jpeg_quality_100_is_close_to_identity_and_quality_orders_error(
         crops: torch.Tensor) -> None:
     """Quality 100 (4:2:0 chroma, as Pillow's default) stays above 38 dB on these photo
     crops; lower qualities lose more."""
-    q = {quality: float(psnr(jpeg(crops, quality), crops).mean())
-         for quality in (10, 30, 70, 100)}
+    def mean_psnr(a: torch.Tensor, b: torch.Tensor) -> float:
+        mse = ((a - b) ** 2).mean(dim=(1, 2, 3))
+        return float((10 * torch.log10(1 / mse)).mean())
+
+    q = {quality: mean_psnr(jpeg(crops, quality), crops) for quality in (10, 30, 70, 100)}
     assert q[100] > 38.0
     assert q[10] < q[30] < q[70] < q[100]
     grey = crops[:, :1]

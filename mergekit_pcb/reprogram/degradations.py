@@ -2,9 +2,9 @@
 image of a batch (N, C, H, W) in [0, 1] gets its own random parameters, drawn from a
 seeded generator, so the same seed gives the same images.
 
-- `spatial_haze`: I = J·t + A·(1 - t) with a depth-like map d (a ramp in a random
-  direction plus a smooth random field), t = exp(-β·d), and an airlight A that varies
-  smoothly over the image and has a colour tint.
+- `spatial_haze`: I = J·t + A·(1 - t) with a depth-like map d (a base depth plus a ramp
+  in a random direction and a smooth random field), t = exp(-β·d), and an airlight A
+  that varies smoothly over the image and has a colour tint.
 - `noisy_low_light`: a camera-like response k·J^γ (exposure k, γ > 1 per image) with
   signal-dependent noise of variance s / photons + read² (Gaussian approximation of
   Poisson-Gaussian sensor noise).
@@ -23,7 +23,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-HAZE_BETA = (0.5, 1.5)          # t = exp(-β·d), d in [0, 1]: t down to about 0.22
+HAZE_BETA = (0.6, 1.8)          # t = exp(-β·d), d in [0, 1]: t down to about 0.17
+DEPTH_SPAN = (0.15, 0.4)        # depth variation across one image (patch)
 HAZE_AIRLIGHT = (0.65, 0.95)
 HAZE_TINT = 0.06                # per-channel airlight offset
 HAZE_AIRLIGHT_VARIATION = 0.12  # relative spatial variation of the airlight
@@ -47,27 +48,29 @@ def smooth_field(n: int, h: int, w: int, gen: torch.Generator, cells: int = 4
     """(N, 1, H, W) in [0, 1]: a cells×cells random grid, bicubic-upsampled, each image
     rescaled to span [0, 1]."""
     grid = torch.rand(n, 1, cells, cells, generator=gen)
-    field = F.interpolate(grid, size=(h, w), mode="bicubic", align_corners=True)
-    lo = field.amin(dim=(-2, -1), keepdim=True)
-    hi = field.amax(dim=(-2, -1), keepdim=True)
-    return (field - lo) / (hi - lo).clamp_min(1e-6)
+    return _unit(F.interpolate(grid, size=(h, w), mode="bicubic", align_corners=True))
 
 
 def depth_map(n: int, h: int, w: int, gen: torch.Generator) -> torch.Tensor:
-    """(N, 1, H, W) in [0, 1], depth-like: a linear ramp in a random direction (a ground
-    plane receding) mixed with a smooth random field (objects), rescaled to [0, 1]."""
+    """(N, 1, H, W) in [0, 1], depth-like at the scale of a patch of a scene: a base depth
+    (how far the patch is) plus a variation of 0.15 to 0.4 across it, shaped as a linear
+    ramp in a random direction (a receding ground plane) mixed with a smooth random field
+    (objects)."""
     angle = 2 * math.pi * torch.rand(n, generator=gen)
-    mix = _uniform(n, (0.3, 0.7), gen)
+    mix = _uniform(n, (0.3, 0.7), gen)[:, None, None, None]
+    span = _uniform(n, DEPTH_SPAN, gen)[:, None, None, None]
+    base = (1 - span) * torch.rand(n, 1, 1, 1, generator=gen)
     yy, xx = torch.meshgrid(torch.linspace(-1, 1, h), torch.linspace(-1, 1, w), indexing="ij")
-    ramp = torch.cos(angle)[:, None, None] * xx + torch.sin(angle)[:, None, None] * yy
-    ramp = ramp[:, None]
-    ramp = (ramp - ramp.amin(dim=(-2, -1), keepdim=True)) / (
-        ramp.amax(dim=(-2, -1), keepdim=True) - ramp.amin(dim=(-2, -1), keepdim=True))
-    field = smooth_field(n, h, w, gen)
-    d = mix[:, None, None, None] * ramp + (1 - mix[:, None, None, None]) * field
-    lo = d.amin(dim=(-2, -1), keepdim=True)
-    hi = d.amax(dim=(-2, -1), keepdim=True)
-    return (d - lo) / (hi - lo).clamp_min(1e-6)
+    ramp = (torch.cos(angle)[:, None, None] * xx + torch.sin(angle)[:, None, None] * yy)[:, None]
+    shape = mix * _unit(ramp) + (1 - mix) * smooth_field(n, h, w, gen)
+    return base + span * _unit(shape)
+
+
+def _unit(t: torch.Tensor) -> torch.Tensor:
+    """Each image of (N, 1, H, W) rescaled to span [0, 1]."""
+    lo = t.amin(dim=(-2, -1), keepdim=True)
+    hi = t.amax(dim=(-2, -1), keepdim=True)
+    return (t - lo) / (hi - lo).clamp_min(1e-6)
 
 
 @dataclass
