@@ -49,9 +49,8 @@ def write_demo(out: Path, cache: Path | None, *, seed: int = 0) -> None:
     out.mkdir(parents=True, exist_ok=True)
     clean = {split: patches(names, PATCH, 10_000, seed + i)
              for i, (split, names) in enumerate(SPLIT_IMAGES.items())}
-    restorer(clean["train"], cache if cache is not None else out / "restorer-cache.safetensors",
-             seed=seed)
     src = cache if cache is not None else out / "restorer-cache.safetensors"
+    restorer(clean["train"], src, seed=seed)  # trains, or reads the cached one back
     shutil.copyfile(src, out / "denoiser.safetensors")
     for k, kind in enumerate(DEGRADATIONS):
         for i, split in enumerate(SPLIT_IMAGES):
