@@ -1,6 +1,7 @@
-"""A small worked case on real photographs that scikit-image ships: a tiny residual
-denoiser trained on Gaussian noise σ = 0.1, and the degradations it never saw (σ = 0.2
-noise, haze, low light, blur), on patches cut from disjoint images per split.
+"""A worked case on real photographs that scikit-image, scikit-learn and matplotlib ship:
+a small residual denoiser (the frozen restorer) trained on blind Gaussian noise, and the
+degradations it never saw (`degradations`: spatially varying haze, noisy low light, noisy
+motion blur, JPEG, a mixture), on patches cut from disjoint photographs per split.
 
 Used by the tests, `scripts/bench_osr.py` and `scripts/osr_demo_data.py`; the factory
 `tiny_denoiser` is what the demo recipes name as `arch`.
@@ -8,21 +9,32 @@ Used by the tests, `scripts/bench_osr.py` and `scripts/osr_demo_data.py`; the fa
 
 from __future__ import annotations
 
+import json
 import math
-from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mergekit_pcb.reprogram.degradations import SINGLE, Degradation, mixture
+
 # Disjoint photographs per split: the denoiser and the modules train on TRAIN only.
-TRAIN_IMAGES = ("astronaut", "coffee", "moon", "grass")
+# "sklearn:" names are scikit-learn's sample images, "matplotlib:" its sample data.
+TRAIN_IMAGES = ("astronaut", "coffee", "sklearn:china", "moon", "grass", "gravel", "brick")
 VALIDATION_IMAGES = ("chelsea", "immunohistochemistry")
-TEST_IMAGES = ("rocket", "camera", "coins")
+TEST_IMAGES = ("rocket", "sklearn:flower", "matplotlib:grace_hopper", "camera", "coins")
 
 TRAIN_SIGMA = 0.1
-NOISE_SIGMA = 0.2
+# The frozen restorer of the demo and the benchmark: blind Gaussian denoising, σ drawn
+# per image from RESTORER_SIGMA, trained RESTORER_STEPS steps on RESTORER_CROP-px crops of
+# the training photographs; its own-task score is at σ = TRAIN_SIGMA.
+RESTORER_KWARGS = {"channels": 3, "width": 32, "depth": 5}
+RESTORER_SIGMA = (0.0, 0.2)
+RESTORER_STEPS = 3000
+RESTORER_CROP = 48
+RESTORER_BATCH = 8
 HAZE_T, HAZE_A = 0.55, 0.85
 LOWLIGHT_GAIN, LOWLIGHT_GAMMA = 0.35, 1.5
 BLUR_SIGMA = 1.2
@@ -51,7 +63,9 @@ def tiny_denoiser(channels: int = 3, width: int = 16, depth: int = 3) -> TinyDen
 
 # ---- degradations ---------------------------------------------------------------------------
 
-def add_noise(x: torch.Tensor, sigma: float, gen: torch.Generator) -> torch.Tensor:
+def add_noise(x: torch.Tensor, sigma: float | torch.Tensor, gen: torch.Generator
+              ) -> torch.Tensor:
+    """clip(x + σ·N(0, 1)); σ a number or a tensor that broadcasts against x."""
     return (x + sigma * torch.randn(x.shape, generator=gen)).clamp(0, 1)
 
 
@@ -80,13 +94,9 @@ def blur(x: torch.Tensor, sigma: float = BLUR_SIGMA) -> torch.Tensor:
     return F.conv2d(y, k.view(1, 1, -1, 1).repeat(c, 1, 1, 1), groups=c)
 
 
-Degradation = Callable[[torch.Tensor, torch.Generator], torch.Tensor]
-DEGRADATIONS: dict[str, Degradation] = {
-    "noise": lambda x, g: add_noise(x, NOISE_SIGMA, g),
-    "haze": lambda x, g: haze(x),
-    "lowlight": lambda x, g: low_light(x),
-    "blur": lambda x, g: blur(x),
-}
+# What the demo and the benchmark reprogram for: none is inverted by a global transform
+# (each image has its own random parameters; see `degradations`).
+DEGRADATIONS: dict[str, Degradation] = {**SINGLE, "mixture": mixture}
 
 
 # ---- patches of scikit-image's photographs --------------------------------------------------
@@ -95,9 +105,22 @@ def photo(name: str, downscale: int = 2) -> torch.Tensor:
     """scikit-image sample `name` as (3, H, W) in [0, 1] (grey repeated), averaged over
     downscale×downscale blocks."""
     import numpy as np
-    from skimage import data
 
-    arr = np.asarray(getattr(data, name)())
+    if name.startswith("sklearn:"):
+        from sklearn.datasets import load_sample_image
+
+        arr = np.asarray(load_sample_image(name.removeprefix("sklearn:") + ".jpg"))
+    elif name.startswith("matplotlib:"):
+        from matplotlib import cbook
+        from PIL import Image
+
+        with cbook.get_sample_data(name.removeprefix("matplotlib:") + ".jpg") as f, \
+                Image.open(f) as im:
+            arr = np.asarray(im.convert("RGB"))
+    else:
+        from skimage import data
+
+        arr = np.asarray(getattr(data, name)())
     t = torch.from_numpy(arr.astype("float32") / (255.0 if arr.dtype == np.uint8 else 1.0))
     t = t[None].repeat(3, 1, 1) if t.dim() == 2 else t[..., :3].permute(2, 0, 1)
     if downscale > 1:
@@ -133,19 +156,30 @@ def degrade(clean: torch.Tensor, kind: str, seed: int) -> Split:
 
 
 def train_denoiser(clean: torch.Tensor, *, steps: int = 300, batch: int = 16,
-                   lr: float = 3e-3, seed: int = 0, width: int = 16, depth: int = 3
+                   lr: float = 3e-3, seed: int = 0, width: int = 16, depth: int = 3,
+                   sigma: float | tuple[float, float] = TRAIN_SIGMA, crop: int | None = None
                    ) -> TinyDenoiser:
-    """The frozen model of the demo: trained on clip(x + N(0, 0.1²)) only."""
+    """A denoiser trained on clip(x + N(0, σ²)) only: σ fixed, or drawn uniformly per
+    image from a (low, high) range (blind denoising); on random crop×crop crops."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = tiny_denoiser(clean.shape[1], width, depth)
     gen = torch.Generator().manual_seed(seed + 1)
     opt = torch.optim.Adam(model.parameters(), lr=lr)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
+    h, w = clean.shape[-2:]
+    c = min(crop or h, h, w)
     for _ in range(steps):
         idx = torch.randint(len(clean), (batch,), generator=gen)
-        y = clean[idx]
-        x = add_noise(y, TRAIN_SIGMA, gen)
+        top = int(torch.randint(h - c + 1, (1,), generator=gen))
+        left = int(torch.randint(w - c + 1, (1,), generator=gen))
+        y = clean[idx][..., top:top + c, left:left + c]
+        if isinstance(sigma, tuple):
+            s: float | torch.Tensor = sigma[0] + (sigma[1] - sigma[0]) * torch.rand(
+                batch, 1, 1, 1, generator=gen)
+        else:
+            s = sigma
+        x = add_noise(y, s, gen)
         loss = (model(x) - y).abs().mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -155,6 +189,39 @@ def train_denoiser(clean: torch.Tensor, *, steps: int = 300, batch: int = 16,
     return model.eval()
 
 
-__all__ = ["DEGRADATIONS", "TEST_IMAGES", "TRAIN_IMAGES", "VALIDATION_IMAGES", "Split",
-           "TinyDenoiser", "add_noise", "blur", "degrade", "haze", "low_light", "patches",
-           "photo", "tiny_denoiser", "train_denoiser"]
+def restorer(clean: torch.Tensor, cache: Path | None, *, seed: int = 0,
+             steps: int = RESTORER_STEPS) -> TinyDenoiser:
+    """The demo's frozen restorer (`RESTORER_*`), trained on `clean` (the training
+    photographs' patches), or read back from `cache` (a .safetensors file) when it was
+    trained there with the same settings and data."""
+    from safetensors.torch import load_file, save_file
+
+    key = json.dumps({"kwargs": RESTORER_KWARGS, "sigma": RESTORER_SIGMA, "steps": steps,
+                      "crop": RESTORER_CROP, "batch": RESTORER_BATCH, "seed": seed,
+                      "data": [list(clean.shape), round(float(clean.double().sum()), 4)]},
+                     sort_keys=True)
+    model = tiny_denoiser(**RESTORER_KWARGS)
+    if cache is not None and cache.is_file():
+        from safetensors import safe_open
+
+        with safe_open(str(cache), "pt") as f:
+            stored = (f.metadata() or {}).get("restorer")
+        if stored == key:
+            model.load_state_dict(load_file(str(cache)))
+            return model.eval()
+    model = train_denoiser(clean, steps=steps, batch=RESTORER_BATCH, seed=seed,
+                           width=RESTORER_KWARGS["width"], depth=RESTORER_KWARGS["depth"],
+                           sigma=RESTORER_SIGMA, crop=RESTORER_CROP)
+    if cache is not None:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache.with_suffix(".tmp")
+        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp),
+                  metadata={"restorer": key})
+        tmp.replace(cache)
+    return model
+
+
+__all__ = ["DEGRADATIONS", "RESTORER_KWARGS", "TEST_IMAGES", "TRAIN_IMAGES",
+           "VALIDATION_IMAGES", "Split", "TinyDenoiser", "add_noise", "blur", "degrade", "haze",
+           "low_light", "patches",
+           "photo", "restorer", "tiny_denoiser", "train_denoiser"]
