@@ -1052,8 +1052,22 @@ def run_benchmark(
     for method in _split(args.methods):
         recipe = RECIPES[method](base, ft_dirs)
         print(f"running {method}...", flush=True)
-        rows.append(bench_method(recipe, workdir, args, mergekit))
+        try:
+            row = bench_method(recipe, workdir, args, mergekit)
+        except TimeoutError as exc:
+            # One slow row must not lose the rows measured before it (a 1B run is hours).
+            print(f"  {method}: {exc}; the row is left out", flush=True)
+            continue
+        rows.append(row)
+        print("  " + row_summary(row), flush=True)
     return rows
+
+
+def row_summary(row: Row) -> str:
+    """One progress line per finished row, so a later failure loses no figure."""
+    parts = [f"{tool} {r.wall_s:.1f} s, peak RSS {r.peak_rss_mb:.0f} MB"
+             for tool, r in (("ours", row.ours), ("mergekit", row.mergekit)) if r]
+    return f"{row.method}: " + "; ".join(parts)
 
 
 def main(argv: list[str] | None = None) -> int:
