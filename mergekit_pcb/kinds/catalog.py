@@ -5,8 +5,7 @@ The listing is data declared in the methods' and searches' modules, and those im
 the user's cache directory, under a key made from this package's source files (each
 path, size and modification time) and the Python and pydantic versions: a changed, added
 or removed module gives another key, so a listing read back is the one the code would
-build. On a
-miss (the first run after an install or an edit) it is built from the registries (torch
+build. On a miss (the first run after an install or an edit) it is built from the registries (torch
 imported, as before) and written; when torch is loaded anyway, it is built and nothing is
 written. A new method or kind needs nothing here: it is listed from its registry entry.
 """
@@ -63,8 +62,7 @@ def _read(path: Path) -> list[MethodInfo] | None:
         return None  # absent, or written by something else: build it again
 
 
-def _write(path: Path, infos: list[MethodInfo]) -> None:
-    text = json.dumps([asdict(m) for m in infos])
+def _write(path: Path, text: str) -> None:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         # written whole then renamed: a concurrent `pcbmerge methods` reads all or nothing
@@ -89,8 +87,10 @@ def listing() -> list[MethodInfo]:
     if cached is not None:
         return cached
     infos = _build()
+    rows = [asdict(m) for m in infos]
+    text = json.dumps(rows)
     # a default the JSON cannot hold as it is (a tuple) would read back otherwise: keep
     # only a listing that reads back equal
-    if json.loads(json.dumps([asdict(m) for m in infos])) == [asdict(m) for m in infos]:
-        _write(path, infos)
+    if json.loads(text) == rows:
+        _write(path, text)
     return infos
