@@ -28,6 +28,11 @@ class OutputError(UserError):
     """The output cannot be written (exists, disk full, permission)."""
 
 
+class MethodFailure(RuntimeError):
+    """A method's math broke down on one tensor (a numerical failure or a bug, not bad
+    input): reported as an internal error whose message names the tensor and the method."""
+
+
 def unknown_method(where: str, name: str, known: Iterable[str]) -> RecipeError:
     """`WHERE: unknown method 'x' (did you mean 'y'? known: ...)`. The name is quoted by
     repr, so one holding a line break stays on the error's one line."""

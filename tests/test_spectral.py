@@ -546,3 +546,51 @@ def test_text_dry_run_and_methods_say_the_rules(llamas: tuple[Path, list[Path]],
     assert "matrix: W₀ + mean(Δᵢ) + λ·Σ LowRank_k" in summaries["cart"]
     assert "not an attention/MLP weight, matrices: attn_mlp" in summaries["wudi"]
     assert "not an attention/MLP weight" not in summaries["tsv_m"]
+
+
+# ------------------------------------------------------------------ SVD non-convergence
+def _float32_svd_fails(monkeypatch: pytest.MonkeyPatch) -> list[torch.dtype]:
+    """torch.linalg.svd raising LAPACK's non-convergence for float32 inputs (as gesdd did on
+    a 2048×5632 Iso-CTS matrix of the 1B benchmark); returns the dtypes it was called with."""
+    real = torch.linalg.svd
+    calls: list[torch.dtype] = []
+
+    def svd(m: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        calls.append(m.dtype)
+        if m.dtype == torch.float32:
+            raise torch.linalg.LinAlgError("linalg.svd: The algorithm failed to converge")
+        return real(m, *args, **kwargs)
+
+    monkeypatch.setattr(torch.linalg, "svd", svd)
+    return calls
+
+
+@pytest.mark.parametrize("name", ("tsv_m", "iso_c", "iso_cts"))
+def test_a_float32_svd_that_does_not_converge_is_redone_in_float64(
+        name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    base, models = make_case(3, (12, 8), "")
+    calls = _float32_svd_fails(monkeypatch)
+    out = merge(name, base, models)
+    assert out.dtype == torch.float32
+    assert torch.float64 in calls and torch.float32 in calls
+    ref = reference(name, base, models)
+    assert rel(out - base, ref - base.to(F64)) < TOL
+
+
+def test_a_method_failing_on_a_tensor_names_it(llamas: tuple[Path, list[Path]],
+                                               tmp_path: Path,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    def never(*args: Any, **kwargs: Any) -> Any:
+        raise torch.linalg.LinAlgError("linalg.svd: The algorithm failed to converge")
+
+    monkeypatch.setattr(torch.linalg, "svd", never)
+    base_dir, tuned = llamas
+    recipe = write_recipe(tmp_path / "r.yaml", {
+        "merge_method": "iso_c", "base_model": str(base_dir),
+        "models": [{"model": str(t)} for t in tuned]})
+    res = run_cli("run", recipe, "-o", tmp_path / "out", "--quiet")
+    assert res.returncode == 1
+    line = res.stderr.strip().splitlines()[-1]
+    assert line.startswith("internal error: MethodFailure: tensor model.layers.")
+    assert ": iso_c: linalg.svd: The algorithm failed to converge" in line
+    assert not (tmp_path / "out").exists()

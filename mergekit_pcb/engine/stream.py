@@ -41,7 +41,7 @@ from mergekit_pcb.engine.plan import slices as plan_slices
 from mergekit_pcb.engine.postprocess import LINES_PASS, NORMS_PASS, Postprocess
 from mergekit_pcb.engine.rng import tensor_generator
 from mergekit_pcb.engine.vocab import align_rows, is_vocabulary_tensor
-from mergekit_pcb.errors import CheckpointError
+from mergekit_pcb.errors import CheckpointError, MethodFailure
 from mergekit_pcb.io.writer import (
     OutputTensor,
     Shard,
@@ -231,7 +231,10 @@ def compute_part(plan: MergePlan, task: TensorTask, device: torch.device,
         out = torch.stack([values[k] for k in route.inputs]).mean(dim=0)
     else:
         assert route.method is not None
-        out = route.method.merge(_method_inputs(plan, task, values, start=start))
+        try:
+            out = route.method.merge(_method_inputs(plan, task, values, start=start))
+        except torch.linalg.LinAlgError as e:
+            raise MethodFailure(f"tensor {task.name}: {route.method.name}: {e}") from e
         if plan.postprocess is not None:
             out = plan.postprocess.apply(task.name, task.shape, is_vocabulary_tensor(task.name),
                                          out, values, route.inputs)

@@ -86,8 +86,17 @@ def is_attn_mlp(name: str) -> bool:
 
 
 def thin_svd(m: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """U, s (descending), Vᵀ of the thin SVD."""
-    return torch.linalg.svd(m, full_matrices=False)
+    """U, s (descending), Vᵀ of the thin SVD. LAPACK's divide-and-conquer (gesdd) can fail
+    to converge in float32 on a matrix with a large cluster of tiny singular values (Iso-CTS
+    met one on a 2048×5632 bf16 task matrix with its common subspace projected out); such a
+    matrix is decomposed again in float64, where it converges, and cast back."""
+    try:
+        return torch.linalg.svd(m, full_matrices=False)
+    except torch.linalg.LinAlgError:
+        if m.dtype == torch.float64:
+            raise
+        u, s, vh = torch.linalg.svd(m.to(torch.float64), full_matrices=False)
+        return u.to(m.dtype), s.to(m.dtype), vh.to(m.dtype)
 
 
 def randomized_svd(m: torch.Tensor, k: int, generator: torch.Generator,
