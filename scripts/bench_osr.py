@@ -173,7 +173,7 @@ def run_method(method: str, seed: int, frozen: FrozenModel, split: dict[str, Pai
         else:
             params = Parameters(mode="wave", steps=args.steps, batch_size=8, crop=32,
                                 lr=METHODS[method][1], eval_every=args.eval_every,
-                                patience=4)
+                                patience=args.patience)
             r = train_module(module, f, split["train"], split["validation"], params, seed)
             out["chosen"] = f"step {r.best_step}/{r.steps_run}"
         s = evaluate(module, f, split["test"])
@@ -293,8 +293,10 @@ def main() -> None:
                     help=f"comma-separated, of {', '.join(DEGRADATIONS)}")
     ap.add_argument("--methods", default=",".join(METHODS))
     ap.add_argument("--seeds", default="0,1,2")
-    ap.add_argument("--steps", type=int, default=300, help="training steps (8 crops of 32 px)")
+    ap.add_argument("--steps", type=int, default=1000, help="training steps (8 crops of 32 px)")
     ap.add_argument("--eval-every", type=int, default=25)
+    ap.add_argument("--patience", type=int, default=10,
+                    help="validation checks without improvement before a run stops")
     ap.add_argument("--restorer-steps", type=int, default=RESTORER_STEPS)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--cache", type=Path, default=REPO / ".bench" / "osr")
@@ -344,7 +346,8 @@ def main() -> None:
             for seed in (seeds if method in TRAINED else [0]):
                 key = {"degradation": kind, "method": method, "seed": seed, "data": data_id,
                        "restorer": frozen.sha256[:16], "steps": args.steps,
-                       "eval_every": args.eval_every, "lr": METHODS[method][1]}
+                       "eval_every": args.eval_every, "patience": args.patience,
+                       "lr": METHODS[method][1]}
                 row = cache.get(key)
                 if row is None:
                     row = run_method(method, seed, frozen, split, own, args)
