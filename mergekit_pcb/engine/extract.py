@@ -37,7 +37,7 @@ from mergekit_pcb.io.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS, PEFT_PREFIX
 from mergekit_pcb.io.reader import Checkpoint
 from mergekit_pcb.io.resolve import model_paths
 from mergekit_pcb.io.writer import OutputTensor, atomic_output_dir, write_safetensors
-from mergekit_pcb.methods.spectral import default_rtol
+from mergekit_pcb.methods.spectral import default_rtol, thin_svd
 
 REPORT_FILE = "lora_extraction.json"
 # Input embeddings (indexed by token or position, not a matrix a layer multiplies by): whole.
@@ -120,11 +120,11 @@ def _thin_svd(work: torch.Tensor, rank: int, rtol: float
         omega = torch.randn(cols, columns, generator=g, dtype=work.dtype).to(work.device)
         q = torch.linalg.qr(work @ omega).Q
         small = q.T @ work
-        u, s, vh = torch.linalg.svd(small, full_matrices=False)
+        u, s, vh = thin_svd(small)
         missed = float(torch.linalg.matrix_norm(work - q @ small))
         if missed <= rtol * (float(s[0]) if s.numel() else 0.0):
             return q @ u, s, vh
-    return torch.linalg.svd(work, full_matrices=False)
+    return thin_svd(work)  # float64 again where float32 does not converge
 
 
 def lora_factors(delta: torch.Tensor, rank: int, energy: float | None
