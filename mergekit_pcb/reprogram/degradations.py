@@ -29,8 +29,8 @@ HAZE_AIRLIGHT = (0.65, 0.95)
 HAZE_TINT = 0.06                # per-channel airlight offset
 HAZE_AIRLIGHT_VARIATION = 0.12  # relative spatial variation of the airlight
 # Exposure and response vary per image but over ranges narrow enough that a trained
-# method can learn them; the noise is what no global fit removes (after the ~8× gain its
-# standard deviation is about 0.25 at mid-grey).
+# method can learn them; the noise is what no global fit removes (mapped back through the
+# inverse response its standard deviation is about 0.24 at mid-grey).
 LOWLIGHT_EXPOSURE = (0.10, 0.14)
 LOWLIGHT_GAMMA = (1.4, 1.6)
 LOWLIGHT_PHOTONS = (30.0, 90.0)  # photons at full scale: shot-noise variance s / photons
