@@ -5,6 +5,7 @@ from __future__ import annotations
 import subprocess
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -79,6 +80,24 @@ def hf_models(tmp_path: Path) -> Callable[[str, int], tuple[Path, list[Path]]]:
         return base_dir, tuned_dirs
 
     return build
+
+
+@pytest.fixture
+def float32_svd_fails(monkeypatch: pytest.MonkeyPatch) -> list[torch.dtype]:
+    """torch.linalg.svd raising LAPACK's non-convergence for float32 inputs (as gesdd did
+    on a 2048×5632 Iso-CTS matrix of the 1B benchmark); the list of the dtypes it was
+    called with, in order."""
+    real = torch.linalg.svd
+    calls: list[torch.dtype] = []
+
+    def svd(m: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        calls.append(m.dtype)
+        if m.dtype == torch.float32:
+            raise torch.linalg.LinAlgError("linalg.svd: The algorithm failed to converge")
+        return real(m, *args, **kwargs)
+
+    monkeypatch.setattr(torch.linalg, "svd", svd)
+    return calls
 
 
 def write_recipe(path: Path, recipe: dict) -> Path:

@@ -549,30 +549,13 @@ def test_text_dry_run_and_methods_say_the_rules(llamas: tuple[Path, list[Path]],
 
 
 # ------------------------------------------------------------------ SVD non-convergence
-def _float32_svd_fails(monkeypatch: pytest.MonkeyPatch) -> list[torch.dtype]:
-    """torch.linalg.svd raising LAPACK's non-convergence for float32 inputs (as gesdd did on
-    a 2048×5632 Iso-CTS matrix of the 1B benchmark); returns the dtypes it was called with."""
-    real = torch.linalg.svd
-    calls: list[torch.dtype] = []
-
-    def svd(m: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
-        calls.append(m.dtype)
-        if m.dtype == torch.float32:
-            raise torch.linalg.LinAlgError("linalg.svd: The algorithm failed to converge")
-        return real(m, *args, **kwargs)
-
-    monkeypatch.setattr(torch.linalg, "svd", svd)
-    return calls
-
-
 @pytest.mark.parametrize("name", ("tsv_m", "iso_c", "iso_cts"))
 def test_a_float32_svd_that_does_not_converge_is_redone_in_float64(
-        name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+        name: str, float32_svd_fails: list[torch.dtype]) -> None:
     base, models = make_case(3, (12, 8), "")
-    calls = _float32_svd_fails(monkeypatch)
     out = merge(name, base, models)
     assert out.dtype == torch.float32
-    assert torch.float64 in calls and torch.float32 in calls
+    assert torch.float64 in float32_svd_fails and torch.float32 in float32_svd_fails
     ref = reference(name, base, models)
     assert rel(out - base, ref - base.to(F64)) < TOL
 
